@@ -1,0 +1,116 @@
+"""The ``edge-agent`` command line. Exit codes: 0 ok, 1 invalid input, 2 usage."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from agent import __version__
+from agent.config import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_PATH,
+    AgentConfig,
+    default_config,
+    load_config,
+    resolve_config_path,
+)
+from agent.errors import ConfigError, EdgeAgentError
+from agent.logs import LEVELS, configure_logging
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+log = structlog.get_logger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Run ONNX models on edge devices, fed by MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    run = commands.add_parser(
+        "run", help="run the daemon",
+        description="Run the daemon. The config comes from --config, else "
+                    f"${CONFIG_ENV_VAR}, else {DEFAULT_CONFIG_PATH}; when none of these "
+                    "exists the built-in defaults are used.")
+    run.add_argument("--config", metavar="PATH", help="config file (YAML)")
+    run.add_argument("--log-level", choices=LEVELS, default=None,
+                     help="override the config's log_level")
+    run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
+                     help="auto: JSON lines unless stdout is a terminal (default)")
+
+    check = commands.add_parser(
+        "check-config", help="validate a config file",
+        description="Validate a config file. Prints one line per problem "
+                    "(FILE:LINE: dotted.key: message) and exits 1, or exits 0 when valid.")
+    check.add_argument("path", metavar="PATH", help="config file (YAML)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        return _check_config(Path(args.path))
+    return _run(args)
+
+
+def _check_config(path: Path) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        count = len(exc.problems)
+        print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{path}: ok (device_id {config.device_id}, {len(config.models)} models, "
+          f"{len(config.pipelines)} pipelines)")
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    json_output = {"auto": None, "json": True, "console": False}[args.log_format]
+    configure_logging(args.log_level or "info", json_output=json_output)
+    explicit = args.config is not None or bool(_env_config())
+    path = resolve_config_path(args.config)
+    config: AgentConfig
+    source: Path | None = path
+    try:
+        if path.exists() or explicit:
+            config = load_config(path)
+        else:
+            config = default_config()
+            source = None
+            log.warning("config_not_found", path=str(path),
+                        action="running with the built-in defaults")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("config_invalid", problem=str(problem))
+        return EXIT_INVALID
+    if args.log_level is None:
+        configure_logging(config.log_level, json_output=json_output)
+
+    # Imported late: it pulls in onnxruntime, which check-config and --help do not need.
+    from agent.daemon import Daemon  # noqa: PLC0415
+
+    try:
+        return Daemon(config, source).run()
+    except EdgeAgentError as exc:
+        log.error("agent_failed", error=str(exc))
+        return EXIT_INVALID
+
+
+def _env_config() -> str | None:
+    return os.environ.get(CONFIG_ENV_VAR) or None

@@ -1,0 +1,39 @@
+"""Every exception the agent raises on purpose, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class EdgeAgentError(Exception):
+    """Base class: anything the agent reports to the operator rather than crashing on."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem found in a config file, located by file, line and dotted key path."""
+
+    file: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.key or "(top level)"
+        return f"{self.file}:{self.line}: {where}: {self.message}"
+
+
+class ConfigError(EdgeAgentError):
+    """A config file could not be read or is invalid; carries every problem found."""
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class ModelLoadError(EdgeAgentError):
+    """A model file could not be turned into a serving ONNX Runtime session."""
+
+
+class PayloadError(EdgeAgentError):
+    """A reading could not be decoded or does not fit the model input it is meant for."""

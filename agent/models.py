@@ -1,0 +1,245 @@
+"""Model registry: load a model file into a checked, warmed-up ONNX Runtime session.
+
+Loads run on the caller's thread (the daemon's main thread at start-up), never on paho's
+thread or an inference worker. Serving code reads the current ``LoadedModel`` through
+``ModelRegistry.get``: a single reference, replaced as a whole, so a batch that already
+holds a model finishes on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import structlog
+
+from agent.codecs import ONNX_TO_NUMPY, TensorSpec, encode_json
+from agent.config import AgentConfig
+from agent.errors import ModelLoadError
+
+log = structlog.get_logger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+# ONNX Runtime's session constructor is not thread-safe (onnxruntime #27089): one at a time.
+_SESSION_CREATION = threading.Lock()
+
+
+class ModelState(str, Enum):
+    """Lifecycle states published on ``P/models/NAME``."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    FAILED = "FAILED"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A serving session and what the pipelines need to know about it."""
+
+    name: str
+    version: str
+    path: Path
+    session: ort.InferenceSession
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[str, ...]
+    batch_axis: bool
+    max_batch: int | None  # None: the batch axis is dynamic
+    providers: tuple[str, ...]
+    degraded: bool
+    loaded_at: float
+
+    def input(self, name: str) -> TensorSpec | None:
+        """The input called ``name``, if the model has one."""
+        return next((spec for spec in self.inputs if spec.name == name), None)
+
+
+@dataclass
+class ModelStatus:
+    """What is published about a model; owned by the registry, replaced under its lock."""
+
+    name: str
+    file: str
+    state: ModelState = ModelState.LOADING
+    version: str | None = None
+    providers: tuple[str, ...] = ()
+    degraded: bool = False
+    loaded_at: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The retained ``P/models/NAME`` payload."""
+        return encode_json({
+            "name": self.name,
+            "state": self.state.value,
+            "version": self.version,
+            "file": self.file,
+            "providers": list(self.providers),
+            "degraded": self.degraded,
+            "loaded_at": self.loaded_at,
+            "error": self.error,
+        })
+
+
+StatePublisher = Callable[[str, bytes], None]
+
+
+class ModelRegistry:
+    """The named models of the config, their current sessions and published states."""
+
+    def __init__(self, config: AgentConfig, publish_state: StatePublisher) -> None:
+        self._config = config
+        self._publish_state = publish_state
+        self._lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._status: dict[str, ModelStatus] = {
+            name: ModelStatus(name=name, file=str(config.model_path(name)))
+            for name in config.models
+        }
+
+    def names(self) -> list[str]:
+        """Names of the configured models."""
+        return list(self._status)
+
+    def get(self, name: str) -> LoadedModel | None:
+        """The model currently serving under ``name``, or None when none loaded."""
+        return self._models.get(name)
+
+    def status(self, name: str) -> ModelStatus:
+        """The last published status of ``name``."""
+        with self._lock:
+            return self._status[name]
+
+    def load_all(self) -> None:
+        """Load every configured model; a failing one does not stop the others."""
+        for name in self.names():
+            self.load(name)
+
+    def load(self, name: str) -> LoadedModel | None:
+        """Load ``name`` from its file; on failure keep whatever was serving and report why."""
+        path = self._config.model_path(name)
+        self._set_status(name, state=ModelState.LOADING, error=None)
+        started = time.monotonic()
+        try:
+            model = self._build(name, path)
+        except ModelLoadError as exc:
+            log.error("model_load_failed", model=name, file=str(path), error=str(exc))
+            previous = self._models.get(name)
+            self._set_status(name, state=ModelState.READY if previous else ModelState.FAILED,
+                             error=str(exc))
+            return None
+        self._models[name] = model
+        self._set_status(name, state=ModelState.READY, version=model.version,
+                         providers=model.providers, degraded=model.degraded,
+                         loaded_at=model.loaded_at, error=None)
+        log.info("model_ready", model=name, version=model.version, providers=model.providers,
+                 load_ms=round((time.monotonic() - started) * 1000, 1))
+        return model
+
+    def _set_status(self, name: str, **changes: Any) -> None:
+        with self._lock:
+            status = self._status[name]
+            for key, value in changes.items():
+                setattr(status, key, value)
+            payload = status.to_json()
+        self._publish_state(name, payload)
+
+    def _build(self, name: str, path: Path) -> LoadedModel:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as exc:
+            raise ModelLoadError(f"model file not found: {path}") from exc
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
+        version = "sha256:" + hashlib.sha256(data).hexdigest()
+        requested = self._requested_providers(name)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # ORT's own warnings duplicate ours; keep errors only
+        try:
+            with _SESSION_CREATION:
+                session = ort.InferenceSession(data, sess_options=options, providers=requested)
+        except Exception as exc:  # ORT raises its own exception types, not importable stably
+            raise ModelLoadError(_explain_load_error(exc)) from exc
+        loaded = tuple(session.get_providers())
+        missing = [p for p in requested if p not in loaded]
+        if missing:
+            log.warning("providers_not_loaded", model=name, requested=requested,
+                        loaded=list(loaded), missing=missing,
+                        reason="onnxruntime fell back silently; see `edge-agent detect`")
+            if self._config.require_providers:
+                raise ModelLoadError(
+                    f"requested providers {missing} did not load (loaded: {list(loaded)}) and "
+                    "require_providers is true")
+        inputs, batch_axis, max_batch = _describe_inputs(session)
+        outputs = tuple(o.name for o in session.get_outputs())
+        model = LoadedModel(name=name, version=version, path=path, session=session,
+                            inputs=inputs, outputs=outputs, batch_axis=batch_axis,
+                            max_batch=max_batch, providers=loaded, degraded=bool(missing),
+                            loaded_at=time.time())
+        _warm_up(model)
+        return model
+
+    def _requested_providers(self, name: str) -> list[str]:
+        chosen = self._config.models[name].providers or self._config.providers
+        if chosen in (None, "auto"):
+            return [CPU_PROVIDER]
+        return list(chosen)
+
+
+def _describe_inputs(session: ort.InferenceSession
+                     ) -> tuple[tuple[TensorSpec, ...], bool, int | None]:
+    """Per-item input specs, whether axis 0 is a batch axis, and its fixed size if any."""
+    raw = session.get_inputs()
+    shapes = [tuple(d if isinstance(d, int) and d > 0 else None for d in i.shape) for i in raw]
+    dynamic_first = bool(shapes) and all(len(s) >= 1 and s[0] is None for s in shapes)
+    fixed_one = bool(shapes) and all(len(s) >= 2 and s[0] == 1 for s in shapes)
+    batch_axis = dynamic_first or fixed_one
+    specs = []
+    for item, shape in zip(raw, shapes, strict=True):
+        if item.type not in ONNX_TO_NUMPY:
+            raise ModelLoadError(f"input {item.name!r} has unsupported type {item.type}")
+        specs.append(TensorSpec(name=item.name, dtype=np.dtype(ONNX_TO_NUMPY[item.type]),
+                                item_shape=shape[1:] if batch_axis else shape))
+    return tuple(specs), batch_axis, (None if dynamic_first else 1) if batch_axis else None
+
+
+def zeros_for(spec: TensorSpec, batch: int | None) -> np.ndarray[Any, Any]:
+    """A zero tensor for ``spec`` (dynamic axes of length 1), with a batch axis when given."""
+    shape = tuple(1 if d is None else d for d in spec.item_shape)
+    return np.zeros(((batch,) if batch is not None else ()) + shape, dtype=spec.dtype)
+
+
+def _warm_up(model: LoadedModel) -> None:
+    """Run once with zeros: the first run allocates and optimizes and is much slower."""
+    batch = 1 if model.batch_axis else None
+    feeds = {spec.name: zeros_for(spec, batch) for spec in model.inputs}
+    try:
+        model.session.run(None, feeds)
+    except Exception as exc:
+        raise ModelLoadError(f"warm-up inference failed: {exc}") from exc
+
+
+def _explain_load_error(exc: Exception) -> str:
+    text = str(exc)
+    if "INVALID_PROTOBUF" in text or "Protobuf parsing failed" in text:
+        return "not an ONNX model (the file does not parse as an ONNX protobuf)"
+    return f"onnxruntime could not load the model: {text.splitlines()[0] if text else exc!r}"
+
+
+def output_names(model: LoadedModel, wanted: Sequence[str] | None) -> list[str]:
+    """The outputs to publish: ``wanted`` (checked) or all of them."""
+    if wanted is None:
+        return list(model.outputs)
+    unknown = [name for name in wanted if name not in model.outputs]
+    if unknown:
+        raise ModelLoadError(f"model {model.name!r} has no outputs {unknown} "
+                             f"(it has {list(model.outputs)})")
+    return list(wanted)

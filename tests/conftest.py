@@ -1,0 +1,132 @@
+"""Shared fixtures: a private Mosquitto per test and the agent as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.broker import MosquittoBroker, Recorder
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A running private Mosquitto on a free port of 127.0.0.1."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    instance = MosquittoBroker(workdir)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture
+def recorder(broker: MosquittoBroker) -> Iterator[Callable[..., Recorder]]:
+    """Factory of started ``Recorder`` clients on the test broker; stopped at teardown."""
+    started: list[Recorder] = []
+
+    def make(*filters: str) -> Recorder:
+        rec = Recorder(broker, list(filters)).start()
+        started.append(rec)
+        return rec
+
+    yield make
+    for rec in started:
+        rec.stop()
+
+
+class AgentProcess:
+    """``python -m agent run`` in a subprocess, with its log captured to a file."""
+
+    def __init__(self, config_file: Path, log_file: Path) -> None:
+        self.config_file = config_file
+        self.log_file = log_file
+        self._log_handle = log_file.open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(config_file),
+             "--log-level", "debug"],
+            stdout=self._log_handle, stderr=subprocess.STDOUT, env=env)
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON log lines written so far."""
+        events = []
+        for line in self.log_file.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                events.append({"event": "<not json>", "line": line})
+        return events
+
+    def wait_for_event(self, name: str, timeout_s: float = 15.0) -> dict[str, Any]:
+        """Wait for a log event called ``name``; fail with the log if it never comes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in self.log_events():
+                if event.get("event") == name:
+                    return event
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {name!r} event; log:\n{self.log_file.read_text()}")
+
+    def terminate(self, timeout_s: float = 10.0) -> tuple[int, float]:
+        """SIGTERM; returns (exit code, seconds until exit)."""
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout_s)
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut or the OOM killer would."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def close(self) -> None:
+        """Make sure the process is gone."""
+        if self.process.poll() is None:
+            self.kill()
+        self._log_handle.close()
+
+
+@pytest.fixture
+def agent_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], AgentProcess]]:
+    """Start the agent with a config given as a dict (written to a YAML file)."""
+    processes: list[AgentProcess] = []
+
+    def start(config: dict[str, Any]) -> AgentProcess:
+        index = len(processes)
+        config_file = tmp_path / f"agent-{index}.yaml"
+        config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        process = AgentProcess(config_file, tmp_path / f"agent-{index}.log")
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.close()
+
+
+def base_config(broker: MosquittoBroker, tmp_path: Path, device_id: str = "dev1",
+                **extra: Any) -> dict[str, Any]:
+    """A minimal agent config talking to the test broker, with folders under ``tmp_path``."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir(exist_ok=True)
+    config: dict[str, Any] = {
+        "device_id": device_id,
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5,
+                 "reconnect_max_s": 1},
+        "models_dir": str(models_dir),
+        "state_dir": str(tmp_path / "state"),
+    }
+    config.update(extra)
+    return config

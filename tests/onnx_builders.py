@@ -1,0 +1,88 @@
+"""Small real ONNX models, built with onnx.helper, for tests, the demo and benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# ONNX Runtime >= 1.17 reads IR version 9 / opset 17; newer onnx writes newer IR by default.
+IR_VERSION = 8
+OPSET = 13
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def linear_weights(features: int, outputs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weights ``build_linear`` uses for ``seed`` (so tests can compute expected results)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((features, outputs)).astype(np.float32)
+    bias = rng.standard_normal(outputs).astype(np.float32)
+    return weight, bias
+
+
+def build_linear(path: Path, features: int = 4, outputs: int = 2, seed: int = 0,
+                 batch: int | str = "N", pad_bytes: int = 0) -> Path:
+    """y = x @ W + b with input ``x`` [batch, features] (float32) and output ``y``.
+
+    ``pad_bytes`` adds an unused initializer, to make a bigger file for reload benchmarks.
+    """
+    weight, bias = linear_weights(features, outputs, seed)
+    initializers = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
+    if pad_bytes:
+        initializers.append(numpy_helper.from_array(
+            np.zeros(pad_bytes // 4, dtype=np.float32), "padding"))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "B"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, outputs])],
+        initializers,
+    )
+    return _save(graph, path)
+
+
+def build_two_inputs(path: Path, features: int = 3) -> Path:
+    """sum = a + b, product = a * b over two float32 inputs [N, features]."""
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["sum"]),
+         helper.make_node("Mul", ["a", "b"], ["product"])],
+        "two_inputs",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", features]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", features]),
+         helper.make_tensor_value_info("product", TensorProto.FLOAT, ["N", features])],
+    )
+    return _save(graph, path)
+
+
+def build_vibration_scorer(path: Path, samples: int = 64, threshold: float = 1.5) -> Path:
+    """A vibration anomaly scorer: rms of the window and sigmoid(4 * (rms - threshold)).
+
+    Input ``x`` [N, samples] float32; outputs ``rms`` [N, 1] and ``anomaly`` [N, 1].
+    """
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "x"], ["squared"]),
+         helper.make_node("ReduceMean", ["squared"], ["mean_square"], axes=[1], keepdims=1),
+         helper.make_node("Sqrt", ["mean_square"], ["rms"]),
+         helper.make_node("Sub", ["rms", "threshold"], ["excess"]),
+         helper.make_node("Mul", ["excess", "gain"], ["logit"]),
+         helper.make_node("Sigmoid", ["logit"], ["anomaly"])],
+        "vibration_scorer",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", samples])],
+        [helper.make_tensor_value_info("rms", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("anomaly", TensorProto.FLOAT, ["N", 1])],
+        [numpy_helper.from_array(np.array([threshold], dtype=np.float32), "threshold"),
+         numpy_helper.from_array(np.array([4.0], dtype=np.float32), "gain")],
+    )
+    return _save(graph, path)

@@ -1,0 +1,115 @@
+"""The daemon's life against a real broker: status, last will, restarts, signals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import MosquittoBroker, Recorder
+from tests.conftest import AgentProcess, base_config
+
+pytestmark = pytest.mark.broker
+
+STATUS = "edge/dev1/status"
+
+
+def test_publishes_retained_online(broker: MosquittoBroker, tmp_path: Path,
+                                   agent_factory: Callable[[dict[str, Any]], AgentProcess],
+                                   recorder: Callable[..., Recorder]) -> None:
+    """After start-up P/status holds a retained 'online' that a late subscriber still gets."""
+    agent = agent_factory(base_config(broker, tmp_path))
+    agent.wait_for_event("mqtt_connected")
+    first = recorder(STATUS)
+    first.wait_for_payload(STATUS, b"online")
+    late = recorder(STATUS)
+    late.wait_for(lambda ms: any(m.payload == b"online" and m.retain for m in ms))
+
+
+def test_sigkill_delivers_offline_last_will(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess],
+        recorder: Callable[..., Recorder]) -> None:
+    """A daemon killed with SIGKILL is reported 'offline' by the broker (the last will), retained."""
+    agent = agent_factory(base_config(broker, tmp_path))
+    watcher = recorder(STATUS)
+    watcher.wait_for_payload(STATUS, b"online")
+    agent.kill()
+    watcher.wait_for_payload(STATUS, b"offline", after=1)
+    late = recorder(STATUS)
+    late.wait_for(lambda ms: any(m.payload == b"offline" and m.retain for m in ms))
+
+
+def test_sigterm_exits_zero_within_5s_and_says_offline(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess],
+        recorder: Callable[..., Recorder]) -> None:
+    """SIGTERM: 'offline' is published, the process exits 0, in under 5 seconds."""
+    agent = agent_factory(base_config(broker, tmp_path))
+    watcher = recorder(STATUS)
+    watcher.wait_for_payload(STATUS, b"online")
+    code, took = agent.terminate()
+    assert code == 0
+    assert took < 5.0
+    watcher.wait_for_payload(STATUS, b"offline", after=1)
+    assert agent.wait_for_event("agent_stopped")
+
+
+def test_online_republished_after_broker_restart(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    """When the broker restarts (losing its retained messages) the daemon reconnects and
+    publishes 'online' again."""
+    agent = agent_factory(base_config(broker, tmp_path))
+    agent.wait_for_event("mqtt_connected")
+    broker.restart(down_s=1.0)
+    watcher = Recorder(broker, [STATUS]).start()
+    try:
+        watcher.wait_for(lambda ms: any(m.payload == b"online" for m in ms), timeout_s=15)
+    finally:
+        watcher.stop()
+    assert agent.process.poll() is None
+
+
+def test_starts_while_broker_is_down_and_connects_later(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    """No broker at start-up is not fatal: the daemon retries with backoff and connects."""
+    broker.stop()
+    agent = agent_factory(base_config(broker, tmp_path))
+    agent.wait_for_event("mqtt_connect_failed")
+    assert agent.process.poll() is None
+    broker.start()
+    agent.wait_for_event("mqtt_connected", timeout_s=15)
+    code, took = agent.terminate()
+    assert code == 0
+    assert took < 5.0
+
+
+def test_sigterm_while_broker_down_still_exits_quickly(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    """Stopping never waits on a broker that is not there."""
+    agent = agent_factory(base_config(broker, tmp_path))
+    agent.wait_for_event("mqtt_connected")
+    broker.stop()
+    agent.wait_for_event("mqtt_disconnected")
+    code, took = agent.terminate()
+    assert code == 0
+    assert took < 5.0
+
+
+def test_log_is_json_lines_with_paho_routed(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    """Not on a terminal, every log line is a JSON object; paho's own log lines included."""
+    agent = agent_factory(base_config(broker, tmp_path))
+    agent.wait_for_event("mqtt_connected")
+    agent.terminate()
+    events = agent.log_events()
+    assert events
+    assert all(e.get("event") != "<not json>" for e in events), events
+    assert any(e.get("logger", "").startswith("paho") for e in events)
+    assert all("timestamp" in e and "level" in e for e in events)
