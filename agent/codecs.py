@@ -66,11 +66,11 @@ def decode_payload(payload: bytes | bytearray, config: PipelineInput, specs: Seq
         raise PayloadError(
             f"payload of {len(payload)} bytes exceeds input.max_payload_bytes "
             f"({config.max_payload_bytes})")
-    default = _default_spec(config, specs)
     if config.format == "json":
-        values, reading_id = _decode_json(payload, config, specs, default)
+        values, reading_id = _decode_json(payload, config, specs)
         return {name: _to_tensor(value, _spec(specs, name)) for name, value in values.items()
                 }, reading_id
+    default = _default_spec(config, specs)
     if config.format == "raw":
         wire = np.dtype(config.dtype).newbyteorder("<")
         if len(payload) % wire.itemsize:
@@ -105,8 +105,8 @@ def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
     raise PayloadError(f"the model has no input {name!r} (it takes: {names})")
 
 
-def _decode_json(payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec],
-                 default: TensorSpec | None) -> tuple[dict[str, Any], Any]:
+def _decode_json(payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
+                 ) -> tuple[dict[str, Any], Any]:
     try:
         document = json.loads(payload)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -132,9 +132,7 @@ def _decode_json(payload: bytes | bytearray, config: PipelineInput, specs: Seque
     elif config.field is not None:
         raise PayloadError(f"expected a JSON object with field {config.field!r}, "
                            f"got {type(document).__name__}")
-    if default is None:  # pragma: no cover - _default_spec raised already
-        raise PayloadError("no input tensor to fill")
-    return {default.name: document}, reading_id
+    return {_default_spec(config, specs).name: document}, reading_id
 
 
 def _to_tensor(value: Any, spec: TensorSpec) -> Tensor:

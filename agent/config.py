@@ -446,8 +446,13 @@ class _Filler:
         if not isinstance(section, dict):
             return section
         mqtt = dict(section)
-        mqtt["client_id"] = self.expand(mqtt.get("client_id", "edge-agent-{device_id}"))
-        mqtt["topic_prefix"] = self.expand(mqtt.get("topic_prefix", "edge/{device_id}"))
+        # An explicit null means "the default" as much as leaving the key out does.
+        if mqtt.get("client_id") is None:
+            mqtt["client_id"] = "edge-agent-{device_id}"
+        if mqtt.get("topic_prefix") is None:
+            mqtt["topic_prefix"] = "edge/{device_id}"
+        mqtt["client_id"] = self.expand(mqtt["client_id"])
+        mqtt["topic_prefix"] = self.expand(mqtt["topic_prefix"])
         if "password_file" in mqtt:
             mqtt["password_file"] = self.resolve(mqtt["password_file"])
         if isinstance(mqtt.get("tls"), dict):
@@ -464,7 +469,7 @@ class _Filler:
         out = {} if body.get("output") is None else body["output"]
         if isinstance(out, dict):
             out = dict(out)
-            if "topic" not in out and isinstance(prefix, str):
+            if out.get("topic") is None and isinstance(prefix, str):
                 out["topic"] = f"{prefix}/results/{name}"
             if "topic" in out:
                 out["topic"] = self.expand(out["topic"])

@@ -17,6 +17,7 @@ from agent.models import ModelRegistry
 from agent.mqtt import MqttConnection
 from agent.pipeline import Pipeline
 from agent.reporting import ErrorReporter
+from agent.retained import RetainedPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -37,9 +38,9 @@ class Daemon:
         self.connection = MqttConnection(config.mqtt, f"{prefix}/status")
         self.errors = ErrorReporter(
             lambda topic, payload: self._publish(topic, payload, 0), f"{prefix}/errors")
+        self.retained = RetainedPublisher(self.connection)
         self.registry = ModelRegistry(
-            config,
-            lambda name, payload: self._publish(f"{prefix}/models/{name}", payload, 1, True))
+            config, lambda name, payload: self.retained.set(f"{prefix}/models/{name}", payload))
         self.pipelines: dict[str, Pipeline] = {}
 
     def request_stop(self) -> None:
@@ -53,6 +54,7 @@ class Daemon:
                  config=str(self.source) if self.source else "built-in defaults",
                  models=len(self.config.models), pipelines=len(self.config.pipelines))
         self._warn_inactive_settings()
+        self.retained.start()
         self.connection.start()
         self.registry.load_all()
         for name, pipeline_config in self.config.pipelines.items():
@@ -79,6 +81,7 @@ class Daemon:
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
             pipeline.stop(max(0.0, deadline - time.monotonic()))
+        self.retained.stop()
         self.connection.stop(timeout_s=OFFLINE_DEADLINE_S)
         log.info("agent_stopped", took_s=round(time.monotonic() - started, 3))
 

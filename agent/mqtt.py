@@ -94,6 +94,7 @@ class MqttConnection:
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self._started = False
+        self._connect_listeners: list[Callable[[], None]] = []
 
     @property
     def protocol_is_v5(self) -> bool:
@@ -108,6 +109,10 @@ class MqttConnection:
                                           self._guarded(subscription))
         if self.connected.is_set():
             self._send_subscribe([subscription])
+
+    def add_connect_listener(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` on paho's thread after every successful connect (must not block)."""
+        self._connect_listeners.append(listener)
 
     def unsubscribe_all(self) -> None:
         """Stop taking messages (used first on shutdown, so queued work can drain)."""
@@ -169,6 +174,8 @@ class MqttConnection:
             if subscriptions:
                 self._send_subscribe(subscriptions)
             client.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
+            for listener in self._connect_listeners:
+                listener()
         except Exception:
             self._log.exception("mqtt_on_connect_failed")
 

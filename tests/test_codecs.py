@@ -1,0 +1,125 @@
+"""Payload decoding and checking: every way a reading can be wrong is a clear PayloadError."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+
+from agent.codecs import TensorSpec, decode_payload, encode_json
+from agent.config import PipelineInput
+from agent.errors import PayloadError
+
+X = TensorSpec("x", np.dtype(np.float32), (4,))
+
+
+def cfg(**kwargs: object) -> PipelineInput:
+    return PipelineInput.model_validate({"topic": "s/+", **kwargs})
+
+
+def test_json_plain_list() -> None:
+    """A bare JSON list is the tensor of the only input."""
+    tensors, reading_id = decode_payload(b"[1, 2, 3, 4]", cfg(), [X])
+    assert reading_id is None
+    assert tensors["x"].dtype == np.float32
+    np.testing.assert_array_equal(tensors["x"], [1, 2, 3, 4])
+
+
+def test_json_field_and_id() -> None:
+    """input.field selects the tensor; id_field is echoed."""
+    payload = json.dumps({"id": "r-7", "x": [1, 2, 3, 4], "other": 5}).encode()
+    tensors, reading_id = decode_payload(payload, cfg(field="x"), [X])
+    assert reading_id == "r-7"
+    assert tensors["x"].shape == (4,)
+
+
+def test_json_named_inputs() -> None:
+    """{"inputs": {...}} feeds a multi-input model."""
+    a = TensorSpec("a", np.dtype(np.float32), (2,))
+    b = TensorSpec("b", np.dtype(np.int64), (2,))
+    tensors, reading_id = decode_payload(
+        b'{"id": 1, "inputs": {"a": [1.5, 2], "b": [3, 4]}}', cfg(), [a, b])
+    assert reading_id == 1
+    assert tensors["b"].dtype == np.int64
+
+
+def test_json_reshapes_flat_data_to_a_static_shape() -> None:
+    """A flat list with the right element count is reshaped to a static item shape."""
+    spec = TensorSpec("x", np.dtype(np.float32), (2, 2))
+    tensors, _ = decode_payload(b"[1, 2, 3, 4]", cfg(), [spec])
+    assert tensors["x"].shape == (2, 2)
+
+
+def test_dynamic_axis_accepts_any_length() -> None:
+    """A dynamic per-item axis takes any length."""
+    spec = TensorSpec("x", np.dtype(np.float32), (None,))
+    tensors, _ = decode_payload(b"[1, 2, 3, 4, 5, 6, 7]", cfg(), [spec])
+    assert tensors["x"].shape == (7,)
+
+
+def test_raw_little_endian() -> None:
+    """raw: little-endian bytes of input.dtype, shaped by input.shape."""
+    data = np.arange(4, dtype="<f8").tobytes()
+    tensors, _ = decode_payload(data, cfg(format="raw", dtype="float64", shape=[4]), [X])
+    assert tensors["x"].dtype == np.float32
+    np.testing.assert_array_equal(tensors["x"], [0, 1, 2, 3])
+
+
+def test_npy() -> None:
+    """npy: NumPy's own format."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ones(4, dtype=np.float32))
+    tensors, _ = decode_payload(buffer.getvalue(), cfg(format="npy"), [X])
+    np.testing.assert_array_equal(tensors["x"], np.ones(4))
+
+
+@pytest.mark.parametrize(("payload", "config", "message"), [
+    (b"{not json", {}, "payload is not valid JSON"),
+    (b'{"x": [1,2,3,4]}', {}, "payload is a JSON object but input.field is not set"),
+    (b'{"y": [1,2,3,4]}', {"field": "x"}, "payload has no field 'x'"),
+    (b"[1, 2, 3]", {}, "input 'x' expects shape [4] per reading (4 elements), got shape [3]"),
+    (b"[[1, 2], [3]]", {}, "not a rectangular array"),
+    (b'["a", "b", "c", "d"]', {}, "expected numbers, got text"),
+    (b"[1, 2, NaN, 4]", {}, "contains NaN or infinity"),
+    (b"[1, 2, 3, 4]", {"max_payload_bytes": 5}, "exceeds input.max_payload_bytes (5)"),
+    (b"\x00\x00\x80", {"format": "raw"}, "not a whole number of float32 elements"),
+    (b"\x00" * 12, {"format": "raw", "shape": [4]}, "payload has 3 elements but input.shape"),
+    (b"garbage", {"format": "npy"}, "not a valid .npy payload"),
+])
+def test_bad_payloads_are_explained(payload: bytes, config: dict[str, object],
+                                    message: str) -> None:
+    """Each malformed payload raises PayloadError saying what is wrong."""
+    with pytest.raises(PayloadError, match=None) as caught:
+        decode_payload(payload, cfg(**config), [X])
+    assert message in str(caught.value)
+
+
+def test_integer_input_refuses_fractions_and_overflow() -> None:
+    """Values that would change when cast to an integer input are refused."""
+    spec = TensorSpec("n", np.dtype(np.int8), (2,))
+    with pytest.raises(PayloadError, match="non-integer"):
+        decode_payload(b"[1.5, 2]", cfg(), [spec])
+    with pytest.raises(PayloadError, match="outside the int8 range"):
+        decode_payload(b"[1, 300]", cfg(), [spec])
+    tensors, _ = decode_payload(b"[1.0, 2]", cfg(), [spec])
+    assert tensors["n"].dtype == np.int8
+
+
+def test_multi_input_needs_names() -> None:
+    """A plain tensor for a two-input model says how to name the inputs."""
+    a = TensorSpec("a", np.dtype(np.float32), (2,))
+    with pytest.raises(PayloadError, match="several inputs"):
+        decode_payload(b"[1, 2]", cfg(), [a, X])
+    with pytest.raises(PayloadError, match="'inputs' lacks 'x'"):
+        decode_payload(b'{"inputs": {"a": [1, 2]}}', cfg(), [a, X])
+
+
+def test_encode_json_handles_numpy_and_refuses_nan() -> None:
+    """Results encode numpy arrays and scalars; NaN is not valid JSON and is refused."""
+    encoded = encode_json({"a": np.float32(1.5), "b": np.arange(3)})
+    assert json.loads(encoded) == {"a": 1.5, "b": [0, 1, 2]}
+    with pytest.raises(ValueError, match="Out of range"):
+        encode_json({"a": math.nan})

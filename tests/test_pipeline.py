@@ -1,0 +1,255 @@
+"""Readings to results end to end: a real broker, real ONNX models, the daemon as a process."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_linear, build_two_inputs
+
+pytestmark = pytest.mark.broker
+
+AgentFactory = Callable[[dict[str, Any]], AgentProcess]
+ERRORS = "edge/dev1/errors"
+
+
+def sha256_version(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def direct(model: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def results(rec: Recorder, prefix: str = "results/") -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in rec.messages if m.topic.startswith(prefix)]
+
+
+def linear_pipeline(**input_extra: Any) -> dict[str, Any]:
+    return {"model": "lin", "input": {"topic": "sensors/+/x", **input_extra},
+            "output": {"topic": "results/{1}/{pipeline}"}}
+
+
+def start_agent(agent_factory: AgentFactory, config: dict[str, Any]) -> AgentProcess:
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    return agent
+
+
+def test_json_readings_give_results_equal_to_onnxruntime(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """JSON readings from two sensors: one result each, on the templated topic, with the
+    echoed id, the model's sha256 version and outputs equal to a direct session.run."""
+    model = build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
+    config = base_config(broker, tmp_path, models={"lin": {"file": "lin.onnx"}},
+                         pipelines={"p": linear_pipeline(field="x")})
+    start_agent(agent_factory, config)
+    rec = recorder("results/#")
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((20, 4)).astype(np.float32)
+    client = publisher(broker)
+    for i, row in enumerate(inputs):
+        sensor = "s1" if i % 2 else "s2"
+        client.publish(f"sensors/{sensor}/x", json.dumps({"id": i, "x": row.tolist()}), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 20)
+    client.loop_stop()
+    expected = direct(model, inputs)
+    by_id = {r["id"]: r for r in results(rec)}
+    assert sorted(by_id) == list(range(20))
+    for i, result in by_id.items():
+        assert result["pipeline"] == "p"
+        assert result["model"] == "lin"
+        assert result["version"] == sha256_version(model)
+        assert result["latency_ms"] >= 0
+        np.testing.assert_allclose(result["outputs"]["y"], expected[i], rtol=1e-5, atol=1e-6)
+    topics = {m.topic for m in rec.messages}
+    assert topics == {"results/s1/p", "results/s2/p"}
+
+
+def test_raw_and_npy_formats(broker: MosquittoBroker, tmp_path: Path,
+                             agent_factory: AgentFactory,
+                             recorder: Callable[..., Recorder]) -> None:
+    """raw little-endian float64 and .npy payloads decode to the same results."""
+    model = build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
+    raw = {"model": "lin", "input": {"topic": "raw/+", "format": "raw", "dtype": "float64",
+                                     "shape": [4]},
+           "output": {"topic": "results/raw/{1}"}}
+    npy = {"model": "lin", "input": {"topic": "npy/+", "format": "npy"},
+           "output": {"topic": "results/npy/{1}"}}
+    config = base_config(broker, tmp_path, models={"lin": {}},
+                         pipelines={"raw": raw, "npy": npy})
+    start_agent(agent_factory, config)
+    rec = recorder("results/#")
+    x = np.array([0.5, -1.0, 2.0, 3.25])
+    client = publisher(broker)
+    client.publish("raw/a", x.astype("<f8").tobytes(), qos=1)
+    buffer = io.BytesIO()
+    np.save(buffer, x.astype(np.float32))
+    client.publish("npy/b", buffer.getvalue(), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 2)
+    client.loop_stop()
+    expected = direct(model, x[None].astype(np.float32))[0]
+    got = {m.topic: json.loads(m.payload) for m in rec.messages}
+    for topic in ("results/raw/a", "results/npy/b"):
+        assert got[topic]["id"] is None
+        np.testing.assert_allclose(got[topic]["outputs"]["y"], expected, rtol=1e-5)
+
+
+def test_multi_input_model_and_constants(broker: MosquittoBroker, tmp_path: Path,
+                                         agent_factory: AgentFactory,
+                                         recorder: Callable[..., Recorder]) -> None:
+    """Named inputs feed a two-input model; `constants` fixes one input of another pipeline."""
+    build_two_inputs(tmp_path / "models" / "two.onnx", features=3)
+    named = {"model": "two", "input": {"topic": "named/+"}, "output": {"topic": "res/named"}}
+    const = {"model": "two", "input": {"topic": "const/+", "tensor": "a"},
+             "output": {"topic": "res/const"}, "constants": {"b": [10, 20, 30]}}
+    config = base_config(broker, tmp_path, models={"two": {}},
+                         pipelines={"named": named, "const": const})
+    start_agent(agent_factory, config)
+    rec = recorder("res/#")
+    client = publisher(broker)
+    client.publish("named/1", json.dumps({"id": "n", "inputs": {"a": [1, 2, 3],
+                                                                "b": [4, 5, 6]}}), qos=1)
+    for i in range(5):
+        client.publish("const/1", json.dumps([1, 2, i]), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 6)
+    client.loop_stop()
+    named_result = json.loads(rec.on("res/named")[0].payload)
+    assert named_result["id"] == "n"
+    assert named_result["outputs"] == {"sum": [5, 7, 9], "product": [4, 10, 18]}
+    sums = sorted(json.loads(m.payload)["outputs"]["sum"][2] for m in rec.on("res/const"))
+    assert sums == [30, 31, 32, 33, 34]
+
+
+def test_bad_readings_are_reported_and_do_not_disturb_good_ones(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """Malformed JSON, a wrong shape and NaN each produce an error naming the pipeline,
+    topic and reason; good readings around them still get results."""
+    build_linear(tmp_path / "models" / "lin.onnx", features=4)
+    config = base_config(broker, tmp_path, models={"lin": {}},
+                         pipelines={"p": linear_pipeline()})
+    agent = start_agent(agent_factory, config)
+    rec = recorder("results/#", ERRORS)
+    client = publisher(broker)
+    client.publish("sensors/a/x", b"[1, 2, 3, 4]", qos=1)
+    client.publish("sensors/b/x", b"{broken", qos=1)
+    client.publish("sensors/c/x", b"[1, 2, 3]", qos=1)
+    client.publish("sensors/d/x", b"[1, 2, NaN, 4]", qos=1)
+    client.publish("sensors/e/x", b"[4, 3, 2, 1]", qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 5)
+    client.loop_stop()
+    errors = {json.loads(m.payload)["topic"]: json.loads(m.payload) for m in rec.on(ERRORS)}
+    assert set(errors) == {"sensors/b/x", "sensors/c/x", "sensors/d/x"}
+    assert "not valid JSON" in errors["sensors/b/x"]["reason"]
+    assert "expects shape [4] per reading" in errors["sensors/c/x"]["reason"]
+    assert "NaN" in errors["sensors/d/x"]["reason"]
+    assert all(e["pipeline"] == "p" and e["ts"] > 0 for e in errors.values())
+    assert {m.topic for m in rec.messages if m.topic.startswith("results/")} == {
+        "results/a/p", "results/e/p"}
+    assert agent.process.poll() is None
+
+
+def test_failed_model_does_not_stop_the_others(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """A corrupt and a missing model file end FAILED (retained, with the reason); their
+    pipelines report errors; the healthy pipeline keeps serving."""
+    build_linear(tmp_path / "models" / "good.onnx", features=4)
+    (tmp_path / "models" / "corrupt.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
+    config = base_config(
+        broker, tmp_path, models={"good": {}, "corrupt": {}, "missing": {}},
+        pipelines={
+            "good": {"model": "good", "input": {"topic": "in/good"},
+                     "output": {"topic": "results/good"}},
+            "bad": {"model": "corrupt", "input": {"topic": "in/bad"},
+                    "output": {"topic": "results/bad"}},
+            "gone": {"model": "missing", "input": {"topic": "in/gone"},
+                     "output": {"topic": "results/gone"}},
+        })
+    start_agent(agent_factory, config)
+    states = recorder("edge/dev1/models/+")
+    states.wait_for(lambda ms: len({m.topic for m in ms if m.retain}) >= 3)
+    latest = {m.topic.rsplit("/", 1)[1]: json.loads(m.payload) for m in states.messages}
+    assert latest["good"]["state"] == "READY"
+    assert latest["good"]["version"].startswith("sha256:")
+    assert latest["good"]["providers"] == ["CPUExecutionProvider"]
+    assert latest["corrupt"]["state"] == "FAILED"
+    assert "not an ONNX model" in latest["corrupt"]["error"]
+    assert latest["missing"]["state"] == "FAILED"
+    assert "model file not found" in latest["missing"]["error"]
+
+    rec = recorder("results/#", ERRORS)
+    client = publisher(broker)
+    for topic in ("in/bad", "in/gone", "in/good"):
+        client.publish(topic, b"[1, 2, 3, 4]", qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 3)
+    client.loop_stop()
+    assert [m.topic for m in rec.messages if m.topic.startswith("results/")] == ["results/good"]
+    reasons = [json.loads(m.payload)["reason"] for m in rec.on(ERRORS)]
+    assert any("model 'corrupt' is not serving (FAILED: not an ONNX model" in r for r in reasons)
+    assert any("model 'missing' is not serving (FAILED: model file not found" in r
+               for r in reasons)
+
+
+def test_burst_is_batched_and_every_reading_answered(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """2,000 readings sent as fast as possible: exactly one correct result per reading."""
+    model = build_linear(tmp_path / "models" / "lin.onnx", features=8, outputs=3)
+    config = base_config(broker, tmp_path, models={"lin": {}},
+                         pipelines={"p": linear_pipeline(field="x")})
+    start_agent(agent_factory, config)
+    rec = recorder("results/#")
+    inputs = np.random.default_rng(2).standard_normal((2000, 8)).astype(np.float32)
+    client = publisher(broker)
+    for i, row in enumerate(inputs):
+        client.publish("sensors/s/x", json.dumps({"id": i, "x": row.tolist()}), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 2000, timeout_s=60)
+    client.loop_stop()
+    found = results(rec)
+    assert sorted(r["id"] for r in found) == list(range(2000))
+    expected = direct(model, inputs)
+    got = np.array([r["outputs"]["y"] for r in sorted(found, key=lambda r: r["id"])])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_batch_model_runs_one_at_a_time(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """A model whose first axis is fixed at 1 is never fed a bigger batch."""
+    build_linear(tmp_path / "models" / "lin.onnx", features=4, batch=1)
+    config = base_config(broker, tmp_path, models={"lin": {}},
+                         pipelines={"p": linear_pipeline()})
+    start_agent(agent_factory, config)
+    rec = recorder("results/#", ERRORS)
+    client = publisher(broker)
+    for i in range(50):
+        client.publish("sensors/s/x", json.dumps([i, 1, 2, 3]), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 50)
+    client.loop_stop()
+    assert not rec.on(ERRORS)
+
+
+def test_unsupported_pipeline_feature_is_refused_loudly(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """A pipeline using a feature this version lacks is not started, and the log says why."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    pipeline = linear_pipeline()
+    pipeline["state"] = {"inputs": {"h": "h_out"}}
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": pipeline})
+    agent = agent_factory(config)
+    event = agent.wait_for_event("pipeline_not_started")
+    assert "'state' (stateful streams) is not supported" in event["error"]
