@@ -94,6 +94,7 @@ class MqttConnection:
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self._started = False
+        self._stopping = False  # set by stop(): the coming disconnect is ours, not a failure
         self._connect_listeners: list[Callable[[], None]] = []
 
     @property
@@ -146,6 +147,7 @@ class MqttConnection:
                 info.wait_for_publish(timeout=timeout_s)
             except (RuntimeError, ValueError) as exc:  # lost the connection meanwhile
                 self._log.warning("mqtt_offline_not_sent", error=str(exc))
+        self._stopping = True
         self._client.disconnect()
         self._client.loop_stop()
         self._started = False
@@ -184,7 +186,9 @@ class MqttConnection:
         try:
             was_connected = self.connected.is_set()
             self.connected.clear()
-            if was_connected:
+            if self._stopping:
+                self._log.info("mqtt_disconnected", reason=str(reason_code))
+            elif was_connected:
                 self._log.warning("mqtt_disconnected", reason=str(reason_code))
             else:
                 self._log.warning("mqtt_connect_failed", reason=str(reason_code))

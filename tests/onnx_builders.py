@@ -30,7 +30,7 @@ def linear_weights(features: int, outputs: int, seed: int) -> tuple[np.ndarray, 
     return weight, bias
 
 
-def build_linear(path: Path, features: int = 4, outputs: int = 2, seed: int = 0,
+def build_linear(path: Path, *, features: int = 4, outputs: int = 2, seed: int = 0,
                  batch: int | str = "N", pad_bytes: int = 0) -> Path:
     """y = x @ W + b with input ``x`` [batch, features] (float32) and output ``y``.
 

@@ -32,7 +32,7 @@ def test_sigkill_delivers_offline_last_will(
         broker: MosquittoBroker, tmp_path: Path,
         agent_factory: Callable[[dict[str, Any]], AgentProcess],
         recorder: Callable[..., Recorder]) -> None:
-    """A daemon killed with SIGKILL is reported 'offline' by the broker (the last will), retained."""
+    """SIGKILL: the broker publishes the retained last will, 'offline'."""
     agent = agent_factory(base_config(broker, tmp_path))
     watcher = recorder(STATUS)
     watcher.wait_for_payload(STATUS, b"online")

@@ -1,0 +1,30 @@
+# The two commands of the README, plus the checks CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint typecheck check clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "edge-agent needs Python >= 3.10"'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed   ## run the daemon on a simulated sensor, print results (Ctrl-C stops)
+	$(PY) scripts/demo.py
+
+test: $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto instances)
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+typecheck: $(VENV)/.installed
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf demo-run .pytest_cache .mypy_cache .ruff_cache

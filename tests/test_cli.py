@@ -1,0 +1,119 @@
+"""The command line: help, version, exit codes, and check-config output."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import agent.daemon
+from agent import __version__, cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def edge_agent(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=60, check=False, env=env)
+
+
+def test_version() -> None:
+    """--version prints the package version and exits 0."""
+    done = edge_agent("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"edge-agent {__version__}"
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["check-config"]])
+def test_help_for_every_command(command: list[str]) -> None:
+    """--help works for the program and each command."""
+    done = edge_agent(*command, "--help")
+    assert done.returncode == 0
+    assert "usage: edge-agent" in done.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["bogus"], ["check-config"], ["run", "--log-level", "x"]])
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    """Wrong usage exits 2 with a usage message."""
+    done = edge_agent(*args)
+    assert done.returncode == 2
+    assert "usage:" in done.stderr
+
+
+def test_check_config_valid_example() -> None:
+    """The shipped example config passes check-config with exit 0."""
+    done = edge_agent("check-config", str(REPO / "config" / "agent.example.yaml"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok" in done.stdout
+
+
+def test_check_config_reports_one_line_per_problem(tmp_path: Path) -> None:
+    """A misspelt key, a wrong type and a missing model: three FILE:LINE lines, exit 1."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(textwrap.dedent("""
+        device_id: gw1
+        mqtt:
+          hostt: broker
+          keepalive_s: soon
+        models:
+          vib: {}
+        pipelines:
+          p:
+            model: vibe
+            input: {topic: a/+}
+        """).lstrip())
+    done = edge_agent("check-config", str(path))
+    assert done.returncode == 1
+    lines = done.stdout.splitlines()
+    assert lines == [
+        f"{path}:3: mqtt.hostt: unknown key 'hostt', did you mean 'host'?",
+        f"{path}:4: mqtt.keepalive_s: Input should be a valid integer (got 'soon')",
+        f"{path}:9: pipelines.p.model: model 'vibe' is not defined under models (vib), "
+        "did you mean 'vib'?",
+    ]
+    assert "3 problems" in done.stderr
+
+
+def test_run_with_invalid_config_exits_1(tmp_path: Path) -> None:
+    """run refuses an invalid config with exit 1 and logs each problem."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("device_id: a\nmqtt: {port: zero}\n")
+    done = edge_agent("run", "--config", str(path))
+    assert done.returncode == 1
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["config_invalid"]
+    assert "mqtt.port" in events[0]["problem"]
+
+
+def test_run_with_explicit_missing_config_exits_1(tmp_path: Path) -> None:
+    """A config named on the command line must exist."""
+    done = edge_agent("run", "--config", str(tmp_path / "nope.yaml"))
+    assert done.returncode == 1
+    assert "cannot read file" in done.stdout
+
+
+def test_run_without_any_config_uses_defaults(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """No --config, no $EDGE_AGENT_CONFIG, no default file: built-in defaults, said in the log."""
+    monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
+    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
+    started: list[object] = []
+
+    def fake_run(self: agent.daemon.Daemon) -> int:
+        started.append(self.config)
+        return 0
+
+    monkeypatch.setattr(agent.daemon.Daemon, "run", fake_run)
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["run", "--log-format", "json"]) == 0
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert events[0]["event"] == "config_not_found"
+    assert events[0]["action"] == "running with the built-in defaults"
+    assert len(started) == 1
