@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    """Block until something accepts connections on 127.0.0.1:port."""
+def wait_for_port(port: int, timeout_s: float = 10.0,
+                  process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts connections on 127.0.0.1:port (or ``process`` exits)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise TimeoutError(f"the process exited with {process.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 return
@@ -38,7 +42,8 @@ def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
 class MosquittoBroker:
     """A mosquitto process on a free port with its own config file; can be restarted."""
 
-    def __init__(self, workdir: Path, extra_config: str = "", persistence: bool = False) -> None:
+    def __init__(self, workdir: Path, *, persistence: bool = False,
+                 password_file: Path | None = None, tls: TlsFiles | None = None) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -48,9 +53,18 @@ class MosquittoBroker:
         self.port = free_port()
         self.config_file = workdir / "mosquitto.conf"
         self.log_file = workdir / "mosquitto.log"
-        lines = [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+        lines = [f"listener {self.port} 127.0.0.1"]
+        if tls is not None:
+            lines += [f"cafile {tls.ca_cert}", f"certfile {tls.server_cert}",
+                      f"keyfile {tls.server_key}"]
+        if password_file is not None:
+            lines += ["allow_anonymous false", f"password_file {password_file}"]
+        else:
+            lines += ["allow_anonymous true"]
+        lines += [
+            # Started as root, mosquitto switches to user "mosquitto", which cannot read the
+            # test's private folders: stay the user who runs the tests.
+            f"user {getpass.getuser()}",
             # Without it QoS 1 delivery to a subscriber stalls at ~60 messages/s (Nagle).
             "set_tcp_nodelay true",
             f"log_dest file {self.log_file}",
@@ -61,7 +75,7 @@ class MosquittoBroker:
         ]
         if persistence:
             lines += ["persistence true", f"persistence_location {workdir}/"]
-        self.config_file.write_text("\n".join(lines) + "\n" + extra_config)
+        self.config_file.write_text("\n".join(lines) + "\n")
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -69,10 +83,11 @@ class MosquittoBroker:
         self._process = subprocess.Popen([self.binary, "-c", str(self.config_file)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_for_port(self.port)
-        except TimeoutError:
+            wait_for_port(self.port, process=self._process)
+        except TimeoutError as exc:
+            log = self.log_file.read_text() if self.log_file.exists() else ""
             self.stop()
-            raise
+            raise TimeoutError(f"{exc}; mosquitto log:\n{log}") from exc
 
     def stop(self) -> None:
         """Stop mosquitto (SIGTERM, then SIGKILL) and wait for it to exit."""
@@ -93,6 +108,44 @@ class MosquittoBroker:
         self.stop()
         time.sleep(down_s)
         self.start()
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_tls_files(folder: Path) -> TlsFiles:
+    """Create a CA and a server certificate (SAN IP:127.0.0.1) with the openssl command."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_cert = folder / "ca.key", folder / "ca.crt"
+    key, csr, cert = folder / "server.key", folder / "server.csr", folder / "server.crt"
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
+            "-out", str(ca_cert), "-days", "2", "-subj", "/CN=edge-agent test CA")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+            "-subj", "/CN=127.0.0.1")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    key.chmod(0o644)  # mosquitto may run as another user and must read it
+    return TlsFiles(ca_cert, cert, key)
+
+
+def make_password_file(path: Path, user: str, password: str) -> Path:
+    """A Mosquitto password file holding one user."""
+    path.write_text("")
+    subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True,
+                   capture_output=True)
+    return path
 
 
 @dataclass

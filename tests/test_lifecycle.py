@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.broker import MosquittoBroker, Recorder
+from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_linear
 
 pytestmark = pytest.mark.broker
 
@@ -113,3 +116,34 @@ def test_log_is_json_lines_with_paho_routed(
     assert all(e.get("event") != "<not json>" for e in events), events
     assert any(e.get("logger", "").startswith("paho") for e in events)
     assert all("timestamp" in e and "level" in e for e in events)
+
+
+def test_model_states_survive_a_broker_restart(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    """A broker restarted without persistence forgets retained messages; the daemon re-sends
+    the retained model state on reconnect, and its pipeline serves again."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={
+        "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    broker.restart(down_s=0.5)
+    watcher = Recorder(broker, ["edge/dev1/models/lin", "out/#"]).start()
+    try:
+        watcher.wait_for(lambda ms: any(json.loads(m.payload)["state"] == "READY"
+                                        for m in ms), timeout_s=15)
+        late = Recorder(broker, ["edge/dev1/models/lin"]).start()
+        late.wait_for(lambda ms: any(m.retain for m in ms))
+        late.stop()
+        client = publisher(broker)
+        # The daemon may still be re-subscribing: publish until a result comes back.
+        deadline = time.monotonic() + 10
+        while not watcher.on("out/a") and time.monotonic() < deadline:
+            client.publish("in/a", b"[1, 2, 3, 4]", qos=1)
+            time.sleep(0.2)
+        client.loop_stop()
+        assert watcher.on("out/a")
+    finally:
+        watcher.stop()
+    assert agent.process.poll() is None
