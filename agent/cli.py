@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -55,6 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a config file. Prints one line per problem "
                     "(FILE:LINE: dotted.key: message) and exits 1, or exits 0 when valid.")
     check.add_argument("path", metavar="PATH", help="config file (YAML)")
+
+    detect = commands.add_parser(
+        "detect", help="show the hardware and the execution providers that would be used",
+        description="Print the detected hardware, the execution providers the installed "
+                    "onnxruntime offers, the chosen order with per-provider options and why, "
+                    "and hints.")
+    detect.add_argument("--json", action="store_true", help="print JSON")
+    detect.add_argument("--config", metavar="PATH",
+                        help="config whose providers/state_dir settings apply (default: the "
+                             "run command's config if it exists)")
+    detect.add_argument("--root", default="/", metavar="PATH",
+                        help="read /proc, /sys, /dev and /etc under PATH (default /)")
+    detect.add_argument("--machine", default=None, metavar="ARCH",
+                        help="CPU architecture to assume (default: this machine's)")
     return parser
 
 
@@ -63,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(Path(args.path))
+    if args.command == "detect":
+        return _detect(args)
     return _run(args)
 
 
@@ -77,6 +94,25 @@ def _check_config(path: Path) -> int:
         return EXIT_INVALID
     print(f"{path}: ok (device_id {config.device_id}, {len(config.models)} models, "
           f"{len(config.pipelines)} pipelines)")
+    return EXIT_OK
+
+
+def _detect(args: argparse.Namespace) -> int:
+    # Imported here: onnxruntime is slow to import and only detect and run need it.
+    from agent.detect_report import build_report, format_report  # noqa: PLC0415
+
+    path = resolve_config_path(args.config)
+    try:
+        config = load_config(path) if path.exists() or args.config else default_config()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    report = build_report(config, root=args.root, machine=args.machine)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
     return EXIT_OK
 
 

@@ -308,6 +308,10 @@ class AgentConfig(Section):
     models: Mapping[Name, ModelConfig] = Field(default_factory=dict)
     pipelines: Mapping[Name, PipelineConfig] = Field(default_factory=dict)
     require_providers: StrictBool = False
+    gpu_mem_limit_mb: Annotated[StrictInt, Field(ge=64)] | None = Field(
+        None, description="CUDA arena cap; default on Jetson: half the shared memory")
+    cpu_threads: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
+        None, description="onnxruntime intra-op threads; default: the physical cores")
     health: HealthConfig = Field(default_factory=HealthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)

@@ -8,14 +8,17 @@ import time
 from pathlib import Path
 from types import FrameType
 
+import onnxruntime
 import structlog
 
 from agent import __version__
 from agent.config import AgentConfig
 from agent.errors import EdgeAgentError
+from agent.hardware import detect as detect_hardware
 from agent.models import ModelRegistry
 from agent.mqtt import MqttConnection
 from agent.pipeline import Pipeline
+from agent.providers import hints
 from agent.reporting import ErrorReporter
 from agent.retained import RetainedPublisher
 
@@ -39,8 +42,10 @@ class Daemon:
         self.errors = ErrorReporter(
             lambda topic, payload: self._publish(topic, payload, 0), f"{prefix}/errors")
         self.retained = RetainedPublisher(self.connection)
+        self.hardware = detect_hardware()
         self.registry = ModelRegistry(
-            config, lambda name, payload: self.retained.set(f"{prefix}/models/{name}", payload))
+            config, self.hardware,
+            lambda name, payload: self.retained.set(f"{prefix}/models/{name}", payload))
         self.pipelines: dict[str, Pipeline] = {}
 
     def request_stop(self) -> None:
@@ -53,6 +58,7 @@ class Daemon:
         log.info("agent_starting", version=__version__, device_id=self.config.device_id,
                  config=str(self.source) if self.source else "built-in defaults",
                  models=len(self.config.models), pipelines=len(self.config.pipelines))
+        self._log_hardware()
         self._warn_inactive_settings()
         self.retained.start()
         self.connection.start()
@@ -99,6 +105,13 @@ class Daemon:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+
+    def _log_hardware(self) -> None:
+        available = onnxruntime.get_available_providers()
+        log.info("hardware_detected", summary=self.hardware.summary(), board=self.hardware.board,
+                 available_providers=available)
+        for hint in hints(self.hardware, available):
+            log.warning("provider_hint", hint=hint)
 
     def _warn_inactive_settings(self) -> None:
         """Say loudly which configured features this version does not act on yet."""

@@ -54,6 +54,9 @@ def configure_logging(level: str = "info", *, json_output: bool | None = None,
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers = [handler]
+    # Library warnings (onnxruntime warns about unavailable providers) become log events
+    # instead of stray text on stderr.
+    logging.captureWarnings(True)
     set_log_level(level)
 
 

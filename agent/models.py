@@ -24,10 +24,11 @@ import structlog
 from agent.codecs import ONNX_TO_NUMPY, TensorSpec, encode_json
 from agent.config import AgentConfig
 from agent.errors import ModelLoadError
+from agent.hardware import Hardware
+from agent.providers import PlanInputs, ProviderPlan, plan_providers
 
 log = structlog.get_logger(__name__)
 
-CPU_PROVIDER = "CPUExecutionProvider"
 # ONNX Runtime's session constructor is not thread-safe (onnxruntime #27089): one at a time.
 _SESSION_CREATION = threading.Lock()
 
@@ -53,6 +54,7 @@ class LoadedModel:
     batch_axis: bool
     max_batch: int | None  # None: the batch axis is dynamic
     providers: tuple[str, ...]
+    requested: tuple[str, ...]
     degraded: bool
     loaded_at: float
 
@@ -70,6 +72,7 @@ class ModelStatus:
     state: ModelState = ModelState.LOADING
     version: str | None = None
     providers: tuple[str, ...] = ()
+    requested: tuple[str, ...] = ()
     degraded: bool = False
     loaded_at: float | None = None
     error: str | None = None
@@ -83,6 +86,7 @@ class ModelStatus:
             "version": self.version,
             "file": self.file,
             "providers": list(self.providers),
+            "requested_providers": list(self.requested),
             "degraded": self.degraded,
             "loaded_at": self.loaded_at,
             "error": self.error,
@@ -95,8 +99,10 @@ StatePublisher = Callable[[str, bytes], None]
 class ModelRegistry:
     """The named models of the config, their current sessions and published states."""
 
-    def __init__(self, config: AgentConfig, publish_state: StatePublisher) -> None:
+    def __init__(self, config: AgentConfig, hardware: Hardware, publish_state: StatePublisher
+                 ) -> None:
         self._config = config
+        self._hardware = hardware
         self._publish_state = publish_state
         self._lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
@@ -138,7 +144,8 @@ class ModelRegistry:
             return None
         self._models[name] = model
         self._set_status(name, state=ModelState.READY, version=model.version,
-                         providers=model.providers, degraded=model.degraded,
+                         providers=model.providers, requested=model.requested,
+                         degraded=model.degraded,
                          loaded_at=model.loaded_at, error=None)
         log.info("model_ready", model=name, version=model.version, providers=model.providers,
                  load_ms=round((time.monotonic() - started) * 1000, 1))
@@ -160,12 +167,12 @@ class ModelRegistry:
         except OSError as exc:
             raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
         version = "sha256:" + hashlib.sha256(data).hexdigest()
-        requested = self._requested_providers(name)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # ORT's own warnings duplicate ours; keep errors only
+        plan = self.plan(name, version)
+        requested = plan.names
         try:
             with _SESSION_CREATION:
-                session = ort.InferenceSession(data, sess_options=options, providers=requested)
+                session = ort.InferenceSession(data, sess_options=session_options(plan),
+                                               providers=plan.for_session())
         except Exception as exc:  # ORT raises its own exception types, not importable stably
             raise ModelLoadError(_explain_load_error(exc)) from exc
         loaded = tuple(session.get_providers())
@@ -173,7 +180,9 @@ class ModelRegistry:
         if missing:
             log.warning("providers_not_loaded", model=name, requested=requested,
                         loaded=list(loaded), missing=missing,
-                        reason="onnxruntime fell back silently; see `edge-agent detect`")
+                        reason="onnxruntime fell back without an error: the provider is not "
+                        "installed or its libraries (CUDA, cuDNN, TensorRT) failed to load; "
+                        "run `edge-agent detect`")
             if self._config.require_providers:
                 raise ModelLoadError(
                     f"requested providers {missing} did not load (loaded: {list(loaded)}) and "
@@ -182,16 +191,36 @@ class ModelRegistry:
         outputs = tuple(o.name for o in session.get_outputs())
         model = LoadedModel(name=name, version=version, path=path, session=session,
                             inputs=inputs, outputs=outputs, batch_axis=batch_axis,
-                            max_batch=max_batch, providers=loaded, degraded=bool(missing),
+                            max_batch=max_batch, providers=loaded, requested=tuple(requested),
+                            degraded=bool(missing),
                             loaded_at=time.time())
         _warm_up(model)
         return model
 
-    def _requested_providers(self, name: str) -> list[str]:
-        chosen = self._config.models[name].providers or self._config.providers
-        if chosen in (None, "auto"):
-            return [CPU_PROVIDER]
-        return list(chosen)
+    def plan(self, name: str, version: str) -> ProviderPlan:
+        """The execution providers for model ``name`` (per-model setting, else global)."""
+        setting = self._config.models[name].providers or self._config.providers
+        return plan_providers(self._hardware, PlanInputs(
+            available=ort.get_available_providers(),
+            requested=None if setting in (None, "auto") else list(setting),
+            model_sha256=version,
+            state_dir=Path(self._config.state_dir),
+            gpu_mem_limit_mb=self._config.gpu_mem_limit_mb,
+            cpu_threads=self._config.cpu_threads,
+            ort_version=ort.__version__,
+        ))
+
+
+def session_options(plan: ProviderPlan) -> ort.SessionOptions:
+    """Session options for ``plan``: CPU threads, spinning, logging."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # ORT's own warnings duplicate ours; keep its errors only
+    options.intra_op_num_threads = plan.intra_op_num_threads
+    # Spinning threads burn a core waiting for work: wasteful on small boards that mostly
+    # idle between readings, and it heats the SoC.
+    options.add_session_config_entry("session.intra_op.allow_spinning",
+                                     "1" if plan.allow_spinning else "0")
+    return options
 
 
 def _describe_inputs(session: ort.InferenceSession

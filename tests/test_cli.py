@@ -29,7 +29,7 @@ def test_version() -> None:
     assert done.stdout.strip() == f"edge-agent {__version__}"
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["check-config"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["check-config"], ["detect"]])
 def test_help_for_every_command(command: list[str]) -> None:
     """--help works for the program and each command."""
     done = edge_agent(*command, "--help")
@@ -117,3 +117,23 @@ def test_run_without_any_config_uses_defaults(monkeypatch: pytest.MonkeyPatch,
     assert events[0]["event"] == "config_not_found"
     assert events[0]["action"] == "running with the built-in defaults"
     assert len(started) == 1
+
+
+def test_detect_json_on_this_machine() -> None:
+    """detect --json prints valid JSON with hardware, available_providers and chosen."""
+    done = edge_agent("detect", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["hardware"]["logical_cpus"] >= 1
+    assert "CPUExecutionProvider" in report["available_providers"]
+    assert report["chosen"][-1]["name"] == "CPUExecutionProvider"
+    assert report["session"]["intra_op_num_threads"] >= 1
+
+
+def test_detect_text_on_a_fixture_tree() -> None:
+    """detect --root reads a fixture tree: a Jetson with CPU-only onnxruntime gets a hint."""
+    done = edge_agent("detect", "--root", str(REPO / "tests/fixtures/hw/jetson-orin-nano-jp6"),
+                      "--machine", "aarch64")
+    assert done.returncode == 0, done.stderr
+    assert "JetPack 6.0" in done.stdout
+    assert "hint: install NVIDIA's onnxruntime-gpu wheel for JetPack 6.0" in done.stdout
