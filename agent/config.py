@@ -268,6 +268,18 @@ class PipelineConfig(Section):
     constants: Mapping[StrictStr, Any] | None = Field(None, description="fixed model inputs")
 
 
+class WatchConfig(Section):
+    """How changes to model files are noticed."""
+
+    mode: Literal["auto", "inotify", "polling", "off"] = Field(
+        "auto", description="auto: inotify, or polling on network filesystems / no inotify")
+    debounce_ms: Annotated[StrictFloat, Field(ge=0, le=60_000)] = Field(
+        100.0, description="wait after a file is closed (a rename into place needs none)")
+    settle_ms: Annotated[StrictFloat, Field(ge=0, le=600_000)] = Field(
+        1000.0, description="without a close event: size and mtime unchanged this long")
+    poll_interval_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 1.0
+
+
 class HealthConfig(Section):
     """Health telemetry on P/health."""
 
@@ -312,6 +324,7 @@ class AgentConfig(Section):
         None, description="CUDA arena cap; default on Jetson: half the shared memory")
     cpu_threads: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
         None, description="onnxruntime intra-op threads; default: the physical cores")
+    watch: WatchConfig = Field(default_factory=WatchConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)

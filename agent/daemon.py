@@ -21,6 +21,7 @@ from agent.pipeline import Pipeline
 from agent.providers import hints
 from agent.reporting import ErrorReporter
 from agent.retained import RetainedPublisher
+from agent.watcher import ModelFileWatcher
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +46,11 @@ class Daemon:
         self.hardware = detect_hardware()
         self.registry = ModelRegistry(
             config, self.hardware,
-            lambda name, payload: self.retained.set(f"{prefix}/models/{name}", payload))
+            lambda name, payload: self.retained.set(f"{prefix}/models/{name}", payload),
+            on_failure=self.errors.report_model_failure)
+        self.watcher = ModelFileWatcher(
+            {name: config.model_path(name) for name in config.models}, self.registry.load,
+            config.watch)
         self.pipelines: dict[str, Pipeline] = {}
 
     def request_stop(self) -> None:
@@ -62,6 +67,9 @@ class Daemon:
         self._warn_inactive_settings()
         self.retained.start()
         self.connection.start()
+        # Watch first: a file that changes during the initial load is loaded again (a no-op
+        # when the bytes did not change) instead of being missed.
+        self.watcher.start()
         self.registry.load_all()
         for name, pipeline_config in self.config.pipelines.items():
             try:
@@ -84,6 +92,7 @@ class Daemon:
         started = time.monotonic()
         log.info("agent_stopping")
         self.connection.unsubscribe_all()
+        self.watcher.stop()
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
             pipeline.stop(max(0.0, deadline - time.monotonic()))

@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import onnxruntime as ort
 import structlog
 
 from agent.codecs import ONNX_TO_NUMPY, TensorSpec, encode_json
+from agent.compat import ModelShape, pipeline_problems
 from agent.config import AgentConfig
 from agent.errors import ModelLoadError
 from agent.hardware import Hardware
@@ -76,7 +77,7 @@ class ModelStatus:
     degraded: bool = False
     loaded_at: float | None = None
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    last_load: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         """The retained ``P/models/NAME`` payload."""
@@ -90,21 +91,27 @@ class ModelStatus:
             "degraded": self.degraded,
             "loaded_at": self.loaded_at,
             "error": self.error,
+            "last_load": self.last_load,
         })
 
 
 StatePublisher = Callable[[str, bytes], None]
+FailureReporter = Callable[[str, str, str], None]  # model name, file, reason
 
 
 class ModelRegistry:
     """The named models of the config, their current sessions and published states."""
 
-    def __init__(self, config: AgentConfig, hardware: Hardware, publish_state: StatePublisher
-                 ) -> None:
+    def __init__(self, config: AgentConfig, hardware: Hardware, publish_state: StatePublisher,
+                 on_failure: FailureReporter | None = None) -> None:
         self._config = config
         self._hardware = hardware
         self._publish_state = publish_state
-        self._lock = threading.Lock()
+        self._on_failure = on_failure
+        self._lock = threading.Lock()        # guards _status
+        self._load_lock = threading.Lock()   # one load at a time (start-up or reload thread)
+        # name -> serving model. Written only under _load_lock; read without a lock by the
+        # pipelines (replacing a dict value is atomic in CPython).
         self._models: dict[str, LoadedModel] = {}
         self._status: dict[str, ModelStatus] = {
             name: ModelStatus(name=name, file=str(config.model_path(name)))
@@ -130,26 +137,60 @@ class ModelRegistry:
             self.load(name)
 
     def load(self, name: str) -> LoadedModel | None:
-        """Load ``name`` from its file; on failure keep whatever was serving and report why."""
-        path = self._config.model_path(name)
-        self._set_status(name, state=ModelState.LOADING, error=None)
-        started = time.monotonic()
-        try:
-            model = self._build(name, path)
-        except ModelLoadError as exc:
-            log.error("model_load_failed", model=name, file=str(path), error=str(exc))
-            previous = self._models.get(name)
-            self._set_status(name, state=ModelState.READY if previous else ModelState.FAILED,
-                             error=str(exc))
-            return None
-        self._models[name] = model
-        self._set_status(name, state=ModelState.READY, version=model.version,
-                         providers=model.providers, requested=model.requested,
-                         degraded=model.degraded,
-                         loaded_at=model.loaded_at, error=None)
-        log.info("model_ready", model=name, version=model.version, providers=model.providers,
-                 load_ms=round((time.monotonic() - started) * 1000, 1))
-        return model
+        """(Re)load ``name`` from its file: read it once, build, check and warm up a new session
+        while the current one keeps serving, then swap the reference.
+
+        Bytes identical to the serving model's are a no-op. On failure the serving model (if
+        any) stays, and the failure is published. Runs on the caller's thread; loads are
+        serialized. Returns the serving model afterwards.
+        """
+        with self._load_lock:
+            path = self._config.model_path(name)
+            current = self._models.get(name)
+            started = time.monotonic()
+            try:
+                data = _read_model_file(path)
+            except ModelLoadError as exc:
+                self._failed(name, path, None, exc)
+                return current
+            version = "sha256:" + hashlib.sha256(data).hexdigest()
+            if current is not None and current.version == version:
+                log.debug("model_unchanged", model=name, version=version)
+                return current
+            now = time.time()
+            attempt = {"state": ModelState.LOADING.value, "version": version, "started": now,
+                       "ts": now}
+            self._set_status(name, last_load=attempt,
+                             state=ModelState.READY if current else ModelState.LOADING)
+            try:
+                model = self._build(name, path, data, version)
+            except ModelLoadError as exc:
+                self._failed(name, path, version, exc, started=now)
+                return current
+            del data  # the session holds its own copy; do not keep two
+            self._models[name] = model  # the swap: in-flight batches keep the old reference
+            self._set_status(name, state=ModelState.READY, version=model.version,
+                             providers=model.providers, requested=model.requested,
+                             degraded=model.degraded, loaded_at=model.loaded_at, error=None,
+                             last_load={**attempt, "state": ModelState.READY.value,
+                                        "ts": time.time()})
+            log.info("model_ready", model=name, version=model.version,
+                     previous=current.version if current else None, providers=model.providers,
+                     load_ms=round((time.monotonic() - started) * 1000, 1))
+            return model
+
+    def _failed(self, name: str, path: Path, version: str | None, exc: ModelLoadError,
+                started: float | None = None) -> None:
+        serving = self._models.get(name)
+        log.error("model_load_failed", model=name, file=str(path), version=version,
+                  error=str(exc), still_serving=serving.version if serving else None)
+        self._set_status(name, state=ModelState.READY if serving else ModelState.FAILED,
+                         error=str(exc), last_load={"state": ModelState.FAILED.value,
+                                                    "version": version, "error": str(exc),
+                                                    "started": started or time.time(),
+                                                    "ts": time.time()})
+        if self._on_failure is not None:
+            self._on_failure(name, str(path), str(exc))
 
     def _set_status(self, name: str, **changes: Any) -> None:
         with self._lock:
@@ -159,14 +200,7 @@ class ModelRegistry:
             payload = status.to_json()
         self._publish_state(name, payload)
 
-    def _build(self, name: str, path: Path) -> LoadedModel:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError as exc:
-            raise ModelLoadError(f"model file not found: {path}") from exc
-        except OSError as exc:
-            raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
-        version = "sha256:" + hashlib.sha256(data).hexdigest()
+    def _build(self, name: str, path: Path, data: bytes, version: str) -> LoadedModel:
         plan = self.plan(name, version)
         requested = plan.names
         try:
@@ -189,6 +223,10 @@ class ModelRegistry:
                     "require_providers is true")
         inputs, batch_axis, max_batch = _describe_inputs(session)
         outputs = tuple(o.name for o in session.get_outputs())
+        users = {p: c for p, c in self._config.pipelines.items() if c.model == name}
+        problems = pipeline_problems(ModelShape(inputs, outputs, batch_axis, max_batch), users)
+        if problems:
+            raise ModelLoadError("; ".join(problems))
         model = LoadedModel(name=name, version=version, path=path, session=session,
                             inputs=inputs, outputs=outputs, batch_axis=batch_axis,
                             max_batch=max_batch, providers=loaded, requested=tuple(requested),
@@ -221,6 +259,20 @@ def session_options(plan: ProviderPlan) -> ort.SessionOptions:
     options.add_session_config_entry("session.intra_op.allow_spinning",
                                      "1" if plan.allow_spinning else "0")
     return options
+
+
+def _read_model_file(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"model file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise ModelLoadError(f"model path is a folder, not a file: {path}") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror}") from exc
+    if not data:
+        raise ModelLoadError(f"model file is empty: {path}")
+    return data
 
 
 def _describe_inputs(session: ort.InferenceSession

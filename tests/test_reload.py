@@ -1,0 +1,240 @@
+"""Hot reload end to end: a real broker, real models, the daemon as a process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_linear, linear_weights
+
+pytestmark = pytest.mark.broker
+
+AgentFactory = Callable[[dict[str, Any]], AgentProcess]
+STATE = "edge/dev1/models/lin"
+ERRORS = "edge/dev1/errors"
+
+
+def version_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def replace_atomically(target: Path, data: bytes) -> None:
+    """What an OTA install or `rsync` does: a temp file renamed over the model."""
+    temp = target.with_name(target.name + ".tmp")
+    temp.write_bytes(data)
+    os.replace(temp, target)
+
+
+def make_models(tmp_path: Path) -> tuple[bytes, bytes]:
+    a = build_linear(tmp_path / "build" / "a.onnx", features=4, outputs=2, seed=0).read_bytes()
+    b = build_linear(tmp_path / "build" / "b.onnx", features=4, outputs=2, seed=1).read_bytes()
+    return a, b
+
+
+def start(agent_factory: AgentFactory, broker: MosquittoBroker, tmp_path: Path,
+          first: bytes, **pipeline_input: Any) -> AgentProcess:
+    (tmp_path / "models").mkdir(exist_ok=True)
+    (tmp_path / "models" / "lin.onnx").write_bytes(first)
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
+        "model": "lin", "input": {"topic": "in/+", "field": "x", **pipeline_input},
+        "output": {"topic": "out/{1}"}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    return agent
+
+
+def states(rec: Recorder) -> list[dict[str, Any]]:
+    return [json.loads(m.payload) for m in rec.on(STATE)]
+
+
+def test_results_follow_each_replacement_with_no_lost_reading(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """1,000 readings/s while the model file is replaced 20 times (alternating two models,
+    by rename and by rewriting in place): every reading gets exactly one result, each
+    result's version is the sha256 of the model that computed it, and results switch to a
+    new version within 1 s of its file being complete."""
+    model_a, model_b = make_models(tmp_path)
+    agent = start(agent_factory, broker, tmp_path, model_a)
+    rec = recorder("out/#")
+    total, rate = 23_000, 1000.0
+    rng = np.random.default_rng(5)
+    inputs = rng.standard_normal((total, 4)).astype(np.float32)
+    expected = {}
+    for data, seed in ((model_a, 0), (model_b, 1)):
+        weight, bias = linear_weights(4, 2, seed)
+        expected[version_of(data)] = inputs @ weight + bias
+
+    def send() -> None:
+        client = publisher(broker)
+        started = time.monotonic()
+        for i in range(total):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            client.publish("in/s1", json.dumps({"id": i, "x": inputs[i].tolist()}), qos=1)
+        client.loop_stop()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(1.0)
+    replaced: list[tuple[float, str]] = []
+    target = tmp_path / "models" / "lin.onnx"
+    for k in range(20):
+        data = model_b if k % 2 == 0 else model_a
+        if k % 4 < 2:
+            replace_atomically(target, data)
+        else:
+            target.write_bytes(data)  # rewritten in place: acted on at close
+        replaced.append((time.time(), version_of(data)))
+        time.sleep(1.0)
+    sender.join()
+    rec.wait_for(lambda ms: len(ms) >= total, timeout_s=90)
+    time.sleep(0.5)
+    results = [json.loads(m.payload) for m in rec.messages]
+    ids = [r["id"] for r in results]
+    assert len(ids) == total
+    assert sorted(ids) == list(range(total)), "a reading was lost or answered twice"
+    for result in results:
+        np.testing.assert_allclose(result["outputs"]["y"], expected[result["version"]][
+            result["id"]], rtol=1e-5, atol=1e-5)
+    switch_delays = []
+    for index, (when, version) in enumerate(replaced):
+        until = replaced[index + 1][0] if index + 1 < len(replaced) else float("inf")
+        window = [r for r in results if when <= r["ts"] < until]
+        new = [r["ts"] for r in window if r["version"] == version]
+        assert new, f"replacement {index} never served; log: {agent.log_file.read_text()[-3000:]}"
+        first_new = min(new)
+        switch_delays.append(first_new - when)
+        stale = [r for r in window if r["version"] != version and r["ts"] > when + 1.0]
+        assert not stale, f"old version served more than 1 s after replacement {index}"
+    assert max(switch_delays) < 1.0, switch_delays
+    print(f"switch delay median {sorted(switch_delays)[10] * 1000:.0f} ms, "
+          f"max {max(switch_delays) * 1000:.0f} ms")
+    assert agent.process.poll() is None
+
+
+def test_same_bytes_again_is_a_no_op(broker: MosquittoBroker, tmp_path: Path,
+                                     agent_factory: AgentFactory,
+                                     recorder: Callable[..., Recorder]) -> None:
+    """Rewriting the file with identical bytes publishes no LOADING and loads nothing."""
+    model_a, _ = make_models(tmp_path)
+    agent = start(agent_factory, broker, tmp_path, model_a)
+    rec = recorder(STATE)
+    rec.wait_for(lambda ms: len(ms) >= 1)
+    replace_atomically(tmp_path / "models" / "lin.onnx", model_a)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if any(e.get("event") == "model_unchanged" for e in agent.log_events()):
+            break
+        time.sleep(0.05)
+    assert any(e.get("event") == "model_unchanged" for e in agent.log_events())
+    assert len(rec.on(STATE)) == 1
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "incompatible", "empty"])
+def test_bad_file_keeps_the_old_model_serving(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder], kind: str) -> None:
+    """A truncated file, random bytes, an ONNX model with incompatible inputs or an empty
+    file: the load fails and says why, the old model keeps serving, the next good file loads."""
+    model_a, model_b = make_models(tmp_path)
+    agent = start(agent_factory, broker, tmp_path, model_a, shape=[4])
+    rec = recorder(STATE, ERRORS, "out/#")
+    rec.wait_for(lambda ms: any(m.topic == STATE for m in ms))
+    bad = {
+        "truncated": model_b[: len(model_b) // 2],
+        "random": np.random.default_rng(3).bytes(5000),
+        "incompatible": build_linear(tmp_path / "build" / "wide.onnx", features=5).read_bytes(),
+        "empty": b"",
+    }[kind]
+    replace_atomically(tmp_path / "models" / "lin.onnx", bad)
+    rec.wait_for(lambda ms: any(m.topic == ERRORS for m in ms) and any(
+        (json.loads(m.payload).get("last_load") or {}).get("state") == "FAILED"
+        for m in ms if m.topic == STATE))
+    state = states(rec)[-1]
+    assert state["state"] == "READY"
+    assert state["version"] == version_of(model_a)
+    assert state["last_load"]["state"] == "FAILED"
+    reason = {"truncated": "", "random": "not an ONNX model",
+              "incompatible": "input 'x' expects [5] per reading, pipeline 'p' sends [4]",
+              "empty": "model file is empty"}[kind]
+    assert reason in state["error"]
+    error = json.loads(rec.on(ERRORS)[0].payload)
+    assert error["model"] == "lin"
+    assert reason in error["reason"]
+    client = publisher(broker)
+    client.publish("in/a", json.dumps({"id": 1, "x": [1, 2, 3, 4]}), qos=1)
+    rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))
+    assert json.loads(rec.on("out/a")[0].payload)["version"] == version_of(model_a)
+    replace_atomically(tmp_path / "models" / "lin.onnx", model_b)
+    rec.wait_for(lambda ms: any(json.loads(m.payload).get("version") == version_of(model_b)
+                                and m.topic == STATE for m in ms))
+    client.publish("in/b", json.dumps({"id": 2, "x": [1, 2, 3, 4]}), qos=1)
+    rec.wait_for(lambda ms: any(m.topic == "out/b" for m in ms))
+    client.loop_stop()
+    assert json.loads(rec.on("out/b")[0].payload)["version"] == version_of(model_b)
+    assert states(rec)[-1]["error"] is None
+    assert agent.process.poll() is None
+
+
+def test_slow_write_gives_a_single_reload_after_completion(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """A model copied slowly over 3 s (scp over a weak link) is loaded once, complete."""
+    model_a, _ = make_models(tmp_path)
+    big = build_linear(tmp_path / "build" / "big.onnx", seed=1, pad_bytes=300_000).read_bytes()
+    agent = start(agent_factory, broker, tmp_path, model_a)
+    rec = recorder(STATE, ERRORS)
+    rec.wait_for(lambda ms: len(ms) >= 1)
+    chunks = [big[i:i + len(big) // 15 + 1] for i in range(0, len(big), len(big) // 15 + 1)]
+    with (tmp_path / "models" / "lin.onnx").open("wb") as handle:
+        for chunk in chunks:
+            handle.write(chunk)
+            handle.flush()
+            time.sleep(3.0 / len(chunks))
+        done = time.time()
+    rec.wait_for(lambda ms: any(json.loads(m.payload).get("version") == version_of(big)
+                                for m in ms if m.topic == STATE), timeout_s=10)
+    time.sleep(1.0)
+    # The first state is the retained one from start-up; LOADING may be folded into READY
+    # (retained topics publish the latest value).
+    attempts = [s["last_load"] for s in states(rec)[1:]]
+    assert {a["version"] for a in attempts} == {version_of(big)}, "a partial file was loaded"
+    assert [a["state"] for a in attempts if a["state"] != "LOADING"] == ["READY"]
+    assert attempts[-1]["started"] >= done - 0.05
+    assert not rec.on(ERRORS)
+    assert agent.process.poll() is None
+
+
+def test_model_missing_at_start_loads_when_the_file_appears(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """FAILED at start-up (no file), then serving as soon as a good file is copied in."""
+    make_models(tmp_path)
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
+        "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder(STATE, "out/#")
+    rec.wait_for(lambda ms: any(json.loads(m.payload)["state"] == "FAILED" for m in ms))
+    shutil.copyfile(tmp_path / "build" / "a.onnx", tmp_path / "models" / "lin.onnx")
+    rec.wait_for(lambda ms: any(json.loads(m.payload).get("state") == "READY"
+                                for m in ms if m.topic == STATE))
+    client = publisher(broker)
+    client.publish("in/a", b"[1, 2, 3, 4]", qos=1)
+    rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))
+    client.loop_stop()
+    assert agent.process.poll() is None

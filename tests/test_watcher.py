@@ -1,0 +1,160 @@
+"""The model file watcher: complete files only, debounced, temp files ignored, never dies."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.config import WatchConfig
+from agent.watcher import ModelFileWatcher, filesystem_type, is_temp_file
+
+
+class Calls:
+    """Records on_ready calls (made on the watcher's reload thread)."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.names: list[tuple[str, float]] = []
+        self.fail_first = fail_first
+        self.event = threading.Event()
+
+    def __call__(self, name: str) -> None:
+        self.names.append((name, time.monotonic()))
+        self.event.set()
+        if self.fail_first and len(self.names) == 1:
+            raise RuntimeError("boom")
+
+    def wait(self, count: int, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.names) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(self.names) >= count, self.names
+
+
+def watcher_for(tmp_path: Path, calls: Calls, **config: object) -> ModelFileWatcher:
+    settings = WatchConfig.model_validate({"debounce_ms": 50, "settle_ms": 300, **config})
+    return ModelFileWatcher({"m": tmp_path / "m.onnx"}, calls, settings)
+
+
+def test_temp_names() -> None:
+    """Hidden files and .tmp/.part/.swp/~ names are temporary."""
+    assert is_temp_file("/x/.m.onnx.Xy12")
+    assert is_temp_file("/x/m.onnx.tmp")
+    assert is_temp_file("/x/m.onnx.part")
+    assert is_temp_file("/x/m.onnx~")
+    assert not is_temp_file("/x/m.onnx")
+
+
+def test_rename_into_place_triggers_one_reload(tmp_path: Path) -> None:
+    """Writing a temp file and renaming it over the model gives exactly one reload."""
+    calls = Calls()
+    watcher = watcher_for(tmp_path, calls)
+    watcher.start()
+    try:
+        assert watcher.mode == "inotify"
+        temp = tmp_path / "m.onnx.tmp"
+        temp.write_bytes(b"x" * 1000)
+        os.replace(temp, tmp_path / "m.onnx")
+        calls.wait(1)
+        time.sleep(0.5)
+        assert [name for name, _ in calls.names] == ["m"]
+    finally:
+        watcher.stop()
+
+
+def test_slow_write_reloads_once_after_close(tmp_path: Path) -> None:
+    """A file written in pieces over ~1.5 s is loaded once, after it is closed."""
+    calls = Calls()
+    watcher = watcher_for(tmp_path, calls)
+    watcher.start()
+    try:
+        with (tmp_path / "m.onnx").open("wb") as handle:
+            for _ in range(10):
+                handle.write(b"y" * 100)
+                handle.flush()
+                time.sleep(0.15)
+            closed = time.monotonic()
+        calls.wait(1)
+        time.sleep(0.5)
+        assert len(calls.names) == 1
+        assert calls.names[0][1] >= closed
+    finally:
+        watcher.stop()
+
+
+def test_other_files_and_temp_files_are_ignored(tmp_path: Path) -> None:
+    """Only the watched model paths count."""
+    calls = Calls()
+    watcher = watcher_for(tmp_path, calls)
+    watcher.start()
+    try:
+        (tmp_path / "other.onnx").write_bytes(b"1")
+        (tmp_path / ".m.onnx.swp").write_bytes(b"1")
+        (tmp_path / "m.onnx.part").write_bytes(b"1")
+        time.sleep(1.0)
+        assert calls.names == []
+    finally:
+        watcher.stop()
+
+
+def test_polling_mode_sees_changes_after_they_settle(tmp_path: Path) -> None:
+    """With polling (network filesystems) a change is loaded once size and mtime settle."""
+    calls = Calls()
+    watcher = watcher_for(tmp_path, calls, mode="polling", poll_interval_s=0.2)
+    watcher.start()
+    try:
+        assert watcher.mode == "polling"
+        time.sleep(0.3)
+        (tmp_path / "m.onnx").write_bytes(b"z" * 100)
+        calls.wait(1)
+        assert [name for name, _ in calls.names] == ["m"]
+    finally:
+        watcher.stop()
+
+
+def test_a_failing_reload_does_not_stop_watching(tmp_path: Path) -> None:
+    """An exception from the reload callback is logged; the next change still reloads."""
+    calls = Calls(fail_first=True)
+    watcher = watcher_for(tmp_path, calls)
+    watcher.start()
+    try:
+        (tmp_path / "m.onnx").write_bytes(b"a")
+        calls.wait(1)
+        time.sleep(0.2)
+        (tmp_path / "m.onnx").write_bytes(b"b")
+        calls.wait(2)
+    finally:
+        watcher.stop()
+
+
+def test_a_dead_observer_is_restarted(tmp_path: Path) -> None:
+    """If watchdog's observer thread dies, the watcher starts a new one."""
+    calls = Calls()
+    watcher = watcher_for(tmp_path, calls)
+    watcher.start()
+    try:
+        assert watcher._observer is not None
+        watcher._observer.stop()
+        watcher._observer.join()
+        deadline = time.monotonic() + 5
+        while not watcher._observer.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher._observer.is_alive()
+        (tmp_path / "m.onnx").write_bytes(b"again")
+        calls.wait(1)
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.parametrize(("mounts", "expected"), [
+    ("/dev/vda / ext4 rw 0 0\nserver:/models /mnt/models nfs4 rw 0 0\n", "nfs4"),
+    ("/dev/vda / ext4 rw 0 0\n", "ext4"),
+])
+def test_filesystem_type_from_mounts(tmp_path: Path, mounts: str, expected: str) -> None:
+    """The mount with the longest prefix decides the filesystem type."""
+    mounts_file = tmp_path / "mounts"
+    mounts_file.write_text(mounts)
+    assert filesystem_type(Path("/mnt/models/sub"), mounts_file) == expected
