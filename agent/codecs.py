@@ -39,13 +39,16 @@ ONNX_TO_NUMPY = {
 class TensorSpec:
     """A model input as the decoder needs it: name, element type, and per-item shape.
 
-    ``item_shape`` excludes the batch axis when the model has one; ``None`` entries are
-    dynamic axes that accept any length.
+    ``item_shape`` excludes the leading batch axis when the input has one (``batched``);
+    ``None`` entries are dynamic axes that accept any length. ``max_batch`` is None for a
+    dynamic batch axis, 1 for one fixed at 1.
     """
 
     name: str
     dtype: np.dtype[Any]
     item_shape: tuple[int | None, ...]
+    batched: bool = False
+    max_batch: int | None = None
 
     def describe_shape(self) -> str:
         """The per-item shape as text, dynamic axes shown as '?'."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from agent.codecs import TensorSpec
 from agent.config import PipelineConfig
+from agent.errors import PipelineFitError
+from agent.runplan import ModelView, build_plan
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,11 @@ def pipeline_problems(model: ModelShape, pipelines: Mapping[str, PipelineConfig]
 def _check_one(model: ModelShape, name: str, pipeline: PipelineConfig) -> list[str]:
     problems = []
     input_names = [spec.name for spec in model.inputs]
-    fixed = set(pipeline.constants or ())
-    for constant in sorted(fixed - set(input_names)):
-        problems.append(f"pipeline {name!r} sets constant {constant!r} but the model has no "
-                        f"such input (it takes {', '.join(input_names)})")
-    fed_by_payload = [spec for spec in model.inputs if spec.name not in fixed]
+    try:
+        plan = build_plan(ModelView(tuple(model.inputs), tuple(model.outputs)), pipeline, name)
+    except PipelineFitError as exc:
+        return [str(exc)]
+    fed_by_payload = list(plan.payload)
     tensor = pipeline.input.tensor
     if tensor is not None and tensor not in input_names:
         problems.append(f"pipeline {name!r} feeds input {tensor!r} but the model has no such "
@@ -55,15 +57,11 @@ def _check_one(model: ModelShape, name: str, pipeline: PipelineConfig) -> list[s
             and any(d is None for d in target.item_shape):
         problems.append(f"pipeline {name!r} sends raw bytes but input {target.name!r} has "
                         f"dynamic axes {target.describe_shape()}: set input.shape")
-    for output in pipeline.output.outputs or ():
-        if output not in model.outputs:
-            problems.append(f"pipeline {name!r} publishes output {output!r} but the model has "
-                            f"no such output (it has {', '.join(model.outputs)})")
     # Batching is on by default; only a batching section the operator wrote is held against a
     # model without a dynamic batch axis (such a model then simply runs one reading at a time).
     explicit_batching = "batching" in pipeline.model_fields_set
-    dynamic_batch = model.batch_axis and model.max_batch is None
-    if explicit_batching and pipeline.batching.max_batch > 1 and not dynamic_batch:
+    if explicit_batching and pipeline.batching.max_batch > 1 and plan.limit == 1 \
+            and not plan.state:
         problems.append(f"pipeline {name!r} batches up to {pipeline.batching.max_batch} "
                         "readings but the model has no dynamic batch axis (first axis of "
                         f"{', '.join(input_names)}): export it with a dynamic first axis, or "
@@ -81,7 +79,7 @@ def _shape_problems(model: ModelShape, name: str, pipeline: PipelineConfig,
                     target: TensorSpec) -> list[str]:
     shape = pipeline.input.shape
     assert shape is not None
-    batch = 1 if model.batch_axis else 0
+    batch = 1 if target.batched else 0
     expected_rank = len(target.item_shape) + batch
     sent_rank = len(shape) + batch
     if sent_rank != expected_rank:

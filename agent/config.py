@@ -212,10 +212,12 @@ class PipelineInput(Section):
 class Postprocess(Section):
     """Post-processing applied to the first published output."""
 
+    output: StrictStr | None = Field(None, description="output to use; default the first")
     softmax: StrictBool = False
     argmax: StrictBool = False
     top_k: Annotated[StrictInt, Field(ge=1)] | None = None
-    labels: StrictStr | None = Field(None, description="text file, one label per line")
+    labels: StrictStr | None = Field(
+        None, description="text file, one label per line; relative to models_dir")
     threshold: StrictFloat | None = None
 
 

@@ -10,6 +10,7 @@ from types import FrameType
 
 import onnxruntime
 import structlog
+from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.config import AgentConfig
@@ -73,8 +74,9 @@ class Daemon:
         self.registry.load_all()
         for name, pipeline_config in self.config.pipelines.items():
             try:
-                pipeline = Pipeline(name, pipeline_config, self.registry, self._publish,
-                                    self.errors)
+                pipeline = Pipeline(name, pipeline_config, self.registry,
+                                    publish=self._publish_result, errors=self.errors,
+                                    models_dir=Path(self.config.models_dir))
             except EdgeAgentError as exc:
                 log.error("pipeline_not_started", pipeline=name, error=str(exc))
                 self.errors.report(name, pipeline_config.input.topic, str(exc))
@@ -102,6 +104,10 @@ class Daemon:
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         self.connection.publish(topic, payload, qos=qos, retain=retain)
+
+    def _publish_result(self, topic: str, payload: bytes, qos: int,
+                        properties: Properties | None) -> None:
+        self.connection.publish(topic, payload, qos=qos, properties=properties)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():

@@ -37,3 +37,7 @@ class ModelLoadError(EdgeAgentError):
 
 class PayloadError(EdgeAgentError):
     """A reading could not be decoded or does not fit the model input it is meant for."""
+
+
+class PipelineFitError(EdgeAgentError):
+    """A model does not fit a pipeline that uses it (inputs, outputs, constants, state)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -23,10 +23,11 @@ import structlog
 
 from agent.codecs import ONNX_TO_NUMPY, TensorSpec, encode_json
 from agent.compat import ModelShape, pipeline_problems
-from agent.config import AgentConfig
-from agent.errors import ModelLoadError
+from agent.config import AgentConfig, PipelineConfig
+from agent.errors import ModelLoadError, PipelineFitError
 from agent.hardware import Hardware
 from agent.providers import PlanInputs, ProviderPlan, plan_providers
+from agent.runplan import ModelView, build_plan, warmup_feeds, zeros
 
 log = structlog.get_logger(__name__)
 
@@ -232,7 +233,7 @@ class ModelRegistry:
                             max_batch=max_batch, providers=loaded, requested=tuple(requested),
                             degraded=bool(missing),
                             loaded_at=time.time())
-        _warm_up(model)
+        _warm_up(model, users)
         return model
 
     def plan(self, name: str, version: str) -> ProviderPlan:
@@ -277,35 +278,50 @@ def _read_model_file(path: Path) -> bytes:
 
 def _describe_inputs(session: ort.InferenceSession
                      ) -> tuple[tuple[TensorSpec, ...], bool, int | None]:
-    """Per-item input specs, whether axis 0 is a batch axis, and its fixed size if any."""
-    raw = session.get_inputs()
-    shapes = [tuple(d if isinstance(d, int) and d > 0 else None for d in i.shape) for i in raw]
-    dynamic_first = bool(shapes) and all(len(s) >= 1 and s[0] is None for s in shapes)
-    fixed_one = bool(shapes) and all(len(s) >= 2 and s[0] == 1 for s in shapes)
-    batch_axis = dynamic_first or fixed_one
+    """Per-reading input specs; whether every input has a leading batch axis, and its limit.
+
+    An input has a batch axis when its first axis is dynamic, or fixed at 1 with more axes
+    after it (models exported for batch size 1).
+    """
     specs = []
-    for item, shape in zip(raw, shapes, strict=True):
+    for item in session.get_inputs():
         if item.type not in ONNX_TO_NUMPY:
             raise ModelLoadError(f"input {item.name!r} has unsupported type {item.type}")
+        shape = tuple(d if isinstance(d, int) and d > 0 else None for d in item.shape)
+        dynamic_first = len(shape) >= 1 and shape[0] is None
+        fixed_one = len(shape) >= 2 and shape[0] == 1
+        batched = dynamic_first or fixed_one
         specs.append(TensorSpec(name=item.name, dtype=np.dtype(ONNX_TO_NUMPY[item.type]),
-                                item_shape=shape[1:] if batch_axis else shape))
-    return tuple(specs), batch_axis, (None if dynamic_first else 1) if batch_axis else None
+                                item_shape=shape[1:] if batched else shape, batched=batched,
+                                max_batch=None if dynamic_first else 1 if fixed_one else None))
+    batch_axis = bool(specs) and all(spec.batched for spec in specs)
+    limits = [spec.max_batch for spec in specs if spec.max_batch is not None]
+    return tuple(specs), batch_axis, (min(limits) if limits else None) if batch_axis else None
 
 
-def zeros_for(spec: TensorSpec, batch: int | None) -> np.ndarray[Any, Any]:
-    """A zero tensor for ``spec`` (dynamic axes of length 1), with a batch axis when given."""
-    shape = tuple(1 if d is None else d for d in spec.item_shape)
-    return np.zeros(((batch,) if batch is not None else ()) + shape, dtype=spec.dtype)
+def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig]) -> None:
+    """Run once before serving: the first run allocates and optimizes and is much slower.
 
-
-def _warm_up(model: LoadedModel) -> None:
-    """Run once with zeros: the first run allocates and optimizes and is much slower."""
-    batch = 1 if model.batch_axis else None
-    feeds = {spec.name: zeros_for(spec, batch) for spec in model.inputs}
+    Uses each pipeline's constants, state and ``input.shape``, so the warm-up looks like real
+    readings; a model no pipeline uses gets zeros with dynamic axes of length 1.
+    """
+    runs: list[dict[str, Any]] = []
     try:
-        model.session.run(None, feeds)
-    except Exception as exc:
-        raise ModelLoadError(f"warm-up inference failed: {exc}") from exc
+        for name, pipeline in pipelines.items():
+            plan = build_plan(ModelView(model.inputs, model.outputs), pipeline, name)
+            runs.append(warmup_feeds(plan, model.inputs, pipeline))
+    except PipelineFitError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    if not runs:
+        runs.append({spec.name: zeros(spec, leading=spec.batched) for spec in model.inputs})
+    for feeds in runs:
+        try:
+            model.session.run(None, feeds)
+        except Exception as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise ModelLoadError(
+                f"warm-up inference failed: {first_line} (set the pipeline's input.shape and "
+                "constants so the warm-up uses realistic inputs)") from exc
 
 
 def _explain_load_error(exc: Exception) -> str:
@@ -313,14 +329,3 @@ def _explain_load_error(exc: Exception) -> str:
     if "INVALID_PROTOBUF" in text or "Protobuf parsing failed" in text:
         return "not an ONNX model (the file does not parse as an ONNX protobuf)"
     return f"onnxruntime could not load the model: {text.splitlines()[0] if text else exc!r}"
-
-
-def output_names(model: LoadedModel, wanted: Sequence[str] | None) -> list[str]:
-    """The outputs to publish: ``wanted`` (checked) or all of them."""
-    if wanted is None:
-        return list(model.outputs)
-    unknown = [name for name in wanted if name not in model.outputs]
-    if unknown:
-        raise ModelLoadError(f"model {model.name!r} has no outputs {unknown} "
-                             f"(it has {list(model.outputs)})")
-    return list(wanted)

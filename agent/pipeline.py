@@ -10,27 +10,37 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from agent import postprocess
 from agent.batching import DropOldestQueue
 from agent.codecs import Tensor, TensorSpec, decode_payload, encode_json
 from agent.config import PipelineConfig
-from agent.errors import EdgeAgentError, ModelLoadError, PayloadError
-from agent.models import LoadedModel, ModelRegistry, output_names
+from agent.errors import PayloadError, PipelineFitError
+from agent.models import LoadedModel, ModelRegistry
 from agent.mqtt import Subscription
 from agent.reporting import ErrorReporter
+from agent.runplan import ModelView, RunPlan, build_plan, feeds_for, split_output
 
 log = structlog.get_logger(__name__)
 
 _PLACEHOLDER = re.compile(r"\{(\d+|pipeline|model)\}")
+MAX_STREAMS = 10_000  # stateful streams kept; the least recently seen is forgotten first
+DROP_REPORT_INTERVAL_S = 1.0
 
-Publisher = Callable[[str, bytes, int], None]
+
+# topic, payload, qos, MQTT 5 properties (or None); thread-safe (paho's publish is).
+PublishFn = Callable[[str, bytes, int, Properties | None], None]
 
 
 def wildcard_matches(topic_filter: str, topic: str) -> list[str]:
@@ -44,6 +54,17 @@ def wildcard_matches(topic_filter: str, topic: str) -> list[str]:
         if level == "+" and index < len(levels):
             matches.append(levels[index])
     return matches
+
+
+def topic_fits(topic_filter: str, topic: str) -> bool:
+    """Whether ``topic`` matches ``topic_filter`` level by level."""
+    wanted, levels = topic_filter.split("/"), topic.split("/")
+    for index, level in enumerate(wanted):
+        if level == "#":
+            return True
+        if index >= len(levels) or (level != "+" and level != levels[index]):
+            return False
+    return len(levels) == len(wanted)
 
 
 def render_topic(template: str, matches: list[str], *, pipeline: str, model: str) -> str:
@@ -68,6 +89,8 @@ class Reading:
     tensors: dict[str, Tensor]
     reading_id: Any
     received: float  # time.monotonic() on arrival
+    response_topic: str | None = None   # MQTT 5 request/response
+    correlation: bytes | None = None
 
 
 @dataclass
@@ -87,31 +110,38 @@ class PipelineCounters:
         return self.rejected + self.failed
 
 
+@dataclass
+class _Stream:
+    version: str
+    state: dict[str, Tensor]
+    last_seen: float
+
+
 class Pipeline:
     """Subscribes to one input filter and publishes one result per reading."""
 
-    def __init__(self, name: str, config: PipelineConfig, registry: ModelRegistry,
-                 publish: Publisher, errors: ErrorReporter) -> None:
-        if config.state is not None:
-            raise EdgeAgentError(
-                f"pipeline {name!r}: 'state' (stateful streams) is not supported by this "
-                "version of edge-agent; remove it or upgrade")
-        if config.output.postprocess is not None:
-            raise EdgeAgentError(
-                f"pipeline {name!r}: 'output.postprocess' is not supported by this version of "
-                "edge-agent; remove it or upgrade")
+    def __init__(self, name: str, config: PipelineConfig, registry: ModelRegistry, *,
+                 publish: PublishFn, errors: ErrorReporter, models_dir: Path) -> None:
         self.name = name
         self.config = config
         self.counters = PipelineCounters()
         self._registry = registry
         self._publish = publish
         self._errors = errors
+        self._labels: list[str] | None = None
+        post = config.output.postprocess
+        if post is not None and post.labels is not None:
+            self._labels = postprocess.load_labels(models_dir / post.labels)
         self._queue: DropOldestQueue[Reading] = DropOldestQueue(
             config.queue.max, arrival=lambda reading: reading.received)
         self._worker = threading.Thread(target=self._serve, name=f"pipeline-{name}", daemon=True)
         self._log = log.bind(pipeline=name, model=config.model)
-        # Per-model derived data, rebuilt when the serving model changes. Worker-owned.
-        self._constants_for: tuple[LoadedModel, dict[str, Tensor]] | None = None
+        # The plan for the serving model, rebuilt when the model changes. Read and written by
+        # paho's thread and the worker; both compute the same value, so a race is harmless.
+        self._plan: tuple[LoadedModel, RunPlan] | None = None
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()  # worker-owned
+        self._drops_unreported = 0          # paho-thread-owned
+        self._drops_reported_at = 0.0
 
     @property
     def queue_depth(self) -> int:
@@ -134,6 +164,15 @@ class Pipeline:
         if self._worker.is_alive():
             self._log.warning("pipeline_stop_timeout", abandoned=len(self._queue))
 
+    def plan_for(self, model: LoadedModel) -> RunPlan:
+        """The run plan of this pipeline on ``model`` (cached per model)."""
+        cached = self._plan
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        plan = build_plan(ModelView(model.inputs, model.outputs), self.config, self.name)
+        self._plan = (model, plan)
+        return plan
+
     # -- paho's network thread ---------------------------------------------------------------
 
     def on_message(self, message: paho.MQTTMessage) -> None:
@@ -144,22 +183,34 @@ class Pipeline:
         if model is None:
             self._reject(message.topic, self._not_serving_reason())
             return
+        if not topic_fits(self.config.input.topic, message.topic):
+            self._reject(message.topic, f"topic {message.topic!r} does not match the "
+                                        f"pipeline's filter {self.config.input.topic!r}")
+            return
         try:
-            tensors, reading_id = decode_payload(message.payload, self.config.input,
-                                                 self._payload_specs(model))
-        except PayloadError as exc:
+            specs: list[TensorSpec] = list(self.plan_for(model).payload)
+            tensors, reading_id = decode_payload(message.payload, self.config.input, specs)
+        except (PayloadError, PipelineFitError) as exc:
             self._reject(message.topic, str(exc))
             return
-        dropped = self._queue.put(Reading(message.topic, tensors, reading_id, received))
+        response_topic, correlation = _response_properties(message)
+        dropped = self._queue.put(Reading(message.topic, tensors, reading_id, received,
+                                          response_topic, correlation))
         if dropped is not None:
-            self.counters.dropped += 1
-            self._errors.report(self.name, dropped.topic,
-                                f"queue full ({self.config.queue.max}): dropped the oldest "
-                                "reading")
+            self._count_drop(dropped.topic)
 
-    def _payload_specs(self, model: LoadedModel) -> list[TensorSpec]:
-        fixed = set(self.config.constants or ())
-        return [spec for spec in model.inputs if spec.name not in fixed]
+    def _count_drop(self, topic: str) -> None:
+        """Count a drop; report drops at most once a second so overload is not made worse."""
+        self.counters.dropped += 1
+        self._drops_unreported += 1
+        now = time.monotonic()
+        if now - self._drops_reported_at >= DROP_REPORT_INTERVAL_S:
+            count, self._drops_unreported = self._drops_unreported, 0
+            self._drops_reported_at = now
+            self._errors.report(self.name, topic,
+                                f"queue full ({self.config.queue.max} readings): dropped "
+                                f"the {count} oldest since the last report "
+                                f"({self.counters.dropped} in all)")
 
     def _reject(self, topic: str, reason: str) -> None:
         self.counters.rejected += 1
@@ -173,11 +224,11 @@ class Pipeline:
     # -- the worker thread -------------------------------------------------------------------
 
     def _serve(self) -> None:
-        batching = self.config.batching
+        delay_s = self.config.batching.max_delay_ms / 1000
         while True:
             model = self._registry.get(self.config.model)
-            limit = self._batch_limit(model)
-            batch = self._queue.take_batch(limit, batching.max_delay_ms / 1000)
+            limit = self._limit(model)
+            batch = self._queue.take_batch(limit, delay_s)
             if not batch:
                 return  # closed and drained
             try:
@@ -187,12 +238,13 @@ class Pipeline:
                 for reading in batch:
                     self._fail(reading, "internal error while processing the reading")
 
-    def _batch_limit(self, model: LoadedModel | None) -> int:
-        if model is None or not model.batch_axis:
+    def _limit(self, model: LoadedModel | None) -> int:
+        if model is None:
             return 1
-        if model.max_batch is None:
-            return self.config.batching.max_batch
-        return min(self.config.batching.max_batch, model.max_batch)
+        try:
+            return self.plan_for(model).limit
+        except PipelineFitError:
+            return 1
 
     def _process(self, batch: list[Reading]) -> None:
         model = self._registry.get(self.config.model)
@@ -201,82 +253,129 @@ class Pipeline:
             for reading in batch:
                 self._fail(reading, reason)
             return
-        if not model.batch_axis and len(batch) > 1:
-            for reading in batch:
-                self._run(model, [reading])
-            return
-        for group in _group_by_shape(batch):
-            self._run(model, group)
-
-    def _run(self, model: LoadedModel, group: list[Reading]) -> None:
         try:
-            names = output_names(model, self.config.output.outputs)
-            feeds = self._feeds(model, group)
-            outputs = model.session.run(names, feeds)
-        except (ModelLoadError, PayloadError) as exc:
-            for reading in group:
+            plan = self.plan_for(model)
+        except PipelineFitError as exc:
+            for reading in batch:
                 self._fail(reading, str(exc))
             return
+        if plan.state:
+            for reading in batch:
+                self._run_stateful(model, plan, reading)
+        elif plan.limit == 1:
+            for reading in batch:
+                self._run(model, plan, [reading])
+        else:
+            for group in _group_by_shape(batch):
+                self._run(model, plan, group)
+
+    def _run(self, model: LoadedModel, plan: RunPlan, group: list[Reading]) -> None:
+        outputs = self._session_run(model, plan, feeds_for(plan, [r.tensors for r in group]),
+                                    group)
+        if outputs is None:
+            return
+        size = len(group)
+        for index, reading in enumerate(group):
+            values = {name: split_output(outputs[name], index, size, plan.stacked)
+                      for name in plan.published}
+            self._publish_result(model, plan, reading, values)
+
+    def _run_stateful(self, model: LoadedModel, plan: RunPlan, reading: Reading) -> None:
+        """One reading of a stream: feed the stream's last state outputs back as inputs."""
+        assert self.config.state is not None
+        matches = wildcard_matches(self.config.input.topic, reading.topic)
+        key = render_topic(self.config.state.key, matches, pipeline=self.name,
+                           model=model.name)
+        stream = self._stream(key, model, plan, reading.received)
+        feeds = feeds_for(plan, [reading.tensors])
+        feeds.update(stream.state)
+        outputs = self._session_run(model, plan, feeds, [reading])
+        if outputs is None:
+            return
+        by_name = {spec.name: spec for spec in model.inputs}
+        stream.state = {name: np.asarray(outputs[source], dtype=by_name[name].dtype)
+                        for name, source in plan.state.items()}
+        values = {name: split_output(outputs[name], 0, 1, plan.stacked)
+                  for name in plan.published}
+        self._publish_result(model, plan, reading, values)
+
+    def _stream(self, key: str, model: LoadedModel, plan: RunPlan, now: float) -> _Stream:
+        assert self.config.state is not None
+        stream = self._streams.get(key)
+        stale = stream is not None and (
+            now - stream.last_seen > self.config.state.reset_after_s
+            or stream.version != model.version)
+        if stream is None or stale:
+            stream = _Stream(model.version, plan.zero_state(model.inputs), now)
+            self._streams[key] = stream
+            while len(self._streams) > MAX_STREAMS:
+                self._streams.popitem(last=False)
+        stream.last_seen = now
+        self._streams.move_to_end(key)
+        return stream
+
+    def _session_run(self, model: LoadedModel, plan: RunPlan, feeds: dict[str, Any],
+                     group: list[Reading]) -> dict[str, Any] | None:
+        try:
+            values = model.session.run(list(plan.fetch), feeds)
         except Exception as exc:  # onnxruntime's own error types
             first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
             for reading in group:
                 self._fail(reading, f"inference failed: {first_line}")
-            return
-        size = len(group)
-        for index, reading in enumerate(group):
-            values = {name: _item(value, index, size, model.batch_axis)
-                      for name, value in zip(names, outputs, strict=True)}
-            self._publish_result(model, reading, values)
+            return None
+        return dict(zip(plan.fetch, values, strict=True))
 
-    def _feeds(self, model: LoadedModel, group: list[Reading]) -> dict[str, Any]:
-        feeds: dict[str, Any] = {}
-        for spec in self._payload_specs(model):
-            if model.batch_axis:
-                feeds[spec.name] = np.stack([r.tensors[spec.name] for r in group])
-            else:
-                feeds[spec.name] = group[0].tensors[spec.name]
-        feeds.update(self._constants(model, len(group)))
-        return feeds
-
-    def _constants(self, model: LoadedModel, size: int) -> dict[str, Tensor]:
-        if not self.config.constants:
-            return {}
-        if self._constants_for is None or self._constants_for[0] is not model:
-            self._constants_for = (model, _prepare_constants(model, self.config.constants))
-        constants = {}
-        for name, value in self._constants_for[1].items():
-            spec = model.input(name)
-            assert spec is not None
-            per_item = model.batch_axis and value.ndim == len(spec.item_shape)
-            constants[name] = np.repeat(value[None], size, axis=0) if per_item else value
-        return constants
-
-    def _publish_result(self, model: LoadedModel, reading: Reading, values: dict[str, Any]
-                        ) -> None:
+    def _publish_result(self, model: LoadedModel, plan: RunPlan, reading: Reading,
+                        values: dict[str, Any]) -> None:
         matches = wildcard_matches(self.config.input.topic, reading.topic)
         topic = render_topic(self.config.output.topic, matches, pipeline=self.name,
                              model=model.name)
-        result = {
+        result: dict[str, Any] = {
             "id": reading.reading_id,
             "pipeline": self.name,
             "model": model.name,
             "version": model.version,
             "ts": time.time(),
-            "latency_ms": round((time.monotonic() - reading.received) * 1000, 3),
+            "latency_ms": 0.0,
             "outputs": values,
         }
+        post = self.config.output.postprocess
         try:
+            if post is not None:
+                source = post.output or plan.published[0]
+                result.update(postprocess.apply(post, values[source], self._labels))
+            result["latency_ms"] = round((time.monotonic() - reading.received) * 1000, 3)
             payload = encode_json(result)
+        except PayloadError as exc:
+            self._fail(reading, str(exc))
+            return
         except ValueError as exc:
             self._fail(reading, f"the result cannot be encoded as JSON ({exc}): the model "
                                 "produced NaN or infinity")
             return
-        self._publish(topic, payload, self.config.output.qos)
+        self._publish(topic, payload, self.config.output.qos, None)
+        if reading.response_topic is not None:
+            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            if reading.correlation is not None:
+                properties.CorrelationData = reading.correlation
+            self._publish(reading.response_topic, payload, self.config.output.qos, properties)
         self.counters.processed += 1
 
     def _fail(self, reading: Reading, reason: str) -> None:
         self.counters.failed += 1
         self._errors.report(self.name, reading.topic, reason)
+
+
+def _response_properties(message: paho.MQTTMessage) -> tuple[str | None, bytes | None]:
+    """MQTT 5 response topic and correlation data of a request, if it carries them."""
+    properties = getattr(message, "properties", None)
+    if properties is None:
+        return None, None
+    topic = getattr(properties, "ResponseTopic", None)
+    correlation = getattr(properties, "CorrelationData", None)
+    if not topic or "+" in topic or "#" in topic:
+        return None, None
+    return str(topic), bytes(correlation) if correlation is not None else None
 
 
 def _group_by_shape(batch: list[Reading]) -> list[list[Reading]]:
@@ -286,29 +385,3 @@ def _group_by_shape(batch: list[Reading]) -> list[list[Reading]]:
         key = tuple(t.shape for t in reading.tensors.values())
         groups.setdefault(key, []).append(reading)
     return list(groups.values())
-
-
-def _item(value: Any, index: int, size: int, batch_axis: bool) -> Any:
-    """The part of one output that belongs to reading ``index`` of a batch of ``size``."""
-    if not batch_axis:
-        return value
-    if isinstance(value, np.ndarray) and value.ndim >= 1 and value.shape[0] == size:
-        return value[index]
-    if isinstance(value, list) and len(value) == size:
-        return value[index]
-    return value
-
-
-def _prepare_constants(model: LoadedModel, constants: Any) -> dict[str, Tensor]:
-    prepared = {}
-    for name, value in constants.items():
-        spec = model.input(name)
-        if spec is None:
-            raise PayloadError(f"constants: the model has no input {name!r} "
-                               f"(it takes: {', '.join(s.name for s in model.inputs)})")
-        try:
-            prepared[name] = np.asarray(value, dtype=spec.dtype)
-        except (ValueError, TypeError) as exc:
-            raise PayloadError(f"constants.{name}: cannot convert to {spec.dtype.name}: {exc}"
-                               ) from exc
-    return prepared

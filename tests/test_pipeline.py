@@ -241,15 +241,3 @@ def test_fixed_batch_model_runs_one_at_a_time(
     rec.wait_for(lambda ms: len(ms) >= 50)
     client.loop_stop()
     assert not rec.on(ERRORS)
-
-
-def test_unsupported_pipeline_feature_is_refused_loudly(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
-    """A pipeline using a feature this version lacks is not started, and the log says why."""
-    build_linear(tmp_path / "models" / "lin.onnx")
-    pipeline = linear_pipeline()
-    pipeline["state"] = {"inputs": {"h": "h_out"}}
-    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": pipeline})
-    agent = agent_factory(config)
-    event = agent.wait_for_event("pipeline_not_started")
-    assert "'state' (stateful streams) is not supported" in event["error"]
