@@ -89,6 +89,8 @@ class Reading:
     tensors: dict[str, Tensor]
     reading_id: Any
     received: float  # time.monotonic() on arrival
+    output_topic: str
+    stream_key: str | None = None        # stateful pipelines: the stream this reading is in
     response_topic: str | None = None   # MQTT 5 request/response
     correlation: bytes | None = None
 
@@ -183,11 +185,8 @@ class Pipeline:
         if model is None:
             self._reject(message.topic, self._not_serving_reason())
             return
-        if not topic_fits(self.config.input.topic, message.topic):
-            self._reject(message.topic, f"topic {message.topic!r} does not match the "
-                                        f"pipeline's filter {self.config.input.topic!r}")
-            return
         try:
+            output_topic, stream_key = self._topics_for(message.topic)
             specs: list[TensorSpec] = list(self.plan_for(model).payload)
             tensors, reading_id = decode_payload(message.payload, self.config.input, specs)
         except (PayloadError, PipelineFitError) as exc:
@@ -195,9 +194,34 @@ class Pipeline:
             return
         response_topic, correlation = _response_properties(message)
         dropped = self._queue.put(Reading(message.topic, tensors, reading_id, received,
-                                          response_topic, correlation))
+                                          output_topic, stream_key, response_topic,
+                                          correlation))
         if dropped is not None:
             self._count_drop(dropped.topic)
+
+    def _topics_for(self, topic: str) -> tuple[str, str | None]:
+        """The result topic and stream key of a reading on ``topic``; every placeholder they
+        use must get a non-empty level from it."""
+        if not topic_fits(self.config.input.topic, topic):
+            raise PayloadError(f"topic {topic!r} does not match the pipeline's filter "
+                               f"{self.config.input.topic!r}")
+        matches = wildcard_matches(self.config.input.topic, topic)
+        templates = [("output.topic", self.config.output.topic)]
+        if self.config.state is not None:
+            templates.append(("state.key", self.config.state.key))
+        for where, template in templates:
+            for number in re.findall(r"\{(\d+)\}", template):
+                index = int(number) - 1
+                if index >= len(matches) or not matches[index]:
+                    raise PayloadError(f"topic {topic!r} has no level for {{{number}}} of "
+                                       f"{where} {template!r}")
+        output = render_topic(self.config.output.topic, matches, pipeline=self.name,
+                              model=self.config.model)
+        key = None
+        if self.config.state is not None:
+            key = render_topic(self.config.state.key, matches, pipeline=self.name,
+                               model=self.config.model)
+        return output, key
 
     def _count_drop(self, topic: str) -> None:
         """Count a drop; report drops at most once a second so overload is not made worse."""
@@ -282,11 +306,8 @@ class Pipeline:
 
     def _run_stateful(self, model: LoadedModel, plan: RunPlan, reading: Reading) -> None:
         """One reading of a stream: feed the stream's last state outputs back as inputs."""
-        assert self.config.state is not None
-        matches = wildcard_matches(self.config.input.topic, reading.topic)
-        key = render_topic(self.config.state.key, matches, pipeline=self.name,
-                           model=model.name)
-        stream = self._stream(key, model, plan, reading.received)
+        assert reading.stream_key is not None
+        stream = self._stream(reading.stream_key, model, plan, reading.received)
         feeds = feeds_for(plan, [reading.tensors])
         feeds.update(stream.state)
         outputs = self._session_run(model, plan, feeds, [reading])
@@ -327,9 +348,6 @@ class Pipeline:
 
     def _publish_result(self, model: LoadedModel, plan: RunPlan, reading: Reading,
                         values: dict[str, Any]) -> None:
-        matches = wildcard_matches(self.config.input.topic, reading.topic)
-        topic = render_topic(self.config.output.topic, matches, pipeline=self.name,
-                             model=model.name)
         result: dict[str, Any] = {
             "id": reading.reading_id,
             "pipeline": self.name,
@@ -353,7 +371,7 @@ class Pipeline:
             self._fail(reading, f"the result cannot be encoded as JSON ({exc}): the model "
                                 "produced NaN or infinity")
             return
-        self._publish(topic, payload, self.config.output.qos, None)
+        self._publish(reading.output_topic, payload, self.config.output.qos, None)
         if reading.response_topic is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             if reading.correlation is not None:

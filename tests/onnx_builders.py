@@ -86,3 +86,47 @@ def build_vibration_scorer(path: Path, samples: int = 64, threshold: float = 1.5
          numpy_helper.from_array(np.array([4.0], dtype=np.float32), "gain")],
     )
     return _save(graph, path)
+
+
+def recurrent_weights(features: int, hidden: int) -> tuple[np.ndarray, np.ndarray]:
+    """The weights ``build_recurrent`` uses (so tests can run the same recurrence directly)."""
+    rng = np.random.default_rng(42)
+    w = (rng.standard_normal((features, hidden)) * 0.5).astype(np.float32)
+    u = (rng.standard_normal((hidden, hidden)) * 0.5).astype(np.float32)
+    return w, u
+
+
+def build_recurrent(path: Path, features: int = 4, hidden: int = 3) -> Path:
+    """A tiny recurrent cell: h_out = tanh(x @ W + h @ U); outputs ``y`` (= h_out) and ``h_out``.
+
+    Inputs ``x`` [N, features] and state ``h`` [N, hidden], both with a dynamic batch axis.
+    """
+    w, u = recurrent_weights(features, hidden)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("MatMul", ["h", "U"], ["hu"]),
+         helper.make_node("Add", ["xw", "hu"], ["pre"]),
+         helper.make_node("Tanh", ["pre"], ["h_out"]),
+         helper.make_node("Identity", ["h_out"], ["y"])],
+        "recurrent",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden]),
+         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", hidden])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(u, "U")],
+    )
+    return _save(graph, path)
+
+
+def build_classifier(path: Path, features: int = 4, classes: int = 3) -> Path:
+    """Logits [N, classes] = x @ W (a stand-in for a classifier head; seeded weights)."""
+    rng = np.random.default_rng(9)
+    weight = rng.standard_normal((features, classes)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["logits"])],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    return _save(graph, path)

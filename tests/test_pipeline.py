@@ -15,7 +15,7 @@ import pytest
 
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
-from tests.onnx_builders import build_linear, build_two_inputs
+from tests.onnx_builders import build_classifier, build_linear, build_two_inputs
 
 pytestmark = pytest.mark.broker
 
@@ -241,3 +241,69 @@ def test_fixed_batch_model_runs_one_at_a_time(
     rec.wait_for(lambda ms: len(ms) >= 50)
     client.loop_stop()
     assert not rec.on(ERRORS)
+
+
+def test_sklearn_classifier_outputs_are_published_as_json(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """A skl2onnx classifier's sequence-of-maps probabilities are published, not rejected,
+    and match onnxruntime's own answer."""
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - heavy import
+    from skl2onnx import to_onnx  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0)
+    onnx_model = to_onnx(LogisticRegression(max_iter=300).fit(x, y), x[:1], target_opset=15)
+    path = tmp_path / "models" / "clf.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onnx_model.SerializeToString())
+    config = base_config(broker, tmp_path, models={"clf": {}}, pipelines={"p": {
+        "model": "clf", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    start_agent(agent_factory, config)
+    rec = recorder("out/#")
+    client = publisher(broker)
+    for i in range(5):
+        client.publish(f"in/{i}", json.dumps(x[i].tolist()), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 5)
+    client.loop_stop()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    labels, probabilities = session.run(None, {"X": x[:5]})
+    for message in rec.messages:
+        index = int(message.topic.split("/")[1])
+        outputs = json.loads(message.payload)["outputs"]
+        assert outputs["output_label"] == int(labels[index])
+        got = {int(k): v for k, v in outputs["output_probability"].items()}
+        assert got == pytest.approx(probabilities[index], rel=1e-4, abs=1e-6)
+
+
+def test_postprocess_softmax_top_k_labels(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """output.postprocess adds label/score and labels/scores from a labels file."""
+    build_classifier(tmp_path / "models" / "clf.onnx", features=4, classes=3)
+    (tmp_path / "models" / "labels.txt").write_text("normal\nimbalance\nbearing wear\n")
+    config = base_config(broker, tmp_path, models={"clf": {}}, pipelines={"p": {
+        "model": "clf", "input": {"topic": "in/+"}, "output": {
+            "topic": "out/{1}", "postprocess": {"softmax": True, "argmax": True, "top_k": 2,
+                                                "labels": "labels.txt"}}}})
+    start_agent(agent_factory, config)
+    rec = recorder("out/#")
+    client = publisher(broker)
+    x = [0.3, -1.2, 2.0, 0.7]
+    client.publish("in/a", json.dumps(x), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 1)
+    client.loop_stop()
+    result = json.loads(rec.messages[0].payload)
+    session = ort.InferenceSession(str(tmp_path / "models" / "clf.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"x": np.array([x], dtype=np.float32)})[0][0]
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    names = ["normal", "imbalance", "bearing wear"]
+    order = np.argsort(-probabilities)
+    assert result["label"] == names[order[0]]
+    assert result["score"] == pytest.approx(probabilities[order[0]])
+    assert result["labels"] == [names[i] for i in order[:2]]
+    assert result["scores"] == pytest.approx(probabilities[order[:2]].tolist())
+    np.testing.assert_allclose(result["outputs"]["logits"], logits, rtol=1e-5)
