@@ -64,6 +64,7 @@ def test_request_response_echoes_correlation_data(
     by_topic = {m.topic: m for m in replies}
     assert set(by_topic) == {"replies/me", "out/a"}
     reply = by_topic["replies/me"]
+    assert reply.properties is not None
     assert reply.properties.CorrelationData == b"req-42"
     assert json.loads(reply.payload)["outputs"] == json.loads(by_topic["out/a"].payload)[
         "outputs"]

@@ -248,8 +248,8 @@ def test_sklearn_classifier_outputs_are_published_as_json(
         recorder: Callable[..., Recorder]) -> None:
     """A skl2onnx classifier's sequence-of-maps probabilities are published, not rejected,
     and match onnxruntime's own answer."""
-    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - heavy import
     from skl2onnx import to_onnx  # noqa: PLC0415
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415 - heavy import
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 4)).astype(np.float32)

@@ -38,8 +38,8 @@ def interleaved_run(broker: MosquittoBroker, rec: Recorder, chunks: dict[str, np
     for message in rec.messages:
         body = json.loads(message.payload)
         results[body["id"].split("-")[0]].append(body)
-    for stream in results:
-        results[stream].sort(key=lambda r: int(r["id"].split("-")[1]))
+    for stream_results in results.values():
+        stream_results.sort(key=lambda r: int(r["id"].split("-")[1]))
     return results
 
 
