@@ -24,6 +24,7 @@ class DropOldestQueue(Generic[Item]):
         self._arrival = arrival  # monotonic arrival time of an item, for the batching deadline
         self._cond = threading.Condition()
         self._closed = False
+        self._waiting = False  # the consumer sleeps in take_batch: only then notify
 
     def __len__(self) -> int:
         return len(self._items)
@@ -33,7 +34,8 @@ class DropOldestQueue(Generic[Item]):
         with self._cond:
             dropped = self._items.popleft() if len(self._items) >= self._capacity else None
             self._items.append(item)
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
             return dropped
 
     def close(self) -> None:
@@ -52,7 +54,7 @@ class DropOldestQueue(Generic[Item]):
         """
         with self._cond:
             while not self._items and not self._closed:
-                self._cond.wait()
+                self._wait(None)
             batch = self._pop(limit)
             if 1 < len(batch) < limit and max_delay_s > 0:
                 deadline = self._arrival(batch[0]) + max_delay_s
@@ -61,9 +63,16 @@ class DropOldestQueue(Generic[Item]):
                     if remaining <= 0:
                         break
                     if not self._items:
-                        self._cond.wait(remaining)
+                        self._wait(remaining)
                     batch.extend(self._pop(limit - len(batch)))
             return batch
+
+    def _wait(self, timeout: float | None) -> None:
+        self._waiting = True
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiting = False
 
     def _pop(self, count: int) -> list[Item]:
         items = self._items

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from agent.config import PipelineInput
 from agent.errors import PayloadError
@@ -110,10 +111,7 @@ def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
 
 def _decode_json(payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
                  ) -> tuple[dict[str, Any], Any]:
-    try:
-        document = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+    document = _loads(payload)
     reading_id = None
     if isinstance(document, dict):
         reading_id = document.get(config.id_field)
@@ -186,14 +184,41 @@ def _reshape(array: Tensor, shape: tuple[int, ...], where: str) -> Tensor:
     return array.reshape(shape)
 
 
+def _loads(payload: bytes | bytearray) -> Any:
+    """Parse JSON with orjson (about 5x faster than json on sensor payloads); when it refuses,
+    ask the json module, which explains errors better and reads the NaN/Infinity that
+    Python senders emit, so that the NaN check can name the real problem."""
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+
+
+_ORJSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+
+
 def encode_json(document: Mapping[str, Any]) -> bytes:
-    """Encode a result or status document; numpy values become plain JSON numbers."""
-    return json.dumps(document, separators=(",", ":"), default=_json_default,
-                      allow_nan=False).encode()
+    """Encode a result or status document; numpy arrays and scalars become JSON numbers.
+
+    orjson writes NaN and infinity as null; callers that must not publish those check
+    first (``all_finite``).
+    """
+    return orjson.dumps(document, default=_json_default, option=_ORJSON_OPTIONS)
+
+
+def all_finite(value: Any) -> bool:
+    """False when a float tensor holds NaN or infinity."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return bool(np.isfinite(value).all())
+    return True
 
 
 def _json_default(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray):  # dtypes orjson does not take (float16, object...)
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()

@@ -34,6 +34,9 @@ RECONNECT_MIN_S = 1.0
 # stop request is honoured within the 5 s systemd and the tests expect.
 CONNECT_TIMEOUT_S = 3.0
 
+MAX_INFLIGHT = 1000
+ROUTE_CACHE_SIZE = 4096
+
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
 
@@ -74,6 +77,10 @@ class MqttConnection:
         self._client.enable_logger(_paho_logger())
         self._client.reconnect_delay_set(int(RECONNECT_MIN_S), int(config.reconnect_max_s))
         self._client.connect_timeout = CONNECT_TIMEOUT_S
+        # paho's default of 20 unacknowledged QoS 1 results makes the rest wait in its
+        # queue; a wider window keeps results flowing under load (MQTT 5 brokers may still
+        # lower it with Receive Maximum).
+        self._client.max_inflight_messages_set(MAX_INFLIGHT)
         self._client.will_set(status_topic, STATUS_OFFLINE, qos=1, retain=True)
         if config.username is not None:
             self._client.username_pw_set(config.username, _read_password(config.password_file))
@@ -88,9 +95,12 @@ class MqttConnection:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_socket_open = self._on_socket_open
-        self._client.on_message = self._on_unrouted_message
+        self._client.on_message = self._on_message
         # Written by the caller's thread, read by paho's thread in on_connect.
         self._subscriptions: dict[str, Subscription] = {}
+        # topic -> handlers, filled on paho's thread: sensors publish on a few topics, and a
+        # dict lookup beats matching every filter for every message.
+        self._routes: dict[str, tuple[MessageHandler, ...]] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self._started = False
@@ -106,8 +116,7 @@ class MqttConnection:
         """Route messages matching the filter to its handler; kept across reconnects."""
         with self._lock:
             self._subscriptions[subscription.subscribe_filter] = subscription
-        self._client.message_callback_add(subscription.topic_filter,
-                                          self._guarded(subscription))
+            self._routes = {}
         if self.connected.is_set():
             self._send_subscribe([subscription])
 
@@ -120,6 +129,7 @@ class MqttConnection:
         with self._lock:
             filters = list(self._subscriptions)
             self._subscriptions.clear()
+            self._routes = {}
         if filters and self.connected.is_set():
             self._client.unsubscribe(filters)
 
@@ -200,24 +210,28 @@ class MqttConnection:
             self._log.warning("mqtt_connect_failed", reason="broker unreachable",
                               retry_max_s=self._config.reconnect_max_s)
 
-    def _on_unrouted_message(self, client: paho.Client, userdata: Any,
-                             message: paho.MQTTMessage) -> None:
-        # Only paho's own bookkeeping could make this fail; nothing here may raise.
-        with contextlib.suppress(Exception):
-            self._log.debug("mqtt_unrouted_message", topic=message.topic)
-
-    def _guarded(self, subscription: Subscription) -> Callable[[paho.Client, Any,
-                                                                paho.MQTTMessage], None]:
-        handler = subscription.handler
-
-        def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, userdata: Any,
+                    message: paho.MQTTMessage) -> None:
+        topic = message.topic
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            handlers = self._route(topic)
+        for handler in handlers:
             try:
                 handler(message)
             except Exception:
-                self._log.exception("message_handler_failed", topic=message.topic,
-                                    subscription=subscription.topic_filter)
+                self._log.exception("message_handler_failed", topic=topic)
 
-        return on_message
+    def _route(self, topic: str) -> tuple[MessageHandler, ...]:
+        with self._lock:
+            handlers = tuple(s.handler for s in self._subscriptions.values()
+                             if paho.topic_matches_sub(s.topic_filter, topic))
+            if len(self._routes) >= ROUTE_CACHE_SIZE:
+                self._routes = {}
+            self._routes[topic] = handlers
+        if not handlers:
+            self._log.debug("mqtt_unrouted_message", topic=topic)
+        return handlers
 
     def _send_subscribe(self, subscriptions: list[Subscription]) -> None:
         if self.protocol_is_v5:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.packettypes import PacketTypes
@@ -24,7 +25,7 @@ from paho.mqtt.properties import Properties
 
 from agent import postprocess
 from agent.batching import DropOldestQueue
-from agent.codecs import Tensor, TensorSpec, decode_payload, encode_json
+from agent.codecs import Tensor, TensorSpec, all_finite, decode_payload, encode_json
 from agent.config import PipelineConfig
 from agent.errors import PayloadError, PipelineFitError
 from agent.models import LoadedModel, ModelRegistry
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 _PLACEHOLDER = re.compile(r"\{(\d+|pipeline|model)\}")
 MAX_STREAMS = 10_000  # stateful streams kept; the least recently seen is forgotten first
 DROP_REPORT_INTERVAL_S = 1.0
+TOPIC_CACHE_SIZE = 4096
 
 
 # topic, payload, qos, MQTT 5 properties (or None); thread-safe (paho's publish is).
@@ -81,7 +83,7 @@ def render_topic(template: str, matches: list[str], *, pipeline: str, model: str
     return _PLACEHOLDER.sub(fill, template)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reading:
     """A decoded reading waiting for inference."""
 
@@ -142,6 +144,7 @@ class Pipeline:
         # paho's thread and the worker; both compute the same value, so a race is harmless.
         self._plan: tuple[LoadedModel, RunPlan] | None = None
         self._streams: OrderedDict[str, _Stream] = OrderedDict()  # worker-owned
+        self._topic_cache: dict[str, tuple[str, str | None]] = {}  # paho-thread-owned
         self._drops_unreported = 0          # paho-thread-owned
         self._drops_reported_at = 0.0
 
@@ -200,8 +203,19 @@ class Pipeline:
             self._count_drop(dropped.topic)
 
     def _topics_for(self, topic: str) -> tuple[str, str | None]:
-        """The result topic and stream key of a reading on ``topic``; every placeholder they
-        use must get a non-empty level from it."""
+        """The result topic and stream key of a reading on ``topic`` (cached: sensors publish
+        on a small set of topics)."""
+        cached = self._topic_cache.get(topic)
+        if cached is None:
+            cached = self._render_topics(topic)
+            if len(self._topic_cache) >= TOPIC_CACHE_SIZE:
+                self._topic_cache.clear()
+            self._topic_cache[topic] = cached
+        return cached
+
+    def _render_topics(self, topic: str) -> tuple[str, str | None]:
+        """Every placeholder the result topic and stream key use must get a non-empty level
+        from ``topic``."""
         if not topic_fits(self.config.input.topic, topic):
             raise PayloadError(f"topic {topic!r} does not match the pipeline's filter "
                                f"{self.config.input.topic!r}")
@@ -298,6 +312,12 @@ class Pipeline:
                                     group)
         if outputs is None:
             return
+        for name in plan.published:
+            if not all_finite(outputs[name]):
+                for reading in group:
+                    self._fail(reading, f"the model produced NaN or infinity in output "
+                                        f"{name!r}; no result published")
+                return
         size = len(group)
         for index, reading in enumerate(group):
             values = {name: split_output(outputs[name], index, size, plan.stacked)
@@ -312,6 +332,11 @@ class Pipeline:
         feeds.update(stream.state)
         outputs = self._session_run(model, plan, feeds, [reading])
         if outputs is None:
+            return
+        bad = [name for name in plan.published if not all_finite(outputs[name])]
+        if bad:
+            self._fail(reading, f"the model produced NaN or infinity in output {bad[0]!r}; "
+                                "no result published")
             return
         by_name = {spec.name: spec for spec in model.inputs}
         stream.state = {name: np.asarray(outputs[source], dtype=by_name[name].dtype)
@@ -364,12 +389,8 @@ class Pipeline:
                 result.update(postprocess.apply(post, values[source], self._labels))
             result["latency_ms"] = round((time.monotonic() - reading.received) * 1000, 3)
             payload = encode_json(result)
-        except PayloadError as exc:
-            self._fail(reading, str(exc))
-            return
-        except ValueError as exc:
-            self._fail(reading, f"the result cannot be encoded as JSON ({exc}): the model "
-                                "produced NaN or infinity")
+        except (PayloadError, TypeError, orjson.JSONEncodeError) as exc:
+            self._fail(reading, f"the result cannot be published: {exc}")
             return
         self._publish(reading.output_topic, payload, self.config.output.qos, None)
         if reading.response_topic is not None:

@@ -43,7 +43,8 @@ class MosquittoBroker:
     """A mosquitto process on a free port with its own config file; can be restarted."""
 
     def __init__(self, workdir: Path, *, persistence: bool = False,
-                 password_file: Path | None = None, tls: TlsFiles | None = None) -> None:
+                 password_file: Path | None = None, tls: TlsFiles | None = None,
+                 extra_lines: tuple[str, ...] = ()) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -75,6 +76,7 @@ class MosquittoBroker:
         ]
         if persistence:
             lines += ["persistence true", f"persistence_location {workdir}/"]
+        lines += list(extra_lines)
         self.config_file.write_text("\n".join(lines) + "\n")
         self._process: subprocess.Popen[bytes] | None = None
 

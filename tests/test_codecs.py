@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from agent.codecs import TensorSpec, decode_payload, encode_json
+from agent.codecs import TensorSpec, all_finite, decode_payload, encode_json
 from agent.config import PipelineInput
 from agent.errors import PayloadError
 
@@ -117,9 +117,17 @@ def test_multi_input_needs_names() -> None:
         decode_payload(b'{"inputs": {"a": [1, 2]}}', cfg(), [a, X])
 
 
-def test_encode_json_handles_numpy_and_refuses_nan() -> None:
-    """Results encode numpy arrays and scalars; NaN is not valid JSON and is refused."""
-    encoded = encode_json({"a": np.float32(1.5), "b": np.arange(3)})
-    assert json.loads(encoded) == {"a": 1.5, "b": [0, 1, 2]}
-    with pytest.raises(ValueError, match="Out of range"):
-        encode_json({"a": math.nan})
+def test_encode_json_handles_numpy_and_int_keys() -> None:
+    """Results encode numpy arrays and scalars, float16, and the int-keyed maps of skl2onnx."""
+    encoded = encode_json({"a": np.float32(1.5), "b": np.arange(3),
+                           "c": np.ones(2, dtype=np.float16), "d": [{0: 0.25, 1: 0.75}]})
+    assert json.loads(encoded) == {"a": 1.5, "b": [0, 1, 2], "c": [1.0, 1.0],
+                                   "d": [{"0": 0.25, "1": 0.75}]}
+
+
+def test_non_finite_outputs_are_detected() -> None:
+    """all_finite spots NaN/inf in float tensors (orjson would write them as null)."""
+    assert all_finite(np.ones(3, dtype=np.float32))
+    assert not all_finite(np.array([1.0, math.nan]))
+    assert not all_finite(np.array([math.inf]))
+    assert all_finite(np.arange(3))
