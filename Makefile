@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck check clean
+.PHONY: demo test lint typecheck check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "edge-agent needs Python >= 3.10"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# silero-vad ships the VAD model the stateful-stream test uses; --no-deps keeps torch out.
+	$(PY) -m pip install -q --no-deps 'silero-vad>=5'
 	touch $@
 
 demo: $(VENV)/.installed   ## run the daemon on a simulated sensor, print results (Ctrl-C stops)
@@ -17,6 +19,10 @@ demo: $(VENV)/.installed   ## run the daemon on a simulated sensor, print result
 
 test: $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto instances)
 	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop (a few minutes)
+	$(PY) scripts/bench.py
+	$(PY) scripts/bench_reload.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

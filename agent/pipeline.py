@@ -145,7 +145,10 @@ class Pipeline:
         self._plan: tuple[LoadedModel, RunPlan] | None = None
         self._streams: OrderedDict[str, _Stream] = OrderedDict()  # worker-owned
         self._topic_cache: dict[str, tuple[str, str | None]] = {}  # paho-thread-owned
-        self._drops_unreported = 0          # paho-thread-owned
+        # Drop reports: paho's thread reports while dropping, the worker reports the rest once
+        # the queue is empty again; the lock makes each drop reported exactly once.
+        self._drop_lock = threading.Lock()
+        self._drops_reported = 0
         self._drops_reported_at = 0.0
 
     @property
@@ -240,15 +243,21 @@ class Pipeline:
     def _count_drop(self, topic: str) -> None:
         """Count a drop; report drops at most once a second so overload is not made worse."""
         self.counters.dropped += 1
-        self._drops_unreported += 1
-        now = time.monotonic()
-        if now - self._drops_reported_at >= DROP_REPORT_INTERVAL_S:
-            count, self._drops_unreported = self._drops_unreported, 0
-            self._drops_reported_at = now
-            self._errors.report(self.name, topic,
-                                f"queue full ({self.config.queue.max} readings): dropped "
-                                f"the {count} oldest since the last report "
-                                f"({self.counters.dropped} in all)")
+        if time.monotonic() - self._drops_reported_at >= DROP_REPORT_INTERVAL_S:
+            self._report_drops(topic)
+
+    def _report_drops(self, topic: str | None) -> None:
+        """Report the drops not reported yet, if any (paho's thread or the worker)."""
+        with self._drop_lock:
+            total = self.counters.dropped
+            count = total - self._drops_reported
+            if count <= 0:
+                return
+            self._drops_reported = total
+            self._drops_reported_at = time.monotonic()
+        self._errors.report(self.name, topic or self.config.input.topic,
+                            f"queue full ({self.config.queue.max} readings): dropped the "
+                            f"{count} oldest since the last report ({total} in all)")
 
     def _reject(self, topic: str, reason: str) -> None:
         self.counters.rejected += 1
@@ -275,6 +284,8 @@ class Pipeline:
                 self._log.exception("batch_failed", size=len(batch))
                 for reading in batch:
                     self._fail(reading, "internal error while processing the reading")
+            if not len(self._queue) and self.counters.dropped != self._drops_reported:
+                self._report_drops(None)  # the overload is over: give the final count
 
     def _limit(self, model: LoadedModel | None) -> int:
         if model is None:

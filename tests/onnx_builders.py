@@ -130,3 +130,27 @@ def build_classifier(path: Path, features: int = 4, classes: int = 3) -> Path:
         [numpy_helper.from_array(weight, "W")],
     )
     return _save(graph, path)
+
+
+def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 24) -> Path:
+    """A deliberately expensive model: input ``x`` [N, features] widened to ``width`` and run
+    through ``layers`` dense layers; output ``y`` [N, 1]. For overload tests, where the daemon
+    must be slower than its input."""
+    rng = np.random.default_rng(3)
+    widen = (rng.standard_normal((features, width)) / np.sqrt(features)).astype(np.float32)
+    square = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    # One square weight shared by every layer keeps the file small (~4 MB) and the cost high.
+    initializers = [numpy_helper.from_array(widen, "Wide"), numpy_helper.from_array(square, "W")]
+    nodes, previous = [], "x"
+    for index in range(layers):
+        nodes.append(helper.make_node("MatMul", [previous, "Wide" if index == 0 else "W"],
+                                      [f"m{index}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{index}"], [f"t{index}"]))
+        previous = f"t{index}"
+    nodes.append(helper.make_node("ReduceMean", [previous], ["y"], axes=[1], keepdims=1))
+    graph = helper.make_graph(
+        nodes, "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        initializers)
+    return _save(graph, path)

@@ -1,0 +1,101 @@
+"""Overload: far more readings than the daemon can process, for 10 s."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_slow
+
+pytestmark = pytest.mark.broker
+
+AgentFactory = Callable[[dict[str, Any]], AgentProcess]
+ERRORS = "edge/dev1/errors"
+QUEUE_MAX = 200
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def test_overload_is_bounded_counted_and_recovers(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """Readings at 3x+ what the daemon can process for 10 s: served readings wait at most
+    about one queue's worth, drops are counted and reported (not one message per drop),
+    memory stays flat, and right after the load stops a new reading is answered at once."""
+    build_slow(tmp_path / "models" / "slow.onnx", layers=64)
+    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
+        "model": "slow", "input": {"topic": "in/+", "qos": 0},
+        "output": {"topic": "out/{1}", "qos": 0},
+        "batching": {"max_batch": 1}, "queue": {"max": QUEUE_MAX}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder("out/#", ERRORS)
+    rss: list[float] = []
+    stop = threading.Event()
+
+    def sample_memory() -> None:
+        while not stop.wait(0.5):
+            rss.append(rss_mb(agent.process.pid))
+
+    sampler = threading.Thread(target=sample_memory)
+    sampler.start()
+    client = publisher(broker)
+    payload = json.dumps([0.1] * 8).encode()
+    rate, seconds = 3000.0, 10.0
+    sent, started = 0, time.monotonic()
+    while (now := time.monotonic()) - started < seconds:
+        target = int((now - started) * rate)
+        while sent < target:
+            client.publish("in/load", payload, qos=0)
+            sent += 1
+        time.sleep(0.002)
+    feed_seconds = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    time.sleep(QUEUE_MAX * 0.01)  # let the queue drain
+    served_during = [json.loads(m.payload) for m in rec.messages if m.topic == "out/load"]
+    processed_rate = len(served_during) / feed_seconds
+    feed_rate = sent / feed_seconds
+    assert feed_rate >= 3 * processed_rate, (feed_rate, processed_rate)
+
+    # Latency of served readings is bounded by the queue: about QUEUE_MAX service times.
+    service_s = 1 / processed_rate
+    worst = max(r["latency_ms"] for r in served_during) / 1000
+    assert worst < QUEUE_MAX * service_s * 3 + 1.0, (worst, service_s)
+
+    # Drops are counted, reported at most about once a second, and add up.
+    reports = [json.loads(m.payload)["reason"] for m in rec.on(ERRORS)]
+    assert reports
+    assert len(reports) <= feed_seconds + 3
+    totals = [int(t) for r in reports for t in re.findall(r"\((\d+) in all\)", r)]
+    assert max(totals) >= sent - len(served_during) - QUEUE_MAX - 100
+
+    # Memory is flat: the second half of the overload adds (almost) nothing.
+    half = len(rss) // 2
+    assert max(rss[half:]) - rss[half] < 8.0, rss
+
+    # Recovery: a reading sent now is served at once.
+    before = len(rec.on("out/after"))
+    client.publish("in/after", payload, qos=0)
+    rec.wait_for(lambda ms: len([m for m in ms if m.topic == "out/after"]) > before,
+                 timeout_s=5)
+    client.loop_stop()
+    after = json.loads(rec.on("out/after")[-1].payload)
+    assert after["latency_ms"] < 250
+    print(f"fed {feed_rate:.0f}/s, served {processed_rate:.0f}/s, worst latency "
+          f"{worst * 1000:.0f} ms, drop reports {len(reports)}, RSS {rss[0]:.0f}->{rss[-1]:.0f}"
+          " MB")
