@@ -29,6 +29,11 @@ class DropOldestQueue(Generic[Item]):
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called."""
+        return self._closed
+
     def put(self, item: Item) -> Item | None:
         """Append ``item``; returns the item dropped to make room, if any."""
         with self._cond:

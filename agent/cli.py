@@ -142,7 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.daemon import Daemon  # noqa: PLC0415
 
     try:
-        return Daemon(config, source).run()
+        return Daemon(config, source, log_level_override=args.log_level).run()
     except EdgeAgentError as exc:
         log.error("agent_failed", error=str(exc))
         return EXIT_INVALID

@@ -285,7 +285,9 @@ class WatchConfig(Section):
 class HealthConfig(Section):
     """Health telemetry on P/health."""
 
-    interval_s: Annotated[StrictFloat, Field(ge=1, le=86_400)] = 10.0
+    interval_s: Annotated[StrictFloat, Field(ge=0.2, le=86_400)] = 10.0
+    stuck_after_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
+        60.0, description="an inference batch running longer withholds the systemd watchdog")
 
 
 class MetricsConfig(Section):

@@ -1,4 +1,9 @@
-"""The daemon's lifecycle: connect, load models, serve pipelines, stop cleanly on a signal."""
+"""The daemon's lifecycle: connect, load models, serve pipelines, report health, reload the
+config on SIGHUP, and stop cleanly on SIGTERM/SIGINT.
+
+The main thread runs ``run``: start-up, then a loop that publishes health, performs
+reloads and waits for a stop request. Signal handlers only set flags for that loop.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,20 @@ import structlog
 from paho.mqtt.properties import Properties
 
 from agent import __version__
-from agent.config import AgentConfig
-from agent.errors import EdgeAgentError
+from agent.codecs import encode_json
+from agent.config import AgentConfig, PipelineConfig, default_config, load_config
+from agent.errors import ConfigError, EdgeAgentError
 from agent.hardware import detect as detect_hardware
+from agent.logs import set_log_level
+from agent.metrics import MetricsServer
 from agent.models import ModelRegistry
 from agent.mqtt import MqttConnection
 from agent.pipeline import Pipeline
 from agent.providers import hints
 from agent.reporting import ErrorReporter
 from agent.retained import RetainedPublisher
+from agent.systemd import SdNotifier, Watchdog, watchdog_interval
+from agent.telemetry import AgentView, HealthReporter
 from agent.watcher import ModelFileWatcher
 
 log = structlog.get_logger(__name__)
@@ -30,33 +40,52 @@ log = structlog.get_logger(__name__)
 # goes to finishing queued readings, the rest to saying "offline" and disconnecting.
 DRAIN_DEADLINE_S = 2.5
 OFFLINE_DEADLINE_S = 1.5
+# While starting (model loads, waiting for the broker) ask systemd for this much more time,
+# this often, so a slow TensorRT build or a broker down at boot is not a failed start.
+EXTEND_TIMEOUT_S = 30.0
+EXTEND_EVERY_S = 10.0
+MAIN_LOOP_TICK_S = 0.2
 
 
 class Daemon:
     """Owns the connection, the model registry and the pipelines for one ``run``."""
 
-    def __init__(self, config: AgentConfig, source: Path | None) -> None:
+    def __init__(self, config: AgentConfig, source: Path | None,
+                 log_level_override: str | None = None) -> None:
         self.config = config
         self.source = source
-        prefix = config.topic_prefix
+        self._log_level_override = log_level_override
         self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._main_tick = time.monotonic()
+        self.notifier = SdNotifier.from_environment()
+        self.hardware = detect_hardware()
+        prefix = config.topic_prefix
         self.connection = MqttConnection(config.mqtt, f"{prefix}/status")
+        self.retained = RetainedPublisher(self.connection)
         self.errors = ErrorReporter(
             lambda topic, payload: self._publish(topic, payload, 0), f"{prefix}/errors")
-        self.retained = RetainedPublisher(self.connection)
-        self.hardware = detect_hardware()
         self.registry = ModelRegistry(
             config, self.hardware,
-            lambda name, payload: self.retained.set(f"{prefix}/models/{name}", payload),
+            lambda name, payload: self.retained.set(f"{self.config.topic_prefix}/models/{name}",
+                                                    payload),
             on_failure=self.errors.report_model_failure)
-        self.watcher = ModelFileWatcher(
-            {name: config.model_path(name) for name in config.models}, self.registry.load,
-            config.watch)
+        self.watcher = self._make_watcher(config)
         self.pipelines: dict[str, Pipeline] = {}
+        self.health = HealthReporter(self._view())
+        self.metrics: MetricsServer | None = None
+
+    # -- control (any thread) ----------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Ask ``run`` to stop (thread-safe; also what the signal handlers do)."""
+        """Ask ``run`` to stop."""
         self._stop.set()
+
+    def request_reload(self) -> None:
+        """Ask ``run`` to re-read the config."""
+        self._reload.set()
+
+    # -- the main thread ---------------------------------------------------------------------
 
     def run(self) -> int:
         """Serve until asked to stop; returns the process exit code."""
@@ -66,41 +95,132 @@ class Daemon:
                  models=len(self.config.models), pipelines=len(self.config.pipelines))
         self._log_hardware()
         self._warn_inactive_settings()
-        self.retained.start()
-        self.connection.start()
-        # Watch first: a file that changes during the initial load is loaded again (a no-op
-        # when the bytes did not change) instead of being missed.
-        self.watcher.start()
-        self.registry.load_all()
-        for name, pipeline_config in self.config.pipelines.items():
-            try:
-                pipeline = Pipeline(name, pipeline_config, self.registry,
-                                    publish=self._publish_result, errors=self.errors,
-                                    models_dir=Path(self.config.models_dir))
-            except EdgeAgentError as exc:
-                log.error("pipeline_not_started", pipeline=name, error=str(exc))
-                self.errors.report(name, pipeline_config.input.topic, str(exc))
-                continue
-            self.pipelines[name] = pipeline
-            pipeline.start()
-            self.connection.subscribe(pipeline.subscription())
-        log.info("agent_serving", pipelines=list(self.pipelines))
-        while not self._stop.wait(timeout=1.0):
-            pass
-        self._shutdown()
-        return 0
+        self.notifier.status("starting: loading models")
+        extender = _StartupExtender(self.notifier)
+        extender.start()
+        try:
+            self.retained.start()
+            self.connection.start()
+            # Watch first: a file that changes during the initial load is loaded again (a
+            # no-op when the bytes did not change) instead of being missed.
+            self.watcher.start()
+            self.registry.load_all()
+            for name, pipeline_config in self.config.pipelines.items():
+                self._start_pipeline(name, pipeline_config)
+            self._start_metrics()
+            log.info("agent_serving", pipelines=list(self.pipelines))
+            self._wait_for_broker()
+        finally:
+            extender.stop()
+        if self._stop.is_set():
+            return self._shutdown()
+        self.notifier.ready(self._status_line())
+        watchdog = self._start_watchdog()
+        next_health = time.monotonic()
+        while not self._stop.is_set():
+            self._main_tick = time.monotonic()
+            if self._reload.is_set():
+                self._reload.clear()
+                self._apply_reload()
+            if time.monotonic() >= next_health:
+                self._publish_health()
+                next_health = time.monotonic() + self.config.health.interval_s
+            self._stop.wait(MAIN_LOOP_TICK_S)
+        if watchdog is not None:
+            watchdog.stop()
+        return self._shutdown()
 
-    def _shutdown(self) -> None:
+    def _wait_for_broker(self) -> None:
+        mqtt = self.config.mqtt
+        while not self.connection.connected.wait(1.0):
+            if self._stop.is_set():
+                return
+            self.notifier.status(f"waiting for the MQTT broker {mqtt.host}:{mqtt.port}")
+
+    def _shutdown(self) -> int:
         started = time.monotonic()
         log.info("agent_stopping")
+        self.notifier.stopping()
         self.connection.unsubscribe_all()
         self.watcher.stop()
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
             pipeline.stop(max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.stop()
         self.retained.stop()
         self.connection.stop(timeout_s=OFFLINE_DEADLINE_S)
         log.info("agent_stopped", took_s=round(time.monotonic() - started, 3))
+        return 0
+
+    def _start_pipeline(self, name: str, config: PipelineConfig) -> None:
+        try:
+            pipeline = Pipeline(name, config, self.registry, publish=self._publish_result,
+                                errors=self.errors, models_dir=Path(self.config.models_dir))
+        except EdgeAgentError as exc:
+            log.error("pipeline_not_started", pipeline=name, error=str(exc))
+            self.errors.report(name, config.input.topic, str(exc))
+            return
+        self.pipelines[name] = pipeline
+        pipeline.start()
+        self.connection.subscribe(pipeline.subscription())
+
+    def _start_metrics(self) -> None:
+        listen = self.config.metrics.listen
+        if listen is None:
+            return
+        self.metrics = MetricsServer(listen, self._view())
+        try:
+            self.metrics.start()
+        except OSError as exc:
+            log.error("metrics_not_started", address=listen, error=str(exc))
+            self.metrics = None
+
+    def _start_watchdog(self) -> Watchdog | None:
+        interval = watchdog_interval()
+        if interval is None or not self.notifier.enabled:
+            return None
+        watchdog = Watchdog(self.notifier, interval, self.progress_problem)
+        watchdog.start()
+        log.info("watchdog_started", interval_s=interval)
+        return watchdog
+
+    def progress_problem(self) -> str | None:
+        """Why the daemon is not making progress, or None (the systemd watchdog's check)."""
+        now = time.monotonic()
+        if not self.connection.loop_alive:
+            return "the MQTT network loop is not running"
+        if now - self._main_tick > max(10.0, self.config.health.interval_s * 2) \
+                and not self.registry.loading:  # a reload may legitimately take minutes
+            return "the main loop is stuck"
+        limit = self.config.health.stuck_after_s
+        for name, pipeline in self.pipelines.items():
+            stuck = pipeline.stuck_for(now)
+            if stuck is not None and stuck > limit:
+                return (f"pipeline {name!r} worker has been inside one batch for "
+                        f"{stuck:.0f} s (health.stuck_after_s {limit:g})")
+        return None
+
+    def _publish_health(self) -> None:
+        try:
+            document = self.health.report()
+            self.retained.set(f"{self.config.topic_prefix}/health", encode_json(document))
+            self.notifier.status(self._status_line(document))
+        except Exception:  # telemetry must never take the daemon down
+            log.exception("health_report_failed")
+
+    def _status_line(self, health: dict[str, object] | None = None) -> str:
+        ready = sum(1 for name in self.registry.names()
+                    if self.registry.get(name) is not None)
+        line = (f"serving {len(self.pipelines)} pipelines, {ready}/"
+                f"{len(self.registry.names())} models ready, "
+                f"{'connected' if self.connection.connected.is_set() else 'broker down'}")
+        if health is not None:
+            pipelines = health.get("pipelines")
+            if isinstance(pipelines, dict):
+                rate = sum(float(p.get("throughput", 0)) for p in pipelines.values())
+                line += f", {rate:.0f} readings/s"
+        return line
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         self.connection.publish(topic, payload, qos=qos, retain=retain)
@@ -109,17 +229,122 @@ class Daemon:
                         properties: Properties | None) -> None:
         self.connection.publish(topic, payload, qos=qos, properties=properties)
 
+    # -- SIGHUP ------------------------------------------------------------------------------
+
+    def _apply_reload(self) -> None:
+        """Re-read the config and apply it; an invalid one is refused and the old one kept."""
+        self.notifier.reloading()
+        log.info("config_reloading", path=str(self.source) if self.source else None)
+        try:
+            new = load_config(self.source) if self.source else default_config()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config_reload_refused", problem=str(problem))
+            self.errors.report_step("config reload refused, still running the previous "
+                                    "config: " + "; ".join(str(p) for p in exc.problems))
+            self.notifier.ready("reload refused (invalid config); " + self._status_line())
+            return
+        old = self.config
+        if new == old:
+            log.info("config_unchanged")
+            self.notifier.ready(self._status_line())
+            return
+        reconnect = new.mqtt != old.mqtt
+        self.config = new
+        if self._log_level_override is None:
+            set_log_level(new.log_level)
+        if reconnect:
+            self._reconnect(new)
+        removed_models = self.registry.reconfigure(new)
+        changed_pipelines = self._diff_pipelines(old, new)
+        self._reload_models(old, new, changed_pipelines)
+        if removed_models or {n: m.file for n, m in new.models.items()} != {
+                n: m.file for n, m in old.models.items()} or new.watch != old.watch \
+                or new.models_dir != old.models_dir:
+            self.watcher.stop()
+            self.watcher = self._make_watcher(new)
+            self.watcher.start()
+        self._apply_pipelines(old, new, changed_pipelines)
+        self.health = HealthReporter(self._view())
+        log.info("config_reloaded", reconnected=reconnect, removed_models=removed_models,
+                 pipelines=list(self.pipelines))
+        self.notifier.ready(self._status_line())
+
+    def _diff_pipelines(self, old: AgentConfig, new: AgentConfig) -> set[str]:
+        return {name for name, config in new.pipelines.items()
+                if name in old.pipelines and old.pipelines[name] != config}
+
+    def _reload_models(self, old: AgentConfig, new: AgentConfig, changed: set[str]) -> None:
+        """Load new models; rebuild those whose settings or users' pipelines changed."""
+        users_changed = {new.pipelines[name].model for name in changed} | {
+            config.model for name, config in new.pipelines.items() if name not in old.pipelines}
+        for name, model in new.models.items():
+            if name not in old.models:
+                self.registry.load(name)
+            elif model != old.models[name] or name in users_changed or \
+                    new.providers != old.providers or new.models_dir != old.models_dir:
+                self.registry.load(name, force=True)
+
+    def _apply_pipelines(self, old: AgentConfig, new: AgentConfig, changed: set[str]) -> None:
+        for name in [n for n in old.pipelines if n not in new.pipelines]:
+            pipeline = self.pipelines.pop(name, None)
+            if pipeline is not None:
+                self.connection.unsubscribe(pipeline.subscription().subscribe_filter)
+                pipeline.stop(DRAIN_DEADLINE_S)
+        for name in changed:
+            previous = self.pipelines.pop(name, None)
+            self._start_pipeline(name, new.pipelines[name])
+            if previous is not None:
+                old_filter = previous.subscription().subscribe_filter
+                if name not in self.pipelines or \
+                        self.pipelines[name].subscription().subscribe_filter != old_filter:
+                    self.connection.unsubscribe(old_filter)
+                previous.stop(DRAIN_DEADLINE_S)
+        for name in [n for n in new.pipelines if n not in old.pipelines]:
+            self._start_pipeline(name, new.pipelines[name])
+
+    def _reconnect(self, new: AgentConfig) -> None:
+        """Broker settings changed: say offline, connect anew, subscribe everything again."""
+        log.info("mqtt_reconnecting", host=new.mqtt.host, port=new.mqtt.port)
+        self.retained.stop()
+        self.connection.stop(timeout_s=OFFLINE_DEADLINE_S)
+        self.connection = MqttConnection(new.mqtt, f"{new.topic_prefix}/status")
+        self.retained = RetainedPublisher(self.connection)
+        self.errors.set_topic(f"{new.topic_prefix}/errors")
+        for pipeline in self.pipelines.values():
+            self.connection.subscribe(pipeline.subscription())
+        self.retained.start()
+        self.connection.start()
+        for name in self.registry.names():
+            self.retained.set(f"{new.topic_prefix}/models/{name}",
+                              self.registry.status(name).to_json())
+
+    def _view(self) -> AgentView:
+        return AgentView(self.config.device_id, self.hardware, self.registry,
+                         lambda: self.pipelines, self.config.models_dir)
+
+    def _make_watcher(self, config: AgentConfig) -> ModelFileWatcher:
+        return ModelFileWatcher({name: config.model_path(name) for name in config.models},
+                                self.registry.load, config.watch)
+
+    # -- start-up helpers --------------------------------------------------------------------
+
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            return  # embedded use (tests): the owner calls request_stop()
+            return  # embedded use (tests): the owner calls request_stop()/request_reload()
 
         # Runs on the main thread, between bytecodes of whatever it was doing.
-        def on_signal(signum: int, frame: FrameType | None) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
             log.info("signal_received", signal=signal.Signals(signum).name)
             self._stop.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        def on_reload(signum: int, frame: FrameType | None) -> None:
+            log.info("signal_received", signal="SIGHUP")
+            self._reload.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
 
     def _log_hardware(self) -> None:
         available = onnxruntime.get_available_providers()
@@ -132,7 +357,6 @@ class Daemon:
         """Say loudly which configured features this version does not act on yet."""
         config = self.config
         inactive = {
-            "metrics.listen": config.metrics.listen is not None,
             "updates.trusted_keys": bool(config.updates.trusted_keys),
             "upstream": config.upstream is not None,
         }
@@ -140,3 +364,28 @@ class Daemon:
             if configured:
                 log.warning("setting_not_active", key=key,
                             reason="this version of edge-agent does not implement it yet")
+
+
+class _StartupExtender:
+    """Sends EXTEND_TIMEOUT_USEC while the daemon starts, so systemd's start timeout does not
+    kill a device that is building TensorRT engines or waiting for its broker."""
+
+    def __init__(self, notifier: SdNotifier) -> None:
+        self._notifier = notifier
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sd-extend", daemon=True)
+
+    def start(self) -> None:
+        if self._notifier.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while True:
+            self._notifier.extend_timeout(EXTEND_TIMEOUT_S)
+            if self._stop.wait(EXTEND_EVERY_S):
+                return

@@ -137,15 +137,44 @@ class ModelRegistry:
         for name in self.names():
             self.load(name)
 
-    def load(self, name: str) -> LoadedModel | None:
+    @property
+    def loading(self) -> bool:
+        """Whether a load is in progress right now."""
+        return self._load_lock.locked()
+
+    def reconfigure(self, config: AgentConfig) -> list[str]:
+        """Adopt a new config (SIGHUP): removed models stop serving and their retained state
+        is cleared; new ones get a status. Returns the removed names. Load models separately.
+        """
+        with self._load_lock:
+            self._config = config
+            removed = [name for name in self._status if name not in config.models]
+            for name in removed:
+                self._models.pop(name, None)
+                with self._lock:
+                    del self._status[name]
+                self._publish_state(name, b"")  # an empty retained message deletes it
+            for name in config.models:
+                with self._lock:
+                    if name not in self._status:
+                        self._status[name] = ModelStatus(name=name,
+                                                         file=str(config.model_path(name)))
+                    else:
+                        self._status[name].file = str(config.model_path(name))
+        return removed
+
+    def load(self, name: str, force: bool = False) -> LoadedModel | None:
         """(Re)load ``name`` from its file: read it once, build, check and warm up a new session
         while the current one keeps serving, then swap the reference.
 
-        Bytes identical to the serving model's are a no-op. On failure the serving model (if
+        Bytes identical to the serving model's are a no-op unless ``force`` (the config that
+        shapes the session changed). On failure the serving model (if
         any) stays, and the failure is published. Runs on the caller's thread; loads are
         serialized. Returns the serving model afterwards.
         """
         with self._load_lock:
+            if name not in self._config.models:
+                return None  # removed by a config reload meanwhile
             path = self._config.model_path(name)
             current = self._models.get(name)
             started = time.monotonic()
@@ -155,7 +184,7 @@ class ModelRegistry:
                 self._failed(name, path, None, exc)
                 return current
             version = "sha256:" + hashlib.sha256(data).hexdigest()
-            if current is not None and current.version == version:
+            if current is not None and current.version == version and not force:
                 log.debug("model_unchanged", model=name, version=version)
                 return current
             now = time.time()

@@ -124,6 +124,20 @@ class MqttConnection:
         """Call ``listener()`` on paho's thread after every successful connect (must not block)."""
         self._connect_listeners.append(listener)
 
+    def unsubscribe(self, subscribe_filter: str) -> None:
+        """Stop one subscription (its ``subscribe_filter``)."""
+        with self._lock:
+            existed = self._subscriptions.pop(subscribe_filter, None) is not None
+            self._routes = {}
+        if existed and self.connected.is_set():
+            self._client.unsubscribe(subscribe_filter)
+
+    @property
+    def loop_alive(self) -> bool:
+        """Whether paho's network thread runs (it reconnects by itself while it does)."""
+        thread = getattr(self._client, "_thread", None)
+        return thread is not None and thread.is_alive()
+
     def unsubscribe_all(self) -> None:
         """Stop taking messages (used first on shutdown, so queued work can drain)."""
         with self._lock:

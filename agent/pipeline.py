@@ -28,6 +28,7 @@ from agent.batching import DropOldestQueue
 from agent.codecs import Tensor, TensorSpec, all_finite, decode_payload, encode_json
 from agent.config import PipelineConfig
 from agent.errors import PayloadError, PipelineFitError
+from agent.latency import LatencyHistogram
 from agent.models import LoadedModel, ModelRegistry
 from agent.mqtt import Subscription
 from agent.reporting import ErrorReporter
@@ -129,6 +130,9 @@ class Pipeline:
         self.name = name
         self.config = config
         self.counters = PipelineCounters()
+        self.latency = LatencyHistogram()
+        # Set by the worker while it processes a batch; read by the systemd watchdog.
+        self.busy_since: float | None = None
         self._registry = registry
         self._publish = publish
         self._errors = errors
@@ -171,6 +175,14 @@ class Pipeline:
         self._worker.join(timeout=deadline_s)
         if self._worker.is_alive():
             self._log.warning("pipeline_stop_timeout", abandoned=len(self._queue))
+
+    def stuck_for(self, now: float) -> float | None:
+        """Seconds the worker has been inside one batch, or has been dead (None: fine)."""
+        if not self._worker.is_alive() and self._worker.ident is not None \
+                and not self._queue.closed:
+            return float("inf")
+        busy = self.busy_since
+        return None if busy is None else now - busy
 
     def plan_for(self, model: LoadedModel) -> RunPlan:
         """The run plan of this pipeline on ``model`` (cached per model)."""
@@ -278,12 +290,15 @@ class Pipeline:
             batch = self._queue.take_batch(limit, delay_s)
             if not batch:
                 return  # closed and drained
+            self.busy_since = time.monotonic()
             try:
                 self._process(batch)
             except Exception:  # a bug must not stop the pipeline; every reading gets an answer
                 self._log.exception("batch_failed", size=len(batch))
                 for reading in batch:
                     self._fail(reading, "internal error while processing the reading")
+            finally:
+                self.busy_since = None
             if not len(self._queue) and self.counters.dropped != self._drops_reported:
                 self._report_drops(None)  # the overload is over: give the final count
 
@@ -398,7 +413,8 @@ class Pipeline:
             if post is not None:
                 source = post.output or plan.published[0]
                 result.update(postprocess.apply(post, values[source], self._labels))
-            result["latency_ms"] = round((time.monotonic() - reading.received) * 1000, 3)
+            latency_ms = (time.monotonic() - reading.received) * 1000
+            result["latency_ms"] = round(latency_ms, 3)
             payload = encode_json(result)
         except (PayloadError, TypeError, orjson.JSONEncodeError) as exc:
             self._fail(reading, f"the result cannot be published: {exc}")
@@ -410,6 +426,7 @@ class Pipeline:
                 properties.CorrelationData = reading.correlation
             self._publish(reading.response_topic, payload, self.config.output.qos, properties)
         self.counters.processed += 1
+        self.latency.record(latency_ms)
 
     def _fail(self, reading: Reading, reason: str) -> None:
         self.counters.failed += 1

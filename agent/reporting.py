@@ -30,6 +30,15 @@ class ErrorReporter:
         # source -> (window start, logged in window, muted in window)
         self._budget: dict[str, tuple[float, int, int]] = {}
 
+    def set_topic(self, topic: str) -> None:
+        """Publish to ``topic`` from now on (the topic prefix changed on reload)."""
+        self._topic = topic
+
+    def report_step(self, reason: str, **fields: object) -> None:
+        """Publish a failed step that is not about one reading (e.g. a refused reload)."""
+        self._publish(self._topic, encode_json(
+            {"pipeline": None, "topic": None, **fields, "reason": reason, "ts": time.time()}))
+
     def report(self, pipeline: str, topic: str, reason: str) -> None:
         """Publish ``{"pipeline", "topic", "reason", "ts"}`` and log it (rate-limited)."""
         self._publish(self._topic, encode_json(

@@ -154,3 +154,26 @@ def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 2
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
         initializers)
     return _save(graph, path)
+
+
+def build_loop(path: Path, features: int = 8) -> Path:
+    """y = tanh applied ``n`` times to x, with ``n`` an int64 scalar input: a model whose run
+    time the reading chooses (n = 10**9 hangs a worker, for watchdog tests)."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Tanh", ["x_in"], ["x_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", features])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
+        "loop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+         helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])],
+    )
+    return _save(graph, path)

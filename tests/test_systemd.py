@@ -1,0 +1,185 @@
+"""systemd integration: sd_notify messages, the progress-checked watchdog, the unit file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.systemd import SdNotifier, watchdog_interval
+from tests.broker import MosquittoBroker, publisher
+from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_linear, build_loop
+
+REPO = Path(__file__).resolve().parent.parent
+AgentFactory = Callable[[dict[str, Any]], AgentProcess]
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+
+    def drain(self, seconds: float) -> list[str]:
+        """Collect datagrams for ``seconds``; returns every message so far."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+        return [text for _, text in self.messages]
+
+    def wait_for(self, needle: str, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if any(needle in text for _, text in self.messages):
+                return
+            self.drain(0.2)
+        raise AssertionError(f"no {needle!r} in {self.messages}")
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.sock.close()
+
+
+def start_with_systemd_env(config: dict[str, Any], tmp_path: Path, sock: NotifySocket,
+                           watchdog_usec: int) -> subprocess.Popen[bytes]:
+    import yaml  # noqa: PLC0415
+
+    config_file = tmp_path / "agent.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock.path), "WATCHDOG_USEC": str(watchdog_usec)}
+    log = (tmp_path / "agent.log").open("wb")
+    return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config_file)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def test_abstract_socket_address() -> None:
+    """'@name' is an abstract socket: a leading NUL byte on the wire."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"edge-agent-test-{os.getpid()}"
+    server.bind(b"\0" + name.encode())
+    server.settimeout(2)
+    try:
+        assert SdNotifier("@" + name).ready("up")
+        assert server.recv(100) == b"READY=1\nSTATUS=up"
+    finally:
+        server.close()
+
+
+def test_no_socket_means_no_op() -> None:
+    """Outside systemd nothing is sent and nothing fails."""
+    notifier = SdNotifier(None)
+    assert not notifier.enabled
+    assert not notifier.ready("x")
+
+
+def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
+    """WATCHDOG=1 every WATCHDOG_USEC/2; not for another process; off when unset."""
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 15.0
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "1"}) is None
+    assert watchdog_interval({}) is None
+
+
+@pytest.mark.broker
+def test_notify_sequence_and_watchdog(broker: MosquittoBroker, tmp_path: Path,
+                                      notify_socket: NotifySocket) -> None:
+    """READY=1 after start-up (EXTEND_TIMEOUT_USEC and STATUS before it), WATCHDOG=1 at half
+    the watchdog interval, RELOADING=1 then READY=1 on SIGHUP, STOPPING=1 on SIGTERM."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    config = base_config(broker, tmp_path, models={"lin": {}}, health={"interval_s": 0.5},
+                         pipelines={"p": {"model": "lin", "input": {"topic": "in/+"},
+                                          "output": {"topic": "out/{1}"}}})
+    process = start_with_systemd_env(config, tmp_path, notify_socket, watchdog_usec=1_000_000)
+    try:
+        notify_socket.wait_for("READY=1")
+        notify_socket.drain(2.0)
+        process.send_signal(signal.SIGHUP)
+        notify_socket.drain(1.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        messages = notify_socket.drain(0.5)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+    assert any("EXTEND_TIMEOUT_USEC=" in m for m in messages[:ready])
+    assert any(m.startswith("STATUS=starting") for m in messages[:ready])
+    assert "STATUS=serving 1 pipelines, 1/1 models ready, connected" in messages[ready]
+    pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
+    assert len(pings) >= 3
+    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    assert min(gaps) > 0.3  # about every 0.5 s, not a flood
+    reloading = next(i for i, m in enumerate(messages) if m.startswith("RELOADING=1"))
+    assert "MONOTONIC_USEC=" in messages[reloading]
+    assert any(m.startswith("READY=1") for m in messages[reloading:])
+    assert messages[-1].startswith("STOPPING=1") or any(
+        m.startswith("STOPPING=1") for m in messages[-3:])
+    assert any(m.startswith("STATUS=serving") and "readings/s" in m for m in messages)
+
+
+@pytest.mark.broker
+def test_watchdog_withheld_while_a_worker_is_stuck(broker: MosquittoBroker, tmp_path: Path,
+                                                   notify_socket: NotifySocket) -> None:
+    """A worker stuck in one batch longer than health.stuck_after_s: no more WATCHDOG=1, and
+    the log says why (systemd then restarts the service)."""
+    build_loop(tmp_path / "models" / "loop.onnx")
+    config = base_config(broker, tmp_path, models={"loop": {}},
+                         health={"interval_s": 0.5, "stuck_after_s": 1.0},
+                         pipelines={"p": {"model": "loop", "input": {"topic": "in/+"},
+                                          "output": {"topic": "out/{1}"}}})
+    process = start_with_systemd_env(config, tmp_path, notify_socket, watchdog_usec=600_000)
+    try:
+        notify_socket.wait_for("WATCHDOG=1")
+        client = publisher(broker)
+        client.publish("in/a", json.dumps({"inputs": {"x": [0.1] * 8, "n": 3}}), qos=1)
+        notify_socket.drain(1.0)
+        client.publish("in/a", json.dumps({"inputs": {"x": [0.1] * 8, "n": 10**10}}), qos=1)
+        client.loop_stop()
+        hung_at = time.monotonic()
+        notify_socket.drain(4.0)
+    finally:
+        process.kill()
+        process.wait()
+    pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
+    assert pings, "the watchdog never pinged"
+    assert not [t for t in pings if t > hung_at + 1.0 + 0.6 + 0.3], "pinged while stuck"
+    log = (tmp_path / "agent.log").read_text()
+    assert "watchdog_withheld" in log
+    assert "pipeline 'p' worker has been inside one batch" in log
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_unit_file_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts the unit (with ExecStart pointed at this venv)."""
+    unit = (REPO / "systemd" / "edge-agent.service").read_text()
+    executable = Path(sys.executable).parent / "edge-agent"
+    unit = unit.replace("/opt/edge-agent/bin/edge-agent", str(executable))
+    path = tmp_path / "edge-agent.service"
+    path.write_text(unit)
+    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    problems = [line for line in (done.stdout + done.stderr).splitlines()
+                if "edge-agent.service" in line]
+    assert done.returncode == 0, done.stderr
+    assert problems == [], problems
