@@ -38,8 +38,9 @@ log = structlog.get_logger(__name__)
 
 # SIGTERM must end the process within 5 s (systemd's and the tests' expectation): most of it
 # goes to finishing queued readings, the rest to saying "offline" and disconnecting.
-DRAIN_DEADLINE_S = 2.5
-OFFLINE_DEADLINE_S = 1.5
+DRAIN_DEADLINE_S = 2.0
+FLUSH_DEADLINE_S = 1.0
+OFFLINE_DEADLINE_S = 1.0
 # While starting (model loads, waiting for the broker) ask systemd for this much more time,
 # this often, so a slow TensorRT build or a broker down at boot is not a failed start.
 EXTEND_TIMEOUT_S = 30.0
@@ -146,6 +147,9 @@ class Daemon:
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
             pipeline.stop(max(0.0, deadline - time.monotonic()))
+        if not self.connection.flush(FLUSH_DEADLINE_S):
+            log.warning("results_not_acknowledged", count=self.connection.unacked,
+                        reason="the broker did not acknowledge them before the stop deadline")
         if self.metrics is not None:
             self.metrics.stop()
         self.retained.stop()

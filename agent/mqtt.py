@@ -11,6 +11,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,16 @@ class MqttConnection:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
+        self._client.on_publish = self._on_publish
+        self._client.on_unsubscribe = self._on_unsubscribe
+        self._unsubscribed = threading.Event()
+        self._unsubscribe_mid: int | None = None
+        # QoS 1/2 messages handed to paho and not yet acknowledged by the broker, so that a
+        # stop can wait for them. Acks may arrive before publish() returns: those land in
+        # _acked_early. Never held while calling paho (its callbacks hold paho's locks).
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
+        self._unacked_lock = threading.Lock()
         self._client.on_socket_open = self._on_socket_open
         self._client.on_message = self._on_message
         # Written by the caller's thread, read by paho's thread in on_connect.
@@ -138,14 +149,24 @@ class MqttConnection:
         thread = getattr(self._client, "_thread", None)
         return thread is not None and thread.is_alive()
 
-    def unsubscribe_all(self) -> None:
-        """Stop taking messages (used first on shutdown, so queued work can drain)."""
+    def unsubscribe_all(self, wait_s: float = 1.0) -> None:
+        """Stop taking messages (first thing on shutdown, so queued work can drain).
+
+        Waits for the broker's UNSUBACK: messages it sent before that are still routed to
+        their handlers (they are already acknowledged, dropping them would lose them); none
+        come after it.
+        """
         with self._lock:
             filters = list(self._subscriptions)
+        if filters and self.connected.is_set():
+            self._unsubscribed.clear()
+            result, mid = self._client.unsubscribe(filters)
+            self._unsubscribe_mid = mid
+            if result == paho.MQTT_ERR_SUCCESS and not self._unsubscribed.wait(wait_s):
+                self._log.warning("mqtt_unsubscribe_unacknowledged", wait_s=wait_s)
+        with self._lock:
             self._subscriptions.clear()
             self._routes = {}
-        if filters and self.connected.is_set():
-            self._client.unsubscribe(filters)
 
     def start(self) -> None:
         """Connect in the background; failures are retried with backoff, never raised."""
@@ -158,8 +179,30 @@ class MqttConnection:
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
                 properties: Properties | None = None) -> paho.MQTTMessageInfo:
-        """Queue a message for sending; thread-safe. Messages are kept while disconnected."""
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        """Queue a message for sending; thread-safe. QoS 1/2 messages are kept while
+        disconnected and sent after the next connect."""
+        info = self._client.publish(topic, payload, qos=qos, retain=retain,
+                                    properties=properties)
+        if qos > 0 and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            with self._unacked_lock:
+                if info.mid in self._acked_early:
+                    self._acked_early.discard(info.mid)
+                else:
+                    self._unacked.add(info.mid)
+        return info
+
+    @property
+    def unacked(self) -> int:
+        """QoS 1/2 messages the broker has not acknowledged yet."""
+        with self._unacked_lock:
+            return len(self._unacked)
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the broker acknowledged every QoS 1/2 message (or ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        while self.unacked and self.connected.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.unacked == 0
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Publish ``offline``, disconnect cleanly and stop the network thread."""
@@ -218,6 +261,19 @@ class MqttConnection:
                 self._log.warning("mqtt_connect_failed", reason=str(reason_code))
         except Exception:
             self._log.exception("mqtt_on_disconnect_failed")
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
+                        properties: Any) -> None:
+        if mid == self._unsubscribe_mid:
+            self._unsubscribed.set()
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        with self._unacked_lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            elif len(self._acked_early) < 100_000:  # QoS 0 mids land here too; keep it bounded
+                self._acked_early.add(mid)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         with contextlib.suppress(Exception):

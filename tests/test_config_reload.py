@@ -1,0 +1,157 @@
+"""SIGHUP reloads the config live; SIGTERM drains what is queued."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_linear, build_slow
+
+pytestmark = pytest.mark.broker
+
+AgentFactory = Callable[[dict[str, Any]], AgentProcess]
+
+
+def stream(broker: MosquittoBroker, topic: str, count: int, rate: float) -> threading.Thread:
+    """Publish ``count`` readings with ids 0.. at ``rate`` per second, in the background."""
+    def run() -> None:
+        client = publisher(broker)
+        started = time.monotonic()
+        for i in range(count):
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            client.publish(topic, json.dumps({"id": i, "x": [i, 1, 2, 3]}), qos=1)
+        client.loop_stop()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_sighup_applies_a_valid_change_without_losing_readings(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """Adding a pipeline and a model, and changing the log level, while another pipeline
+    streams 300 readings/s: the untouched pipeline answers every reading, the new one
+    serves."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    build_linear(tmp_path / "models" / "other.onnx", seed=4)
+    pipeline = {"model": "lin", "input": {"topic": "in/+", "field": "x"},
+                "output": {"topic": "out/{1}"}}
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": pipeline})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder("out/#", "added/#")
+    sender = stream(broker, "in/s", 900, 300.0)
+    time.sleep(1.0)
+    config["models"]["other"] = {}
+    config["pipelines"]["q"] = {"model": "other", "input": {"topic": "new/+"},
+                                "output": {"topic": "added/{1}"}}
+    config["log_level"] = "warning"
+    agent.config_file.write_text(yaml.safe_dump(config))
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_for_event("config_reloaded")
+    sender.join()
+    rec.wait_for(lambda ms: sum(m.topic == "out/s" for m in ms) >= 900, timeout_s=30)
+    ids = sorted(json.loads(m.payload)["id"] for m in rec.on("out/s"))
+    assert ids == list(range(900))
+    client = publisher(broker)
+    client.publish("new/a", b"[1, 2, 3, 4]", qos=1)
+    rec.wait_for(lambda ms: any(m.topic == "added/a" for m in ms))
+    client.loop_stop()
+    assert agent.process.poll() is None
+
+
+def test_sighup_with_an_invalid_config_keeps_the_old_one(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """An invalid config is refused, reported on P/errors and in the log; serving goes on."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
+        "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder("out/#", "edge/dev1/errors")
+    agent.config_file.write_text(agent.config_file.read_text() + "bogus_key: 1\n")
+    agent.process.send_signal(signal.SIGHUP)
+    event = agent.wait_for_event("config_reload_refused")
+    assert "bogus_key: unknown key" in event["problem"]
+    rec.wait_for(lambda ms: any(m.topic == "edge/dev1/errors" for m in ms))
+    error = json.loads(rec.on("edge/dev1/errors")[0].payload)
+    assert "config reload refused" in error["reason"]
+    client = publisher(broker)
+    client.publish("in/a", b"[1, 2, 3, 4]", qos=1)
+    rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))
+    client.loop_stop()
+
+
+def test_sighup_reconnects_when_the_broker_changes(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """A new broker address: offline on the old broker, online and serving on the new one."""
+    second = MosquittoBroker(tmp_path / "broker")
+    second.start()
+    try:
+        build_linear(tmp_path / "models" / "lin.onnx")
+        config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
+            "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+        agent = agent_factory(config)
+        agent.wait_for_event("agent_serving")
+        old_status = Recorder(broker, ["edge/dev1/status"]).start()
+        new_side = Recorder(second, ["edge/dev1/status", "out/#", "edge/dev1/models/+"]).start()
+        config["mqtt"]["port"] = second.port
+        agent.config_file.write_text(yaml.safe_dump(config))
+        agent.process.send_signal(signal.SIGHUP)
+        agent.wait_for_event("config_reloaded")
+        old_status.wait_for_payload("edge/dev1/status", b"offline")
+        new_side.wait_for_payload("edge/dev1/status", b"online")
+        new_side.wait_for(lambda ms: any(m.topic == "edge/dev1/models/lin" for m in ms))
+        client = publisher(second)
+        client.publish("in/a", b"[1, 2, 3, 4]", qos=1)
+        new_side.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))
+        client.loop_stop()
+        old_status.stop()
+        new_side.stop()
+    finally:
+        second.stop()
+
+
+def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
+                                        agent_factory: AgentFactory,
+                                        recorder: Callable[..., Recorder]) -> None:
+    """Readings already queued when SIGTERM arrives are still answered; exit 0 within 5 s."""
+    build_slow(tmp_path / "models" / "slow.onnx", layers=64)
+    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
+        "model": "slow", "input": {"topic": "in/+", "field": "x"},
+        "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1},
+        "queue": {"max": 1000}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder("out/#")
+    client = publisher(broker)
+    for i in range(300):
+        client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1)
+    client.loop_stop()
+    rec.wait_for(lambda ms: len(ms) >= 5)
+    code, took = agent.terminate()
+    assert code == 0
+    assert took < 5.0
+    events = agent.log_events()
+    delivered = sum(1 for e in events if str(e.get("event", "")).startswith("Received PUBLISH")
+                    and "'in/s'" in str(e.get("event")))
+    answered = {json.loads(m.payload)["id"] for m in rec.messages}
+    # Every reading the broker delivered before the unsubscription took effect is answered
+    # (the rest stay with the broker; persistent sessions are what keeps those).
+    assert delivered > 5
+    assert len(answered) == delivered, (len(answered), delivered)
+    assert not [e for e in events if e.get("event") == "pipeline_stop_timeout"]
