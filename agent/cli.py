@@ -70,6 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="read /proc, /sys, /dev and /etc under PATH (default /)")
     detect.add_argument("--machine", default=None, metavar="ARCH",
                         help="CPU architecture to assume (default: this machine's)")
+
+    status = commands.add_parser(
+        "status", help="show the devices whose retained topics are on a broker",
+        description="Read the retained status, health and model topics of one device or of "
+                    "every device under a prefix, and print a table: device, online, models "
+                    "and versions, throughput, latency, temperature, last seen.")
+    status.add_argument("--config", metavar="PATH",
+                        help="take broker address, credentials and TLS from this config")
+    status.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
+    status.add_argument("--port", type=int, help="broker port (default: the config's, else 1883)")
+    status.add_argument("--prefix", default="edge",
+                        help="topics are PREFIX/<device>/... (default: edge)")
+    status.add_argument("--device", help="only this device")
+    status.add_argument("--wait", type=float, default=1.5, metavar="SECONDS",
+                        help="how long to collect retained messages (default 1.5)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -80,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(Path(args.path))
     if args.command == "detect":
         return _detect(args)
+    if args.command == "status":
+        return _status(args)
     return _run(args)
 
 
@@ -113,6 +131,37 @@ def _detect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         print(format_report(report))
+    return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    from agent.fleet_status import collect, table  # noqa: PLC0415 - only this command
+
+    try:
+        mqtt = load_config(Path(args.config)).mqtt if args.config else default_config().mqtt
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_INVALID
+    overrides = {key: value for key, value in (("host", args.host), ("port", args.port))
+                 if value is not None}
+    mqtt = mqtt.model_copy(update=overrides)
+    password = None
+    if mqtt.password_file:
+        password = Path(mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    try:
+        devices = collect(mqtt, args.prefix.rstrip("/"), args.device, args.wait, password)
+    except EdgeAgentError as exc:
+        print(f"edge-agent status: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({name: {"status": view.status, "health": view.health,
+                                 "models": view.models} for name, view in devices.items()},
+                         indent=2))
+    elif devices:
+        print(table(devices))
+    else:
+        print(f"no devices under {args.prefix}/ on {mqtt.host}:{mqtt.port}")
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,7 @@ def test_version() -> None:
     assert done.stdout.strip() == f"edge-agent {__version__}"
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["check-config"], ["detect"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["check-config"], ["detect"], ["status"]])
 def test_help_for_every_command(command: list[str]) -> None:
     """--help works for the program and each command."""
     done = edge_agent(*command, "--help")
@@ -137,3 +138,40 @@ def test_detect_text_on_a_fixture_tree() -> None:
     assert done.returncode == 0, done.stderr
     assert "JetPack 6.0" in done.stdout
     assert "hint: install NVIDIA's onnxruntime-gpu wheel for JetPack 6.0" in done.stdout
+
+
+@pytest.mark.broker
+def test_status_shows_two_running_daemons(broker: Any, tmp_path: Path,
+                                          agent_factory: Any) -> None:
+    """`edge-agent status` against a broker with two daemons lists both, online, with their
+    models and health."""
+    from tests.conftest import base_config  # noqa: PLC0415
+    from tests.onnx_builders import build_linear  # noqa: PLC0415
+
+    build_linear(tmp_path / "models" / "lin.onnx")
+    agents = []
+    for device in ("gw-a", "gw-b"):
+        config = base_config(broker, tmp_path, device_id=device, models={"lin": {}},
+                             health={"interval_s": 0.5}, pipelines={"p": {
+                                 "model": "lin", "input": {"topic": f"{device}/in/+"},
+                                 "output": {"topic": f"{device}/out/{{1}}"}}})
+        agents.append(agent_factory(config))
+    for process in agents:
+        process.wait_for_event("agent_serving")
+    import time  # noqa: PLC0415
+
+    time.sleep(1.0)
+    done = edge_agent("status", "--port", str(broker.port), "--wait", "1")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:2] == ["DEVICE", "ONLINE"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {"gw-a", "gw-b"}
+    assert all(" yes " in row and "lin:READY:" in row and "s ago" in row
+               for row in rows.values())
+    agents[1].kill()
+    time.sleep(0.5)
+    done = edge_agent("status", "--port", str(broker.port), "--wait", "1", "--json")
+    report = json.loads(done.stdout)
+    assert report["gw-b"]["status"] == "offline"
+    assert report["gw-a"]["status"] == "online"

@@ -1,0 +1,140 @@
+"""``edge-agent status``: a fleet table from the retained topics on a broker.
+
+Each daemon keeps ``P/status``, ``P/health`` and ``P/models/NAME`` retained, so a fresh
+subscription to ``PREFIX/+/...`` returns the last word of every device at once.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import MqttConfig
+from agent.errors import EdgeAgentError
+
+
+@dataclass
+class DeviceView:
+    """What the retained topics say about one device."""
+
+    device: str
+    status: str = "?"
+    health: dict[str, Any] | None = None
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def collect(mqtt: MqttConfig, prefix: str, device: str | None, wait_s: float,
+            password: str | None = None) -> dict[str, DeviceView]:
+    """Subscribe to the devices' retained topics under ``prefix`` and gather them."""
+    who = device or "+"
+    devices: dict[str, DeviceView] = {}
+    lock = threading.Lock()
+    connected = threading.Event()
+    failure: list[str] = []
+    levels = len(prefix.split("/"))
+
+    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                   properties: Any) -> None:
+        if reason.is_failure:
+            failure.append(str(reason))
+        else:
+            client.subscribe([(f"{prefix}/{who}/status", 1), (f"{prefix}/{who}/health", 1),
+                              (f"{prefix}/{who}/models/+", 1)])
+        connected.set()
+
+    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        parts = message.topic.split("/")
+        name, kind = parts[levels], parts[levels + 1]
+        with lock:
+            view = devices.setdefault(name, DeviceView(name))
+            if kind == "status":
+                view.status = message.payload.decode("utf-8", "replace")
+            elif not message.payload:
+                return  # an emptied retained topic
+            elif kind == "health":
+                view.health = _json(message.payload)
+            elif kind == "models" and len(parts) > levels + 2:
+                view.models[parts[levels + 2]] = _json(message.payload) or {}
+
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    if mqtt.username is not None:
+        client.username_pw_set(mqtt.username, password)
+    if mqtt.tls.enabled:
+        client.tls_set(ca_certs=mqtt.tls.ca_file, certfile=mqtt.tls.cert_file,
+                       keyfile=mqtt.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(mqtt.host, mqtt.port, keepalive=30)
+    except OSError as exc:
+        raise EdgeAgentError(f"cannot connect to {mqtt.host}:{mqtt.port}: {exc}") from exc
+    client.loop_start()
+    try:
+        if not connected.wait(10) or failure:
+            raise EdgeAgentError(f"broker {mqtt.host}:{mqtt.port} refused the connection: "
+                                 f"{failure[0] if failure else 'no answer'}")
+        time.sleep(wait_s)  # retained messages arrive right after the subscription
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    with lock:
+        return dict(devices)
+
+
+def _json(payload: bytes | bytearray) -> dict[str, Any] | None:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
+    """A text table: device, online, models and versions, throughput, latency, temperature,
+    last seen."""
+    now = time.time() if now is None else now
+    rows = [("DEVICE", "ONLINE", "MODELS", "READINGS/S", "P50 MS", "P99 MS", "TEMP C",
+             "LAST SEEN")]
+    for name in sorted(devices):
+        view = devices[name]
+        health = view.health or {}
+        pipelines = health.get("pipelines") or {}
+        throughput = sum(float(p.get("throughput") or 0) for p in pipelines.values())
+        p50 = [p["latency_ms"]["p50"] for p in pipelines.values()
+               if (p.get("latency_ms") or {}).get("p50") is not None]
+        p99 = [p["latency_ms"]["p99"] for p in pipelines.values()
+               if (p.get("latency_ms") or {}).get("p99") is not None]
+        temperatures = list((health.get("temperatures_c") or {}).values())
+        models = ", ".join(
+            f"{model}:{(info.get('state') or '?')[:5]}:{(info.get('version') or '-')[7:15]}"
+            for model, info in sorted(view.models.items())) or "-"
+        seen = health.get("ts")
+        rows.append((
+            name,
+            "yes" if view.status == "online" else "NO" if view.status == "offline" else "?",
+            models,
+            f"{throughput:.1f}" if health else "-",
+            f"{max(p50):.2f}" if p50 else "-",
+            f"{max(p99):.2f}" if p99 else "-",
+            f"{max(temperatures):.1f}" if temperatures else "-",
+            _ago(now - float(seen)) if isinstance(seen, int | float) else "never",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
+                                                                          strict=True)).rstrip()
+                     for row in rows)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(seconds, 0):.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
