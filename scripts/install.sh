@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Install edge-agent as a systemd service on Debian, Ubuntu, Raspberry Pi OS (64-bit) or
+# JetPack. Idempotent: run it again to upgrade; the config is never overwritten.
+#
+#   sudo scripts/install.sh                       # install from this checkout and start
+#   sudo scripts/install.sh --ort-wheel FILE.whl  # Jetson: NVIDIA's onnxruntime-gpu wheel
+#   sudo scripts/install.sh --uninstall [--purge] # remove (--purge: config, state, user too)
+#
+# Options for images and tests: --root DIR (install under DIR, no users, no systemctl),
+# --no-start (install but do not enable/start), --pip-args "ARGS" (extra pip arguments).
+set -euo pipefail
+
+SOURCE=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=""
+START=1
+UNINSTALL=0
+PURGE=0
+ORT_WHEEL=""
+PIP_ARGS=""
+PYTHON=${PYTHON:-python3}
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) ROOT=$(realpath -m "$2"); shift 2 ;;
+    --no-start) START=0; shift ;;
+    --uninstall) UNINSTALL=1; shift ;;
+    --purge) PURGE=1; shift ;;
+    --ort-wheel) ORT_WHEEL=$(realpath "$2"); shift 2 ;;
+    --pip-args) PIP_ARGS=$2; shift 2 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+PREFIX=$ROOT/opt/edge-agent
+CONF_DIR=$ROOT/etc/edge-agent
+UNIT=$ROOT/etc/systemd/system/edge-agent.service
+STATE=$ROOT/var/lib/edge-agent
+SERVICE_USER=edge-agent
+
+say() { printf 'edge-agent install: %s\n' "$*"; }
+have_systemd() { [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; }
+
+if [ -z "$ROOT" ] && [ "$(id -u)" -ne 0 ]; then
+  echo "install.sh: run as root (sudo), or use --root DIR for a staging install" >&2
+  exit 1
+fi
+
+if [ "$UNINSTALL" -eq 1 ]; then
+  if have_systemd; then
+    systemctl disable --now edge-agent 2>/dev/null || true
+  fi
+  rm -f "$UNIT"
+  have_systemd && systemctl daemon-reload
+  rm -rf "$PREFIX"
+  if [ "$PURGE" -eq 1 ]; then
+    rm -rf "$CONF_DIR" "$STATE"
+    if [ -z "$ROOT" ] && id "$SERVICE_USER" >/dev/null 2>&1; then
+      userdel "$SERVICE_USER" || true
+    fi
+    say "removed, with config, state and user"
+  else
+    say "removed (config in $CONF_DIR and state in $STATE kept; --purge removes them)"
+  fi
+  exit 0
+fi
+
+case "$(uname -m)" in
+  x86_64|aarch64) ;;
+  armv7l|armv6l)
+    echo "install.sh: this is a 32-bit ARM system; onnxruntime publishes no 32-bit ARM wheels." \
+      "Install a 64-bit OS (Raspberry Pi OS 64-bit)." >&2
+    exit 1 ;;
+  *) say "warning: untested architecture $(uname -m)" ;;
+esac
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "install.sh: edge-agent needs Python >= 3.10 ($PYTHON is $("$PYTHON" -V 2>&1))." \
+    "JetPack 5 ships Python 3.8: upgrade to JetPack 6." >&2
+  exit 1
+fi
+if ! "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null; then
+  if [ -z "$ROOT" ] && command -v apt-get >/dev/null; then
+    apt-get install -y python3-venv
+  else
+    echo "install.sh: the Python venv module is missing (apt-get install python3-venv)" >&2
+    exit 1
+  fi
+fi
+
+if [ -z "$ROOT" ] && ! id "$SERVICE_USER" >/dev/null 2>&1; then
+  useradd --system --home-dir /var/lib/edge-agent --no-create-home \
+    --shell /usr/sbin/nologin "$SERVICE_USER"
+  say "created user $SERVICE_USER"
+fi
+
+if [ ! -x "$PREFIX/bin/python" ]; then
+  mkdir -p "$(dirname "$PREFIX")"
+  "$PYTHON" -m venv "$PREFIX"
+  say "created the venv $PREFIX"
+fi
+# shellcheck disable=SC2086  # PIP_ARGS is a list of arguments on purpose
+"$PREFIX/bin/python" -m pip install --quiet --upgrade pip $PIP_ARGS
+# shellcheck disable=SC2086
+"$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SOURCE"
+if [ -n "$ORT_WHEEL" ]; then
+  # Jetson: the PyPI onnxruntime is CPU-only; NVIDIA's wheel brings CUDA and TensorRT.
+  "$PREFIX/bin/python" -m pip uninstall --quiet --yes onnxruntime || true
+  # shellcheck disable=SC2086
+  "$PREFIX/bin/python" -m pip install --quiet $PIP_ARGS "$ORT_WHEEL"
+fi
+say "installed $("$PREFIX/bin/python" -c 'import agent; print(agent.__version__)') into $PREFIX"
+
+install -d -m 0755 "$CONF_DIR"
+if [ ! -f "$CONF_DIR/agent.yaml" ]; then
+  install -m 0640 "$SOURCE/config/agent.example.yaml" "$CONF_DIR/agent.yaml"
+  [ -z "$ROOT" ] && chgrp "$SERVICE_USER" "$CONF_DIR/agent.yaml"
+  say "wrote $CONF_DIR/agent.yaml from the example: edit it, then systemctl reload edge-agent"
+else
+  say "kept the existing $CONF_DIR/agent.yaml"
+fi
+
+install -d -m 0755 "$(dirname "$UNIT")"
+install -m 0644 "$SOURCE/systemd/edge-agent.service" "$UNIT"
+mkdir -p "$STATE/models" "$STATE/state"
+[ -z "$ROOT" ] && chown -R "$SERVICE_USER:$SERVICE_USER" "$STATE"
+
+if have_systemd; then
+  systemctl daemon-reload
+  if [ "$START" -eq 1 ]; then
+    systemctl enable edge-agent
+    systemctl restart edge-agent  # picks up a new version on upgrades
+    say "running: systemctl status edge-agent; logs: journalctl -u edge-agent -o cat"
+  fi
+else
+  say "systemd is not running here: start it with $PREFIX/bin/edge-agent run --config $CONF_DIR/agent.yaml"
+fi
+"$PREFIX/bin/edge-agent" check-config "$CONF_DIR/agent.yaml" || \
+  say "the config has problems (listed above): edit $CONF_DIR/agent.yaml"
