@@ -651,13 +651,18 @@ def _fields_at(path: KeyPath) -> list[str]:
         current = _child_type(current, part)
         if current is None:
             return []
-    if isinstance(current, type) and issubclass(current, BaseModel):
+    if _is_model(current):
         return list(current.model_fields)
     return []
 
 
+def _is_model(tp: Any) -> bool:
+    # On Python 3.10 isinstance(Mapping[str, X], type) is True; issubclass would then raise.
+    return isinstance(tp, type) and typing.get_origin(tp) is None and issubclass(tp, BaseModel)
+
+
 def _child_type(tp: Any, part: str | int) -> Any:
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
+    if _is_model(tp):
         field = tp.model_fields.get(str(part))
         return _unwrap(field.annotation) if field is not None else None
     origin = typing.get_origin(tp)
