@@ -7,6 +7,7 @@ reloads and waits for a stop request. Signal handlers only set flags for that lo
 
 from __future__ import annotations
 
+import platform
 import signal
 import threading
 import time
@@ -92,6 +93,8 @@ class Daemon:
         """Serve until asked to stop; returns the process exit code."""
         self._install_signal_handlers()
         log.info("agent_starting", version=__version__, device_id=self.config.device_id,
+                 machine=platform.machine(), python=platform.python_version(),
+                 onnxruntime=onnxruntime.__version__,
                  config=str(self.source) if self.source else "built-in defaults",
                  models=len(self.config.models), pipelines=len(self.config.pipelines))
         self._log_hardware()
