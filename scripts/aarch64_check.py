@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,16 +78,47 @@ def main() -> int:
             broker.stop()
 
 
+@dataclass
+class Run:
+    """One emulated daemon and what the checks share."""
+
+    folder: Path
+    broker: MosquittoBroker
+    target: list[str]
+    env: dict[str, str]
+    timeout_s: float
+    rec: Recorder
+    daemon: subprocess.Popen[bytes]
+    log_path: Path
+
+
 def run_checks(folder: Path, broker: MosquittoBroker, target: list[str], env: dict[str, str],
                timeout_s: float) -> int:
     started = time.monotonic()
     models = folder / "models"
     first = build_linear(models / "lin.onnx", features=4, outputs=2, seed=0)
     second = build_linear(folder / "second.onnx", features=4, outputs=2, seed=1)
+    run = start_daemon(folder, broker, target, env, timeout_s)
+    try:
+        check_start(run)
+        check_formats(run, first)
+        check_reload(run, models, second)
+        check_stop(run)
+    finally:
+        run.rec.stop()
+        if run.daemon.poll() is None:
+            run.daemon.kill()
+    check_detect(target, env, timeout_s)
+    print(f"aarch64 check passed in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def start_daemon(folder: Path, broker: MosquittoBroker, target: list[str], env: dict[str, str],
+                 timeout_s: float) -> Run:
     config = {
         "device_id": "arm1", "log_level": "info",
         "mqtt": {"host": broker.host, "port": broker.port},
-        "models_dir": str(models), "state_dir": str(folder / "state"),
+        "models_dir": str(folder / "models"), "state_dir": str(folder / "state"),
         "models": {"lin": {}},
         "health": {"interval_s": 2},
         "pipelines": {
@@ -107,68 +139,82 @@ def run_checks(folder: Path, broker: MosquittoBroker, target: list[str], env: di
         daemon = subprocess.Popen([*target, "-m", "agent", "run", "--config", str(config_file),
                                    "--log-format", "json"], stdout=log_file,
                                   stderr=subprocess.STDOUT, env=env, cwd=folder)
-    try:
-        wait_for(lambda: any(e.get("event") == "agent_serving" for e in log_events(log_path))
-                 or daemon.poll() is not None, timeout_s, "the emulated daemon to serve")
-        if daemon.poll() is not None:
-            fail(f"the daemon exited with {daemon.returncode}:\n{log_path.read_text()}")
-        events = log_events(log_path)
-        starting = next(e for e in events if e.get("event") == "agent_starting")
-        hardware = next(e for e in events if e.get("event") == "hardware_detected")
-        print(f"inside the emulated process: machine={starting.get('machine')}, python "
-              f"{starting.get('python')}, onnxruntime {starting.get('onnxruntime')}; "
-              f"hardware: {hardware.get('summary')}", flush=True)
-        if starting.get("machine") != "aarch64":
-            fail(f"platform.machine() is {starting.get('machine')!r}, not 'aarch64'")
+    return Run(folder, broker, target, env, timeout_s, rec, daemon, log_path)
 
-        x = np.array([[0.5, -1.0, 2.0, 3.25], [1.5, 0.25, -0.75, 4.0], [-2.0, 1.0, 0.5, 0.0]],
-                     dtype=np.float32)
-        client = publisher(broker)
-        client.publish("in/json/a", json.dumps({"id": "j", "x": x[0].tolist()}), qos=1)
-        client.publish("in/raw/b", x[1].astype("<f4").tobytes(), qos=1)
-        buffer = io.BytesIO()
-        np.save(buffer, x[2])
-        client.publish("in/npy/c", buffer.getvalue(), qos=1)
-        wait_for(lambda: len([m for m in rec.messages if m.topic.startswith("out/")]) >= 3,
-                 timeout_s, "results of the three formats")
-        session = ort.InferenceSession(str(first), providers=["CPUExecutionProvider"])
-        expected = session.run(None, {"x": x})[0]
-        for index, topic in enumerate(("out/json/a", "out/raw/b", "out/npy/c")):
-            result = json.loads(rec.on(topic)[0].payload)
-            got = np.array(result["outputs"]["y"])
-            if not np.allclose(got, expected[index], rtol=1e-5, atol=1e-6):
-                fail(f"{topic}: aarch64 gave {got}, x86-64 gives {expected[index]}")
-            print(f"{topic}: {got.round(5).tolist()} == x86-64 {expected[index].round(5)}")
 
-        new_version = "sha256:" + hashlib.sha256(second.read_bytes()).hexdigest()
-        temp = models / "lin.onnx.tmp"
-        temp.write_bytes(second.read_bytes())
-        os.replace(temp, models / "lin.onnx")
-        wait_for(lambda: any(json.loads(m.payload).get("version") == new_version
-                             for m in rec.on("edge/arm1/models/lin")),
-                 timeout_s, "the hot reload")
-        client.publish("in/json/d", json.dumps({"id": "k", "x": x[0].tolist()}), qos=1)
-        wait_for(lambda: bool(rec.on("out/json/d")), timeout_s, "a result after the reload")
-        client.loop_stop()
-        after = json.loads(rec.on("out/json/d")[0].payload)
-        reloaded = ort.InferenceSession(str(second), providers=["CPUExecutionProvider"])
-        if after["version"] != new_version or not np.allclose(
-                after["outputs"]["y"], reloaded.run(None, {"x": x[:1]})[0][0], rtol=1e-5):
-            fail(f"after the reload: {after}")
-        print(f"hot reload: results now from {new_version[:19]}")
+def check_start(run: Run) -> None:
+    wait_for(lambda: any(e.get("event") == "agent_serving" for e in log_events(run.log_path))
+             or run.daemon.poll() is not None, run.timeout_s, "the emulated daemon to serve")
+    if run.daemon.poll() is not None:
+        fail(f"the daemon exited with {run.daemon.returncode}:\n{run.log_path.read_text()}")
+    events = log_events(run.log_path)
+    starting = next(e for e in events if e.get("event") == "agent_starting")
+    hardware = next(e for e in events if e.get("event") == "hardware_detected")
+    print(f"inside the emulated process: machine={starting.get('machine')}, python "
+          f"{starting.get('python')}, onnxruntime {starting.get('onnxruntime')}; "
+          f"hardware: {hardware.get('summary')}", flush=True)
+    if starting.get("machine") != "aarch64":
+        fail(f"platform.machine() is {starting.get('machine')!r}, not 'aarch64'")
 
-        daemon.send_signal(signal.SIGTERM)
-        code = daemon.wait(timeout=60)
-        if code != 0:
-            fail(f"SIGTERM: exit code {code}")
-        wait_for(lambda: any(m.payload == b"offline" for m in rec.on("edge/arm1/status")),
-                 30, "'offline' after SIGTERM")
-        print("SIGTERM: exit 0, offline published")
-    finally:
-        rec.stop()
-        if daemon.poll() is None:
-            daemon.kill()
 
+READINGS = np.array([[0.5, -1.0, 2.0, 3.25], [1.5, 0.25, -0.75, 4.0], [-2.0, 1.0, 0.5, 0.0]],
+                    dtype=np.float32)
+
+
+def check_formats(run: Run, model: Path) -> None:
+    """One reading per payload format; results equal x86-64 onnxruntime's."""
+    client = publisher(run.broker)
+    client.publish("in/json/a", json.dumps({"id": "j", "x": READINGS[0].tolist()}), qos=1)
+    client.publish("in/raw/b", READINGS[1].astype("<f4").tobytes(), qos=1)
+    buffer = io.BytesIO()
+    np.save(buffer, READINGS[2])
+    client.publish("in/npy/c", buffer.getvalue(), qos=1)
+    wait_for(lambda: len([m for m in run.rec.messages if m.topic.startswith("out/")]) >= 3,
+             run.timeout_s, "results of the three formats")
+    client.loop_stop()
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": READINGS})[0]
+    for index, topic in enumerate(("out/json/a", "out/raw/b", "out/npy/c")):
+        got = np.array(json.loads(run.rec.on(topic)[0].payload)["outputs"]["y"])
+        if not np.allclose(got, expected[index], rtol=1e-5, atol=1e-6):
+            fail(f"{topic}: aarch64 gave {got}, x86-64 gives {expected[index]}")
+        print(f"{topic}: {got.round(5).tolist()} == x86-64 {expected[index].round(5)}")
+
+
+def check_reload(run: Run, models: Path, second: Path) -> None:
+    """A new file renamed into place is served."""
+    new_version = "sha256:" + hashlib.sha256(second.read_bytes()).hexdigest()
+    temp = models / "lin.onnx.tmp"
+    temp.write_bytes(second.read_bytes())
+    os.replace(temp, models / "lin.onnx")
+    wait_for(lambda: any(json.loads(m.payload).get("version") == new_version
+                         for m in run.rec.on("edge/arm1/models/lin")),
+             run.timeout_s, "the hot reload")
+    client = publisher(run.broker)
+    client.publish("in/json/d", json.dumps({"id": "k", "x": READINGS[0].tolist()}), qos=1)
+    wait_for(lambda: bool(run.rec.on("out/json/d")), run.timeout_s, "a result after reload")
+    client.loop_stop()
+    after = json.loads(run.rec.on("out/json/d")[0].payload)
+    reloaded = ort.InferenceSession(str(second), providers=["CPUExecutionProvider"])
+    if after["version"] != new_version or not np.allclose(
+            after["outputs"]["y"], reloaded.run(None, {"x": READINGS[:1]})[0][0], rtol=1e-5):
+        fail(f"after the reload: {after}")
+    print(f"hot reload: results now from {new_version[:19]}")
+
+
+def check_stop(run: Run) -> None:
+    """SIGTERM: exit 0 and 'offline'."""
+    run.daemon.send_signal(signal.SIGTERM)
+    code = run.daemon.wait(timeout=60)
+    if code != 0:
+        fail(f"SIGTERM: exit code {code}")
+    wait_for(lambda: any(m.payload == b"offline" for m in run.rec.on("edge/arm1/status")),
+             30, "'offline' after SIGTERM")
+    print("SIGTERM: exit 0, offline published")
+
+
+def check_detect(target: list[str], env: dict[str, str], timeout_s: float) -> None:
+    """`edge-agent detect` on the Raspberry Pi 4 fixture: a Pi, CPU only, 4 threads."""
     fixture = REPO / "tests" / "fixtures" / "hw" / "raspberry-pi-4"
     done = subprocess.run([*target, "-m", "agent", "detect", "--json", "--root", str(fixture)],
                           capture_output=True, text=True, env=env, timeout=timeout_s,
@@ -182,8 +228,6 @@ def run_checks(folder: Path, broker: MosquittoBroker, target: list[str], env: di
         fail(f"detect on the Raspberry Pi 4 fixture: {json.dumps(report)[:800]}")
     print(f"detect: {report['hardware']['summary']}, CPU with "
           f"{report['session']['intra_op_num_threads']} threads")
-    print(f"aarch64 check passed in {time.monotonic() - started:.0f} s")
-    return 0
 
 
 if __name__ == "__main__":
