@@ -8,7 +8,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,3 +234,21 @@ def publisher(broker: MosquittoBroker,
     client.connect(broker.host, broker.port)
     client.loop_start()
     return client
+
+
+def paced_stream(broker: MosquittoBroker, topic: str, payloads: Sequence[bytes | str],
+                 rate: float, qos: int = 1) -> threading.Thread:
+    """Publish ``payloads`` at ``rate`` per second from a background thread (started)."""
+    def run() -> None:
+        client = publisher(broker)
+        started = time.monotonic()
+        for index, payload in enumerate(payloads):
+            delay = started + index / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            client.publish(topic, payload, qos=qos)
+        client.loop_stop()
+
+    thread = threading.Thread(target=run, name="paced-stream")
+    thread.start()
+    return thread

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,30 +12,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, build_slow
 
 pytestmark = pytest.mark.broker
 
 AgentFactory = Callable[[dict[str, Any]], AgentProcess]
-
-
-def stream(broker: MosquittoBroker, topic: str, count: int, rate: float) -> threading.Thread:
-    """Publish ``count`` readings with ids 0.. at ``rate`` per second, in the background."""
-    def run() -> None:
-        client = publisher(broker)
-        started = time.monotonic()
-        for i in range(count):
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            client.publish(topic, json.dumps({"id": i, "x": [i, 1, 2, 3]}), qos=1)
-        client.loop_stop()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
 
 
 def test_sighup_applies_a_valid_change_without_losing_readings(
@@ -53,7 +35,8 @@ def test_sighup_applies_a_valid_change_without_losing_readings(
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#", "added/#")
-    sender = stream(broker, "in/s", 900, 300.0)
+    sender = paced_stream(broker, "in/s", [json.dumps({"id": i, "x": [i, 1, 2, 3]})
+                                           for i in range(900)], 300.0)
     time.sleep(1.0)
     config["models"]["other"] = {}
     config["pipelines"]["q"] = {"model": "other", "input": {"topic": "new/+"},

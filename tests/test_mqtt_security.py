@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.broker import MosquittoBroker, make_password_file, make_tls_files
+from tests.broker import MosquittoBroker, TlsFiles, make_password_file, make_tls_files
 from tests.conftest import AgentProcess, base_config
 
 pytestmark = pytest.mark.broker
@@ -58,42 +58,43 @@ def test_wrong_password_is_refused_and_survived(
     assert took < 5.0
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_connects_over_tls_with_a_private_ca(tmp_path: Path,
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, TlsFiles]]:
+    """A broker that only speaks TLS, with a certificate from a throw-away CA."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    workdir = tmp_path / "tls-broker"
+    workdir.mkdir()
+    tls = make_tls_files(workdir / "certs")
+    broker = MosquittoBroker(workdir, tls=tls)
+    broker.start()
+    yield broker, tls
+    broker.stop()
+
+
+def test_connects_over_tls_with_a_private_ca(tls_broker: tuple[MosquittoBroker, TlsFiles],
+                                             tmp_path: Path,
                                              agent_factory: AgentFactory) -> None:
     """TLS with the CA from tls.ca_file; the server certificate is verified."""
-    workdir = tmp_path / "tls-broker"
-    workdir.mkdir()
-    tls = make_tls_files(workdir / "certs")
-    broker = MosquittoBroker(workdir, tls=tls)
-    broker.start()
-    try:
-        config = base_config(broker, tmp_path)
-        config["mqtt"]["tls"] = {"ca_file": str(tls.ca_cert)}
-        agent = agent_factory(config)
-        agent.wait_for_event("mqtt_connected")
-        code, _ = agent.terminate()
-        assert code == 0
-    finally:
-        broker.stop()
+    broker, tls = tls_broker
+    config = base_config(broker, tmp_path)
+    config["mqtt"]["tls"] = {"ca_file": str(tls.ca_cert)}
+    agent = agent_factory(config)
+    agent.wait_for_event("mqtt_connected")
+    code, _ = agent.terminate()
+    assert code == 0
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_with_an_untrusted_ca_does_not_connect(tmp_path: Path,
+def test_tls_with_an_untrusted_ca_does_not_connect(tls_broker: tuple[MosquittoBroker,
+                                                                     TlsFiles],
+                                                   tmp_path: Path,
                                                    agent_factory: AgentFactory) -> None:
     """A broker certificate from another CA is refused; the daemon keeps running."""
-    workdir = tmp_path / "tls-broker"
-    workdir.mkdir()
-    tls = make_tls_files(workdir / "certs")
-    other = make_tls_files(workdir / "other")
-    broker = MosquittoBroker(workdir, tls=tls)
-    broker.start()
-    try:
-        config = base_config(broker, tmp_path)
-        config["mqtt"]["tls"] = {"ca_file": str(other.ca_cert)}
-        agent = agent_factory(config)
-        agent.wait_for_event("mqtt_connect_failed")
-        assert agent.process.poll() is None
-        assert not any(e["event"] == "mqtt_connected" for e in agent.log_events())
-    finally:
-        broker.stop()
+    broker, _ = tls_broker
+    other = make_tls_files(tmp_path / "other-ca")
+    config = base_config(broker, tmp_path)
+    config["mqtt"]["tls"] = {"ca_file": str(other.ca_cert)}
+    agent = agent_factory(config)
+    agent.wait_for_event("mqtt_connect_failed")
+    assert agent.process.poll() is None
+    assert not any(e["event"] == "mqtt_connected" for e in agent.log_events())

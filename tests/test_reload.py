@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, linear_weights
 
@@ -77,18 +76,8 @@ def test_results_follow_each_replacement_with_no_lost_reading(
         weight, bias = linear_weights(4, 2, seed)
         expected[version_of(data)] = inputs @ weight + bias
 
-    def send() -> None:
-        client = publisher(broker)
-        started = time.monotonic()
-        for i in range(total):
-            delay = started + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            client.publish("in/s1", json.dumps({"id": i, "x": inputs[i].tolist()}), qos=1)
-        client.loop_stop()
-
-    sender = threading.Thread(target=send)
-    sender.start()
+    sender = paced_stream(broker, "in/s1", [json.dumps({"id": i, "x": inputs[i].tolist()})
+                                            for i in range(total)], rate)
     time.sleep(1.0)
     replaced: list[tuple[float, str]] = []
     target = tmp_path / "models" / "lin.onnx"
