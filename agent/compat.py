@@ -7,7 +7,6 @@ time keeps the previous model serving and names the mismatch once.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from agent.codecs import TensorSpec
 from agent.config import PipelineConfig
@@ -15,17 +14,7 @@ from agent.errors import PipelineFitError
 from agent.runplan import ModelView, build_plan
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The parts of a loaded model the checks need."""
-
-    inputs: Sequence[TensorSpec]
-    outputs: Sequence[str]
-    batch_axis: bool
-    max_batch: int | None   # None: dynamic batch axis
-
-
-def pipeline_problems(model: ModelShape, pipelines: Mapping[str, PipelineConfig]) -> list[str]:
+def pipeline_problems(model: ModelView, pipelines: Mapping[str, PipelineConfig]) -> list[str]:
     """Every mismatch between ``model`` and the pipelines given (all of which use it)."""
     problems: list[str] = []
     for name, pipeline in pipelines.items():
@@ -33,11 +22,11 @@ def pipeline_problems(model: ModelShape, pipelines: Mapping[str, PipelineConfig]
     return problems
 
 
-def _check_one(model: ModelShape, name: str, pipeline: PipelineConfig) -> list[str]:
+def _check_one(model: ModelView, name: str, pipeline: PipelineConfig) -> list[str]:
     problems = []
     input_names = [spec.name for spec in model.inputs]
     try:
-        plan = build_plan(ModelView(tuple(model.inputs), tuple(model.outputs)), pipeline, name)
+        plan = build_plan(model, pipeline, name)
     except PipelineFitError as exc:
         return [str(exc)]
     fed_by_payload = list(plan.payload)
@@ -75,7 +64,7 @@ def _target_spec(specs: Sequence[TensorSpec], tensor: str | None) -> TensorSpec 
     return specs[0] if len(specs) == 1 else None
 
 
-def _shape_problems(model: ModelShape, name: str, pipeline: PipelineConfig,
+def _shape_problems(model: ModelView, name: str, pipeline: PipelineConfig,
                     target: TensorSpec) -> list[str]:
     shape = pipeline.input.shape
     assert shape is not None

@@ -22,7 +22,7 @@ import onnxruntime as ort
 import structlog
 
 from agent.codecs import ONNX_TO_NUMPY, TensorSpec, encode_json
-from agent.compat import ModelShape, pipeline_problems
+from agent.compat import pipeline_problems
 from agent.config import AgentConfig, PipelineConfig
 from agent.errors import ModelLoadError, PipelineFitError
 from agent.hardware import Hardware
@@ -53,8 +53,6 @@ class LoadedModel:
     session: ort.InferenceSession
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[str, ...]
-    batch_axis: bool
-    max_batch: int | None  # None: the batch axis is dynamic
     providers: tuple[str, ...]
     requested: tuple[str, ...]
     degraded: bool
@@ -251,15 +249,15 @@ class ModelRegistry:
                 raise ModelLoadError(
                     f"requested providers {missing} did not load (loaded: {list(loaded)}) and "
                     "require_providers is true")
-        inputs, batch_axis, max_batch = _describe_inputs(session)
+        inputs = _describe_inputs(session)
         outputs = tuple(o.name for o in session.get_outputs())
         users = {p: c for p, c in self._config.pipelines.items() if c.model == name}
-        problems = pipeline_problems(ModelShape(inputs, outputs, batch_axis, max_batch), users)
+        problems = pipeline_problems(ModelView(inputs, outputs), users)
         if problems:
             raise ModelLoadError("; ".join(problems))
         model = LoadedModel(name=name, version=version, path=path, session=session,
-                            inputs=inputs, outputs=outputs, batch_axis=batch_axis,
-                            max_batch=max_batch, providers=loaded, requested=tuple(requested),
+                            inputs=inputs, outputs=outputs, providers=loaded,
+                            requested=tuple(requested),
                             degraded=bool(missing),
                             loaded_at=time.time())
         _warm_up(model, users)
@@ -305,12 +303,12 @@ def _read_model_file(path: Path) -> bytes:
     return data
 
 
-def _describe_inputs(session: ort.InferenceSession
-                     ) -> tuple[tuple[TensorSpec, ...], bool, int | None]:
-    """Per-reading input specs; whether every input has a leading batch axis, and its limit.
+def _describe_inputs(session: ort.InferenceSession) -> tuple[TensorSpec, ...]:
+    """Per-reading input specs.
 
     An input has a batch axis when its first axis is dynamic, or fixed at 1 with more axes
-    after it (models exported for batch size 1).
+    after it (models exported for batch size 1); how a pipeline batches is its run plan's
+    business.
     """
     specs = []
     for item in session.get_inputs():
@@ -323,9 +321,7 @@ def _describe_inputs(session: ort.InferenceSession
         specs.append(TensorSpec(name=item.name, dtype=np.dtype(ONNX_TO_NUMPY[item.type]),
                                 item_shape=shape[1:] if batched else shape, batched=batched,
                                 max_batch=None if dynamic_first else 1 if fixed_one else None))
-    batch_axis = bool(specs) and all(spec.batched for spec in specs)
-    limits = [spec.max_batch for spec in specs if spec.max_batch is not None]
-    return tuple(specs), batch_axis, (min(limits) if limits else None) if batch_axis else None
+    return tuple(specs)
 
 
 def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig]) -> None:
