@@ -272,7 +272,7 @@ class Daemon:
             self.watcher = self._make_watcher(new)
             self.watcher.start()
         self._apply_pipelines(old, new, changed_pipelines)
-        self.health = HealthReporter(self._view())
+        self.health.update_view(self._view())
         log.info("config_reloaded", reconnected=reconnect, removed_models=removed_models,
                  pipelines=list(self.pipelines))
         self.notifier.ready(self._status_line())

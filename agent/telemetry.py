@@ -102,6 +102,10 @@ class HealthReporter:
         self._started = time.monotonic()
         self._previous = _Previous(time.monotonic(), process_cpu_seconds())
 
+    def update_view(self, view: AgentView) -> None:
+        """Read from ``view`` from now on (config reloaded); uptime and rates carry on."""
+        self._view = view
+
     def report(self) -> dict[str, Any]:
         """The health document for the interval since the previous call."""
         now = time.monotonic()
