@@ -173,6 +173,8 @@ def _fit_shape(array: Tensor, spec: TensorSpec) -> Tensor:
 
 
 def _matches(actual: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    if actual == expected:  # the common case: a static shape, compared in C
+        return True
     return len(actual) == len(expected) and all(
         e is None or a == e for a, e in zip(actual, expected, strict=True))
 

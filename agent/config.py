@@ -170,6 +170,8 @@ class MqttConfig(Section):
     reconnect_max_s: Annotated[StrictFloat, Field(ge=1, le=3600)] = Field(
         30.0, description="upper bound of the reconnect backoff (it starts at 1 s and doubles)"
     )
+    max_inflight: Annotated[StrictInt, Field(ge=1, le=65535)] = Field(
+        100, description="QoS 1 messages awaiting the broker's acknowledgement at once")
 
     @field_validator("topic_prefix")
     @classmethod
