@@ -338,12 +338,11 @@ class Pipeline:
                                     group)
         if outputs is None:
             return
-        for name in plan.published:
-            if not all_finite(outputs[name]):
-                for reading in group:
-                    self._fail(reading, f"the model produced NaN or infinity in output "
-                                        f"{name!r}; no result published")
-                return
+        problem = _non_finite(plan, outputs)
+        if problem is not None:
+            for reading in group:
+                self._fail(reading, problem)
+            return
         size = len(group)
         for index, reading in enumerate(group):
             values = {name: split_output(outputs[name], index, size, plan.stacked)
@@ -359,10 +358,9 @@ class Pipeline:
         outputs = self._session_run(model, plan, feeds, [reading])
         if outputs is None:
             return
-        bad = [name for name in plan.published if not all_finite(outputs[name])]
-        if bad:
-            self._fail(reading, f"the model produced NaN or infinity in output {bad[0]!r}; "
-                                "no result published")
+        problem = _non_finite(plan, outputs)
+        if problem is not None:
+            self._fail(reading, problem)
             return
         by_name = {spec.name: spec for spec in model.inputs}
         stream.state = {name: np.asarray(outputs[source], dtype=by_name[name].dtype)
@@ -431,6 +429,14 @@ class Pipeline:
     def _fail(self, reading: Reading, reason: str) -> None:
         self.counters.failed += 1
         self._errors.report(self.name, reading.topic, reason)
+
+
+def _non_finite(plan: RunPlan, outputs: dict[str, Any]) -> str | None:
+    """Why the run's outputs cannot be published (NaN or infinity), or None."""
+    for name in plan.published:
+        if not all_finite(outputs[name]):
+            return f"the model produced NaN or infinity in output {name!r}; no result published"
+    return None
 
 
 def _response_properties(message: paho.MQTTMessage) -> tuple[str | None, bytes | None]:

@@ -52,9 +52,7 @@ class ErrorReporter:
 
     def report_model_failure(self, model: str, file: str, reason: str) -> None:
         """Publish a failed model load (called on the loading thread; logged by the registry)."""
-        self._publish(self._topic, encode_json(
-            {"pipeline": None, "model": model, "topic": None, "file": file,
-             "reason": f"model {model!r} failed to load: {reason}", "ts": time.time()}))
+        self.report_step(f"model {model!r} failed to load: {reason}", model=model, file=file)
 
     def _take_budget(self, source: str) -> tuple[bool, int]:
         """Whether to log this error, and how many were muted in the window that just ended."""

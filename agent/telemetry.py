@@ -40,10 +40,10 @@ def process_cpu_seconds(stat_file: Path = Path("/proc/self/stat")) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def rss_mb(status_file: Path = Path("/proc/self/status")) -> float | None:
-    """Resident memory of this process in MB."""
+def rss_mb(pid: int | str = "self") -> float | None:
+    """Resident memory of process ``pid`` (default: this one) in MB; None when unreadable."""
     try:
-        for line in status_file.read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:

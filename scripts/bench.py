@@ -46,6 +46,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from agent.telemetry import rss_mb  # noqa: E402
 from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
 from tests.onnx_builders import IR_VERSION  # noqa: E402
 
@@ -282,13 +283,6 @@ def latency(broker: MosquittoBroker, results: ResultCounter, messages: Messages
     return statistics.median(values), values[max(0, int(len(values) * 0.99) - 1)]
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def start_process(command: list[str], ready: Callable[[], bool], log: Path
                   ) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
@@ -361,7 +355,7 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
             if label == "baseline":
                 row.figures["baseline_p50"] = figures["p50"]
                 row.figures["baseline_p99"] = figures["p99"]
-                row.figures["baseline_rss"] = rss_mb(process.pid)
+                row.figures["baseline_rss"] = rss_mb(process.pid) or float("nan")
         finally:
             stop_process(process)
 
@@ -399,11 +393,11 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
         row.figures["daemon_p50"] = figures["p50"]
         row.figures["daemon_p99"] = figures["p99"]
         # Measured after the same work as the baseline's figure (JSON), then after raw too.
-        row.figures["daemon_rss"] = rss_mb(process.pid)
+        row.figures["daemon_rss"] = rss_mb(process.pid) or float("nan")
         figures = measure_target(broker, "d/out/raw/#", raw_messages, id_from_order=True)
         row.figures["daemon_raw_sat"] = figures["throughput"]
         row.figures["daemon_raw_p50"] = figures["p50"]
-        row.figures["daemon_rss_after_raw"] = rss_mb(process.pid)
+        row.figures["daemon_rss_after_raw"] = rss_mb(process.pid) or float("nan")
     finally:
         stop_process(process)
         status.close()

@@ -27,17 +27,10 @@ from agent.config import config_from_document  # noqa: E402
 from agent.hardware import detect  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
 from agent.models import ModelRegistry  # noqa: E402
+from agent.telemetry import rss_mb  # noqa: E402
 from agent.watcher import ModelFileWatcher  # noqa: E402
 from agent.yaml_source import YamlDocument  # noqa: E402
 from tests.onnx_builders import build_linear  # noqa: E402
-
-
-def rss_mb() -> float:
-    """Resident set size of this process, from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> int:
@@ -80,10 +73,10 @@ def main() -> int:
                         raise TimeoutError(f"reload {index} did not finish")
                 latencies.append(time.perf_counter() - started)
                 if index == 1:
-                    rss_first = rss_mb()
+                    rss_first = rss_mb() or float("nan")
         finally:
             watcher.stop()
-        rss_last = rss_mb()
+        rss_last = rss_mb() or float("nan")
     latencies.sort()
     print(f"model size            {len(models[0]) / 1e6:.2f} MB")
     print(f"reloads               {args.reloads}")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.telemetry import rss_mb
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_slow
@@ -21,13 +22,6 @@ pytestmark = pytest.mark.broker
 AgentFactory = Callable[[dict[str, Any]], AgentProcess]
 ERRORS = "edge/dev1/errors"
 QUEUE_MAX = 200
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def test_overload_is_bounded_counted_and_recovers(
@@ -49,7 +43,7 @@ def test_overload_is_bounded_counted_and_recovers(
 
     def sample_memory() -> None:
         while not stop.wait(0.5):
-            rss.append(rss_mb(agent.process.pid))
+            rss.append(rss_mb(agent.process.pid) or float("nan"))
 
     sampler = threading.Thread(target=sample_memory)
     sampler.start()
