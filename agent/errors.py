@@ -41,3 +41,19 @@ class PayloadError(EdgeAgentError):
 
 class PipelineFitError(EdgeAgentError):
     """A model does not fit a pipeline that uses it (inputs, outputs, constants, state)."""
+
+
+class UpdateKeyError(EdgeAgentError):
+    """An Ed25519 key file cannot be read, is of the wrong kind, or would be overwritten."""
+
+
+class UpdateRejectedError(EdgeAgentError):
+    """A signed update was refused before anything was attempted (status ``REJECTED``)."""
+
+
+class SignatureError(UpdateRejectedError):
+    """A manifest's DSSE envelope is malformed or lacks enough trusted signatures."""
+
+
+class UpdateFailedError(EdgeAgentError):
+    """An accepted update did not work: transfer, verification, install or trial (``FAILED``)."""

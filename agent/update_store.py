@@ -1,0 +1,148 @@
+"""What the device remembers about updates across restarts and power cuts.
+
+One JSON file in ``state_dir/updates``, replaced atomically on every change: per model the
+highest version ever accepted (the rollback and replay defence) and the sha256 digests of
+signed files, and a journal entry per update in progress, so that a restart knows what a
+crash interrupted. Fails closed: an unreadable file refuses updates instead of forgetting
+the versions it protects.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.durable import write_atomically
+from agent.errors import UpdateRejectedError
+
+STATE_FILE = "state.json"
+SIGNED_HISTORY = 8  # digests kept per model: the installed file, its .prev and a few before
+
+
+@dataclass
+class JournalEntry:
+    """An update between acceptance and its final status."""
+
+    update_id: str
+    model: str
+    version: int
+    sha256: str
+    step: str                  # downloading | installing | trial | committed
+    target: str                # the model file the update replaces
+    staged: str                # the staging file the bytes are written to
+    previous_sha256: str | None = None
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class ModelRecord:
+    """The update history of one model."""
+
+    version: int = 0           # highest version ever accepted for install
+    signed: list[str] = field(default_factory=list)  # sha256 of files installed by updates
+
+
+class UpdateStore:
+    """The persisted update state; thread-safe (the intake and install threads share it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / STATE_FILE
+        self._lock = threading.Lock()
+        self._problem: str | None = None
+        self._models: dict[str, ModelRecord] = {}
+        self._journal: dict[str, JournalEntry] = {}
+        self._load()
+
+    @property
+    def problem(self) -> str | None:
+        """Why updates are refused (the state file is unreadable), or None."""
+        return self._problem
+
+    def highest_version(self, model: str) -> int:
+        """The highest version ever accepted for ``model`` (0: none)."""
+        self._check()
+        with self._lock:
+            return self._models.get(model, ModelRecord()).version
+
+    def is_signed(self, model: str, sha256: str) -> bool:
+        """Whether a file with this digest was installed for ``model`` by a signed update."""
+        with self._lock:
+            return sha256 in self._models.get(model, ModelRecord()).signed
+
+    def journal(self) -> list[JournalEntry]:
+        """Updates in progress, oldest first."""
+        with self._lock:
+            return sorted(self._journal.values(), key=lambda e: e.started)
+
+    def begin(self, entry: JournalEntry) -> None:
+        """Record an accepted update before any of its bytes are written."""
+        with self._lock:
+            self._journal[entry.update_id] = entry
+            self._save()
+
+    def set_step(self, update_id: str, step: str, **changes: Any) -> None:
+        """Move a journalled update to ``step`` (durably, before the step's effects)."""
+        with self._lock:
+            entry = self._journal[update_id]
+            entry.step = step
+            for key, value in changes.items():
+                setattr(entry, key, value)
+            self._save()
+
+    def accept(self, update_id: str, model: str, version: int, sha256: str,
+               previous_sha256: str | None) -> None:
+        """Raise the model's version floor, trust its digest, and mark the update as
+        installing over a file with digest ``previous_sha256``: one atomic write, so a crash
+        leaves all of it or none."""
+        with self._lock:
+            record = self._models.setdefault(model, ModelRecord())
+            record.version = max(record.version, version)
+            if sha256 in record.signed:
+                record.signed.remove(sha256)
+            record.signed = [*record.signed, sha256][-SIGNED_HISTORY:]
+            entry = self._journal[update_id]
+            entry.step = "installing"
+            entry.previous_sha256 = previous_sha256
+            self._save()
+
+    def finish(self, update_id: str) -> None:
+        """Forget a journalled update (its final status has been sent)."""
+        with self._lock:
+            if self._journal.pop(update_id, None) is not None:
+                self._save()
+
+    def _check(self) -> None:
+        if self._problem is not None:
+            raise UpdateRejectedError(self._problem)
+
+    def _load(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._problem = f"update state {self.path} is unreadable: {exc.strerror}"
+            return
+        try:
+            data = json.loads(text)
+            self._models = {name: ModelRecord(**record)
+                            for name, record in data.get("models", {}).items()}
+            self._journal = {entry["update_id"]: JournalEntry(**entry)
+                             for entry in data.get("journal", [])}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            self._problem = (f"update state {self.path} is corrupt ({exc}); updates are "
+                             "refused until it is repaired or removed, because it holds the "
+                             "version floor that stops downgrades")
+
+    def _save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        document = {
+            "models": {name: asdict(record) for name, record in self._models.items()},
+            "journal": [asdict(entry) for entry in self._journal.values()],
+        }
+        write_atomically(self.path, json.dumps(document, indent=1).encode(), mode=0o600)
