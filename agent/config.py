@@ -34,7 +34,8 @@ from pydantic import (
     model_validator,
 )
 
-from agent.errors import ConfigError, ConfigProblem
+from agent.errors import ConfigError, ConfigProblem, UpdateKeyError
+from agent.signing import load_public_key
 from agent.yaml_source import KeyPath, YamlDocument, YamlSyntaxError, parse_yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
@@ -304,6 +305,16 @@ class UpdatesConfig(Section):
     trusted_keys: tuple[StrictStr, ...] = Field((), description="Ed25519 public key files")
     threshold: Annotated[StrictInt, Field(ge=1)] = 1
     require_signed_files: StrictBool = False
+    ca_file: StrictStr | None = Field(
+        None, description="CA bundle for https update downloads (default: the system's)")
+    chunk_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
+        60.0, description="an MQTT chunk transfer with no chunk for this long fails")
+    connect_timeout_s: Annotated[StrictFloat, Field(gt=0, le=600)] = Field(
+        15.0, description="https: connect and per-read timeout")
+    download_timeout_s: Annotated[StrictFloat, Field(gt=0, le=604_800)] = Field(
+        1800.0, description="https: the whole download must finish within this")
+    trial_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
+        600.0, description="a new model must load and warm up within this, or is rolled back")
 
 
 class OutboxConfig(Section):
@@ -433,9 +444,13 @@ def _fill_defaults(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if key in data:
             data[key] = filler.resolve(data[key])
     updates = data.get("updates")
-    if isinstance(updates, dict) and isinstance(updates.get("trusted_keys"), list):
-        data["updates"] = {**updates,
-                           "trusted_keys": [filler.resolve(k) for k in updates["trusted_keys"]]}
+    if isinstance(updates, dict):
+        updates = dict(updates)
+        if isinstance(updates.get("trusted_keys"), list):
+            updates["trusted_keys"] = [filler.resolve(k) for k in updates["trusted_keys"]]
+        if "ca_file" in updates:
+            updates["ca_file"] = filler.resolve(updates["ca_file"])
+        data["updates"] = updates
     if isinstance(data.get("models"), dict):
         data["models"] = {name: _fill_model(name, body) for name, body in data["models"].items()}
     prefix = data["mqtt"].get("topic_prefix") if isinstance(data["mqtt"], dict) else None
@@ -546,10 +561,26 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
         _check_file_exists(mqtt.get("password_file"), (section, "password_file"), report)
         for key, value in _mapping(mqtt.get("tls")).items():
             _check_file_exists(value, (section, "tls", key), report)
-    keys = _mapping(data.get("updates")).get("trusted_keys")
+    updates = _mapping(data.get("updates"))
+    keys = updates.get("trusted_keys")
     for index, value in enumerate(keys if isinstance(keys, list) else []):
-        _check_file_exists(value, ("updates", "trusted_keys", index), report)
+        _check_public_key(value, ("updates", "trusted_keys", index), report)
+    threshold = updates.get("threshold", 1)
+    if isinstance(keys, list) and keys and isinstance(threshold, int) and threshold > len(keys):
+        report(("updates", "threshold"), f"threshold {threshold} is more than the "
+               f"{len(keys)} trusted key(s): no update could ever be accepted")
+    _check_file_exists(updates.get("ca_file"), ("updates", "ca_file"), report)
     return problems
+
+
+def _check_public_key(value: Any, path: KeyPath,
+                      report: typing.Callable[[KeyPath, str], None]) -> None:
+    if not isinstance(value, str):
+        return
+    try:
+        load_public_key(Path(value))
+    except UpdateKeyError as exc:
+        report(path, str(exc))
 
 
 def _mapping(value: Any) -> dict[Any, Any]:

@@ -33,6 +33,7 @@ from agent.reporting import ErrorReporter
 from agent.retained import RetainedPublisher
 from agent.systemd import SdNotifier, Watchdog, watchdog_interval
 from agent.telemetry import AgentView, HealthReporter
+from agent.updates import UpdateManager
 from agent.watcher import ModelFileWatcher
 
 log = structlog.get_logger(__name__)
@@ -71,7 +72,10 @@ class Daemon:
             config, self.hardware,
             lambda name, payload: self.retained.set(f"{self.config.topic_prefix}/models/{name}",
                                                     payload),
-            on_failure=self.errors.report_model_failure)
+            on_failure=self.errors.report_model_failure,
+            admission=self._admission)
+        self.updates = UpdateManager(config, self.registry,
+                                     lambda topic, payload: self._publish(topic, payload, 1))
         self.watcher = self._make_watcher(config)
         self.pipelines: dict[str, Pipeline] = {}
         self.health = HealthReporter(self._view())
@@ -105,12 +109,16 @@ class Daemon:
         try:
             self.retained.start()
             self.connection.start()
+            # Before any model loads: a model left half-way through an update's trial by a
+            # crash is rolled back now, so it never serves.
+            self.updates.recover()
             # Watch first: a file that changes during the initial load is loaded again (a
             # no-op when the bytes did not change) instead of being missed.
             self.watcher.start()
             self.registry.load_all()
             for name, pipeline_config in self.config.pipelines.items():
                 self._start_pipeline(name, pipeline_config)
+            self._start_updates()
             self._start_metrics()
             log.info("agent_serving", pipelines=list(self.pipelines))
             self._wait_for_broker()
@@ -146,6 +154,7 @@ class Daemon:
         log.info("agent_stopping")
         self.notifier.stopping()
         self.connection.unsubscribe_all()
+        self.updates.stop()
         self.watcher.stop()
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
@@ -171,6 +180,15 @@ class Daemon:
         self.pipelines[name] = pipeline
         pipeline.start()
         self.connection.subscribe(pipeline.subscription())
+
+    def _admission(self, name: str, version: str) -> str | None:
+        # Called on a loading thread; self.updates exists by then (it needs the registry).
+        return self.updates.admission(name, version)
+
+    def _start_updates(self) -> None:
+        for subscription in self.updates.subscriptions():
+            self.connection.subscribe(subscription)
+        self.updates.start()
 
     def _start_metrics(self) -> None:
         listen = self.config.metrics.listen
@@ -262,6 +280,7 @@ class Daemon:
             set_log_level(new.log_level)
         if reconnect:
             self._reconnect(new)
+        self._reconfigure_updates(old, new, reconnect)
         removed_models = self.registry.reconfigure(new)
         changed_pipelines = self._diff_pipelines(old, new)
         self._reload_models(old, new, changed_pipelines)
@@ -276,6 +295,20 @@ class Daemon:
         log.info("config_reloaded", reconnected=reconnect, removed_models=removed_models,
                  pipelines=list(self.pipelines))
         self.notifier.ready(self._status_line())
+
+    def _reconfigure_updates(self, old: AgentConfig, new: AgentConfig, reconnected: bool
+                             ) -> None:
+        before = self.updates.subscriptions()
+        self.updates.reconfigure(new)
+        if reconnected:
+            return  # the new connection subscribed to the new topics already
+        after = {s.subscribe_filter for s in self.updates.subscriptions()}
+        for subscription in before:
+            if subscription.subscribe_filter not in after:
+                self.connection.unsubscribe(subscription.subscribe_filter)
+        for subscription in self.updates.subscriptions():
+            if subscription.subscribe_filter not in {s.subscribe_filter for s in before}:
+                self.connection.subscribe(subscription)
 
     def _diff_pipelines(self, old: AgentConfig, new: AgentConfig) -> set[str]:
         return {name for name, config in new.pipelines.items()
@@ -320,6 +353,9 @@ class Daemon:
         self.errors.set_topic(f"{new.topic_prefix}/errors")
         for pipeline in self.pipelines.values():
             self.connection.subscribe(pipeline.subscription())
+        self.updates.reconfigure(new)
+        for subscription in self.updates.subscriptions():
+            self.connection.subscribe(subscription)
         self.retained.start()
         self.connection.start()
         for name in self.registry.names():
@@ -364,7 +400,6 @@ class Daemon:
         """Say loudly which configured features this version does not act on yet."""
         config = self.config
         inactive = {
-            "updates.trusted_keys": bool(config.updates.trusted_keys),
             "upstream": config.upstream is not None,
         }
         for key, configured in inactive.items():

@@ -96,14 +96,18 @@ class ModelStatus:
 
 StatePublisher = Callable[[str, bytes], None]
 FailureReporter = Callable[[str, str, str], None]  # model name, file, reason
+# (model name, version) -> why this file must not load, or None; runs on the loading thread.
+Admission = Callable[[str, str], "str | None"]
 
 
 class ModelRegistry:
     """The named models of the config, their current sessions and published states."""
 
     def __init__(self, config: AgentConfig, hardware: Hardware, publish_state: StatePublisher,
-                 on_failure: FailureReporter | None = None) -> None:
+                 on_failure: FailureReporter | None = None,
+                 admission: Admission | None = None) -> None:
         self._config = config
+        self._admission = admission
         self._hardware = hardware
         self._publish_state = publish_state
         self._on_failure = on_failure
@@ -161,12 +165,14 @@ class ModelRegistry:
                         self._status[name].file = str(config.model_path(name))
         return removed
 
-    def load(self, name: str, force: bool = False) -> LoadedModel | None:
+    def load(self, name: str, force: bool = False,
+             max_seconds: float | None = None) -> LoadedModel | None:
         """(Re)load ``name`` from its file: read it once, build, check and warm up a new session
         while the current one keeps serving, then swap the reference.
 
         Bytes identical to the serving model's are a no-op unless ``force`` (the config that
-        shapes the session changed). On failure the serving model (if
+        shapes the session changed). A model that took longer than ``max_seconds`` to load and
+        warm up (an update's trial) is not swapped in. On failure the serving model (if
         any) stays, and the failure is published. Runs on the caller's thread; loads are
         serialized. Returns the serving model afterwards.
         """
@@ -185,6 +191,10 @@ class ModelRegistry:
             if current is not None and current.version == version and not force:
                 log.debug("model_unchanged", model=name, version=version)
                 return current
+            refusal = self._admission(name, version) if self._admission else None
+            if refusal is not None:
+                self._failed(name, path, version, ModelLoadError(refusal))
+                return current
             now = time.time()
             attempt = {"state": ModelState.LOADING.value, "version": version, "started": now,
                        "ts": now}
@@ -192,6 +202,7 @@ class ModelRegistry:
                              state=ModelState.READY if current else ModelState.LOADING)
             try:
                 model = self._build(name, path, data, version)
+                _check_time(started, max_seconds)
             except ModelLoadError as exc:
                 self._failed(name, path, version, exc, started=now)
                 return current
@@ -275,6 +286,13 @@ class ModelRegistry:
             cpu_threads=self._config.cpu_threads,
             ort_version=ort.__version__,
         ))
+
+
+def _check_time(started: float, max_seconds: float | None) -> None:
+    took = time.monotonic() - started
+    if max_seconds is not None and took > max_seconds:
+        raise ModelLoadError(f"loading and warming up took {took:.1f} s, more than the "
+                             f"{max_seconds:g} s allowed (updates.trial_timeout_s)")
 
 
 def session_options(plan: ProviderPlan) -> ort.SessionOptions:

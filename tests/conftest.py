@@ -47,11 +47,12 @@ def recorder(broker: MosquittoBroker) -> Iterator[Callable[..., Recorder]]:
 class AgentProcess:
     """``python -m agent run`` in a subprocess, with its log captured to a file."""
 
-    def __init__(self, config_file: Path, log_file: Path) -> None:
+    def __init__(self, config_file: Path, log_file: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.config_file = config_file
         self.log_file = log_file
         self._log_handle = log_file.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(config_file),
              "--log-level", "debug"],
@@ -99,15 +100,16 @@ class AgentProcess:
 
 
 @pytest.fixture
-def agent_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], AgentProcess]]:
-    """Start the agent with a config given as a dict (written to a YAML file)."""
+def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    """Start the agent with a config given as a dict (written to a YAML file), and optional
+    extra environment variables."""
     processes: list[AgentProcess] = []
 
-    def start(config: dict[str, Any]) -> AgentProcess:
+    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> AgentProcess:
         index = len(processes)
         config_file = tmp_path / f"agent-{index}.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        process = AgentProcess(config_file, tmp_path / f"agent-{index}.log")
+        process = AgentProcess(config_file, tmp_path / f"agent-{index}.log", env)
         processes.append(process)
         return process
 

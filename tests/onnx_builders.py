@@ -177,3 +177,27 @@ def build_loop(path: Path, features: int = 8) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])],
     )
     return _save(graph, path)
+
+
+def build_slow_warmup(path: Path, features: int = 4, iterations: int = 2_000_000) -> Path:
+    """Like ``build_linear``'s interface (x [N, features] -> y [N, features]) but every run
+    loops ``iterations`` times (a constant in the file): its warm-up takes seconds. For update
+    trials that must be interrupted or time out."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Tanh", ["x_in"], ["x_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", features])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
+        "slow_warmup",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])],
+        [numpy_helper.from_array(np.array(iterations, dtype=np.int64), "n")],
+    )
+    return _save(graph, path)
