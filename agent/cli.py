@@ -22,6 +22,9 @@ from agent.config import (
 )
 from agent.errors import ConfigError, EdgeAgentError
 from agent.logs import LEVELS, configure_logging
+from agent.update_cli import add_parsers as add_update_parsers
+from agent.update_cli import broker_settings
+from agent.update_cli import run as run_update_command
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -86,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--wait", type=float, default=1.5, metavar="SECONDS",
                         help="how long to collect retained messages (default 1.5)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_update_parsers(commands)
     return parser
 
 
@@ -98,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _detect(args)
     if args.command == "status":
         return _status(args)
+    if args.command in ("keygen", "sign", "publish-update"):
+        return run_update_command(args)
     return _run(args)
 
 
@@ -138,17 +144,14 @@ def _status(args: argparse.Namespace) -> int:
     from agent.fleet_status import collect, table  # noqa: PLC0415 - only this command
 
     try:
-        mqtt = load_config(Path(args.config)).mqtt if args.config else default_config().mqtt
+        mqtt, password = broker_settings(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_INVALID
-    overrides = {key: value for key, value in (("host", args.host), ("port", args.port))
-                 if value is not None}
-    mqtt = mqtt.model_copy(update=overrides)
-    password = None
-    if mqtt.password_file:
-        password = Path(mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except EdgeAgentError as exc:
+        print(f"edge-agent status: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     try:
         devices = collect(mqtt, args.prefix.rstrip("/"), args.device, args.wait, password)
     except EdgeAgentError as exc:

@@ -7,17 +7,15 @@ subscription to ``PREFIX/+/...`` returns the last word of every device at once.
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import MqttConfig
-from agent.errors import EdgeAgentError
+from agent.tool_client import connect
 
 
 @dataclass
@@ -36,19 +34,9 @@ def collect(mqtt: MqttConfig, prefix: str, device: str | None, wait_s: float,
     who = device or "+"
     devices: dict[str, DeviceView] = {}
     lock = threading.Lock()
-    connected = threading.Event()
-    failure: list[str] = []
     levels = len(prefix.split("/"))
 
-    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                   properties: Any) -> None:
-        if reason.is_failure:
-            failure.append(str(reason))
-        else:
-            client.subscribe([(f"{prefix}/{who}/status", 1), (f"{prefix}/{who}/health", 1),
-                              (f"{prefix}/{who}/models/+", 1)])
-        connected.set()
-
+    # Runs on paho's network thread.
     def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         parts = message.topic.split("/")
         name, kind = parts[levels], parts[levels + 1]
@@ -63,23 +51,10 @@ def collect(mqtt: MqttConfig, prefix: str, device: str | None, wait_s: float,
             elif kind == "models" and len(parts) > levels + 2:
                 view.models[parts[levels + 2]] = _json(message.payload) or {}
 
-    client = paho.Client(CallbackAPIVersion.VERSION2)
-    if mqtt.username is not None:
-        client.username_pw_set(mqtt.username, password)
-    if mqtt.tls.enabled:
-        client.tls_set(ca_certs=mqtt.tls.ca_file, certfile=mqtt.tls.cert_file,
-                       keyfile=mqtt.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
-    client.on_connect = on_connect
-    client.on_message = on_message
+    client = connect(mqtt, password, [(f"{prefix}/{who}/status", 1),
+                                      (f"{prefix}/{who}/health", 1),
+                                      (f"{prefix}/{who}/models/+", 1)], on_message)
     try:
-        client.connect(mqtt.host, mqtt.port, keepalive=30)
-    except OSError as exc:
-        raise EdgeAgentError(f"cannot connect to {mqtt.host}:{mqtt.port}: {exc}") from exc
-    client.loop_start()
-    try:
-        if not connected.wait(10) or failure:
-            raise EdgeAgentError(f"broker {mqtt.host}:{mqtt.port} refused the connection: "
-                                 f"{failure[0] if failure else 'no answer'}")
         time.sleep(wait_s)  # retained messages arrive right after the subscription
     finally:
         client.disconnect()

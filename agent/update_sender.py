@@ -1,0 +1,169 @@
+"""The operator's side of an update: build and sign a manifest, send it and its chunks over
+MQTT, and follow each device's status until every one has finished."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+import paho.mqtt.client as paho
+
+from agent.manifest import build_payload
+from agent.signing import load_private_key, sign_envelope
+
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED"})
+PUBLISH_WINDOW = 16      # chunks awaiting the broker's PUBACK: bounds the sender's memory
+ACK_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class SignedUpdate:
+    """A signed manifest and the model bytes it covers."""
+
+    update_id: str
+    envelope: dict[str, Any]
+    data: bytes
+    chunk_size: int | None  # None: the devices download from the manifest's URL
+
+    def manifest_bytes(self) -> bytes:
+        """The envelope as sent and saved."""
+        return json.dumps(self.envelope, indent=1).encode()
+
+
+def sign_update(model_file: Path, key_files: Sequence[Path], *, model: str, version: int,
+                devices: Sequence[str], groups: Sequence[str], expires_in: timedelta,
+                url: str | None, chunk_size: int, update_id: str | None = None) -> SignedUpdate:
+    """Read the model, describe it in a payload, and sign it with every key."""
+    data = model_file.read_bytes()
+    keys = [load_private_key(path) for path in key_files]
+    now = datetime.now(timezone.utc)
+    update_id = update_id or f"{model}-v{version}-{uuid.uuid4().hex[:8]}"
+    payload = build_payload(update_id=update_id, model=model, version=version, data=data,
+                            sha256=hashlib.sha256(data).hexdigest(), devices=devices,
+                            groups=groups, issued_at=now, expires=now + expires_in, url=url,
+                            chunk_size=chunk_size)
+    return SignedUpdate(update_id, sign_envelope(payload, keys), data,
+                        None if url else chunk_size)
+
+
+def send_update(client: paho.Client, bases: Sequence[str], update: SignedUpdate,
+                progress: Callable[[int, int], None]) -> None:
+    """Publish the manifest, then the chunks, to each ``BASE/updates/...`` (QoS 1).
+
+    At most ``PUBLISH_WINDOW`` chunks wait for the broker at a time, so a large model is
+    not queued in memory twice. ``progress(sent_bytes, total_bytes)`` follows the acks.
+    """
+    chunk_size = update.chunk_size
+    chunks = 0 if chunk_size is None else max(1, -(-len(update.data) // chunk_size))
+    total = len(update.data) * len(bases) if chunk_size else 0
+    sent = 0
+    for base in bases:
+        _wait(client.publish(f"{base}/updates/manifest", update.manifest_bytes(), qos=1))
+        if chunk_size is None:
+            continue
+        window: deque[tuple[paho.MQTTMessageInfo, int]] = deque()
+        topic = f"{base}/updates/chunks/{update.update_id}"
+        for index in range(chunks):
+            body = update.data[index * chunk_size:(index + 1) * chunk_size]
+            window.append((client.publish(topic, index.to_bytes(4, "big") + body, qos=1),
+                           len(body)))
+            if len(window) >= PUBLISH_WINDOW:
+                info, size = window.popleft()
+                _wait(info)
+                sent += size
+                progress(sent, total)
+        while window:
+            info, size = window.popleft()
+            _wait(info)
+            sent += size
+            progress(sent, total)
+
+
+def _wait(info: paho.MQTTMessageInfo) -> None:
+    info.wait_for_publish(timeout=ACK_TIMEOUT_S)
+    if not info.is_published():
+        raise TimeoutError(f"the broker did not acknowledge a message within {ACK_TIMEOUT_S} s")
+
+
+@dataclass
+class StatusFollower:
+    """Collects ``P/updates/status`` messages of one update from every device."""
+
+    update_id: str
+    levels: int                        # topic levels of the prefix: the device is the next
+    out: TextIO = sys.stdout
+    finals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seen: set[str] = field(default_factory=set)
+    last_new_device: float = field(default_factory=time.monotonic)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        """paho's network thread: record one status message."""
+        try:
+            status = json.loads(message.payload)
+        except ValueError:
+            return
+        if not isinstance(status, dict) or status.get("update_id") != self.update_id:
+            return
+        device = str(status.get("device_id") or message.topic.split("/")[self.levels])
+        state = str(status.get("state"))
+        with self._cond:
+            if device in self.finals:
+                return  # the first final word counts; later repeats are echoes
+            if device not in self.seen:
+                self.seen.add(device)
+                self.last_new_device = time.monotonic()
+            line = f"{device}: {state}"
+            if status.get("step"):
+                line += f" ({status['step']})"
+            if status.get("reason"):
+                line += f": {status['reason']}"
+            print(line, file=self.out, flush=True)
+            if state in TERMINAL:
+                self.finals[device] = status
+            self._cond.notify_all()
+
+    def wait(self, devices: Sequence[str], groups: bool, timeout_s: float,
+             settle_s: float) -> bool:
+        """Wait until every named device (and, for group targets, every device heard from,
+        with no new one for ``settle_s``) has a final status; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                named_done = all(d in self.finals for d in devices)
+                heard_done = all(d in self.finals for d in self.seen)
+                settled = not groups or (self.seen and now - self.last_new_device >= settle_s)
+                if named_done and heard_done and settled:
+                    return True
+                if now >= deadline:
+                    return False
+                self._cond.wait(timeout=min(0.2, deadline - now))
+
+
+def progress_bar(out: TextIO) -> Callable[[int, int], None]:
+    """A one-line progress bar on ``out`` (a terminal or a log)."""
+    started = time.monotonic()
+
+    def show(done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        width = 30
+        filled = int(width * fraction)
+        rate = done / max(time.monotonic() - started, 1e-6) / 1e6
+        out.write(f"\rsending [{'#' * filled}{'.' * (width - filled)}] {fraction:6.1%} "
+                  f"{done / 1e6:.1f}/{total / 1e6:.1f} MB {rate:.1f} MB/s")
+        if done >= total:
+            out.write("\n")
+        out.flush()
+
+    return show

@@ -1,0 +1,129 @@
+"""The operator commands: keygen, sign and publish-update (against real daemons)."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.manifest import UrlSource, parse_payload
+from agent.signing import TrustedKeys
+from tests.broker import MosquittoBroker, Recorder
+from tests.conftest import AgentProcess
+from tests.test_updates import agent_config, linear, serving_version, version_of, wait_subscribed
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+def edge_agent(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=timeout_s, check=False)
+
+
+def test_keygen_writes_a_private_key_only_its_owner_can_read(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    """keygen: NAME.key mode 0600, NAME.pub, the key id printed; never overwrites."""
+    assert main(["keygen", str(tmp_path / "ops")]) == 0
+    assert stat.S_IMODE((tmp_path / "ops.key").stat().st_mode) == 0o600
+    assert (tmp_path / "ops.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    assert "keyid " in capsys.readouterr().out
+    before = (tmp_path / "ops.key").read_bytes()
+    assert main(["keygen", str(tmp_path / "ops")]) == 1
+    assert "not overwriting" in capsys.readouterr().err
+    assert (tmp_path / "ops.key").read_bytes() == before
+
+
+def test_sign_writes_a_manifest_the_devices_verify(tmp_path: Path) -> None:
+    """sign: an envelope with one signature per --key, its payload naming targets, length,
+    sha256, expiry and the https source."""
+    assert main(["keygen", str(tmp_path / "a")]) == 0
+    assert main(["keygen", str(tmp_path / "b")]) == 0
+    model = tmp_path / "m.onnx"
+    model.write_bytes(linear(tmp_path, 0))
+    out = tmp_path / "manifest.json"
+    assert main(["sign", str(model), "--key", str(tmp_path / "a.key"), "--key",
+                 str(tmp_path / "b.key"), "--model", "lin", "--version", "3", "--device",
+                 "gw1", "--group", "line3", "--expires", "12h", "--url",
+                 "https://models.example/m.onnx", "-o", str(out)]) == 0
+    trusted = TrustedKeys.from_files([str(tmp_path / "a.pub"), str(tmp_path / "b.pub")], 2)
+    manifest = parse_payload(trusted.verify(out.read_bytes()))
+    assert (manifest.model, manifest.version, manifest.length) == ("lin", 3,
+                                                                    model.stat().st_size)
+    assert manifest.devices == ("gw1",)
+    assert manifest.groups == ("line3",)
+    assert manifest.source == UrlSource("https://models.example/m.onnx")
+    assert 11.9 * 3600 < (manifest.expires - manifest.issued_at).total_seconds() <= 12 * 3600
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--model", "lin", "--version", "1"], "at least one --device or --group"),
+    (["--model", "../lin", "--version", "1", "--device", "d"], "not a valid name"),
+    (["--model", "lin", "--version", "0", "--device", "d"], "positive integer"),
+    (["--model", "lin", "--version", "1", "--device", "d", "--expires", "soon"],
+     "invalid duration"),
+    (["--model", "lin", "--version", "1", "--device", "d", "--url", "http://x/m"],
+     "must be https"),
+])
+def test_sign_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    args: list[str], words: str) -> None:
+    """Usage mistakes exit 2 with the reason, and write nothing."""
+    assert main(["keygen", str(tmp_path / "a")]) == 0
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    out = tmp_path / "manifest.json"
+    code = main(["sign", str(tmp_path / "m.onnx"), "--key", str(tmp_path / "a.key"), *args,
+                 "-o", str(out)])
+    assert code == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.broker
+def test_publish_update_to_a_group_follows_every_device(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """Two devices in group line3 trust the old and the new key (rotation): publish-update
+    signed with the new key sends the chunks with a progress bar, prints each device's
+    statuses and exits 0 once both SUCCEEDED; the same version again exits 1 (REJECTED)."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for name in ("old", "new"):
+        assert main(["keygen", str(keys / name)]) == 0
+    trusted = [keys / "old.pub", keys / "new.pub"]
+    new = linear(tmp_path, 1)
+    (tmp_path / "new.onnx").write_bytes(new)
+    agents = []
+    for device in ("dev1", "dev2"):
+        folder = tmp_path / device
+        (folder / "models").mkdir(parents=True)
+        (folder / "models" / "lin.onnx").write_bytes(linear(tmp_path, 0))
+        config = agent_config(broker, folder, trusted)
+        config["device_id"] = device
+        config["mqtt"]["client_id"] = f"edge-agent-{device}"
+        agents.append(agent_factory(config))
+    for agent in agents:
+        agent.wait_for_event("agent_serving")
+    wait_subscribed(agents[0])
+    rec = recorder("out/#")
+    command = ["publish-update", str(tmp_path / "new.onnx"), "--key", str(keys / "new.key"),
+               "--model", "lin", "--version", "2", "--group", "line3", "--chunk-size", "100",
+               "--host", broker.host, "--port", str(broker.port), "--settle", "2",
+               "--timeout", "60"]
+    done = edge_agent(*command)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dev1: SUCCEEDED" in done.stdout
+    assert "dev2: SUCCEEDED" in done.stdout
+    assert "2 succeeded, 0 failed or rejected" in done.stdout
+    assert "100.0%" in done.stderr  # the progress bar reached the end
+    assert serving_version(broker, rec, 1) == version_of(new)
+
+    again = edge_agent(*command)
+    assert again.returncode == 1
+    assert "dev1: REJECTED: version 2 is not newer" in again.stdout
+    assert json.dumps("0 succeeded")[1:-1] in again.stdout
