@@ -182,7 +182,9 @@ class UpdateManager:
     # -- paho's network thread: enqueue only ---------------------------------------------------
 
     def on_manifest(self, message: paho.MQTTMessage) -> None:
-        """A manifest arrived (paho's thread)."""
+        """A manifest arrived (paho's thread); an empty one clears a retained manifest."""
+        if not message.payload:
+            return
         self._inbox.put(("manifest", message.topic, bytes(message.payload)))
 
     def on_chunk(self, message: paho.MQTTMessage) -> None:

@@ -308,3 +308,23 @@ def test_schema_is_the_contract() -> None:
                 "pipelines", "require_providers", "health", "metrics", "updates", "upstream",
                 "outbox"}
     assert contract <= set(AgentConfig.model_fields)
+
+
+def test_trusted_keys_must_be_ed25519_public_keys(tmp_path: Path) -> None:
+    """A private key, a missing file and a threshold above the key count are each located."""
+    from agent.signing import generate_keypair  # noqa: PLC0415
+
+    generate_keypair(tmp_path / "ops")
+    path = write(tmp_path, """
+    device_id: gw1
+    updates:
+      trusted_keys: [ops.pub, ops.key, gone.pub]
+      threshold: 4
+    """)
+    found = problems(path)
+    assert any(":3: updates.trusted_keys[1]:" in p and "not a PEM public key" in p
+               for p in found), found
+    assert any(":3: updates.trusted_keys[2]:" in p and "cannot read public key" in p
+               for p in found), found
+    assert any(":4: updates.threshold: threshold 4 is more than the 3 trusted key(s)" in p
+               for p in found), found

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import signal
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -464,3 +465,34 @@ def test_require_signed_files_refuses_hand_dropped_models(
     mqtt_update(broker, model, [private], update_id="s1", version=1)
     assert final_status(rec, "s1")["state"] == "SUCCEEDED"
     assert serving_version(broker, rec, 1) == version_of(model)
+
+
+def test_keys_and_groups_take_effect_on_sighup(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """Without trusted keys updates are REJECTED as disabled; after adding a key and a group
+    to the config and SIGHUP, a group update SUCCEEDS."""
+    private, public = make_key(tmp_path / "keys", "ops")
+    old, new = linear(tmp_path, 0), linear(tmp_path, 5)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lin.onnx").write_bytes(old)
+    config = agent_config(broker, tmp_path, [])
+    config["groups"] = []
+    agent = agent_factory(config)
+    rec = recorder(STATUS, "out/#")
+    agent.wait_for_event("agent_serving")
+    wait_subscribed(agent)
+    mqtt_update(broker, new, [private], update_id="h1", version=1)
+    assert "signed updates are disabled" in final_status(rec, "h1")["reason"]
+
+    config["groups"] = ["line7"]
+    config["updates"]["trusted_keys"] = [str(public)]
+    agent.config_file.write_text(yaml.safe_dump(config))
+    agent.process.send_signal(signal.SIGHUP)
+    agent.wait_for_event("config_reloaded")
+    threading.Event().wait(0.3)
+    manifest = envelope(payload_for(new, update_id="h2", version=1, devices=[],
+                                    groups=["line7"]), [private])
+    send(broker, manifest, chunks_of(new, 4096), update_id="h2", base="fleet/groups/line7")
+    assert final_status(rec, "h2")["state"] == "SUCCEEDED"
+    assert serving_version(broker, rec, 1) == version_of(new)
