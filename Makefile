@@ -23,6 +23,7 @@ test: $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto ins
 bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop (a few minutes)
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_reload.py
+	$(PY) scripts/bench_update.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
