@@ -246,7 +246,16 @@ class UpdateManager:
             log.warning("update_rejected", topic=topic, reason=str(exc), **summary)
             self._status(summary, REJECTED, reason=str(exc))
             return
-        self._begin(manifest)
+        try:
+            self._begin(manifest)
+        except OSError as exc:  # state or staging folder not writable, disk full
+            active = self._active.get(manifest.update_id)
+            reason = f"cannot start the transfer: {exc}"
+            if active is not None:
+                self._fail_transfer(active, reason)
+            else:
+                log.error("update_failed", **summary, step="downloading", reason=reason)
+                self._status(summary, FAILED, step="downloading", reason=reason)
 
     def _verified_payload(self, data: bytes) -> bytes:
         if self._keys is None:
@@ -380,7 +389,8 @@ class UpdateManager:
                 accepted = self._install(active)
             except Exception as exc:  # whatever happens, the update gets a final status
                 log.exception("update_install_crashed", update_id=active.manifest.update_id)
-                self._status(active.manifest.summary(), FAILED, reason=f"internal error: {exc!r}")
+                self._status(active.manifest.summary(), FAILED,
+                             reason=f"{exc!r}; {self._undo(active)}")
                 self._store.finish(active.manifest.update_id)
             finally:
                 self._inbox.put(("finished", active.manifest.update_id, accepted))
@@ -424,6 +434,21 @@ class UpdateManager:
                          reason=f"{problem}; rolled back: {done}")
         self._store.finish(manifest.update_id)
         return True
+
+    def _undo(self, active: _Active) -> str:
+        """After an unexpected error (disk full, I/O error): put the previous file back if
+        the new one may have been installed, as a restart would."""
+        entry = next((e for e in self._store.journal()
+                      if e.update_id == active.manifest.update_id), None)
+        Path(active.entry.staged).unlink(missing_ok=True)
+        if entry is None or entry.step not in ("installing", "trial"):
+            return "nothing was installed"
+        try:
+            done = restore_previous(Path(entry.target), entry.previous_sha256)
+        except (UpdateFailedError, OSError) as exc:
+            return f"rollback failed: {exc}"
+        self._registry.load(entry.model)
+        return f"rolled back: {done}"
 
     def _trial(self, manifest: UpdateManifest) -> str | None:
         """Load the installed file through the registry (checks, warm-up, swap) within
