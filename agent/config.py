@@ -173,6 +173,12 @@ class MqttConfig(Section):
     )
     max_inflight: Annotated[StrictInt, Field(ge=1, le=65535)] = Field(
         100, description="QoS 1 messages awaiting the broker's acknowledgement at once")
+    session_expiry_s: Annotated[StrictInt, Field(ge=0, le=4_294_967_295)] = Field(
+        86_400, description="at_least_once: how long the broker keeps the session (and the "
+        "readings that arrive) while the agent is away")
+    receive_maximum: Annotated[StrictInt, Field(ge=1, le=65535)] = Field(
+        100, description="at_least_once, MQTT 5: readings the broker may send before the "
+        "agent acknowledges them; bounds the duplicates after a crash")
 
     @field_validator("topic_prefix")
     @classmethod
@@ -320,8 +326,11 @@ class UpdatesConfig(Section):
 class OutboxConfig(Section):
     """Durable queue for results that cannot be published yet."""
 
-    max_mb: PositiveFloat = 256.0
-    max_age_s: PositiveFloat = 604_800.0
+    max_mb: Annotated[StrictFloat, Field(ge=1)] = Field(
+        256.0, description="the outbox file stays under this; the oldest results go first")
+    max_age_s: PositiveFloat = Field(604_800.0, description="older results are dropped")
+    flush_rate: Annotated[StrictFloat, Field(gt=0)] = Field(
+        1000.0, description="results per second sent from the outbox after an outage")
 
 
 class AgentConfig(Section):
@@ -347,11 +356,16 @@ class AgentConfig(Section):
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     upstream: MqttConfig | None = None
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    delivery: Literal["at_least_once", "at_most_once"] = Field(
+        "at_least_once", description="at_least_once: persistent session, readings "
+        "acknowledged after their result is delivered or stored; at_most_once: acknowledged "
+        "on arrival")
 
     @property
     def topic_prefix(self) -> str:
-        """``P`` of the topic reference: the prefix of the agent's own topics."""
-        return self.mqtt.topic_prefix
+        """``P`` of the topic reference: the prefix of the agent's own topics (on the
+        upstream broker when there is one, since they go there)."""
+        return (self.upstream or self.mqtt).topic_prefix
 
     def model_path(self, name: str) -> Path:
         """Absolute path of model ``name``'s file."""
@@ -453,7 +467,8 @@ def _fill_defaults(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         data["updates"] = updates
     if isinstance(data.get("models"), dict):
         data["models"] = {name: _fill_model(name, body) for name, body in data["models"].items()}
-    prefix = data["mqtt"].get("topic_prefix") if isinstance(data["mqtt"], dict) else None
+    results_broker = data["upstream"] if isinstance(data.get("upstream"), dict) else data["mqtt"]
+    prefix = results_broker.get("topic_prefix") if isinstance(results_broker, dict) else None
     if isinstance(data.get("pipelines"), dict):
         data["pipelines"] = {name: filler.pipeline(name, body, prefix)
                              for name, body in data["pipelines"].items()}

@@ -11,22 +11,26 @@ import platform
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import onnxruntime
+import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.codecs import encode_json
 from agent.config import AgentConfig, PipelineConfig, default_config, load_config
+from agent.delivery import Delivery
+from agent.durable import lock_folder
 from agent.errors import ConfigError, EdgeAgentError
 from agent.hardware import detect as detect_hardware
 from agent.logs import set_log_level
 from agent.metrics import MetricsServer
 from agent.models import ModelRegistry
 from agent.mqtt import MqttConnection
+from agent.outbox import Outbox, PendingResult, SeqCounter
 from agent.pipeline import Pipeline
 from agent.providers import hints
 from agent.reporting import ErrorReporter
@@ -48,6 +52,7 @@ OFFLINE_DEADLINE_S = 1.0
 EXTEND_TIMEOUT_S = 30.0
 EXTEND_EVERY_S = 10.0
 MAIN_LOOP_TICK_S = 0.2
+FIRST_SUBSCRIBE_WAIT_S = 5.0
 
 
 class Daemon:
@@ -64,8 +69,14 @@ class Daemon:
         self.notifier = SdNotifier.from_environment()
         self.hardware = detect_hardware()
         prefix = config.topic_prefix
-        self.connection = MqttConnection(config.mqtt, f"{prefix}/status")
-        self.retained = RetainedPublisher(self.connection)
+        # Results, telemetry and updates go through ``uplink``: the upstream broker when one
+        # is configured, else the same connection the readings come from.
+        self.connection, self.uplink = _connections(config)
+        self.retained = RetainedPublisher(self.uplink)
+        self._state_lock = lock_folder(Path(config.state_dir))
+        self.outbox = Outbox(Path(config.state_dir), config.outbox.max_mb,
+                             config.outbox.max_age_s)
+        self.delivery = self._make_delivery(config)
         self.errors = ErrorReporter(
             lambda topic, payload: self._publish(topic, payload, 0), f"{prefix}/errors")
         self.registry = ModelRegistry(
@@ -108,7 +119,15 @@ class Daemon:
         extender.start()
         try:
             self.retained.start()
-            self.connection.start()
+            # At-least-once: the readings' broker is connected only once the pipelines can
+            # take them. Its persistent session delivers what waited at once, and readings
+            # nobody routes, or that arrive before the model serves, would be lost.
+            connect_late = self.config.delivery == "at_least_once"
+            if self.uplink is not self.connection:
+                self.uplink.start()
+            if not connect_late:
+                self.connection.start()
+            self.delivery.start()
             # Before any model loads: a model left half-way through an update's trial by a
             # crash is rolled back now, so it never serves.
             self.updates.recover()
@@ -119,6 +138,9 @@ class Daemon:
             for name, pipeline_config in self.config.pipelines.items():
                 self._start_pipeline(name, pipeline_config)
             self._start_updates()
+            if connect_late:
+                self.connection.start()
+                self._wait_subscribed()
             self._start_metrics()
             log.info("agent_serving", pipelines=list(self.pipelines))
             self._wait_for_broker()
@@ -142,6 +164,15 @@ class Daemon:
             watchdog.stop()
         return self._shutdown()
 
+    def _wait_subscribed(self) -> None:
+        """A little while for the first connect to take the subscriptions (readings sent
+        before a first-ever subscription exists are not kept by any broker); a broker that
+        is down is waited for by ``_wait_for_broker`` instead."""
+        deadline = time.monotonic() + FIRST_SUBSCRIBE_WAIT_S
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self.connection.wait_subscribed(0.1):
+                return
+
     def _wait_for_broker(self) -> None:
         mqtt = self.config.mqtt
         while not self.connection.connected.wait(1.0):
@@ -153,25 +184,38 @@ class Daemon:
         started = time.monotonic()
         log.info("agent_stopping")
         self.notifier.stopping()
-        self.connection.unsubscribe_all()
+        if self.config.delivery == "at_least_once":
+            # Keep the subscriptions: the persistent session collects what arrives until
+            # the next start. What comes meanwhile is left unacknowledged, so it comes again.
+            for pipeline in self.pipelines.values():
+                pipeline.close_intake()
+        else:
+            for connection in self._connections():
+                connection.unsubscribe_all()
         self.updates.stop()
         self.watcher.stop()
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
             pipeline.stop(max(0.0, deadline - time.monotonic()))
-        if not self.connection.flush(FLUSH_DEADLINE_S):
-            log.warning("results_not_acknowledged", count=self.connection.unacked,
-                        reason="the broker did not acknowledge them before the stop deadline")
+        if not self.uplink.flush(FLUSH_DEADLINE_S):
+            log.warning("results_not_acknowledged", count=self.uplink.unacked,
+                        reason="the broker did not acknowledge them before the stop deadline; "
+                        "at_least_once: their readings are delivered again after the restart")
+        self.delivery.stop()
         if self.metrics is not None:
             self.metrics.stop()
         self.retained.stop()
-        self.connection.stop(timeout_s=OFFLINE_DEADLINE_S)
+        for connection in self._connections():
+            connection.stop(timeout_s=OFFLINE_DEADLINE_S)
+        self.outbox.close()
         log.info("agent_stopped", took_s=round(time.monotonic() - started, 3))
         return 0
 
     def _start_pipeline(self, name: str, config: PipelineConfig) -> None:
         try:
-            pipeline = Pipeline(name, config, self.registry, publish=self._publish_result,
+            pipeline = Pipeline(name, config, self.registry,
+                                deliver=self._deliver, acker=self._ack_token,
+                                seq=SeqCounter(self.outbox, name),
                                 errors=self.errors, models_dir=Path(self.config.models_dir))
         except EdgeAgentError as exc:
             log.error("pipeline_not_started", pipeline=name, error=str(exc))
@@ -187,7 +231,7 @@ class Daemon:
 
     def _start_updates(self) -> None:
         for subscription in self.updates.subscriptions():
-            self.connection.subscribe(subscription)
+            self.uplink.subscribe(subscription)
         self.updates.start()
 
     def _start_metrics(self) -> None:
@@ -248,11 +292,34 @@ class Daemon:
         return line
 
     def _publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
-        self.connection.publish(topic, payload, qos=qos, retain=retain)
+        self.uplink.publish(topic, payload, qos=qos, retain=retain)
 
-    def _publish_result(self, topic: str, payload: bytes, qos: int,
-                        properties: Properties | None) -> None:
-        self.connection.publish(topic, payload, qos=qos, properties=properties)
+    # Through these two methods, not bound methods of the parts: a reload may replace the
+    # delivery and the connection while the pipelines keep running.
+    def _deliver(self, result: PendingResult, done: Callable[[], None] | None) -> None:
+        self.delivery.submit(result, done)
+
+    def _ack_token(self, message: paho.MQTTMessage) -> Callable[[], None] | None:
+        return self.connection.ack_token(message)
+
+    def _connections(self) -> list[MqttConnection]:
+        """The local connection, and the upstream one when there is one."""
+        if self.uplink is self.connection:
+            return [self.connection]
+        return [self.connection, self.uplink]
+
+    def _make_delivery(self, config: AgentConfig) -> Delivery:
+        at_least_once = config.delivery == "at_least_once"
+        return Delivery(lambda: self.uplink, self.outbox if at_least_once else None,
+                        flush_rate=config.outbox.flush_rate,
+                        window=(config.upstream or config.mqtt).max_inflight)
+
+    def _delivery_health(self) -> dict[str, object]:
+        connections = {"local": self.connection.connected.is_set()}
+        if self.uplink is not self.connection:
+            connections["upstream"] = self.uplink.connected.is_set()
+        return {"mode": self.config.delivery, "connected": connections,
+                "backlog": self.delivery.backlog, "outbox": self.outbox.stats()}
 
     # -- SIGHUP ------------------------------------------------------------------------------
 
@@ -274,7 +341,8 @@ class Daemon:
             log.info("config_unchanged")
             self.notifier.ready(self._status_line())
             return
-        reconnect = new.mqtt != old.mqtt
+        reconnect = (new.mqtt, new.upstream, new.delivery) != (old.mqtt, old.upstream,
+                                                                old.delivery)
         self.config = new
         if self._log_level_override is None:
             set_log_level(new.log_level)
@@ -305,10 +373,10 @@ class Daemon:
         after = {s.subscribe_filter for s in self.updates.subscriptions()}
         for subscription in before:
             if subscription.subscribe_filter not in after:
-                self.connection.unsubscribe(subscription.subscribe_filter)
+                self.uplink.unsubscribe(subscription.subscribe_filter)
         for subscription in self.updates.subscriptions():
             if subscription.subscribe_filter not in {s.subscribe_filter for s in before}:
-                self.connection.subscribe(subscription)
+                self.uplink.subscribe(subscription)
 
     def _diff_pipelines(self, old: AgentConfig, new: AgentConfig) -> set[str]:
         return {name for name, config in new.pipelines.items()
@@ -344,27 +412,35 @@ class Daemon:
             self._start_pipeline(name, new.pipelines[name])
 
     def _reconnect(self, new: AgentConfig) -> None:
-        """Broker settings changed: say offline, connect anew, subscribe everything again."""
-        log.info("mqtt_reconnecting", host=new.mqtt.host, port=new.mqtt.port)
+        """Broker or delivery settings changed: say offline, connect anew, subscribe
+        everything again."""
+        log.info("mqtt_reconnecting", host=new.mqtt.host, port=new.mqtt.port,
+                 upstream=f"{new.upstream.host}:{new.upstream.port}" if new.upstream else None,
+                 delivery=new.delivery)
         self.retained.stop()
-        self.connection.stop(timeout_s=OFFLINE_DEADLINE_S)
-        self.connection = MqttConnection(new.mqtt, f"{new.topic_prefix}/status")
-        self.retained = RetainedPublisher(self.connection)
+        self.delivery.stop()
+        for connection in self._connections():
+            connection.stop(timeout_s=OFFLINE_DEADLINE_S)
+        self.connection, self.uplink = _connections(new)
+        self.retained = RetainedPublisher(self.uplink)
+        self.delivery = self._make_delivery(new)
         self.errors.set_topic(f"{new.topic_prefix}/errors")
         for pipeline in self.pipelines.values():
             self.connection.subscribe(pipeline.subscription())
         self.updates.reconfigure(new)
         for subscription in self.updates.subscriptions():
-            self.connection.subscribe(subscription)
+            self.uplink.subscribe(subscription)
         self.retained.start()
-        self.connection.start()
+        for connection in self._connections():
+            connection.start()
+        self.delivery.start()
         for name in self.registry.names():
             self.retained.set(f"{new.topic_prefix}/models/{name}",
                               self.registry.status(name).to_json())
 
     def _view(self) -> AgentView:
         return AgentView(self.config.device_id, self.hardware, self.registry,
-                         lambda: self.pipelines, self.config.models_dir)
+                         lambda: self.pipelines, self.config.models_dir, self._delivery_health)
 
     def _make_watcher(self, config: AgentConfig) -> ModelFileWatcher:
         return ModelFileWatcher({name: config.model_path(name) for name in config.models},
@@ -397,15 +473,29 @@ class Daemon:
             log.warning("provider_hint", hint=hint)
 
     def _warn_inactive_settings(self) -> None:
-        """Say loudly which configured features this version does not act on yet."""
+        """Say loudly which settings cannot do what the config asks for."""
         config = self.config
-        inactive = {
-            "upstream": config.upstream is not None,
-        }
-        for key, configured in inactive.items():
-            if configured:
-                log.warning("setting_not_active", key=key,
-                            reason="this version of edge-agent does not implement it yet")
+        if config.delivery == "at_least_once":
+            qos0 = [name for name, p in config.pipelines.items()
+                    if p.input.qos == 0 or p.output.qos == 0]
+            if qos0:
+                log.warning("delivery_not_guaranteed", pipelines=qos0,
+                            reason="at_least_once needs input.qos and output.qos 1: QoS 0 "
+                            "messages are never redelivered")
+
+
+def _connections(config: AgentConfig) -> tuple[MqttConnection, MqttConnection]:
+    """(the readings' connection, the results' and telemetry's connection): one and the
+    same unless ``upstream`` is set. At-least-once makes both sessions persistent and the
+    readings' acknowledgements manual."""
+    durable = config.delivery == "at_least_once"
+    status = f"{config.topic_prefix}/status"
+    if config.upstream is None:
+        local = MqttConnection(config.mqtt, status, persistent=durable, manual_ack=durable)
+        return local, local
+    local = MqttConnection(config.mqtt, None, role="local", persistent=durable,
+                           manual_ack=durable)
+    return local, MqttConnection(config.upstream, status, role="upstream", persistent=durable)
 
 
 class _StartupExtender:

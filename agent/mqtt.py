@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -50,6 +51,9 @@ class Subscription:
     qos: int
     handler: MessageHandler
     shared_group: str | None = None
+    # With manual acknowledgement: True when the handler acknowledges through ack_token
+    # itself; otherwise the message is acknowledged as soon as the handler returns.
+    acknowledges: bool = False
 
     @property
     def subscribe_filter(self) -> str:
@@ -63,10 +67,18 @@ class MqttConnection:
     """Owns one paho client: connect with backoff, ``online``/``offline`` status, and
     per-filter message routing that survives reconnects."""
 
-    def __init__(self, config: MqttConfig, status_topic: str, *, role: str = "local") -> None:
+    def __init__(self, config: MqttConfig, status_topic: str | None, *, role: str = "local",
+                 persistent: bool = False, manual_ack: bool = False) -> None:
+        """``status_topic``: where ``online``/``offline`` (and the last will) go, or None.
+        ``persistent``: keep the broker session across disconnects and restarts (MQTT 5
+        clean_start false with a session expiry; MQTT 3.1.1 clean_session false).
+        ``manual_ack``: QoS 1/2 messages are acknowledged through ``ack_token``, not on
+        arrival."""
         self._config = config
         self._status_topic = status_topic
         self._role = role
+        self._persistent = persistent
+        self._manual_ack = manual_ack
         self._log = log.bind(broker=f"{config.host}:{config.port}", role=role)
         protocol = (MQTTProtocolVersion.MQTTv5 if config.protocol == "5"
                     else MQTTProtocolVersion.MQTTv311)
@@ -74,7 +86,9 @@ class MqttConnection:
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=protocol,
-            clean_session=True if protocol == MQTTProtocolVersion.MQTTv311 else None,
+            clean_session=(not persistent) if protocol == MQTTProtocolVersion.MQTTv311
+            else None,
+            manual_ack=manual_ack,
         )
         self._client.enable_logger(_paho_logger())
         self._client.reconnect_delay_set(int(RECONNECT_MIN_S), int(config.reconnect_max_s))
@@ -83,7 +97,8 @@ class MqttConnection:
         # every PUBACK, so wider costs CPU (measured: 1,000 gave 9 % less throughput than 100
         # on loopback); narrower limits throughput on long round trips.
         self._client.max_inflight_messages_set(config.max_inflight)
-        self._client.will_set(status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        if status_topic is not None:
+            self._client.will_set(status_topic, STATUS_OFFLINE, qos=1, retain=True)
         if config.username is not None:
             self._client.username_pw_set(config.username, _read_password(config.password_file))
         if config.tls.enabled:
@@ -97,6 +112,22 @@ class MqttConnection:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_unsubscribe = self._on_unsubscribe
+        self._client.on_subscribe = self._on_subscribe
+        self._subscribed = threading.Event()  # the subscriptions of this connect are acked
+        self._client.on_publish = self._on_publish
+        # mid -> what to call when the broker acknowledged it (QoS 1) or it was written
+        # (QoS 0). Every publish registers, so an acknowledgement that overtakes its
+        # registration (the network thread is faster than the publishing thread) is the only
+        # thing _early can hold. Never held while calling paho: on_publish runs under paho's
+        # own message lock.
+        self._ack_lock = threading.Lock()
+        self._on_acked: dict[int, Callable[[], None] | None] = {}
+        self._early: set[int] = set()
+        # QoS 0 messages dropped by a disconnect never get on_publish: forgotten then.
+        self._qos0_mids: set[int] = set()
+        # Incremented on every connect: an acknowledgement for a message of an earlier
+        # connection is not sent (the broker redelivers that message instead).
+        self.generation = 0
         self._unsubscribed = threading.Event()
         self._unsubscribe_mid: int | None = None
         # QoS 1/2 messages handed to paho, oldest first, so that a stop can wait until the
@@ -107,9 +138,9 @@ class MqttConnection:
         self._client.on_message = self._on_message
         # Written by the caller's thread, read by paho's thread in on_connect.
         self._subscriptions: dict[str, Subscription] = {}
-        # topic -> handlers, filled on paho's thread: sensors publish on a few topics, and a
-        # dict lookup beats matching every filter for every message.
-        self._routes: dict[str, tuple[MessageHandler, ...]] = {}
+        # topic -> (handlers, whether one of them acknowledges), filled on paho's thread:
+        # sensors publish on a few topics, and a dict lookup beats matching every filter.
+        self._routes: dict[str, tuple[tuple[MessageHandler, ...], bool]] = {}
         self._lock = threading.Lock()
         self.connected = threading.Event()
         self._started = False
@@ -141,6 +172,14 @@ class MqttConnection:
         if existed and self.connected.is_set():
             self._client.unsubscribe(subscribe_filter)
 
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait until connected and the broker acknowledged the subscriptions sent on
+        connect (at once when there are none); False on timeout."""
+        with self._lock:
+            if not self._subscriptions:
+                return self.connected.wait(timeout_s)
+        return self._subscribed.wait(timeout_s)
+
     @property
     def loop_alive(self) -> bool:
         """Whether paho's network thread runs (it reconnects by itself while it does)."""
@@ -169,23 +208,71 @@ class MqttConnection:
     def start(self) -> None:
         """Connect in the background; failures are retried with backoff, never raised."""
         self._log.info("mqtt_connecting", client_id=self._config.client_id,
-                       protocol=self._config.protocol, tls=self._config.tls.enabled)
-        self._client.connect_async(self._config.host, self._config.port,
-                                   keepalive=self._config.keepalive_s)
+                       protocol=self._config.protocol, tls=self._config.tls.enabled,
+                       persistent_session=self._persistent)
+        if self.protocol_is_v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.ReceiveMaximum = self._config.receive_maximum
+            if self._persistent:
+                properties.SessionExpiryInterval = self._config.session_expiry_s
+            # Never a clean start when persistent, not even the first connect of a process:
+            # the session holds the readings that arrived while the agent was restarting.
+            self._client.connect_async(
+                self._config.host, self._config.port, keepalive=self._config.keepalive_s,
+                clean_start=False if self._persistent else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                properties=properties)
+        else:
+            self._client.connect_async(self._config.host, self._config.port,
+                                       keepalive=self._config.keepalive_s)
         self._client.loop_start()
         self._started = True
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False,
-                properties: Properties | None = None) -> paho.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False, *,
+                properties: Properties | None = None,
+                on_acked: Callable[[], None] | None = None) -> paho.MQTTMessageInfo:
         """Queue a message for sending; thread-safe. QoS 1/2 messages are kept while
-        disconnected and sent after the next connect."""
+        disconnected and sent after the next connect.
+
+        ``on_acked()`` runs once the broker acknowledged the message (QoS 1/2) or it was
+        written to the socket (QoS 0), on paho's network thread or on this thread; it must
+        not block and must not publish. Never called for a QoS 0 message that could not be
+        sent.
+        """
         info = self._client.publish(topic, payload, qos=qos, retain=retain,
                                     properties=properties)
-        if qos > 0 and info.rc in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+        queued = info.rc == paho.MQTT_ERR_SUCCESS or (
+            qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN)
+        if qos > 0 and queued:
             with self._pending_lock:
                 self._pending.append(info)
                 self._prune()
+        if queued:
+            with self._ack_lock:
+                acked_already = info.mid in self._early
+                if acked_already:
+                    self._early.discard(info.mid)
+                else:
+                    self._on_acked[info.mid] = on_acked
+                    if qos == 0:
+                        self._qos0_mids.add(info.mid)
+            if acked_already and on_acked is not None:
+                on_acked()
         return info
+
+    def ack_token(self, message: paho.MQTTMessage) -> Callable[[], None] | None:
+        """With manual acknowledgement, a function that acknowledges ``message`` (call it
+        once, from any thread, when the message's work is safely done); None when there is
+        nothing to acknowledge (QoS 0, or acknowledged on arrival). Called on paho's thread.
+        """
+        if not self._manual_ack or message.qos == 0:
+            return None
+        mid, qos, generation = message.mid, message.qos, self.generation
+
+        def ack() -> None:
+            if generation == self.generation and self.connected.is_set():
+                self._client.ack(mid, qos)
+
+        return ack
 
     def _prune(self) -> None:
         pending = self._pending
@@ -210,8 +297,8 @@ class MqttConnection:
         """Publish ``offline``, disconnect cleanly and stop the network thread."""
         if not self._started:
             return
-        if self.connected.is_set():
-            info = self._client.publish(self._status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        if self.connected.is_set() and self._status_topic is not None:
+            info = self.publish(self._status_topic, STATUS_OFFLINE, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=timeout_s)
             except (RuntimeError, ValueError) as exc:  # lost the connection meanwhile
@@ -239,12 +326,16 @@ class MqttConnection:
                 self._log.warning("mqtt_connect_refused", reason=str(reason_code))
                 return
             self._log.info("mqtt_connected", session_present=bool(flags.session_present))
+            self.generation += 1
             self.connected.set()
             with self._lock:
                 subscriptions = list(self._subscriptions.values())
             if subscriptions:
                 self._send_subscribe(subscriptions)
-            client.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
+            else:
+                self._subscribed.set()
+            if self._status_topic is not None:
+                self.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
             for listener in self._connect_listeners:
                 listener()
         except Exception:
@@ -255,6 +346,12 @@ class MqttConnection:
         try:
             was_connected = self.connected.is_set()
             self.connected.clear()
+            self._subscribed.clear()
+            with self._ack_lock:
+                for mid in self._qos0_mids:
+                    self._on_acked.pop(mid, None)
+                self._qos0_mids.clear()
+                self._early.clear()
             if self._stopping:
                 self._log.info("mqtt_disconnected", reason=str(reason_code))
             elif was_connected:
@@ -263,6 +360,27 @@ class MqttConnection:
                 self._log.warning("mqtt_connect_failed", reason=str(reason_code))
         except Exception:
             self._log.exception("mqtt_on_disconnect_failed")
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
+                    properties: Properties | None) -> None:
+        try:
+            with self._ack_lock:
+                if mid in self._on_acked:
+                    callback = self._on_acked.pop(mid)
+                    self._qos0_mids.discard(mid)
+                else:
+                    self._early.add(mid)  # acknowledged before publish() registered it
+                    return
+            if reason_code.is_failure:
+                self._log.error("mqtt_publish_refused", mid=mid, reason=str(reason_code))
+            if callback is not None:
+                callback()
+        except Exception:
+            self._log.exception("mqtt_on_publish_failed")
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
+                      properties: Any) -> None:
+        self._subscribed.set()
 
     def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
                         properties: Any) -> None:
@@ -277,25 +395,33 @@ class MqttConnection:
     def _on_message(self, client: paho.Client, userdata: Any,
                     message: paho.MQTTMessage) -> None:
         topic = message.topic
-        handlers = self._routes.get(topic)
-        if handlers is None:
-            handlers = self._route(topic)
+        route = self._routes.get(topic)
+        if route is None:
+            route = self._route(topic)
+        handlers, acknowledged_by_handler = route
         for handler in handlers:
             try:
                 handler(message)
             except Exception:
                 self._log.exception("message_handler_failed", topic=topic)
+        if self._manual_ack and message.qos > 0 and not acknowledged_by_handler:
+            # Handlers that keep no delivery promise (updates), and filters the persistent
+            # session still holds from an earlier config: acknowledge now, or the message
+            # comes back after every reconnect.
+            with contextlib.suppress(Exception):
+                client.ack(message.mid, message.qos)
 
-    def _route(self, topic: str) -> tuple[MessageHandler, ...]:
+    def _route(self, topic: str) -> tuple[tuple[MessageHandler, ...], bool]:
         with self._lock:
-            handlers = tuple(s.handler for s in self._subscriptions.values()
-                             if paho.topic_matches_sub(s.topic_filter, topic))
+            matching = [s for s in self._subscriptions.values()
+                        if paho.topic_matches_sub(s.topic_filter, topic)]
+            route = (tuple(s.handler for s in matching), any(s.acknowledges for s in matching))
             if len(self._routes) >= ROUTE_CACHE_SIZE:
                 self._routes = {}
-            self._routes[topic] = handlers
-        if not handlers:
+            self._routes[topic] = route
+        if not matching:
             self._log.debug("mqtt_unrouted_message", topic=topic)
-        return handlers
+        return route
 
     def _send_subscribe(self, subscriptions: list[Subscription]) -> None:
         if self.protocol_is_v5:

@@ -20,8 +20,6 @@ import numpy as np
 import orjson
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from agent import postprocess
 from agent.batching import DropOldestQueue
@@ -31,6 +29,7 @@ from agent.errors import PayloadError, PipelineFitError
 from agent.latency import LatencyHistogram
 from agent.models import LoadedModel, ModelRegistry
 from agent.mqtt import Subscription
+from agent.outbox import PendingResult, SeqCounter
 from agent.reporting import ErrorReporter
 from agent.runplan import ModelView, RunPlan, build_plan, feeds_for, split_output
 
@@ -42,8 +41,12 @@ DROP_REPORT_INTERVAL_S = 1.0
 TOPIC_CACHE_SIZE = 4096
 
 
-# topic, payload, qos, MQTT 5 properties (or None); thread-safe (paho's publish is).
-PublishFn = Callable[[str, bytes, int, Properties | None], None]
+# Hands a result on; calls the second argument once it is safely handed off. Thread-safe.
+DeliverFn = Callable[[PendingResult, "Ack | None"], None]
+# Acknowledges one reading to its broker; called once, from any thread.
+Ack = Callable[[], None]
+# The acknowledgement of a message (None: nothing to acknowledge); called on paho's thread.
+AckerFn = Callable[[paho.MQTTMessage], "Ack | None"]
 
 
 def wildcard_matches(topic_filter: str, topic: str) -> list[str]:
@@ -96,6 +99,7 @@ class Reading:
     stream_key: str | None = None        # stateful pipelines: the stream this reading is in
     response_topic: str | None = None   # MQTT 5 request/response
     correlation: bytes | None = None
+    ack: Ack | None = None               # at-least-once: acknowledge once handed off
 
 
 @dataclass
@@ -126,7 +130,8 @@ class Pipeline:
     """Subscribes to one input filter and publishes one result per reading."""
 
     def __init__(self, name: str, config: PipelineConfig, registry: ModelRegistry, *,
-                 publish: PublishFn, errors: ErrorReporter, models_dir: Path) -> None:
+                 deliver: DeliverFn, errors: ErrorReporter, models_dir: Path,
+                 acker: AckerFn | None = None, seq: SeqCounter | None = None) -> None:
         self.name = name
         self.config = config
         self.counters = PipelineCounters()
@@ -134,7 +139,10 @@ class Pipeline:
         # Set by the worker while it processes a batch; read by the systemd watchdog.
         self.busy_since: float | None = None
         self._registry = registry
-        self._publish = publish
+        self._deliver = deliver
+        self._acker = acker
+        self._seq = seq
+        self._intake_closed = False  # set on shutdown in at-least-once mode
         self._errors = errors
         self._labels: list[str] | None = None
         post = config.output.postprocess
@@ -163,11 +171,16 @@ class Pipeline:
     def subscription(self) -> Subscription:
         """The MQTT subscription feeding this pipeline."""
         return Subscription(self.config.input.topic, self.config.input.qos, self.on_message,
-                            self.config.input.shared_group)
+                            self.config.input.shared_group, acknowledges=True)
 
     def start(self) -> None:
         """Start the inference worker."""
         self._worker.start()
+
+    def close_intake(self) -> None:
+        """Ignore readings from now on without acknowledging them: with a persistent
+        session the broker delivers them again after the restart."""
+        self._intake_closed = True
 
     def stop(self, deadline_s: float) -> None:
         """Stop taking readings, finish the queued ones within ``deadline_s``, stop the worker."""
@@ -197,25 +210,30 @@ class Pipeline:
 
     def on_message(self, message: paho.MQTTMessage) -> None:
         """Decode, check and enqueue one reading; report a bad one on the errors topic."""
+        if self._intake_closed:
+            return
         received = time.monotonic()
+        ack = self._acker(message) if self._acker is not None else None
         self.counters.received += 1
         model = self._registry.get(self.config.model)
         if model is None:
-            self._reject(message.topic, self._not_serving_reason())
+            self._reject(message.topic, self._not_serving_reason(), ack)
             return
         try:
             output_topic, stream_key = self._topics_for(message.topic)
             specs: list[TensorSpec] = list(self.plan_for(model).payload)
             tensors, reading_id = decode_payload(message.payload, self.config.input, specs)
         except (PayloadError, PipelineFitError) as exc:
-            self._reject(message.topic, str(exc))
+            self._reject(message.topic, str(exc), ack)
             return
         response_topic, correlation = _response_properties(message)
         dropped = self._queue.put(Reading(message.topic, tensors, reading_id, received,
                                           output_topic, stream_key, response_topic,
-                                          correlation))
+                                          correlation, ack))
         if dropped is not None:
             self._count_drop(dropped.topic)
+            if dropped.ack is not None:
+                dropped.ack()  # dropped on purpose and counted: do not have it sent again
 
     def _topics_for(self, topic: str) -> tuple[str, str | None]:
         """The result topic and stream key of a reading on ``topic`` (cached: sensors publish
@@ -271,9 +289,11 @@ class Pipeline:
                             f"queue full ({self.config.queue.max} readings): dropped the "
                             f"{count} oldest since the last report ({total} in all)")
 
-    def _reject(self, topic: str, reason: str) -> None:
+    def _reject(self, topic: str, reason: str, ack: Ack | None) -> None:
         self.counters.rejected += 1
         self._errors.report(self.name, topic, reason)
+        if ack is not None:
+            ack()  # the error is the answer: sending the reading again would not change it
 
     def _not_serving_reason(self) -> str:
         status = self._registry.status(self.config.model)
@@ -399,6 +419,7 @@ class Pipeline:
                         values: dict[str, Any]) -> None:
         result: dict[str, Any] = {
             "id": reading.reading_id,
+            "seq": self._seq.take() if self._seq is not None else None,
             "pipeline": self.name,
             "model": model.name,
             "version": model.version,
@@ -417,18 +438,37 @@ class Pipeline:
         except (PayloadError, TypeError, orjson.JSONEncodeError) as exc:
             self._fail(reading, f"the result cannot be published: {exc}")
             return
-        self._publish(reading.output_topic, payload, self.config.output.qos, None)
+        qos = self.config.output.qos
+        done = reading.ack
+        if reading.response_topic is not None and done is not None:
+            done = _after_both(done)
+        self._deliver(PendingResult(self.name, reading.output_topic, payload, qos), done)
         if reading.response_topic is not None:
-            properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if reading.correlation is not None:
-                properties.CorrelationData = reading.correlation
-            self._publish(reading.response_topic, payload, self.config.output.qos, properties)
+            self._deliver(PendingResult(self.name, reading.response_topic, payload, qos,
+                                        reading.correlation), done)
         self.counters.processed += 1
         self.latency.record(latency_ms)
 
     def _fail(self, reading: Reading, reason: str) -> None:
         self.counters.failed += 1
         self._errors.report(self.name, reading.topic, reason)
+        if reading.ack is not None:
+            reading.ack()
+
+
+def _after_both(ack: Ack) -> Ack:
+    """An acknowledgement that fires on its second call (a result sent to two topics)."""
+    calls = [0]
+    lock = threading.Lock()
+
+    def half() -> None:
+        with lock:
+            calls[0] += 1
+            last = calls[0] == 2
+        if last:
+            ack()
+
+    return half
 
 
 def _non_finite(plan: RunPlan, outputs: dict[str, Any]) -> str | None:

@@ -83,6 +83,7 @@ class AgentView:
     registry: ModelRegistry
     pipelines: Callable[[], Mapping[str, Pipeline]]
     models_dir: str
+    delivery: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -147,6 +148,8 @@ class HealthReporter:
             "temperatures_c": read_temperatures(view.hardware),
             "disk_free_mb": disk_free_mb(view.models_dir),
         }
+        if view.delivery is not None:
+            document["delivery"] = view.delivery()
         load = gpu_load_percent()
         if load is not None:
             document["gpu_load_percent"] = load

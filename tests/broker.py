@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import json
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 
 def free_port() -> int:
@@ -168,11 +171,16 @@ class Recorder:
     filters: list[str]
     protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
     messages: list[Received] = field(default_factory=list)
+    # A persistent session: the broker keeps what arrives while this recorder reconnects
+    # (across broker restarts too, when the broker has persistence).
+    session: str | None = None
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=self.protocol)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=self.protocol,
+                                  client_id=self.session or "")
+        self.client.reconnect_delay_set(1, 1)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self._subscribed.set()
         self.client.on_message = self._on_message
@@ -180,7 +188,13 @@ class Recorder:
     def start(self) -> Recorder:
         """Connect, subscribe and wait until the subscription is acknowledged."""
         self._subscribed.clear()
-        self.client.connect(self.broker.host, self.broker.port)
+        if self.session:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 3600
+            self.client.connect(self.broker.host, self.broker.port, clean_start=False,
+                                properties=properties)
+        else:
+            self.client.connect(self.broker.host, self.broker.port)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             raise TimeoutError("subscription not acknowledged")
@@ -201,6 +215,11 @@ class Recorder:
                                           bool(message.retain),
                                           getattr(message, "properties", None)))
             self._cond.notify_all()
+
+    def payloads(self, prefix: str) -> list[dict[str, Any]]:
+        """JSON payloads of the messages whose topic starts with ``prefix``, in arrival order."""
+        with self._cond:
+            return [json.loads(m.payload) for m in self.messages if m.topic.startswith(prefix)]
 
     def on(self, topic: str) -> list[Received]:
         """Messages received so far on ``topic``."""
@@ -231,6 +250,7 @@ def publisher(broker: MosquittoBroker,
               protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> paho.Client:
     """A connected client for publishing test readings (call ``loop_stop`` when done)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+    client.reconnect_delay_set(1, 1)  # tests restart brokers: come back at once
     client.connect(broker.host, broker.port)
     client.loop_start()
     return client
@@ -242,11 +262,19 @@ def paced_stream(broker: MosquittoBroker, topic: str, payloads: Sequence[bytes |
     def run() -> None:
         client = publisher(broker)
         started = time.monotonic()
+        last = None
         for index, payload in enumerate(payloads):
             delay = started + index / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            client.publish(topic, payload, qos=qos)
+            last = client.publish(topic, payload, qos=qos)
+        # QoS 1 messages published while the broker was away wait in paho's queue: let
+        # them go out before stopping (QoS 1 leaves in order, so the last one is enough).
+        deadline = time.monotonic() + 30
+        while last is not None and qos > 0 and not last.is_published() \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.disconnect()
         client.loop_stop()
 
     thread = threading.Thread(target=run, name="paced-stream")

@@ -154,7 +154,8 @@ def test_status_shows_two_running_daemons(broker: Any, tmp_path: Path,
         config = base_config(broker, tmp_path, device_id=device, models={"lin": {}},
                              health={"interval_s": 0.5}, pipelines={"p": {
                                  "model": "lin", "input": {"topic": f"{device}/in/+"},
-                                 "output": {"topic": f"{device}/out/{{1}}"}}})
+                                 "output": {"topic": f"{device}/out/{{1}}"}}},
+                             state_dir=str(tmp_path / f"state-{device}"))
         agents.append(agent_factory(config))
     for process in agents:
         process.wait_for_event("agent_serving")

@@ -112,12 +112,13 @@ def test_sighup_reconnects_when_the_broker_changes(
 def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
                                         agent_factory: AgentFactory,
                                         recorder: Callable[..., Recorder]) -> None:
-    """Readings already queued when SIGTERM arrives are still answered; exit 0 within 5 s."""
+    """at_most_once: readings already queued when SIGTERM arrives are still answered; exit 0
+    within 5 s."""
     build_slow(tmp_path / "models" / "slow.onnx", layers=64)
     config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
         "model": "slow", "input": {"topic": "in/+", "field": "x"},
         "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1},
-        "queue": {"max": 1000}}})
+        "queue": {"max": 1000}}}, delivery="at_most_once")
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#")
@@ -138,3 +139,33 @@ def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
     assert delivered > 5
     assert len(answered) == delivered, (len(answered), delivered)
     assert not [e for e in events if e.get("event") == "pipeline_stop_timeout"]
+
+
+def test_sigterm_at_least_once_leaves_the_rest_to_the_next_start(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """at_least_once: SIGTERM in the middle of 1,000 queued readings exits 0 within 5 s;
+    what was not answered stays with the broker's session and is answered after the
+    restart."""
+    build_slow(tmp_path / "models" / "slow.onnx", layers=64)
+    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
+        "model": "slow", "input": {"topic": "in/+", "field": "x"},
+        "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    agent.wait_for_event("mqtt_subscribed")
+    rec = recorder("out/#")
+    client = publisher(broker)
+    sent = [client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1)
+            for i in range(1000)]
+    sent[-1].wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    rec.wait_for(lambda ms: len(ms) >= 5)
+    code, took = agent.terminate()
+    assert code == 0
+    assert took < 5.0
+    before = len({json.loads(m.payload)["id"] for m in rec.messages})
+    assert before < 1000
+    agent_factory(config).wait_for_event("agent_serving")
+    rec.wait_for(lambda ms: len({json.loads(m.payload)["id"] for m in ms}) == 1000, 60)

@@ -147,3 +147,15 @@ def test_model_states_survive_a_broker_restart(
     finally:
         watcher.stop()
     assert agent.process.poll() is None
+
+
+def test_two_daemons_cannot_share_a_state_dir(broker: MosquittoBroker, tmp_path: Path,
+                                              agent_factory: Callable[..., AgentProcess]
+                                              ) -> None:
+    """The second daemon on one state_dir exits 1 naming the folder and the first's pid."""
+    first = agent_factory(base_config(broker, tmp_path, "dev1"))
+    first.wait_for_event("agent_serving")
+    second = agent_factory(base_config(broker, tmp_path, "dev2"))
+    assert second.process.wait(timeout=20) == 1
+    failed = second.wait_for_event("agent_failed")
+    assert f"is in use by another edge-agent (pid {first.process.pid})" in failed["error"]

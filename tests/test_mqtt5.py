@@ -29,7 +29,7 @@ def linear_config(broker: MosquittoBroker, tmp_path: Path, device: str = "dev1",
         build_linear(tmp_path / "models" / "lin.onnx")
     return base_config(broker, tmp_path, device_id=device, models={"lin": {}}, pipelines={
         "p": {"model": "lin", "input": {"topic": "in/+", **pipeline_input},
-              "output": {"topic": "out/{1}"}}})
+              "output": {"topic": "out/{1}"}}}, state_dir=str(tmp_path / f"state-{device}"))
 
 
 def test_request_response_echoes_correlation_data(

@@ -1,0 +1,281 @@
+"""The durable outbox: results that cannot be published now, kept in order until they can.
+
+SQLite in WAL mode in ``state_dir``: a commit survives the process being killed (the
+reading it came from is acknowledged only after that commit), readers never block the
+writer, and the file is one well-understood format an operator can inspect with the
+``sqlite3`` shell. The same database keeps each pipeline's ``seq`` counter.
+
+Bounded by ``outbox.max_mb`` for the database, its write-ahead log and index together (the
+pages in use are measured, not estimated) and by ``outbox.max_age_s``; beyond either, the
+oldest results are dropped and counted. Thread-safe: the pipelines' workers append,
+the flusher reads and deletes, the main thread asks for statistics.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from agent.errors import EdgeAgentError
+
+log = structlog.get_logger(__name__)
+
+DB_FILE = "outbox.sqlite3"
+DB_SHARE = 0.7          # of max_mb for the database file, less the WAL's share
+WAL_SHARE = 0.1         # of max_mb for the write-ahead log (checkpointed and truncated at it)
+ROW_OVERHEAD = 48       # bytes per row besides topic and payload (ids, times), for stats
+PAGE_SIZE = 4096
+FULL_LOG_EVERY_S = 10.0
+SEQ_BLOCK = 1000        # seq numbers reserved per write: a restart skips at most this many
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    correlation BLOB,
+    created REAL NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seq (pipeline TEXT PRIMARY KEY, next INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """One stored result."""
+
+    id: int
+    pipeline: str
+    topic: str
+    payload: bytes
+    qos: int
+    correlation: bytes | None
+    created: float
+
+
+@dataclass(frozen=True)
+class PendingResult:
+    """A result to store: where it goes and what it says."""
+
+    pipeline: str
+    topic: str
+    payload: bytes
+    qos: int
+    correlation: bytes | None = None
+
+
+class Outbox:
+    """A bounded, durable FIFO of results in one SQLite file."""
+
+    def __init__(self, folder: Path, max_mb: float, max_age_s: float) -> None:
+        self.path = folder / DB_FILE
+        max_bytes = int(max_mb * 1024 * 1024)
+        self._wal_bytes = min(4 * 1024 * 1024, max(64 * 1024, int(max_bytes * WAL_SHARE)))
+        self._budget = int(max_bytes * DB_SHARE) - self._wal_bytes
+        self._full_logged = 0.0
+        self._max_age_s = max_age_s
+        self._lock = threading.Lock()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False,
+                                       isolation_level=None, timeout=10.0)
+            self._configure()
+            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) "
+                                   "FROM outbox").fetchone()
+        except sqlite3.Error as exc:
+            raise EdgeAgentError(f"cannot open the outbox {self.path}: {exc}") from exc
+        self._count, self._bytes = int(row[0]), int(row[1])
+        self.dropped = 0      # dropped for the size bound since start
+        self.expired = 0      # dropped for the age bound since start
+        if self._count:
+            log.info("outbox_resumed", results=self._count, bytes=self._bytes,
+                     oldest_age_s=round(time.time() - float(row[2]), 1))
+
+    def _configure(self) -> None:
+        db = self._db
+        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        db.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a commit survives the process being killed; only a power cut
+        # may lose the last commits. FULL would fsync every commit (slow on SD cards).
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute(f"PRAGMA wal_autocheckpoint = {self._wal_bytes // PAGE_SIZE}")
+        db.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
+        db.executescript(_SCHEMA)
+
+    # -- results -------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._count
+
+    def append(self, results: list[PendingResult]) -> None:
+        """Store results durably (one transaction), dropping the oldest beyond the bound."""
+        now = time.time()
+        rows = [(r.pipeline, r.topic, r.payload, r.qos, r.correlation, now,
+                 len(r.payload) + len(r.topic) + ROW_OVERHEAD) for r in results]
+        added = sum(row[-1] for row in rows)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO outbox (pipeline, topic, payload, qos, correlation, created, "
+                    "size) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                self._count += len(rows)
+                self._bytes += added
+                dropped = self._drop_oldest_beyond_budget()
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._recount()
+                raise
+            self._limit_wal()
+        if dropped:
+            self.dropped += dropped
+            if time.monotonic() - self._full_logged >= FULL_LOG_EVERY_S:
+                self._full_logged = time.monotonic()
+                log.warning("outbox_full", dropped_total=self.dropped, kept=self._count,
+                            reason="outbox.max_mb reached: the oldest results are dropped")
+
+    def _drop_oldest_beyond_budget(self) -> int:
+        dropped = 0
+        while self._count:
+            used = self._used_bytes()
+            if used <= self._budget:
+                break
+            # Rows sit in id order on the pages, so deleting the oldest frees whole pages.
+            per_row = max(1, used // self._count)
+            cut = min(self._count, max(1, -(-(used - self._budget) // per_row)))
+            last_id, freed = self._db.execute(
+                "SELECT MAX(id), SUM(size) FROM (SELECT id, size FROM outbox ORDER BY id "
+                "LIMIT ?)", (cut,)).fetchone()
+            self._db.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
+            self._count -= cut
+            self._bytes -= int(freed)
+            dropped += cut
+        return dropped
+
+    def _limit_wal(self) -> None:
+        """Fold the write-ahead log into the database once it outgrows its share (SQLite's
+        automatic checkpoints reuse the log but do not shrink a log one big burst grew)."""
+        try:
+            size = self.path.with_name(DB_FILE + "-wal").stat().st_size
+        except FileNotFoundError:
+            return
+        if size > self._wal_bytes:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def _used_bytes(self) -> int:
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages - free) * PAGE_SIZE
+
+    def after(self, last_id: int, limit: int) -> list[OutboxRow]:
+        """Up to ``limit`` stored results with ids above ``last_id``, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, pipeline, topic, payload, qos, correlation, created FROM outbox "
+                "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
+        return [OutboxRow(*row) for row in rows]
+
+    def delete(self, ids: list[int]) -> None:
+        """Forget delivered results (ids already gone are ignored)."""
+        if not ids:
+            return
+        wanted = set(ids)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                # Acknowledged ids are nearly contiguous: one range scan finds their sizes.
+                found = [(row_id, size) for row_id, size in self._db.execute(
+                    "SELECT id, size FROM outbox WHERE id BETWEEN ? AND ?",
+                    (min(ids), max(ids))) if row_id in wanted]
+                self._db.executemany("DELETE FROM outbox WHERE id = ?",
+                                     [(row_id,) for row_id, _ in found])
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._count -= len(found)
+            self._bytes -= sum(size for _, size in found)
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop results older than ``max_age_s``; returns how many."""
+        cutoff = (time.time() if now is None else now) - self._max_age_s
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
+            count = cursor.rowcount
+            if count:
+                self._recount()
+        if count:
+            self.expired += count
+            log.warning("outbox_expired", dropped=count, max_age_s=self._max_age_s)
+        return count
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Depth, stored bytes, the oldest result's age, and drops since start (for health)."""
+        with self._lock:
+            oldest = self._db.execute("SELECT MIN(created) FROM outbox").fetchone()[0]
+            count, size = self._count, self._bytes
+        return {
+            "depth": count,
+            "bytes": size,
+            "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
+            "dropped": self.dropped,
+            "expired": self.expired,
+        }
+
+    def _recount(self) -> None:
+        row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        self._count, self._bytes = int(row[0]), int(row[1])
+
+    # -- seq -----------------------------------------------------------------------------------
+
+    def reserve_seq(self, pipeline: str) -> tuple[int, int]:
+        """A block ``[start, end)`` of seq numbers for ``pipeline``, never handed out before
+        (persisted before use, so a restart continues above it)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT next FROM seq WHERE pipeline = ?",
+                                       (pipeline,)).fetchone()
+                start = int(row[0]) if row else 1
+                self._db.execute("INSERT INTO seq (pipeline, next) VALUES (?, ?) ON CONFLICT"
+                                 "(pipeline) DO UPDATE SET next = excluded.next",
+                                 (pipeline, start + SEQ_BLOCK))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return start, start + SEQ_BLOCK
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the database and close."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            finally:
+                self._db.close()
+
+
+class SeqCounter:
+    """Monotonic result numbers of one pipeline; used by that pipeline's worker only."""
+
+    def __init__(self, outbox: Outbox, pipeline: str) -> None:
+        self._outbox = outbox
+        self._pipeline = pipeline
+        self._next, self._end = 0, 0
+
+    def take(self) -> int:
+        """The next seq (a database write once per ``SEQ_BLOCK`` results)."""
+        if self._next >= self._end:
+            self._next, self._end = self._outbox.reserve_seq(self._pipeline)
+        value = self._next
+        self._next += 1
+        return value

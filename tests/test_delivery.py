@@ -1,0 +1,281 @@
+"""At-least-once delivery end to end: daemon crashes, broker restarts, upstream outages."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.telemetry import rss_mb
+from tests.broker import MosquittoBroker, Recorder, paced_stream
+from tests.conftest import AgentProcess, base_config
+from tests.onnx_builders import build_linear
+
+pytestmark = pytest.mark.broker
+
+AgentFactory = Callable[..., AgentProcess]
+RECEIVE_MAXIMUM = 100   # the daemon's in-flight window of readings (mqtt.receive_maximum)
+
+
+@pytest.fixture
+def durable_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A Mosquitto with persistence: sessions and queued messages survive its restarts."""
+    folder = tmp_path / "durable-broker"
+    folder.mkdir()
+    instance = MosquittoBroker(folder, persistence=True)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def readings(count: int) -> list[str]:
+    return [json.dumps({"id": i, "x": [i % 7, 1.0, 2.0, 3.0]}) for i in range(count)]
+
+
+def config_for(broker: MosquittoBroker, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    if not (tmp_path / "models" / "lin.onnx").exists():
+        build_linear(tmp_path / "models" / "lin.onnx")
+    return base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
+        "model": "lin", "input": {"topic": "in/+", "field": "x", "qos": 1},
+        "output": {"topic": "out/{1}", "qos": 1}}}, **extra)
+
+
+def results_of(rec: Recorder) -> list[dict[str, Any]]:
+    return rec.payloads("out/")
+
+
+def wait_for_ids(rec: Recorder, count: int, timeout_s: float) -> list[dict[str, Any]]:
+    """Until every id 0..count-1 has a result; fail naming the missing ones."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        results = results_of(rec)
+        if len({r["id"] for r in results}) >= count:
+            return results
+        time.sleep(0.2)
+    seen = {r["id"] for r in results_of(rec)}
+    missing = sorted(set(range(count)) - seen)
+    raise AssertionError(f"{len(missing)} readings without a result, e.g. {missing[:20]}")
+
+
+def assert_seq_increases(results: list[dict[str, Any]]) -> None:
+    """In arrival order, each seq not seen before is higher than all before it (a QoS 1
+    redelivery of the same result repeats its seq; consumers drop those by seq)."""
+    seen: set[int] = set()
+    fresh = []
+    for result in results:
+        if result["seq"] not in seen:
+            seen.add(result["seq"])
+            fresh.append(result["seq"])
+    backwards = [(a, b) for a, b in itertools.pairwise(fresh) if b <= a]
+    assert not backwards, f"seq went backwards {len(backwards)} times, e.g. {backwards[:5]}"
+
+
+def test_sigkill_five_times_loses_no_reading(
+        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """5,000 QoS 1 readings at 500/s; the daemon is SIGKILLed 5 times at random moments and
+    restarted: every reading gets a result, duplicates stay within the in-flight window per
+    kill, and seq only rises."""
+    config = config_for(durable_broker, tmp_path)
+    rec = Recorder(durable_broker, ["out/#"], session="rec-kill").start()
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    agent.wait_for_event("mqtt_subscribed")
+    total = 5000
+    stream = paced_stream(durable_broker, "in/s1", readings(total), rate=500)
+    rng = random.Random(8)
+    for _ in range(5):
+        time.sleep(rng.uniform(0.5, 1.6))
+        agent.kill()
+        agent = agent_factory(config)
+    stream.join()
+    results = wait_for_ids(rec, total, timeout_s=90)
+    rec.stop()
+    duplicates = len(results) - total
+    print(f"\nat-least-once, 5 SIGKILLs: {total} readings, {len(results)} results, "
+          f"{duplicates} duplicates")
+    assert duplicates <= 5 * RECEIVE_MAXIMUM
+    assert_seq_increases(results)
+
+
+def test_broker_restarts_lose_no_reading(
+        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """The broker (with persistence) is restarted twice during a 3,000-reading stream: every
+    reading gets a result."""
+    config = config_for(durable_broker, tmp_path)
+    rec = Recorder(durable_broker, ["out/#"], session="rec-restart").start()
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    agent.wait_for_event("mqtt_subscribed")
+    total = 3000
+    stream = paced_stream(durable_broker, "in/s1", readings(total), rate=400)
+    for _ in range(2):
+        time.sleep(2.0)
+        durable_broker.restart(down_s=1.0)
+    stream.join()
+    results = wait_for_ids(rec, total, timeout_s=60)
+    rec.stop()
+    print(f"\nbroker restarted twice: {total} readings, {len(results) - total} duplicates")
+    assert agent.process.poll() is None
+
+
+def test_seq_continues_across_restarts(
+        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """seq is persisted: after a clean restart the next result's seq is higher."""
+    config = config_for(durable_broker, tmp_path)
+    rec = Recorder(durable_broker, ["out/#"]).start()
+    for round_ in range(2):
+        agent = agent_factory(config)
+        agent.wait_for_event("agent_serving")
+        agent.wait_for_event("mqtt_subscribed")
+        paced_stream(durable_broker, "in/s1", readings(10), rate=100).join()
+        expected = 10 * (round_ + 1)
+        rec.wait_for(lambda ms: len(ms) >= expected)  # noqa: B023 - used before the next round
+        code, _ = agent.terminate()
+        assert code == 0
+    rec.stop()
+    results = results_of(rec)
+    assert len(results) == 20
+    assert_seq_increases(results)
+
+
+# -- an upstream broker ------------------------------------------------------------------------
+
+
+def upstream_config(local: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
+                    **extra: Any) -> dict[str, Any]:
+    config = config_for(local, tmp_path, **extra)
+    config["upstream"] = {"host": upstream.host, "port": upstream.port, "keepalive_s": 5,
+                          "reconnect_max_s": 1}
+    return config
+
+
+@pytest.fixture
+def upstream(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A second Mosquitto (with persistence) standing for the remote broker."""
+    folder = tmp_path / "upstream"
+    folder.mkdir()
+    instance = MosquittoBroker(folder, persistence=True)
+    instance.start()
+    yield instance
+    instance.stop()
+
+
+def test_results_and_telemetry_go_upstream(
+        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
+        agent_factory: AgentFactory, recorder: Callable[..., Recorder]) -> None:
+    """With upstream set, readings come from the local broker; results, status, health and
+    model states appear on the upstream broker only."""
+    agent = agent_factory(upstream_config(broker, upstream, tmp_path))
+    agent.wait_for_event("agent_serving")
+    up = Recorder(upstream, ["#"]).start()
+    local = recorder("out/#", "edge/#")
+    paced_stream(broker, "in/s1", readings(20), rate=200).join()
+    up.wait_for(lambda ms: sum(m.topic == "out/s1" for m in ms) >= 20)
+    up.wait_for(lambda ms: {"edge/dev1/status", "edge/dev1/models/lin"}
+                <= {m.topic for m in ms})
+    up.stop()
+    assert not local.messages
+
+
+def test_upstream_outage_of_30_s_loses_nothing(
+        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
+        agent_factory: AgentFactory) -> None:
+    """The upstream broker is down for 30 s while readings keep coming locally: results go
+    to the outbox and all arrive upstream after it returns, in seq order, none computed
+    twice."""
+    agent = agent_factory(upstream_config(broker, upstream, tmp_path))
+    agent.wait_for_event("agent_serving")
+    rec = Recorder(upstream, ["out/#", "edge/dev1/health"], session="rec-up").start()
+    total = 4000
+    stream = paced_stream(broker, "in/s1", readings(total), rate=100)
+    time.sleep(3)
+    upstream.stop()
+    time.sleep(30)
+    upstream.start()
+    stream.join()
+    results = wait_for_ids(rec, total, timeout_s=60)
+    # Each reading was computed once (one seq per id); a result the broker had in flight
+    # when it stopped may be delivered again with the same seq.
+    seqs_per_id = Counter(r["id"] for r in {r["seq"]: r for r in results}.values())
+    assert set(seqs_per_id.values()) == {1}, seqs_per_id.most_common(3)
+    assert_seq_increases(results)
+    drained = agent.wait_for_event("outbox_drained")
+    print(f"\nupstream down 30 s: {total} readings, {drained['published']} results sent from "
+          f"the outbox, none lost, none computed twice, {len(results) - total} redelivered")
+    assert drained["published"] > 2000
+    rec.stop()
+
+
+def test_upstream_outage_with_a_daemon_restart_loses_nothing(
+        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
+        agent_factory: AgentFactory) -> None:
+    """While upstream is down the daemon is killed and restarted: the outbox and the local
+    persistent session carry everything over; all results arrive once upstream is back."""
+    config = upstream_config(broker, upstream, tmp_path)
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = Recorder(upstream, ["out/#"], session="rec-up2").start()
+    total = 1500
+    stream = paced_stream(broker, "in/s1", readings(total), rate=150)
+    time.sleep(2)
+    upstream.stop()
+    time.sleep(3)
+    agent.kill()
+    agent = agent_factory(config)
+    agent.wait_for_event("outbox_resumed")
+    time.sleep(3)
+    upstream.start()
+    stream.join()
+    results = wait_for_ids(rec, total, timeout_s=60)
+    rec.stop()
+    assert len(results) - total <= RECEIVE_MAXIMUM
+    assert_seq_increases(results)
+
+
+def test_outbox_bound_drops_the_oldest_and_counts_them(
+        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
+        agent_factory: AgentFactory) -> None:
+    """An outage longer than outbox.max_mb holds: the oldest stored results are dropped and
+    counted in health, the newest all arrive, and the file and memory stay bounded."""
+    agent = agent_factory(upstream_config(broker, upstream, tmp_path,
+                                          outbox={"max_mb": 1}, health={"interval_s": 0.5}))
+    agent.wait_for_event("agent_serving")
+    rec = Recorder(upstream, ["out/#", "edge/dev1/health"], session="rec-bound").start()
+    paced_stream(broker, "in/s1", readings(100), rate=500).join()
+    wait_for_ids(rec, 100, timeout_s=20)
+    rss_before = rss_mb(agent.process.pid)
+    upstream.stop()
+    total = 6000
+    paced_stream(broker, "in/s1", readings(total)[100:], rate=1000).join()
+    time.sleep(2)
+    database = tmp_path / "state" / "outbox.sqlite3"
+    on_disk = sum(p.stat().st_size for p in database.parent.glob("outbox.sqlite3*"))
+    rss_after = rss_mb(agent.process.pid)
+    upstream.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = [h for h in rec.payloads("edge/dev1/health")
+                  if h["delivery"]["outbox"]["depth"] == 0 and h["delivery"]["outbox"]["dropped"]]
+        if health:
+            break
+        time.sleep(0.2)
+    assert health, "no health report after the outbox drained"
+    dropped = health[-1]["delivery"]["outbox"]["dropped"]
+    ids = sorted({r["id"] for r in results_of(rec)})
+    missing = sorted(set(range(total)) - set(ids))
+    rec.stop()
+    print(f"\noutbox bound 1 MB: {total - 100} results during the outage, {dropped} oldest "
+          f"dropped, file {on_disk / 1024:.0f} KiB, RSS {rss_before} -> {rss_after} MB")
+    assert len(missing) == dropped > 0
+    assert missing == list(range(100, 100 + dropped)), "not the oldest that were dropped"
+    assert on_disk <= 1024 * 1024, on_disk
+    assert rss_before is not None
+    assert rss_after is not None
+    assert rss_after - rss_before < 15, (rss_before, rss_after)

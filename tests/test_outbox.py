@@ -1,0 +1,73 @@
+"""The SQLite outbox on its own: order, bounds, persistence, seq blocks."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.errors import EdgeAgentError
+from agent.outbox import SEQ_BLOCK, Outbox, PendingResult, SeqCounter
+
+
+def result(index: int, size: int = 100) -> PendingResult:
+    return PendingResult("p", f"out/{index}", b"x" * size, 1, None)
+
+
+def test_rows_come_back_in_order_and_survive_reopening(tmp_path: Path) -> None:
+    """Appended results are read back oldest first, deleted by id, and still there after
+    the file is closed and opened again (a restart)."""
+    box = Outbox(tmp_path, max_mb=8, max_age_s=3600)
+    box.append([result(i) for i in range(5)])
+    rows = box.after(0, 3)
+    assert [r.topic for r in rows] == ["out/0", "out/1", "out/2"]
+    box.delete([rows[0].id, rows[1].id, 999_999])
+    box.close()
+    again = Outbox(tmp_path, max_mb=8, max_age_s=3600)
+    assert len(again) == 3
+    assert [r.topic for r in again.after(0, 10)] == ["out/2", "out/3", "out/4"]
+    assert again.stats()["bytes"] == 3 * (100 + len("out/2") + 48)
+
+
+def test_the_size_bound_drops_the_oldest_and_counts_them(tmp_path: Path) -> None:
+    """Past max_mb the oldest rows go first; the count says how many; the file stays under
+    the bound."""
+    box = Outbox(tmp_path, max_mb=1, max_age_s=3600)
+    for start in range(0, 3000, 100):
+        box.append([result(i, size=1000) for i in range(start, start + 100)])
+    kept = box.after(0, 10_000)
+    assert box.dropped == 3000 - len(kept) > 0
+    assert [r.topic for r in kept] == [f"out/{i}" for i in range(box.dropped, 3000)]
+    files = sum(p.stat().st_size for p in tmp_path.glob("outbox.sqlite3*"))
+    assert files <= 1024 * 1024
+
+
+def test_old_results_expire(tmp_path: Path) -> None:
+    """Results older than max_age_s are dropped and counted as expired."""
+    box = Outbox(tmp_path, max_mb=8, max_age_s=60)
+    box.append([result(1), result(2)])
+    assert box.expire(now=10**10) == 2
+    assert box.stats()["expired"] == 2
+    assert len(box) == 0
+
+
+def test_seq_blocks_never_repeat_across_restarts(tmp_path: Path) -> None:
+    """A counter continues above every number handed out before, even after a restart
+    that did not use its whole block."""
+    box = Outbox(tmp_path, max_mb=8, max_age_s=60)
+    counter = SeqCounter(box, "p")
+    first = [counter.take() for _ in range(3)]
+    assert first == [1, 2, 3]
+    box.close()
+    again = SeqCounter(Outbox(tmp_path, max_mb=8, max_age_s=60), "p")
+    assert again.take() == 1 + SEQ_BLOCK
+    assert SeqCounter(Outbox(tmp_path, max_mb=8, max_age_s=60), "q").take() == 1
+
+
+def test_an_unusable_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A file that is not SQLite is reported with its path."""
+    (tmp_path / "outbox.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(EdgeAgentError, match=r"cannot open the outbox .*outbox\.sqlite3"):
+        Outbox(tmp_path, max_mb=8, max_age_s=60)
+    assert sqlite3.sqlite_version
