@@ -35,7 +35,6 @@ from pydantic import (
 )
 
 from agent.errors import ConfigError, ConfigProblem, UpdateKeyError
-from agent.signing import load_public_key
 from agent.yaml_source import KeyPath, YamlDocument, YamlSyntaxError, parse_yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
@@ -592,6 +591,8 @@ def _check_public_key(value: Any, path: KeyPath,
                       report: typing.Callable[[KeyPath, str], None]) -> None:
     if not isinstance(value, str):
         return
+    from agent.signing import load_public_key  # noqa: PLC0415 - cryptography is heavy
+
     try:
         load_public_key(Path(value))
     except UpdateKeyError as exc:

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 import structlog
@@ -46,9 +46,11 @@ from agent.install import (
 from agent.manifest import ChunkSource, UpdateManifest, applicability_problem, parse_payload
 from agent.models import ModelRegistry
 from agent.mqtt import Subscription
-from agent.signing import TrustedKeys
 from agent.transfer import ChunkTransfer, DownloadThread, download
 from agent.update_store import JournalEntry, UpdateStore
+
+if TYPE_CHECKING:
+    from agent.signing import TrustedKeys
 
 log = structlog.get_logger(__name__)
 
@@ -478,6 +480,9 @@ def _load_keys(config: AgentConfig) -> tuple[TrustedKeys | None, str | None]:
     updates = config.updates
     if not updates.trusted_keys:
         return None, "signed updates are disabled on this device (updates.trusted_keys is empty)"
+    # Imported only when keys are configured: cryptography's OpenSSL costs ~8 MB of RSS.
+    from agent.signing import TrustedKeys  # noqa: PLC0415
+
     try:
         return TrustedKeys.from_files(updates.trusted_keys, updates.threshold), None
     except UpdateKeyError as exc:

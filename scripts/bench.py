@@ -11,7 +11,9 @@ samples) and measures for each:
 1. raw ``session.run`` throughput, batch 1 and batch 32 (no MQTT at all);
 2. the MQTT transport alone (an echo client: no decoding, no inference);
 3. the baseline loop (``scripts/baseline_loop.py``: callback -> json -> run -> publish);
-4. the daemon with JSON and with raw payloads.
+4. the daemon (at-least-once, the default) with JSON and with raw payloads;
+5. the daemon in plain at-most-once mode with JSON (acknowledged on arrival, like the
+   baseline), for the cost of at-least-once.
 
 Saturation throughput is readings/s from the first reading sent to the last result
 received, all QoS 1. Latency is measured at a fixed 500 readings/s. RSS is each process's
@@ -362,11 +364,33 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
     models_dir = folder / f"models-{case.name}"
     models_dir.mkdir()
     (models_dir / "m.onnx").write_bytes(case.path.read_bytes())
+    # Plain (at-most-once: acknowledged on arrival, as the baseline loop does) first, then
+    # the default at-least-once, in the same run so their ratio means something.
+    plain = run_daemon(case, broker, folder, models_dir, "at_most_once",
+                       {"json": json_messages})
+    row.figures["plain_json_sat"] = plain["json_sat"]
+    row.figures["plain_rss"] = plain["json_rss"]
+    durable = run_daemon(case, broker, folder, models_dir, "at_least_once",
+                         {"json": json_messages, "raw": raw_messages})
+    row.figures["daemon_json_sat"] = durable["json_sat"]
+    row.figures["daemon_p50"] = durable["json_p50"]
+    row.figures["daemon_p99"] = durable["json_p99"]
+    row.figures["daemon_rss"] = durable["json_rss"]
+    row.figures["daemon_raw_sat"] = durable["raw_sat"]
+    row.figures["daemon_raw_p50"] = durable["raw_p50"]
+    row.figures["daemon_rss_after_raw"] = durable["raw_rss"]
+    return row
+
+
+def run_daemon(case: ModelCase, broker: MosquittoBroker, folder: Path,  # noqa: PLR0917
+               models_dir: Path, delivery: str, runs: dict[str, Messages]) -> dict[str, float]:
+    """Start the daemon in ``delivery`` mode and measure each payload format in ``runs``."""
     item_shape = list(case.inputs.shape[1:])
+    device = f"bench-{case.name}-{delivery}"
     config = {
-        "device_id": f"bench-{case.name}", "log_level": "warning",
+        "device_id": device, "log_level": "warning", "delivery": delivery,
         "mqtt": {"host": broker.host, "port": broker.port},
-        "models_dir": str(models_dir), "state_dir": str(folder / "state"),
+        "models_dir": str(models_dir), "state_dir": str(folder / f"state-{device}"),
         "models": {"m": {}},
         "pipelines": {
             "json": {"model": "m", "input": {"topic": "d/json/+", "field": "x"},
@@ -380,28 +404,27 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
                     "queue": {"max": 100_000}},
         },
     }
-    config_file = folder / f"daemon-{case.name}.yaml"
+    config_file = folder / f"daemon-{device}.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    log = folder / f"{case.name}-daemon.log"
-    status = StatusWatch(broker, f"edge/bench-{case.name}/models/m")
-    process = start_process([python, "-m", "agent", "run", "--config", str(config_file)],
-                            status.ready, log)
+    log = folder / f"{device}.log"
+    status = StatusWatch(broker, f"edge/{device}/models/m")
+    process = start_process([sys.executable, "-m", "agent", "run", "--config",
+                             str(config_file)], status.ready, log)
+    figures: dict[str, float] = {}
     try:
         time.sleep(0.5)
-        figures = measure_target(broker, "d/out/json/#", json_messages)
-        row.figures["daemon_json_sat"] = figures["throughput"]
-        row.figures["daemon_p50"] = figures["p50"]
-        row.figures["daemon_p99"] = figures["p99"]
-        # Measured after the same work as the baseline's figure (JSON), then after raw too.
-        row.figures["daemon_rss"] = rss_mb(process.pid) or float("nan")
-        figures = measure_target(broker, "d/out/raw/#", raw_messages, id_from_order=True)
-        row.figures["daemon_raw_sat"] = figures["throughput"]
-        row.figures["daemon_raw_p50"] = figures["p50"]
-        row.figures["daemon_rss_after_raw"] = rss_mb(process.pid) or float("nan")
+        for name, messages in runs.items():
+            measured = measure_target(broker, f"d/out/{name}/#", messages,
+                                      id_from_order=name == "raw")
+            figures[f"{name}_sat"] = measured["throughput"]
+            figures[f"{name}_p50"] = measured["p50"]
+            figures[f"{name}_p99"] = measured["p99"]
+            # After the same work as the baseline's figure (JSON), then after raw too.
+            figures[f"{name}_rss"] = rss_mb(process.pid) or float("nan")
     finally:
         stop_process(process)
         status.close()
-    return row
+    return figures
 
 
 class StatusWatch:
@@ -434,7 +457,7 @@ def report(rows: list[Row]) -> str:
     header = ("| model | raw b1 /s | raw b32 /s | transport /s | baseline /s | daemon json /s "
               "| daemon raw /s | json/baseline | raw/baseline | p50/p99 ms baseline "
               "| p50/p99 ms daemon json | p50 ms daemon raw | RSS MB baseline | RSS MB daemon "
-              "(json / +raw) |")
+              "(json / +raw) | plain json /s | at-least-once/plain | RSS MB plain |")
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in rows:
         f = row.figures
@@ -446,7 +469,8 @@ def report(rows: list[Row]) -> str:
             f"{f['daemon_raw_sat'] / base:.2f}x | {f['baseline_p50']:.2f} / "
             f"{f['baseline_p99']:.2f} | {f['daemon_p50']:.2f} / {f['daemon_p99']:.2f} | "
             f"{f['daemon_raw_p50']:.2f} | {f['baseline_rss']:.0f} | {f['daemon_rss']:.0f} / "
-            f"{f['daemon_rss_after_raw']:.0f} |")
+            f"{f['daemon_rss_after_raw']:.0f} | {f['plain_json_sat']:,.0f} | "
+            f"{f['daemon_json_sat'] / f['plain_json_sat']:.2f}x | {f['plain_rss']:.0f} |")
     return "\n".join(lines)
 
 
