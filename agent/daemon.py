@@ -348,6 +348,12 @@ class Daemon:
             set_log_level(new.log_level)
         if reconnect:
             self._reconnect(new)
+        self.outbox.set_bounds(new.outbox.max_mb, new.outbox.max_age_s)
+        self.delivery.flush_rate = new.outbox.flush_rate
+        if new.state_dir != old.state_dir:
+            log.warning("restart_needed", key="state_dir", active=old.state_dir,
+                        reason="the outbox and update state stay where they are until the "
+                        "agent restarts")
         self._reconfigure_updates(old, new, reconnect)
         removed_models = self.registry.reconfigure(new)
         changed_pipelines = self._diff_pipelines(old, new)

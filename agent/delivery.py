@@ -46,7 +46,7 @@ class Delivery:
         the broker settings change); ``outbox`` None means at-most-once."""
         self._connection = connection
         self._outbox = outbox
-        self._flush_rate = flush_rate
+        self.flush_rate = flush_rate  # results/s from the outbox; the main thread may change it
         self._window = window
         self._lock = threading.Lock()  # orders submit against the switch back to direct
         self._backlog = outbox is not None and len(outbox) > 0
@@ -145,7 +145,7 @@ class Delivery:
                 time.sleep(0.01)
                 return
             self._ready_generation = connection.generation
-        interval = 1.0 / self._flush_rate
+        interval = 1.0 / self.flush_rate
         sent_at = time.monotonic()
         while not self._stopped.is_set() and connection.connected.is_set():
             with self._acked_lock:

@@ -77,12 +77,10 @@ class Outbox:
 
     def __init__(self, folder: Path, max_mb: float, max_age_s: float) -> None:
         self.path = folder / DB_FILE
-        max_bytes = int(max_mb * 1024 * 1024)
-        self._wal_bytes = min(4 * 1024 * 1024, max(64 * 1024, int(max_bytes * WAL_SHARE)))
-        self._budget = int(max_bytes * DB_SHARE) - self._wal_bytes
-        self._full_logged = 0.0
-        self._max_age_s = max_age_s
         self._lock = threading.Lock()
+        self._wal_bytes, self._budget = _bounds(max_mb)
+        self._max_age_s = max_age_s
+        self._full_logged = 0.0
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False,
@@ -98,6 +96,15 @@ class Outbox:
         if self._count:
             log.info("outbox_resumed", results=self._count, bytes=self._bytes,
                      oldest_age_s=round(time.time() - float(row[2]), 1))
+
+    def set_bounds(self, max_mb: float, max_age_s: float) -> None:
+        """Adopt ``outbox.max_mb`` and ``max_age_s`` (at start and on a config reload; the
+        next append or expiry enforces them)."""
+        with self._lock:
+            self._wal_bytes, self._budget = _bounds(max_mb)
+            self._max_age_s = max_age_s
+            self._db.execute(f"PRAGMA wal_autocheckpoint = {self._wal_bytes // PAGE_SIZE}")
+            self._db.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
 
     def _configure(self) -> None:
         db = self._db
@@ -262,6 +269,13 @@ class Outbox:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             finally:
                 self._db.close()
+
+
+def _bounds(max_mb: float) -> tuple[int, int]:
+    """(the write-ahead log's share, the database's budget) of ``max_mb``, in bytes."""
+    max_bytes = int(max_mb * 1024 * 1024)
+    wal = min(4 * 1024 * 1024, max(64 * 1024, int(max_bytes * WAL_SHARE)))
+    return wal, int(max_bytes * DB_SHARE) - wal
 
 
 class SeqCounter:

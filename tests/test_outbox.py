@@ -71,3 +71,14 @@ def test_an_unusable_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(EdgeAgentError, match=r"cannot open the outbox .*outbox\.sqlite3"):
         Outbox(tmp_path, max_mb=8, max_age_s=60)
     assert sqlite3.sqlite_version
+
+
+def test_new_bounds_apply_to_the_next_append(tmp_path: Path) -> None:
+    """A config reload that shrinks max_mb takes effect at the next append."""
+    box = Outbox(tmp_path, max_mb=16, max_age_s=3600)
+    box.append([result(i, size=1000) for i in range(2000)])
+    assert box.dropped == 0
+    box.set_bounds(max_mb=1, max_age_s=3600)
+    box.append([result(2000, size=1000)])
+    assert box.dropped > 0
+    assert box.after(0, 100_000)[-1].topic == "out/2000"
