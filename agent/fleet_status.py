@@ -76,7 +76,7 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
     last seen."""
     now = time.time() if now is None else now
     rows = [("DEVICE", "ONLINE", "MODELS", "READINGS/S", "P50 MS", "P99 MS", "TEMP C",
-             "LAST SEEN")]
+             "OUTBOX", "LAST SEEN")]
     for name in sorted(devices):
         view = devices[name]
         health = view.health or {}
@@ -91,6 +91,7 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
             f"{model}:{(info.get('state') or '?')[:5]}:{(info.get('version') or '-')[7:15]}"
             for model, info in sorted(view.models.items())) or "-"
         seen = health.get("ts")
+        outbox = (health.get("delivery") or {}).get("outbox") or {}
         rows.append((
             name,
             "yes" if view.status == "online" else "NO" if view.status == "offline" else "?",
@@ -99,12 +100,22 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
             f"{max(p50):.2f}" if p50 else "-",
             f"{max(p99):.2f}" if p99 else "-",
             f"{max(temperatures):.1f}" if temperatures else "-",
+            _outbox_cell(outbox),
             _ago(now - float(seen)) if isinstance(seen, int | float) else "never",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
                                                                           strict=True)).rstrip()
                      for row in rows)
+
+
+def _outbox_cell(outbox: dict[str, Any]) -> str:
+    """Stored results waiting for the broker, and how many were dropped ("-": none)."""
+    depth, dropped = outbox.get("depth") or 0, (outbox.get("dropped") or 0) + (
+        outbox.get("expired") or 0)
+    if not depth and not dropped:
+        return "-"
+    return f"{depth}" + (f" ({dropped} dropped)" if dropped else "")
 
 
 def _ago(seconds: float) -> str:

@@ -104,6 +104,26 @@ def test_sigkill_five_times_loses_no_reading(
     assert_seq_increases(results)
 
 
+def test_mqtt_311_session_survives_a_sigkill(
+        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """MQTT 3.1.1 (clean_session false, the broker's own in-flight window): a SIGKILL in the
+    middle of 2,000 readings loses none."""
+    config = config_for(durable_broker, tmp_path)
+    config["mqtt"]["protocol"] = "3.1.1"
+    rec = Recorder(durable_broker, ["out/#"], session="rec-311").start()
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    stream = paced_stream(durable_broker, "in/s1", readings(2000), rate=500)
+    time.sleep(1.5)
+    agent.kill()
+    agent = agent_factory(config)
+    stream.join()
+    results = wait_for_ids(rec, 2000, timeout_s=60)
+    rec.stop()
+    assert len(results) - 2000 <= RECEIVE_MAXIMUM
+    assert_seq_increases(results)
+
+
 def test_broker_restarts_lose_no_reading(
         durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
     """The broker (with persistence) is restarted twice during a 3,000-reading stream: every
@@ -182,6 +202,9 @@ def test_results_and_telemetry_go_upstream(
                 <= {m.topic for m in ms})
     up.stop()
     assert not local.messages
+    upstream_filters = [f for e in agent.log_events() if e.get("event") == "mqtt_subscribed"
+                        and e.get("role") == "upstream" for f in e["filters"]]
+    assert "edge/dev1/updates/manifest" in upstream_filters  # updates come from upstream
 
 
 def test_upstream_outage_of_30_s_loses_nothing(
