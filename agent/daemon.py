@@ -35,6 +35,7 @@ from agent.pipeline import Pipeline
 from agent.providers import hints
 from agent.reporting import ErrorReporter
 from agent.retained import RetainedPublisher
+from agent.session_memory import SessionMemory
 from agent.systemd import SdNotifier, Watchdog, watchdog_interval
 from agent.telemetry import AgentView, HealthReporter
 from agent.updates import UpdateManager
@@ -496,12 +497,19 @@ def _connections(config: AgentConfig) -> tuple[MqttConnection, MqttConnection]:
     readings' acknowledgements manual."""
     durable = config.delivery == "at_least_once"
     status = f"{config.topic_prefix}/status"
+    state = Path(config.state_dir)
+
+    def memory(role: str) -> SessionMemory | None:
+        return SessionMemory(state / f"session-{role}.json") if durable else None
+
     if config.upstream is None:
-        local = MqttConnection(config.mqtt, status, persistent=durable, manual_ack=durable)
+        local = MqttConnection(config.mqtt, status, persistent=durable, manual_ack=durable,
+                               session_memory=memory("local"))
         return local, local
     local = MqttConnection(config.mqtt, None, role="local", persistent=durable,
-                           manual_ack=durable)
-    return local, MqttConnection(config.upstream, status, role="upstream", persistent=durable)
+                           manual_ack=durable, session_memory=memory("local"))
+    return local, MqttConnection(config.upstream, status, role="upstream", persistent=durable,
+                                 session_memory=memory("upstream"))
 
 
 class _StartupExtender:

@@ -27,6 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttConfig
 from agent.errors import EdgeAgentError
+from agent.session_memory import SessionMemory
 
 log = structlog.get_logger(__name__)
 
@@ -68,17 +69,20 @@ class MqttConnection:
     per-filter message routing that survives reconnects."""
 
     def __init__(self, config: MqttConfig, status_topic: str | None, *, role: str = "local",
-                 persistent: bool = False, manual_ack: bool = False) -> None:
+                 persistent: bool = False, manual_ack: bool = False,
+                 session_memory: SessionMemory | None = None) -> None:
         """``status_topic``: where ``online``/``offline`` (and the last will) go, or None.
         ``persistent``: keep the broker session across disconnects and restarts (MQTT 5
         clean_start false with a session expiry; MQTT 3.1.1 clean_session false).
         ``manual_ack``: QoS 1/2 messages are acknowledged through ``ack_token``, not on
-        arrival."""
+        arrival. ``session_memory``: where a persistent session's filters are remembered, so
+        ones dropped from the config while the agent was stopped are unsubscribed."""
         self._config = config
         self._status_topic = status_topic
         self._role = role
         self._persistent = persistent
         self._manual_ack = manual_ack
+        self._session_memory = session_memory
         self._log = log.bind(broker=f"{config.host}:{config.port}", role=role)
         protocol = (MQTTProtocolVersion.MQTTv5 if config.protocol == "5"
                     else MQTTProtocolVersion.MQTTv311)
@@ -157,6 +161,7 @@ class MqttConnection:
         with self._lock:
             self._subscriptions[subscription.subscribe_filter] = subscription
             self._routes = {}
+        self._remember()
         if self.connected.is_set():
             self._send_subscribe([subscription])
 
@@ -169,8 +174,15 @@ class MqttConnection:
         with self._lock:
             existed = self._subscriptions.pop(subscribe_filter, None) is not None
             self._routes = {}
+        self._remember()
         if existed and self.connected.is_set():
             self._client.unsubscribe(subscribe_filter)
+
+    def _remember(self) -> None:
+        if self._session_memory is not None:
+            with self._lock:
+                current = set(self._subscriptions)
+            self._session_memory.save(current)
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """Wait until connected and the broker acknowledged the subscriptions sent on
@@ -330,6 +342,13 @@ class MqttConnection:
             self.connected.set()
             with self._lock:
                 subscriptions = list(self._subscriptions.values())
+            if self._session_memory is not None:
+                stale = self._session_memory.stale({s.subscribe_filter for s in subscriptions})
+                if stale:
+                    self._log.info("mqtt_stale_unsubscribed", filters=stale,
+                                   reason="the persistent session held them from an earlier "
+                                          "config")
+                    client.unsubscribe(stale)
             if subscriptions:
                 self._send_subscribe(subscriptions)
             else:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from agent.telemetry import rss_mb
-from tests.broker import MosquittoBroker, Recorder, paced_stream
+from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear
 
@@ -302,3 +302,29 @@ def test_outbox_bound_drops_the_oldest_and_counts_them(
     assert rss_before is not None
     assert rss_after is not None
     assert rss_after - rss_before < 15, (rss_before, rss_after)
+
+
+def test_a_filter_dropped_while_stopped_is_unsubscribed(
+        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """The persistent session outlives a config change made while the agent was stopped:
+    the next start unsubscribes the filter no pipeline uses any more."""
+    config = config_for(durable_broker, tmp_path)
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    assert agent.terminate()[0] == 0
+    config["pipelines"]["p"]["input"]["topic"] = "other/+"
+    agent = agent_factory(config)
+    stale = agent.wait_for_event("mqtt_stale_unsubscribed")
+    assert stale["filters"] == ["in/+"]
+    agent.wait_for_event("agent_serving")
+    rec = Recorder(durable_broker, ["out/#"]).start()
+    client = publisher(durable_broker)
+    client.publish("in/a", json.dumps({"id": 1, "x": [1, 2, 3, 4]}), qos=1).wait_for_publish(5)
+    client.publish("other/b", json.dumps({"id": 2, "x": [1, 2, 3, 4]}),
+                   qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+    rec.wait_for(lambda ms: any(m.topic == "out/b" for m in ms))
+    rec.stop()
+    assert not rec.on("out/a")
+    assert not [e for e in agent.log_events() if e.get("event") == "mqtt_unrouted_message"]
