@@ -12,7 +12,6 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +38,6 @@ RECONNECT_MIN_S = 1.0
 CONNECT_TIMEOUT_S = 3.0
 
 ROUTE_CACHE_SIZE = 4096
-MAX_TRACKED = 100_000  # unacknowledged results remembered for a clean stop
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
@@ -122,8 +120,9 @@ class MqttConnection:
         # mid -> what to call when the broker acknowledged it (QoS 1) or it was written
         # (QoS 0). Every publish registers, so an acknowledgement that overtakes its
         # registration (the network thread is faster than the publishing thread) is the only
-        # thing _early can hold. Never held while calling paho: on_publish runs under paho's
-        # own message lock.
+        # thing _early can hold, and the QoS 1/2 entries are exactly the messages the broker
+        # has not acknowledged yet (``unacked``, which a clean stop waits for). Never held
+        # while calling paho: on_publish runs under paho's own message lock.
         self._ack_lock = threading.Lock()
         self._on_acked: dict[int, Callable[[], None] | None] = {}
         self._early: set[int] = set()
@@ -134,10 +133,6 @@ class MqttConnection:
         self.generation = 0
         self._unsubscribed = threading.Event()
         self._unsubscribe_mid: int | None = None
-        # QoS 1/2 messages handed to paho, oldest first, so that a stop can wait until the
-        # broker acknowledged them; acknowledged ones are pruned from the left as we go.
-        self._pending: deque[paho.MQTTMessageInfo] = deque()
-        self._pending_lock = threading.Lock()
         self._client.on_socket_open = self._on_socket_open
         self._client.on_message = self._on_message
         # Written by the caller's thread, read by paho's thread in on_connect.
@@ -254,10 +249,6 @@ class MqttConnection:
                                     properties=properties)
         queued = info.rc == paho.MQTT_ERR_SUCCESS or (
             qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN)
-        if qos > 0 and queued:
-            with self._pending_lock:
-                self._pending.append(info)
-                self._prune()
         if queued:
             with self._ack_lock:
                 acked_already = info.mid in self._early
@@ -286,17 +277,11 @@ class MqttConnection:
 
         return ack
 
-    def _prune(self) -> None:
-        pending = self._pending
-        while pending and (pending[0].is_published() or len(pending) > MAX_TRACKED):
-            pending.popleft()
-
     @property
     def unacked(self) -> int:
         """QoS 1/2 messages the broker has not acknowledged yet."""
-        with self._pending_lock:
-            self._prune()
-            return sum(1 for info in self._pending if not info.is_published())
+        with self._ack_lock:
+            return len(self._on_acked) - len(self._qos0_mids)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the broker acknowledged every QoS 1/2 message (or ``timeout_s``)."""
