@@ -156,10 +156,9 @@ def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 2
     return _save(graph, path)
 
 
-def build_loop(path: Path, features: int = 8) -> Path:
-    """y = tanh applied ``n`` times to x, with ``n`` an int64 scalar input: a model whose run
-    time the reading chooses (n = 10**9 hangs a worker, for watchdog tests)."""
-    body = helper.make_graph(
+def _tanh_loop_body(features: int) -> onnx.GraphProto:
+    """The body of a Loop that applies tanh to ``x`` [N, features] once per iteration."""
+    return helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
          helper.make_node("Tanh", ["x_in"], ["x_out"])],
         "body",
@@ -169,6 +168,12 @@ def build_loop(path: Path, features: int = 8) -> Path:
         [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", features])],
     )
+
+
+def build_loop(path: Path, features: int = 8) -> Path:
+    """y = tanh applied ``n`` times to x, with ``n`` an int64 scalar input: a model whose run
+    time the reading chooses (n = 10**9 hangs a worker, for watchdog tests)."""
+    body = _tanh_loop_body(features)
     graph = helper.make_graph(
         [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
         "loop",
@@ -183,16 +188,7 @@ def build_slow_warmup(path: Path, features: int = 4, iterations: int = 2_000_000
     """Like ``build_linear``'s interface (x [N, features] -> y [N, features]) but every run
     loops ``iterations`` times (a constant in the file): its warm-up takes seconds. For update
     trials that must be interrupted or time out."""
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Tanh", ["x_in"], ["x_out"])],
-        "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", features])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", features])],
-    )
+    body = _tanh_loop_body(features)
     graph = helper.make_graph(
         [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
         "slow_warmup",

@@ -24,15 +24,20 @@ AgentFactory = Callable[..., AgentProcess]
 RECEIVE_MAXIMUM = 100   # the daemon's in-flight window of readings (mqtt.receive_maximum)
 
 
-@pytest.fixture
-def durable_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
-    """A Mosquitto with persistence: sessions and queued messages survive its restarts."""
-    folder = tmp_path / "durable-broker"
+def persistent_broker(folder: Path) -> Iterator[MosquittoBroker]:
+    """A Mosquitto with persistence in ``folder``: sessions and queued messages survive its
+    restarts. Stopped when the generator is closed (the fixtures' teardown)."""
     folder.mkdir()
     instance = MosquittoBroker(folder, persistence=True)
     instance.start()
     yield instance
     instance.stop()
+
+
+@pytest.fixture
+def durable_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """The broker of the readings, with persistence."""
+    yield from persistent_broker(tmp_path / "durable-broker")
 
 
 def readings(count: int) -> list[str]:
@@ -179,12 +184,7 @@ def upstream_config(local: MosquittoBroker, upstream: MosquittoBroker, tmp_path:
 @pytest.fixture
 def upstream(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A second Mosquitto (with persistence) standing for the remote broker."""
-    folder = tmp_path / "upstream"
-    folder.mkdir()
-    instance = MosquittoBroker(folder, persistence=True)
-    instance.start()
-    yield instance
-    instance.stop()
+    yield from persistent_broker(tmp_path / "upstream")
 
 
 def test_results_and_telemetry_go_upstream(
