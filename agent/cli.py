@@ -23,7 +23,6 @@ from agent.config import (
 from agent.errors import ConfigError, EdgeAgentError
 from agent.logs import LEVELS, configure_logging
 from agent.update_cli import add_parsers as add_update_parsers
-from agent.update_cli import broker_settings
 from agent.update_cli import run as run_update_command
 
 EXIT_OK = 0
@@ -142,6 +141,7 @@ def _detect(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from agent.fleet_status import collect, table  # noqa: PLC0415 - only this command
+    from agent.tool_client import broker_settings  # noqa: PLC0415
 
     try:
         mqtt, password = broker_settings(args)

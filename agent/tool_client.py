@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import ssl
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import MqttConfig
+from agent.config import MqttConfig, default_config, load_config
 from agent.errors import EdgeAgentError
 
 CONNECT_WAIT_S = 10.0
@@ -60,3 +62,23 @@ def connect(mqtt: MqttConfig, password: str | None, subscriptions: list[tuple[st
         raise EdgeAgentError(f"broker {mqtt.host}:{mqtt.port} refused the connection: "
                              f"{failure[0] if failure else 'no answer'}")
     return client
+
+
+def broker_settings(args: argparse.Namespace) -> tuple[MqttConfig, str | None]:
+    """Broker address, credentials and TLS: ``--config``'s ``mqtt`` section (or the
+    defaults) with the command-line options on top; and the password read from its file."""
+    mqtt = load_config(Path(args.config)).mqtt if args.config else default_config().mqtt
+    overrides = {key: getattr(args, key, None) for key in ("host", "port", "username",
+                                                           "password_file")}
+    mqtt = mqtt.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "ca_file", None):
+        mqtt = mqtt.model_copy(update={"tls": mqtt.tls.model_copy(
+            update={"ca_file": args.ca_file})})
+    password = None
+    if mqtt.password_file:
+        try:
+            password = Path(mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise EdgeAgentError(f"cannot read password file {mqtt.password_file}: "
+                                 f"{exc.strerror}") from exc
+    return mqtt, password

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from agent.config import MqttConfig, default_config, load_config
 from agent.errors import ConfigError, EdgeAgentError, UpdateKeyError
 from agent.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, NAME_PATTERN, parse_duration
 from agent.signing import generate_keypair
@@ -128,7 +127,7 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from agent.tool_client import connect  # noqa: PLC0415 - paho only for this command
+    from agent.tool_client import broker_settings, connect  # noqa: PLC0415
 
     try:
         mqtt, password = broker_settings(args)
@@ -176,24 +175,3 @@ def _summary(follower: StatusFollower, devices: list[str], finished: bool) -> in
               "online", file=sys.stderr)
     ok = finished and not unsuccessful and not silent and bool(finals)
     return EXIT_OK if ok else EXIT_FAILED
-
-
-def broker_settings(args: argparse.Namespace) -> tuple[MqttConfig, str | None]:
-    """Broker address, credentials and TLS: ``--config``'s ``mqtt`` section (or the
-    defaults) with the command-line options on top; and the password read from its file."""
-    mqtt = load_config(Path(args.config)).mqtt if args.config else default_config().mqtt
-    overrides = {key: getattr(args, key, None) for key in ("host", "port", "username",
-                                                           "password_file")}
-    mqtt = mqtt.model_copy(update={k: v for k, v in overrides.items() if v is not None})
-    if getattr(args, "ca_file", None):
-        mqtt = mqtt.model_copy(update={"tls": mqtt.tls.model_copy(
-            update={"ca_file": args.ca_file})})
-    password = None
-    if mqtt.password_file:
-        try:
-            password = Path(mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise EdgeAgentError(f"cannot read password file {mqtt.password_file}: "
-                                 f"{exc.strerror}") from exc
-    return mqtt, password
-
