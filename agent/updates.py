@@ -237,6 +237,7 @@ class UpdateManager:
 
     def _on_manifest(self, topic: str, data: bytes) -> None:
         summary = _unverified_summary(data)
+        log.info("update_manifest_received", topic=topic, **summary)
         try:
             manifest = parse_payload(self._verified_payload(data))
             summary = manifest.summary()
@@ -245,7 +246,6 @@ class UpdateManager:
                 return
             self._check_acceptable(manifest)
         except UpdateRejectedError as exc:
-            log.warning("update_rejected", topic=topic, reason=str(exc), **summary)
             self._status(summary, REJECTED, reason=str(exc))
             return
         try:
@@ -256,7 +256,6 @@ class UpdateManager:
             if active is not None:
                 self._fail_transfer(active, reason)
             else:
-                log.error("update_failed", **summary, step="downloading", reason=reason)
                 self._status(summary, FAILED, step="downloading", reason=reason)
 
     def _verified_payload(self, data: bytes) -> bytes:
@@ -375,8 +374,6 @@ class UpdateManager:
             Path(active.entry.staged).unlink()
         self._store.finish(active.manifest.update_id)
         self._active.pop(active.manifest.update_id, None)
-        log.warning("update_failed", **active.manifest.summary(), step="downloading",
-                    reason=reason)
         self._status(active.manifest.summary(), FAILED, step="downloading", reason=reason)
 
     # -- the install thread ------------------------------------------------------------------
@@ -408,7 +405,6 @@ class UpdateManager:
         except UpdateFailedError as exc:
             staged.unlink(missing_ok=True)
             self._store.finish(manifest.update_id)
-            log.warning("update_failed", **summary, step="verifying", reason=str(exc))
             self._status(summary, FAILED, step="verifying", reason=str(exc))
             return False
         failpoint("verified")
@@ -425,13 +421,10 @@ class UpdateManager:
         if problem is None:
             self._store.set_step(manifest.update_id, "committed")
             failpoint("committed")
-            log.info("update_succeeded", **summary)
             self._status(summary, SUCCEEDED)
         else:
             done = restore_previous(target, previous)
             self._registry.load(manifest.model)
-            log.warning("update_failed", **summary, step="trial", reason=problem,
-                        rollback=done)
             self._status(summary, FAILED, step="trial",
                          reason=f"{problem}; rolled back: {done}")
         self._store.finish(manifest.update_id)
@@ -466,10 +459,12 @@ class UpdateManager:
 
     def _status(self, summary: dict[str, Any], state: str, step: str | None = None,
                 reason: str | None = None) -> None:
-        """Publish on ``P/updates/status`` (QoS 1; paho keeps it while disconnected)."""
+        """Log and publish on ``P/updates/status`` (QoS 1; paho keeps it while disconnected):
+        the one place every update state change is reported."""
         document = {**summary, "device_id": self._config.device_id, "state": state,
                     "step": step, "reason": reason, "ts": round(time.time(), 3)}
-        log.info("update_status", **{k: v for k, v in document.items() if k != "ts"})
+        level = log.warning if state in (FAILED, REJECTED) else log.info
+        level("update_status", **{k: v for k, v in document.items() if k != "ts"})
         try:
             self._publish(f"{self._config.topic_prefix}/updates/status", encode_json(document))
         except Exception:  # a status that cannot be sent must not break the update itself
