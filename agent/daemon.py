@@ -114,7 +114,7 @@ class Daemon:
                  config=str(self.source) if self.source else "built-in defaults",
                  models=len(self.config.models), pipelines=len(self.config.pipelines))
         self._log_hardware()
-        self._warn_inactive_settings()
+        self._warn_unmet_settings()
         self.notifier.status("starting: loading models")
         extender = _StartupExtender(self.notifier)
         extender.start()
@@ -479,7 +479,7 @@ class Daemon:
         for hint in hints(self.hardware, available):
             log.warning("provider_hint", hint=hint)
 
-    def _warn_inactive_settings(self) -> None:
+    def _warn_unmet_settings(self) -> None:
         """Say loudly which settings cannot do what the config asks for."""
         config = self.config
         if config.delivery == "at_least_once":

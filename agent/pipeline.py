@@ -131,7 +131,7 @@ class Pipeline:
 
     def __init__(self, name: str, config: PipelineConfig, registry: ModelRegistry, *,
                  deliver: DeliverFn, errors: ErrorReporter, models_dir: Path,
-                 acker: AckerFn | None = None, seq: SeqCounter | None = None) -> None:
+                 acker: AckerFn, seq: SeqCounter) -> None:
         self.name = name
         self.config = config
         self.counters = PipelineCounters()
@@ -213,7 +213,7 @@ class Pipeline:
         if self._intake_closed:
             return
         received = time.monotonic()
-        ack = self._acker(message) if self._acker is not None else None
+        ack = self._acker(message)
         self.counters.received += 1
         model = self._registry.get(self.config.model)
         if model is None:
@@ -419,7 +419,7 @@ class Pipeline:
                         values: dict[str, Any]) -> None:
         result: dict[str, Any] = {
             "id": reading.reading_id,
-            "seq": self._seq.take() if self._seq is not None else None,
+            "seq": self._seq.take(),
             "pipeline": self.name,
             "model": model.name,
             "version": model.version,
