@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,9 +36,17 @@ class Calls:
         assert len(self.names) >= count, self.names
 
 
-def watcher_for(tmp_path: Path, calls: Calls, **config: object) -> ModelFileWatcher:
+@contextlib.contextmanager
+def running_watcher(tmp_path: Path, calls: Calls, **config: object
+                    ) -> Iterator[ModelFileWatcher]:
+    """A started watcher of ``tmp_path/m.onnx`` reporting to ``calls``; stopped on exit."""
     settings = WatchConfig.model_validate({"debounce_ms": 50, "settle_ms": 300, **config})
-    return ModelFileWatcher({"m": tmp_path / "m.onnx"}, calls, settings)
+    watcher = ModelFileWatcher({"m": tmp_path / "m.onnx"}, calls, settings)
+    watcher.start()
+    try:
+        yield watcher
+    finally:
+        watcher.stop()
 
 
 def test_temp_names() -> None:
@@ -51,9 +61,7 @@ def test_temp_names() -> None:
 def test_rename_into_place_triggers_one_reload(tmp_path: Path) -> None:
     """Writing a temp file and renaming it over the model gives exactly one reload."""
     calls = Calls()
-    watcher = watcher_for(tmp_path, calls)
-    watcher.start()
-    try:
+    with running_watcher(tmp_path, calls) as watcher:
         assert watcher.mode == "inotify"
         temp = tmp_path / "m.onnx.tmp"
         temp.write_bytes(b"x" * 1000)
@@ -61,16 +69,12 @@ def test_rename_into_place_triggers_one_reload(tmp_path: Path) -> None:
         calls.wait(1)
         time.sleep(0.5)
         assert [name for name, _ in calls.names] == ["m"]
-    finally:
-        watcher.stop()
 
 
 def test_slow_write_reloads_once_after_close(tmp_path: Path) -> None:
     """A file written in pieces over ~1.5 s is loaded once, after it is closed."""
     calls = Calls()
-    watcher = watcher_for(tmp_path, calls)
-    watcher.start()
-    try:
+    with running_watcher(tmp_path, calls):
         with (tmp_path / "m.onnx").open("wb") as handle:
             for _ in range(10):
                 handle.write(b"y" * 100)
@@ -81,61 +85,45 @@ def test_slow_write_reloads_once_after_close(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert len(calls.names) == 1
         assert calls.names[0][1] >= closed
-    finally:
-        watcher.stop()
 
 
 def test_other_files_and_temp_files_are_ignored(tmp_path: Path) -> None:
     """Only the watched model paths count."""
     calls = Calls()
-    watcher = watcher_for(tmp_path, calls)
-    watcher.start()
-    try:
+    with running_watcher(tmp_path, calls):
         (tmp_path / "other.onnx").write_bytes(b"1")
         (tmp_path / ".m.onnx.swp").write_bytes(b"1")
         (tmp_path / "m.onnx.part").write_bytes(b"1")
         time.sleep(1.0)
         assert calls.names == []
-    finally:
-        watcher.stop()
 
 
 def test_polling_mode_sees_changes_after_they_settle(tmp_path: Path) -> None:
     """With polling (network filesystems) a change is loaded once size and mtime settle."""
     calls = Calls()
-    watcher = watcher_for(tmp_path, calls, mode="polling", poll_interval_s=0.2)
-    watcher.start()
-    try:
+    with running_watcher(tmp_path, calls, mode="polling", poll_interval_s=0.2) as watcher:
         assert watcher.mode == "polling"
         time.sleep(0.3)
         (tmp_path / "m.onnx").write_bytes(b"z" * 100)
         calls.wait(1)
         assert [name for name, _ in calls.names] == ["m"]
-    finally:
-        watcher.stop()
 
 
 def test_a_failing_reload_does_not_stop_watching(tmp_path: Path) -> None:
     """An exception from the reload callback is logged; the next change still reloads."""
     calls = Calls(fail_first=True)
-    watcher = watcher_for(tmp_path, calls)
-    watcher.start()
-    try:
+    with running_watcher(tmp_path, calls):
         (tmp_path / "m.onnx").write_bytes(b"a")
         calls.wait(1)
         time.sleep(0.2)
         (tmp_path / "m.onnx").write_bytes(b"b")
         calls.wait(2)
-    finally:
-        watcher.stop()
 
 
 def test_a_dead_observer_is_restarted(tmp_path: Path) -> None:
     """If watchdog's observer thread dies, the watcher starts a new one."""
     calls = Calls()
-    watcher = watcher_for(tmp_path, calls)
-    watcher.start()
-    try:
+    with running_watcher(tmp_path, calls) as watcher:
         assert watcher._observer is not None
         watcher._observer.stop()
         watcher._observer.join()
@@ -145,8 +133,6 @@ def test_a_dead_observer_is_restarted(tmp_path: Path) -> None:
         assert watcher._observer.is_alive()
         (tmp_path / "m.onnx").write_bytes(b"again")
         calls.wait(1)
-    finally:
-        watcher.stop()
 
 
 @pytest.mark.parametrize(("mounts", "expected"), [
