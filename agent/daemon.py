@@ -66,6 +66,13 @@ class Daemon:
         self._log_level_override = log_level_override
         self._stop = threading.Event()
         self._reload = threading.Event()
+        # Written only by the signal handlers, with plain assignments: a handler runs on the
+        # main thread between two bytecodes, possibly while that thread holds the very lock
+        # Event.set() would take (a deadlock seen in CI). The main thread turns them into
+        # requests (_take_signals).
+        self._stop_signal: str | None = None
+        self._hangups = 0
+        self._hangups_seen = 0
         self._main_tick = time.monotonic()
         self.notifier = SdNotifier.from_environment()
         self.hardware = detect_hardware()
@@ -147,12 +154,12 @@ class Daemon:
             self._wait_for_broker()
         finally:
             extender.stop()
-        if self._stop.is_set():
+        if self._stop_requested():
             return self._shutdown()
         self.notifier.ready(self._status_line())
         watchdog = self._start_watchdog()
         next_health = time.monotonic()
-        while not self._stop.is_set():
+        while not self._stop_requested():
             self._main_tick = time.monotonic()
             if self._reload.is_set():
                 self._reload.clear()
@@ -165,19 +172,32 @@ class Daemon:
             watchdog.stop()
         return self._shutdown()
 
+    def _stop_requested(self) -> bool:
+        """Whether to stop: asked by ``request_stop`` or by a signal (logged here, on the
+        main thread, where taking the log's locks is safe). A SIGHUP becomes a reload
+        request."""
+        if self._hangups != self._hangups_seen:
+            self._hangups_seen = self._hangups
+            log.info("signal_received", signal="SIGHUP")
+            self._reload.set()
+        if self._stop_signal is not None and not self._stop.is_set():
+            log.info("signal_received", signal=self._stop_signal)
+            self._stop.set()
+        return self._stop.is_set()
+
     def _wait_subscribed(self) -> None:
         """A little while for the first connect to take the subscriptions (readings sent
         before a first-ever subscription exists are not kept by any broker); a broker that
         is down is waited for by ``_wait_for_broker`` instead."""
         deadline = time.monotonic() + FIRST_SUBSCRIBE_WAIT_S
-        while time.monotonic() < deadline and not self._stop.is_set():
+        while time.monotonic() < deadline and not self._stop_requested():
             if self.connection.wait_subscribed(0.1):
                 return
 
     def _wait_for_broker(self) -> None:
         mqtt = self.config.mqtt
         while not self.connection.connected.wait(1.0):
-            if self._stop.is_set():
+            if self._stop_requested():
                 return
             self.notifier.status(f"waiting for the MQTT broker {mqtt.host}:{mqtt.port}")
 
@@ -459,14 +479,13 @@ class Daemon:
         if threading.current_thread() is not threading.main_thread():
             return  # embedded use (tests): the owner calls request_stop()/request_reload()
 
-        # Runs on the main thread, between bytecodes of whatever it was doing.
+        # Run on the main thread, between bytecodes of whatever it was doing: they only
+        # assign (no lock, no logging); _stop_requested acts on it within a loop tick.
         def on_stop(signum: int, frame: FrameType | None) -> None:
-            log.info("signal_received", signal=signal.Signals(signum).name)
-            self._stop.set()
+            self._stop_signal = signal.Signals(signum).name
 
         def on_reload(signum: int, frame: FrameType | None) -> None:
-            log.info("signal_received", signal="SIGHUP")
-            self._reload.set()
+            self._hangups += 1
 
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
