@@ -49,6 +49,15 @@ class DropOldestQueue(Generic[Item]):
             self._closed = True
             self._cond.notify_all()
 
+    def abandon(self) -> int:
+        """Drop everything still waiting (the consumer then finds the queue closed and
+        empty); returns how many items were dropped."""
+        with self._cond:
+            count = len(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return count
+
     def take_batch(self, limit: int, max_delay_s: float) -> list[Item]:
         """Block for at least one item; return up to ``limit`` of them.
 

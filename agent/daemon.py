@@ -217,7 +217,7 @@ class Daemon:
         self.watcher.stop()
         deadline = started + DRAIN_DEADLINE_S
         for pipeline in self.pipelines.values():
-            pipeline.stop(max(0.0, deadline - time.monotonic()))
+            pipeline.stop(max(0.0, deadline - time.monotonic()), final=True)
         if not self.uplink.flush(FLUSH_DEADLINE_S):
             log.warning("results_not_acknowledged", count=self.uplink.unacked,
                         reason="the broker did not acknowledge them before the stop deadline; "

@@ -39,6 +39,7 @@ _PLACEHOLDER = re.compile(r"\{(\d+|pipeline|model)\}")
 MAX_STREAMS = 10_000  # stateful streams kept; the least recently seen is forgotten first
 DROP_REPORT_INTERVAL_S = 1.0
 TOPIC_CACHE_SIZE = 4096
+FINAL_BATCH_GRACE_S = 0.5  # of the stop deadline, kept for the batch in progress
 
 
 # Hands a result on; calls the second argument once it is safely handed off. Thread-safe.
@@ -182,12 +183,27 @@ class Pipeline:
         session the broker delivers them again after the restart."""
         self._intake_closed = True
 
-    def stop(self, deadline_s: float) -> None:
-        """Stop taking readings, finish the queued ones within ``deadline_s``, stop the worker."""
+    def stop(self, deadline_s: float, final: bool = False) -> None:
+        """Stop taking readings, finish the queued ones within ``deadline_s``, stop the worker.
+
+        ``final`` (the process is exiting): readings still queued near the deadline are
+        abandoned (at-least-once: left unacknowledged, so they come again after the restart)
+        and the batch in progress gets the rest of the time. A process that exits while a
+        worker is inside onnxruntime's ``run`` dies in C++ (std::terminate, SIGABRT).
+        Otherwise (a config reload) the old worker drains the rest in the background.
+        """
         self._queue.close()
-        self._worker.join(timeout=deadline_s)
-        if self._worker.is_alive():
-            self._log.warning("pipeline_stop_timeout", abandoned=len(self._queue))
+        grace = min(FINAL_BATCH_GRACE_S, deadline_s / 2) if final else 0.0
+        self._worker.join(timeout=deadline_s - grace)
+        if not self._worker.is_alive():
+            return
+        abandoned = self._queue.abandon() if final else len(self._queue)
+        self._log.warning("pipeline_stop_timeout", abandoned=abandoned)
+        if final:
+            self._worker.join(timeout=grace)
+            if self._worker.is_alive():
+                self._log.error("pipeline_batch_still_running", running_s=round(
+                    time.monotonic() - (self.busy_since or time.monotonic()), 1))
 
     def stuck_for(self, now: float) -> float | None:
         """Seconds the worker has been inside one batch, or has been dead (None: fine)."""

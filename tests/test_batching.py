@@ -65,3 +65,13 @@ def test_close_drains_then_returns_empty() -> None:
     queue.close()
     assert len(queue.take_batch(4, 0)) == 1
     assert queue.take_batch(4, 0) == []
+
+
+def test_abandon_empties_a_closed_queue() -> None:
+    """abandon() drops what waits and says how many; the consumer then sees the end."""
+    queue: DropOldestQueue[int] = DropOldestQueue(10, arrival=lambda item: 0.0)
+    for item in range(4):
+        queue.put(item)
+    queue.close()
+    assert queue.abandon() == 4
+    assert queue.take_batch(8, 0.0) == []

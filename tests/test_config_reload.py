@@ -169,3 +169,31 @@ def test_sigterm_at_least_once_leaves_the_rest_to_the_next_start(
     assert before < 1000
     agent_factory(config).wait_for_event("agent_serving")
     rec.wait_for(lambda ms: len({json.loads(m.payload)["id"] for m in ms}) == 1000, 60)
+
+
+def test_sigterm_with_more_queued_than_the_deadline_allows(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """Seconds of queued work at SIGTERM: the rest is abandoned (and said so), the batch in
+    progress finishes, and the process exits 0 within 5 s instead of dying in onnxruntime
+    (std::terminate) with a worker still inside run."""
+    build_slow(tmp_path / "models" / "slow.onnx", layers=256)
+    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
+        "model": "slow", "input": {"topic": "in/+", "field": "x"},
+        "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1},
+        "queue": {"max": 5000}}}, delivery="at_most_once")
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder("out/#")
+    client = publisher(broker)
+    sent = [client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1)
+            for i in range(2000)]
+    sent[-1].wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    rec.wait_for(lambda ms: len(ms) >= 5)
+    code, took = agent.terminate()
+    assert code == 0
+    assert took < 5.0
+    timeout = next(e for e in agent.log_events() if e.get("event") == "pipeline_stop_timeout")
+    assert timeout["abandoned"] > 0
