@@ -39,7 +39,8 @@ _PLACEHOLDER = re.compile(r"\{(\d+|pipeline|model)\}")
 MAX_STREAMS = 10_000  # stateful streams kept; the least recently seen is forgotten first
 DROP_REPORT_INTERVAL_S = 1.0
 TOPIC_CACHE_SIZE = 4096
-FINAL_BATCH_GRACE_S = 0.5  # of the stop deadline, kept for the batch in progress
+# After the drain deadline, for the batch in progress (the SIGTERM budget of 5 s has room).
+FINAL_BATCH_GRACE_S = 0.5
 
 
 # Hands a result on; calls the second argument once it is safely handed off. Thread-safe.
@@ -186,21 +187,21 @@ class Pipeline:
     def stop(self, deadline_s: float, final: bool = False) -> None:
         """Stop taking readings, finish the queued ones within ``deadline_s``, stop the worker.
 
-        ``final`` (the process is exiting): readings still queued near the deadline are
+        ``final`` (the process is exiting): readings still queued at the deadline are
         abandoned (at-least-once: left unacknowledged, so they come again after the restart)
-        and the batch in progress gets the rest of the time. A process that exits while a
-        worker is inside onnxruntime's ``run`` dies in C++ (std::terminate, SIGABRT).
-        Otherwise (a config reload) the old worker drains the rest in the background.
+        and the batch in progress gets up to ``FINAL_BATCH_GRACE_S`` more. A process that
+        exits while a worker is inside onnxruntime's ``run`` dies in C++ (std::terminate,
+        SIGABRT). Otherwise (a config reload) the old worker drains the rest in the
+        background.
         """
         self._queue.close()
-        grace = min(FINAL_BATCH_GRACE_S, deadline_s / 2) if final else 0.0
-        self._worker.join(timeout=deadline_s - grace)
+        self._worker.join(timeout=deadline_s)
         if not self._worker.is_alive():
             return
         abandoned = self._queue.abandon() if final else len(self._queue)
         self._log.warning("pipeline_stop_timeout", abandoned=abandoned)
         if final:
-            self._worker.join(timeout=grace)
+            self._worker.join(timeout=FINAL_BATCH_GRACE_S)
             if self._worker.is_alive():
                 self._log.error("pipeline_batch_still_running", running_s=round(
                     time.monotonic() - (self.busy_since or time.monotonic()), 1))
