@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from agent import strict_json
 from agent.errors import UpdateRejectedError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 MAX_CHUNK_SIZE = 16 * 1024 * 1024  # well under Mosquitto's default message size limit
+# A manifest is a few KB; the optional golden set adds at most 1 MiB of npz, base64 in the
+# payload and base64 again in the envelope (1.78 MiB). Larger ones are refused unread.
+MAX_MANIFEST_BYTES = 2 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 128 * 1024
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
@@ -69,9 +73,9 @@ class UpdateManifest:
 def parse_payload(payload: bytes) -> UpdateManifest:
     """Parse and check the payload JSON; ``UpdateRejectedError`` names the first bad field."""
     try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise UpdateRejectedError(f"payload is not JSON: {exc}") from exc
+        data = strict_json.loads(payload)
+    except ValueError as exc:
+        raise UpdateRejectedError(f"payload is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise UpdateRejectedError("payload is not a JSON object")
     update_id = _name(data, "update_id")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent import strict_json
 from agent.errors import SignatureError, UpdateKeyError
 
 PAYLOAD_TYPE = "application/vnd.edge-agent.update+json"
@@ -151,9 +151,9 @@ class TrustedKeys:
 
 def _parse_envelope(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     try:
-        envelope = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SignatureError(f"manifest is not JSON: {exc}") from exc
+        envelope = strict_json.loads(data)
+    except ValueError as exc:
+        raise SignatureError(f"manifest is not valid JSON: {exc}") from exc
     if not isinstance(envelope, dict):
         raise SignatureError("manifest is not a DSSE envelope (expected a JSON object)")
     payload_type = envelope.get("payloadType")

@@ -70,7 +70,7 @@ def test_the_exact_payload_bytes_are_verified_and_returned(
 
 
 @pytest.mark.parametrize(("data", "words"), [
-    (b"not json", "not JSON"),
+    (b"not json", "not valid JSON"),
     (b"[]", "not a DSSE envelope"),
     (json.dumps({"payloadType": PAYLOAD_TYPE, "payload": "e30=", "signatures": []}).encode(),
      "no signatures"),
