@@ -57,3 +57,7 @@ class SignatureError(UpdateRejectedError):
 
 class UpdateFailedError(EdgeAgentError):
     """An accepted update did not work: transfer, verification, install or trial (``FAILED``)."""
+
+
+class UnsafePathError(EdgeAgentError):
+    """A path the agent owns (staging, state, lock files) is a symlink or not what it made."""

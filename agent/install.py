@@ -3,7 +3,8 @@
 The staging folder sits next to the model file (``.edge-agent-staging``), so the final
 ``os.replace`` never crosses filesystems and is atomic; the folder watcher ignores it (its
 name starts with a dot and it is not the watched file). The replaced file is kept as
-``NAME.onnx.prev`` for rollback.
+``NAME.onnx.prev`` for rollback. The staging folder and every file in it are the agent's
+own: a symlink in their place is refused, never followed (``agent.durable``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.durable import fsync_dir, replace_durably
+from agent.durable import create_file, fsync_dir, own_folder, replace_durably
 from agent.errors import UpdateFailedError
 
 log = structlog.get_logger(__name__)
@@ -29,6 +30,12 @@ HASH_BLOCK = 1024 * 1024
 def staging_dir(target: Path) -> Path:
     """The daemon-owned folder where the bytes of an update for ``target`` are written."""
     return target.parent / STAGING_FOLDER
+
+
+def make_staging_dir(target: Path) -> Path:
+    """Create the staging folder for ``target`` if needed; ``UnsafePathError`` when a
+    symlink or a file stands in its place."""
+    return own_folder(staging_dir(target))
 
 
 def previous_path(target: Path) -> Path:
@@ -66,7 +73,7 @@ def install(staged: Path, target: Path) -> None:
     """Keep the current file as ``.prev``, then rename the staged file over it, durably."""
     if target.exists():
         keep = previous_path(target)
-        temp = staging_dir(target) / (keep.name + ".tmp")
+        temp = make_staging_dir(target) / (keep.name + ".tmp")
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         _link_or_copy(target, temp)
@@ -89,9 +96,7 @@ def restore_previous(target: Path, previous_sha256: str | None) -> str:
     keep = previous_path(target)
     if file_sha256(keep) != previous_sha256:
         raise UpdateFailedError(f"cannot roll back: {keep} is missing or changed")
-    temp = staging_dir(target) / (keep.name + ".restore")
-    with contextlib.suppress(FileNotFoundError):
-        temp.unlink()
+    temp = make_staging_dir(target) / (keep.name + ".restore")
     # A copy, not a link: .prev stays intact even if someone later rewrites the model file
     # in place, and rolling back twice still works.
     _copy_synced(keep, temp)
@@ -100,12 +105,16 @@ def restore_previous(target: Path, previous_sha256: str | None) -> str:
 
 
 def clean_staging(folder: Path, keep: set[Path]) -> list[str]:
-    """Delete leftovers of interrupted updates in a staging folder, except ``keep``."""
+    """Delete leftovers of interrupted updates in a staging folder, except ``keep``.
+
+    ``UnsafePathError`` when the folder is a symlink: following it would delete the files of
+    whatever folder it names (the update state, say)."""
     removed: list[str] = []
-    if not folder.is_dir():
+    if not os.path.lexists(folder):
         return removed
+    own_folder(folder)
     for path in folder.iterdir():
-        if path not in keep and path.is_file():
+        if path not in keep and (path.is_symlink() or path.is_file()):  # a link: only it goes
             path.unlink()
             removed.append(path.name)
     if removed:
@@ -121,6 +130,7 @@ def _link_or_copy(source: Path, destination: Path) -> None:
 
 
 def _copy_synced(source: Path, destination: Path) -> None:
-    shutil.copyfile(source, destination)
-    with destination.open("rb") as handle:
-        os.fsync(handle.fileno())
+    with source.open("rb") as reader, os.fdopen(create_file(destination), "wb") as writer:
+        shutil.copyfileobj(reader, writer, HASH_BLOCK)
+        writer.flush()
+        os.fsync(writer.fileno())

@@ -1,10 +1,10 @@
 """What the device remembers about updates across restarts and power cuts.
 
 One JSON file in ``state_dir/updates``, replaced atomically on every change: per model the
-highest version ever accepted (the rollback and replay defence) and the sha256 digests of
-signed files, and a journal entry per update in progress, so that a restart knows what a
-crash interrupted. Fails closed: an unreadable file refuses updates instead of forgetting
-the versions it protects.
+highest version ever accepted (the rollback and replay defence), the sha256 of the version
+committed last (the only signed bytes a file dropped by hand may have), and a journal entry
+per update in progress, so that a restart knows what a crash interrupted. Fails closed: an
+unreadable file refuses updates instead of forgetting the versions it protects.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.durable import write_atomically
-from agent.errors import UpdateRejectedError
+from agent.durable import own_folder, refuse_symlink, write_atomically
+from agent.errors import UnsafePathError, UpdateRejectedError
 
 STATE_FILE = "state.json"
 SIGNED_HISTORY = 8  # digests kept per model: the installed file, its .prev and a few before
@@ -36,6 +36,7 @@ class JournalEntry:
     staged: str                # the staging file the bytes are written to
     previous_sha256: str | None = None
     started: float = field(default_factory=time.time)
+    manifest_sha256: str | None = None  # of the manifest's bytes, named in every status
 
 
 @dataclass
@@ -43,7 +44,10 @@ class ModelRecord:
     """The update history of one model."""
 
     version: int = 0           # highest version ever accepted for install
-    signed: list[str] = field(default_factory=list)  # sha256 of files installed by updates
+    # sha256 of files installed by updates, newest last. Kept for state written before
+    # ``committed`` existed: until that model's next commit, any of them may load.
+    signed: list[str] = field(default_factory=list)
+    committed: str | None = None  # sha256 of the version whose trial succeeded last
 
 
 class UpdateStore:
@@ -69,10 +73,19 @@ class UpdateStore:
         with self._lock:
             return self._models.get(model, ModelRecord()).version
 
-    def is_signed(self, model: str, sha256: str) -> bool:
-        """Whether a file with this digest was installed for ``model`` by a signed update."""
+    def may_load(self, model: str, sha256: str) -> bool:
+        """Whether a file with this digest may serve ``model`` under ``require_signed_files``:
+        the version committed last, or the one an update in progress is trying. An older
+        signed version (``NAME.onnx.prev`` copied back by hand) may not: that would be a
+        rollback past the version floor."""
         with self._lock:
-            return sha256 in self._models.get(model, ModelRecord()).signed
+            record = self._models.get(model, ModelRecord())
+            if any(e.model == model and e.sha256 == sha256 and e.step in ("installing", "trial")
+                   for e in self._journal.values()):
+                return True
+            if record.committed is None:  # state from before commits were recorded
+                return sha256 in record.signed
+            return sha256 == record.committed
 
     def journal(self) -> list[JournalEntry]:
         """Updates in progress, oldest first."""
@@ -110,6 +123,14 @@ class UpdateStore:
             entry.previous_sha256 = previous_sha256
             self._save()
 
+    def commit(self, update_id: str) -> None:
+        """The trial succeeded: the update's bytes become the model's committed version."""
+        with self._lock:
+            entry = self._journal[update_id]
+            entry.step = "committed"
+            self._models.setdefault(entry.model, ModelRecord()).committed = entry.sha256
+            self._save()
+
     def finish(self, update_id: str) -> None:
         """Forget a journalled update (its final status has been sent)."""
         with self._lock:
@@ -122,8 +143,13 @@ class UpdateStore:
 
     def _load(self) -> None:
         try:
+            own_folder(self.folder)
+            refuse_symlink(self.path)
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            return
+        except UnsafePathError as exc:
+            self._problem = f"update state is refused: {exc}"
             return
         except OSError as exc:
             self._problem = f"update state {self.path} is unreadable: {exc.strerror}"
@@ -140,7 +166,7 @@ class UpdateStore:
                              "version floor that stops downgrades")
 
     def _save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        own_folder(self.folder)
         document = {
             "models": {name: asdict(record) for name, record in self._models.items()},
             "journal": [asdict(entry) for entry in self._journal.values()],

@@ -82,7 +82,7 @@ def test_store_survives_a_restart_and_fails_closed_when_corrupt(tmp_path: Path) 
     store.accept("u1", "m", 4, "s", previous_sha256="old")
     again = UpdateStore(tmp_path)
     assert again.highest_version("m") == 4
-    assert again.is_signed("m", "s")
+    assert again.may_load("m", "s")
     assert [(e.step, e.previous_sha256) for e in again.journal()] == [("installing", "old")]
     again.finish("u1")
     assert UpdateStore(tmp_path).journal() == []
