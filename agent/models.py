@@ -1,9 +1,12 @@
 """Model registry: load a model file into a checked, warmed-up ONNX Runtime session.
 
-Loads run on the caller's thread (the daemon's main thread at start-up), never on paho's
-thread or an inference worker. Serving code reads the current ``LoadedModel`` through
-``ModelRegistry.get``: a single reference, replaced as a whole, so a batch that already
-holds a model finishes on it.
+Loads run on the caller's thread (the daemon's main thread at start-up, the watcher's or
+the update installer's later), never on paho's thread or an inference worker. Loads of one
+model are serialized; loads of different models are not, so a model that is slow (or stuck)
+to warm up never holds up another. Every warm-up run ends by a deadline: onnxruntime's
+``RunOptions.terminate`` stops it from a timer. Serving code reads the current
+``LoadedModel`` through ``ModelRegistry.get``: a single reference, replaced as a whole, so a
+batch that already holds a model finishes on it.
 """
 
 from __future__ import annotations
@@ -111,10 +114,12 @@ class ModelRegistry:
         self._hardware = hardware
         self._publish_state = publish_state
         self._on_failure = on_failure
-        self._lock = threading.Lock()        # guards _status
-        self._load_lock = threading.Lock()   # one load at a time (start-up or reload thread)
-        # name -> serving model. Written only under _load_lock; read without a lock by the
-        # pipelines (replacing a dict value is atomic in CPython).
+        self._lock = threading.Lock()        # guards _status, _load_locks and _warmups
+        # name -> the lock its loads take: one load per model at a time, any thread.
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._warmups = _WarmupRuns()
+        # name -> serving model. Written only under that model's load lock; read without a
+        # lock by the pipelines (replacing a dict value is atomic in CPython).
         self._models: dict[str, LoadedModel] = {}
         self._status: dict[str, ModelStatus] = {
             name: ModelStatus(name=name, file=str(config.model_path(name)))
@@ -142,27 +147,38 @@ class ModelRegistry:
     @property
     def loading(self) -> bool:
         """Whether a load is in progress right now."""
-        return self._load_lock.locked()
+        with self._lock:
+            return any(lock.locked() for lock in self._load_locks.values())
+
+    def cancel_loads(self) -> None:
+        """Stop every warm-up run in progress, and any that would start, at once: the agent
+        is stopping, and a process that exits while a thread is inside onnxruntime's ``run``
+        dies with SIGABRT. Those loads fail and the serving models stay. Any thread."""
+        self._warmups.cancel()
+
+    def _load_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._load_locks.setdefault(name, threading.Lock())
 
     def reconfigure(self, config: AgentConfig) -> list[str]:
         """Adopt a new config (SIGHUP): removed models stop serving and their retained state
         is cleared; new ones get a status. Returns the removed names. Load models separately.
         """
-        with self._load_lock:
+        # Not under the load locks: a model that takes minutes to load must not hold up a
+        # reload. A load of a removed model sees it gone when it comes to swap.
+        with self._lock:
             self._config = config
             removed = [name for name in self._status if name not in config.models]
             for name in removed:
                 self._models.pop(name, None)
-                with self._lock:
-                    del self._status[name]
-                self._publish_state(name, b"")  # an empty retained message deletes it
+                del self._status[name]
             for name in config.models:
-                with self._lock:
-                    if name not in self._status:
-                        self._status[name] = ModelStatus(name=name,
-                                                         file=str(config.model_path(name)))
-                    else:
-                        self._status[name].file = str(config.model_path(name))
+                if name not in self._status:
+                    self._status[name] = ModelStatus(name=name, file=str(config.model_path(name)))
+                else:
+                    self._status[name].file = str(config.model_path(name))
+        for name in removed:
+            self._publish_state(name, b"")  # an empty retained message deletes it
         return removed
 
     def load(self, name: str, force: bool = False,
@@ -172,51 +188,67 @@ class ModelRegistry:
 
         Bytes identical to the serving model's are a no-op unless ``force`` (the config that
         shapes the session changed). A model that took longer than ``max_seconds`` to load and
-        warm up (an update's trial) is not swapped in. On failure the serving model (if
-        any) stays, and the failure is published. Runs on the caller's thread; loads are
-        serialized. Returns the serving model afterwards.
+        warm up (an update's trial) is not swapped in, and its warm-up is stopped at that
+        deadline; without one, warm-up is bounded by ``warmup_timeout_s``. On failure the
+        serving model (if any) stays, and the failure is published. Runs on the caller's
+        thread; loads of one model are serialized. Returns the serving model afterwards.
         """
-        with self._load_lock:
-            if name not in self._config.models:
-                return None  # removed by a config reload meanwhile
-            path = self._config.model_path(name)
-            current = self._models.get(name)
-            started = time.monotonic()
-            try:
-                data = _read_model_file(path)
-            except ModelLoadError as exc:
-                self._failed(name, path, None, exc)
-                return current
-            version = "sha256:" + hashlib.sha256(data).hexdigest()
-            if current is not None and current.version == version and not force:
-                log.debug("model_unchanged", model=name, version=version)
-                return current
-            refusal = self._admission(name, version) if self._admission else None
-            if refusal is not None:
-                self._failed(name, path, version, ModelLoadError(refusal))
-                return current
-            now = time.time()
-            attempt = {"state": ModelState.LOADING.value, "version": version, "started": now,
-                       "ts": now}
-            self._set_status(name, last_load=attempt,
-                             state=ModelState.READY if current else ModelState.LOADING)
-            try:
-                model = self._build(name, path, data, version)
-                _check_time(started, max_seconds)
-            except ModelLoadError as exc:
-                self._failed(name, path, version, exc, started=now)
-                return current
-            del data  # the session holds its own copy; do not keep two
-            self._models[name] = model  # the swap: in-flight batches keep the old reference
-            self._set_status(name, state=ModelState.READY, version=model.version,
-                             providers=model.providers, requested=model.requested,
-                             degraded=model.degraded, loaded_at=model.loaded_at, error=None,
-                             last_load={**attempt, "state": ModelState.READY.value,
-                                        "ts": time.time()})
-            log.info("model_ready", model=name, version=model.version,
-                     previous=current.version if current else None, providers=model.providers,
-                     load_ms=round((time.monotonic() - started) * 1000, 1))
-            return model
+        with self._load_lock(name):
+            return self._load_locked(name, force, max_seconds)
+
+    def reload_if_idle(self, name: str) -> bool:
+        """Load ``name`` now unless a load of it is in progress (False: nothing was done, ask
+        again later). For the folder watcher, whose one thread must not wait behind a model
+        that takes minutes (an update's trial) while another model's file changes."""
+        lock = self._load_lock(name)
+        if not lock.acquire(blocking=False):
+            return False
+        try:
+            self._load_locked(name, False, None)
+        finally:
+            lock.release()
+        return True
+
+    def _load_locked(self, name: str, force: bool,
+                     max_seconds: float | None) -> LoadedModel | None:
+        config = self._config
+        if name not in config.models:
+            return None  # removed by a config reload meanwhile
+        path = config.model_path(name)
+        current = self._models.get(name)
+        started = time.monotonic()
+        fresh = self._new_bytes(name, path, current, force)
+        if fresh is None:
+            return current
+        data, version = fresh
+        now = time.time()
+        attempt = {"state": ModelState.LOADING.value, "version": version, "started": now,
+                   "ts": now}
+        self._set_status(name, last_load=attempt,
+                         state=ModelState.READY if current else ModelState.LOADING)
+        limit = _WarmupLimit(max_seconds, "updates.trial_timeout_s") if max_seconds \
+            is not None else _WarmupLimit(config.warmup_timeout_s, "warmup_timeout_s")
+        try:
+            model = self._build_within(name, path, data, version, started=started,
+                                       limit=limit)
+            _check_time(started, max_seconds)
+        except ModelLoadError as exc:
+            self._failed(name, path, version, exc, started=now)
+            return current
+        del data  # the session holds its own copy; do not keep two
+        with self._lock:
+            if name not in self._status:
+                return None  # removed by a config reload while it loaded
+            self._models[name] = model  # the swap: in-flight batches keep the old one
+        self._set_status(name, state=ModelState.READY, version=model.version,
+                         providers=model.providers, requested=model.requested,
+                         degraded=model.degraded, loaded_at=model.loaded_at, error=None,
+                         last_load={**attempt, "state": ModelState.READY.value,
+                                    "ts": time.time()})
+        log.info("model_ready", model=name, version=model.version,
+                 previous=current.version if current else None, providers=model.providers,
+                 load_ms=round((time.monotonic() - started) * 1000, 1))
+        return model
 
     def _failed(self, name: str, path: Path, version: str | None, exc: ModelLoadError,
                 started: float | None = None) -> None:
@@ -233,13 +265,43 @@ class ModelRegistry:
 
     def _set_status(self, name: str, **changes: Any) -> None:
         with self._lock:
-            status = self._status[name]
+            status = self._status.get(name)
+            if status is None:
+                return  # removed by a config reload while it loaded
             for key, value in changes.items():
                 setattr(status, key, value)
             payload = status.to_json()
         self._publish_state(name, payload)
 
-    def _build(self, name: str, path: Path, data: bytes, version: str) -> LoadedModel:
+    def _new_bytes(self, name: str, path: Path, current: LoadedModel | None,
+                   force: bool) -> tuple[bytes, str] | None:
+        """The file's bytes and version when they are to be loaded; None when they are the
+        serving model's (unless ``force``) or cannot or may not load (reported)."""
+        try:
+            data = _read_model_file(path)
+        except ModelLoadError as exc:
+            self._failed(name, path, None, exc)
+            return None
+        version = "sha256:" + hashlib.sha256(data).hexdigest()
+        if current is not None and current.version == version and not force:
+            log.debug("model_unchanged", model=name, version=version)
+            return None
+        refusal = self._admission(name, version) if self._admission else None
+        if refusal is not None:
+            self._failed(name, path, version, ModelLoadError(refusal))
+            return None
+        return data, version
+
+    def _build_within(self, name: str, path: Path, data: bytes, version: str, *,
+                      started: float, limit: _WarmupLimit) -> LoadedModel:
+        try:
+            return self._build(name, path, data, version, limit.deadline(started))
+        except _WarmupStopped as stop:
+            raise ModelLoadError(limit.explain(started) if stop.timed_out else
+                                 "warm-up stopped: the agent is stopping") from None
+
+    def _build(self, name: str, path: Path, data: bytes, version: str,
+               deadline: float) -> LoadedModel:
         plan = self.plan(name, version)
         requested = plan.names
         try:
@@ -271,7 +333,7 @@ class ModelRegistry:
                             requested=tuple(requested),
                             degraded=bool(missing),
                             loaded_at=time.time())
-        _warm_up(model, users)
+        _warm_up(model, users, lambda feeds: self._warmups.run(model.session, feeds, deadline))
         return model
 
     def plan(self, name: str, version: str) -> ProviderPlan:
@@ -342,7 +404,80 @@ def _describe_inputs(session: ort.InferenceSession) -> tuple[TensorSpec, ...]:
     return tuple(specs)
 
 
-def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig]) -> None:
+class _WarmupStopped(Exception):  # noqa: N818 - a signal between two methods, not an error
+    """A warm-up run was ended by its deadline (``timed_out``) or by ``cancel_loads``."""
+
+    def __init__(self, timed_out: bool) -> None:
+        super().__init__("timed out" if timed_out else "cancelled")
+        self.timed_out = timed_out
+
+
+@dataclass(frozen=True)
+class _WarmupLimit:
+    """How long a load may take, and the setting that says so (for the error)."""
+
+    seconds: float
+    setting: str
+
+    def deadline(self, started: float) -> float:
+        return started + self.seconds
+
+    def explain(self, started: float) -> str:
+        return (f"warm-up did not finish within {self.seconds:g} s ({self.setting}): stopped "
+                f"after {time.monotonic() - started:.1f} s; a model whose run never ends "
+                "(a Loop without a bound, say) cannot serve")
+
+
+class _WarmupRuns:
+    """Warm-up runs in progress, each with onnxruntime ``RunOptions`` whose ``terminate``
+    flag a timer (the deadline) or ``cancel`` (the agent stopping) sets. Any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, ort.RunOptions] = {}  # by id(): pybind objects, no __eq__
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            for options in self._running.values():
+                options.terminate = True
+
+    def run(self, session: ort.InferenceSession, feeds: dict[str, Any],
+            deadline: float) -> None:
+        """``session.run(None, feeds)``, ended at ``deadline`` (``_WarmupStopped``)."""
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the terminated run's error is ours to report
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _WarmupStopped(timed_out=True)
+        timer = threading.Timer(remaining, self._expire, args=(options,))
+        timer.daemon = True
+        with self._lock:
+            if self._cancelled:
+                raise _WarmupStopped(timed_out=False)
+            self._running[id(options)] = options
+        timer.start()
+        try:
+            session.run(None, feeds, options)
+        except Exception:
+            with self._lock:
+                stopped, cancelled = options.terminate, self._cancelled
+            if stopped:
+                raise _WarmupStopped(timed_out=not cancelled) from None
+            raise
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._running.pop(id(options), None)
+
+    def _expire(self, options: ort.RunOptions) -> None:  # the timer's thread
+        with self._lock:
+            options.terminate = True
+
+
+def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig],
+             run: Callable[[dict[str, Any]], None]) -> None:
     """Run once before serving: the first run allocates and optimizes and is much slower.
 
     Uses each pipeline's constants, state and ``input.shape``, so the warm-up looks like real
@@ -359,7 +494,9 @@ def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig]) -> Non
         runs.append({spec.name: zeros(spec, leading=spec.batched) for spec in model.inputs})
     for feeds in runs:
         try:
-            model.session.run(None, feeds)
+            run(feeds)
+        except _WarmupStopped:
+            raise
         except Exception as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
             raise ModelLoadError(

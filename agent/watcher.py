@@ -40,6 +40,8 @@ NETWORK_FILESYSTEMS = frozenset({
     "fuse.s3fs", "davfs", "fuse.rclone", "virtiofs", "fuse.gcsfuse",
 })
 TEMP_SUFFIXES = (".tmp", ".part", ".swp", ".partial", "~")
+# A model whose load is in progress (an update trial) is looked at again this much later.
+BUSY_RETRY_S = 1.0
 
 
 def is_temp_file(path: str) -> bool:
@@ -77,7 +79,8 @@ class _Pending:
 class ModelFileWatcher:
     """Turns file events on the watched paths into debounced ``on_ready(model_name)`` calls.
 
-    ``on_ready`` runs on this watcher's reload thread, one call at a time.
+    ``on_ready`` runs on this watcher's reload thread, one call at a time; when it returns
+    False (that model is loading already) the file is looked at again a moment later.
     """
 
     def __init__(self, models: Mapping[str, Path], on_ready: Callable[[str], Any],
@@ -208,9 +211,14 @@ class ModelFileWatcher:
             if name is None:
                 return
             try:
-                self._on_ready(name)
+                done = self._on_ready(name)
             except Exception:  # a failing reload must not end reloading
                 log.exception("model_reload_failed", model=name)
+                continue
+            if done is False:  # that model is loading already (an update's trial): later
+                with self._cond:
+                    self._pending.setdefault(name, _Pending(due=time.monotonic() + BUSY_RETRY_S,
+                                                            settle=False))
 
     def _next_due(self) -> str | None:
         """Block until a model is due for loading (None: stopped)."""
