@@ -24,8 +24,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.config import MqttConfig
+from agent.config import MqttConfig, secret_file_warning
 from agent.errors import EdgeAgentError
+from agent.packet_guard import BoundedClient
 from agent.session_memory import SessionMemory
 
 log = structlog.get_logger(__name__)
@@ -40,6 +41,8 @@ CONNECT_TIMEOUT_S = 3.0
 ROUTE_CACHE_SIZE = 4096
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
+# (topic, packet size): a message over mqtt.max_packet_bytes arrived, its payload dropped.
+TooLargeHandler = Callable[[str, int], None]
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class Subscription:
     # With manual acknowledgement: True when the handler acknowledges through ack_token
     # itself; otherwise the message is acknowledged as soon as the handler returns.
     acknowledges: bool = False
+    # Told (on paho's thread) about a message on this filter that was too large to read; the
+    # connection acknowledges it. None: it is only logged and counted.
+    on_too_large: TooLargeHandler | None = None
 
     @property
     def subscribe_filter(self) -> str:
@@ -68,29 +74,34 @@ class MqttConnection:
 
     def __init__(self, config: MqttConfig, status_topic: str | None, *, role: str = "local",
                  persistent: bool = False, manual_ack: bool = False,
-                 session_memory: SessionMemory | None = None) -> None:
+                 session_memory: SessionMemory | None = None,
+                 max_packet_bytes: int) -> None:
         """``status_topic``: where ``online``/``offline`` (and the last will) go, or None.
         ``persistent``: keep the broker session across disconnects and restarts (MQTT 5
         clean_start false with a session expiry; MQTT 3.1.1 clean_session false).
         ``manual_ack``: QoS 1/2 messages are acknowledged through ``ack_token``, not on
         arrival. ``session_memory``: where a persistent session's filters are remembered, so
-        ones dropped from the config while the agent was stopped are unsubscribed."""
+        ones dropped from the config while the agent was stopped are unsubscribed.
+        ``max_packet_bytes``: the largest packet taken (sent to MQTT 5 brokers in CONNECT);
+        larger ones are skipped without being buffered."""
         self._config = config
         self._status_topic = status_topic
         self._role = role
         self._persistent = persistent
         self._manual_ack = manual_ack
         self._session_memory = session_memory
+        self._max_packet_bytes = max_packet_bytes
         self._log = log.bind(broker=f"{config.host}:{config.port}", role=role)
         protocol = (MQTTProtocolVersion.MQTTv5 if config.protocol == "5"
                     else MQTTProtocolVersion.MQTTv311)
-        self._client = paho.Client(
+        self._client = BoundedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=protocol,
             clean_session=(not persistent) if protocol == MQTTProtocolVersion.MQTTv311
             else None,
             manual_ack=manual_ack,
+            max_packet_bytes=max_packet_bytes,
         )
         self._client.enable_logger(_paho_logger())
         self._client.reconnect_delay_set(int(RECONNECT_MIN_S), int(config.reconnect_max_s))
@@ -216,10 +227,13 @@ class MqttConnection:
         """Connect in the background; failures are retried with backoff, never raised."""
         self._log.info("mqtt_connecting", client_id=self._config.client_id,
                        protocol=self._config.protocol, tls=self._config.tls.enabled,
-                       persistent_session=self._persistent)
+                       persistent_session=self._persistent,
+                       max_packet_bytes=self._max_packet_bytes)
         if self.protocol_is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.ReceiveMaximum = self._config.receive_maximum
+            # The broker must not send this client anything larger (MQTT 5, 3.1.2.11.4).
+            properties.MaximumPacketSize = self._max_packet_bytes
             if self._persistent:
                 properties.SessionExpiryInterval = self._config.session_expiry_s
             # Never a clean start when persistent, not even the first connect of a process:
@@ -398,6 +412,10 @@ class MqttConnection:
 
     def _on_message(self, client: paho.Client, userdata: Any,
                     message: paho.MQTTMessage) -> None:
+        size = self._client.oversized(message)
+        if size is not None:
+            self._on_too_large(message, size)
+            return
         topic = message.topic
         route = self._routes.get(topic)
         if route is None:
@@ -414,6 +432,38 @@ class MqttConnection:
             # comes back after every reconnect.
             with contextlib.suppress(Exception):
                 client.ack(message.mid, message.qos)
+
+    def _on_too_large(self, message: paho.MQTTMessage, size: int) -> None:
+        """A message over ``max_packet_bytes`` (paho's thread): its payload was never kept.
+        Tell the subscriptions it matches, then acknowledge it: it would only come again."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "<topic not UTF-8>"
+        discarded = self._client.discarded
+        if discarded <= 10 or discarded % 100 == 0:  # a flood must not flood the log too
+            self._log.warning("mqtt_message_too_large", topic=topic, bytes=size,
+                              limit=self._max_packet_bytes, discarded=discarded,
+                              hint="mqtt.max_packet_bytes; the broker's max_packet_size / "
+                                   "message_size_limit stops such messages earlier")
+        with self._lock:
+            matching = [s for s in self._subscriptions.values()
+                        if paho.topic_matches_sub(s.topic_filter, topic)]
+        for subscription in matching:
+            if subscription.on_too_large is None:
+                continue
+            try:
+                subscription.on_too_large(topic, size)
+            except Exception:
+                self._log.exception("message_handler_failed", topic=topic)
+        if self._manual_ack and message.qos > 0:
+            with contextlib.suppress(Exception):
+                self._client.ack(message.mid, message.qos)
+
+    @property
+    def discarded(self) -> int:
+        """Messages skipped since start for being over ``max_packet_bytes``."""
+        return self._client.discarded
 
     def _route(self, topic: str) -> tuple[tuple[MessageHandler, ...], bool]:
         with self._lock:
@@ -458,6 +508,9 @@ def _paho_logger() -> logging.Logger:
 def _read_password(path: str | None) -> str | None:
     if path is None:
         return None
+    warning = secret_file_warning(path)
+    if warning is not None:
+        log.warning("secret_file_mode", key="password_file", problem=warning)
     try:
         with open(path, encoding="utf-8") as handle:
             return handle.read().rstrip("\r\n")

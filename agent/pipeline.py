@@ -173,7 +173,8 @@ class Pipeline:
     def subscription(self) -> Subscription:
         """The MQTT subscription feeding this pipeline."""
         return Subscription(self.config.input.topic, self.config.input.qos, self.on_message,
-                            self.config.input.shared_group, acknowledges=True)
+                            self.config.input.shared_group, acknowledges=True,
+                            on_too_large=self.on_too_large)
 
     def start(self) -> None:
         """Start the inference worker."""
@@ -251,6 +252,16 @@ class Pipeline:
             self._count_drop(dropped.topic)
             if dropped.ack is not None:
                 dropped.ack()  # dropped on purpose and counted: do not have it sent again
+
+    def on_too_large(self, topic: str, size: int) -> None:
+        """A reading over ``mqtt.max_packet_bytes`` arrived; its payload was never kept. The
+        connection acknowledges it; this counts and reports it (paho's thread)."""
+        if self._intake_closed:
+            return
+        self.counters.received += 1
+        self._reject(topic, f"message of {size} bytes is larger than mqtt.max_packet_bytes; "
+                     "dropped unread (input.max_payload_bytes "
+                     f"{self.config.input.max_payload_bytes})", None)
 
     def _topics_for(self, topic: str) -> tuple[str, str | None]:
         """The result topic and stream key of a reading on ``topic`` (cached: sensors publish
