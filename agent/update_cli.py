@@ -138,7 +138,8 @@ def _publish(args: argparse.Namespace) -> int:
                          devices=args.device, groups=args.group, expires_in=args.expires_in,
                          url=None, chunk_size=args.chunk_size, update_id=args.update_id)
     prefix = args.prefix.rstrip("/")
-    follower = StatusFollower(update.update_id, levels=len(prefix.split("/")))
+    follower = StatusFollower(update.update_id, levels=len(prefix.split("/")),
+                              manifest_sha256=update.manifest_sha256())
     try:
         client = connect(mqtt, password, [(f"{prefix}/+/updates/status", 1)],
                          follower.on_message)

@@ -39,6 +39,10 @@ class SignedUpdate:
         """The envelope as sent and saved."""
         return json.dumps(self.envelope, indent=1).encode()
 
+    def manifest_sha256(self) -> str:
+        """Hex sha256 of ``manifest_bytes``: devices name it in every status about it."""
+        return hashlib.sha256(self.manifest_bytes()).hexdigest()
+
 
 def sign_update(model_file: Path, key_files: Sequence[Path], *, model: str, version: int,
                 devices: Sequence[str], groups: Sequence[str], expires_in: timedelta,
@@ -97,10 +101,15 @@ def _wait(info: paho.MQTTMessageInfo) -> None:
 
 @dataclass
 class StatusFollower:
-    """Collects ``P/updates/status`` messages of one update from every device."""
+    """Collects ``P/updates/status`` messages of one update from every device.
+
+    Only statuses that answer the exact manifest sent count (``manifest_sha256``): anyone who
+    can publish a manifest can get a device to say REJECTED about it, and that must not be
+    read as the device's word on this update."""
 
     update_id: str
     levels: int                        # topic levels of the prefix: the device is the next
+    manifest_sha256: str | None = None  # of the bytes sent; None: match update_id alone
     out: TextIO = sys.stdout
     finals: dict[str, dict[str, Any]] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
@@ -115,6 +124,11 @@ class StatusFollower:
             return
         if not isinstance(status, dict) or status.get("update_id") != self.update_id:
             return
+        if status.get("authenticated") is False:
+            return  # about bytes that did not verify: not this update, whatever it claims
+        answered = status.get("manifest_sha256")  # absent from devices before 0.2
+        if None not in (self.manifest_sha256, answered) and answered != self.manifest_sha256:
+            return  # about another manifest with the same id
         device = str(status.get("device_id") or message.topic.split("/")[self.levels])
         state = str(status.get("state"))
         with self._cond:

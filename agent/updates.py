@@ -10,13 +10,19 @@ Threads and what they own:
   commits or rolls back. One install at a time.
 Every step is journalled in ``UpdateStore`` before its effects, so ``recover`` (at start-up,
 before models load) can finish what a crash or power cut interrupted.
+
+Anyone who can publish to the manifest topics can send bytes here, so the intake is bounded
+(count and bytes waiting, the size of one manifest), every manifest that is read gets
+exactly one final status whatever its bytes, and a status about a manifest whose signatures
+did not verify never names the update it claims to be (``authenticated: false``): it could
+otherwise make an operator's tool report a legitimate update as refused. Every status
+carries ``manifest_sha256``, the digest of the exact bytes it answers.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
+import hashlib
 import queue
 import shutil
 import threading
@@ -31,19 +37,33 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as paho
 import structlog
 
+from agent import strict_json
 from agent.codecs import encode_json
-from agent.config import AgentConfig
-from agent.errors import UpdateFailedError, UpdateKeyError, UpdateRejectedError
+from agent.config import PACKET_OVERHEAD_BYTES, AgentConfig
+from agent.errors import (
+    UnsafePathError,
+    UpdateFailedError,
+    UpdateKeyError,
+    UpdateRejectedError,
+)
 from agent.failpoints import failpoint
 from agent.install import (
     clean_staging,
     file_sha256,
     install,
+    make_staging_dir,
     restore_previous,
     staging_dir,
     verify_staged,
 )
-from agent.manifest import ChunkSource, UpdateManifest, applicability_problem, parse_payload
+from agent.manifest import (
+    MAX_MANIFEST_BYTES,
+    NAME_PATTERN,
+    ChunkSource,
+    UpdateManifest,
+    applicability_problem,
+    parse_payload,
+)
 from agent.models import ModelRegistry
 from agent.mqtt import Subscription
 from agent.transfer import ChunkTransfer, DownloadThread, download
@@ -59,6 +79,11 @@ SUCCEEDED, FAILED, REJECTED = "SUCCEEDED", "FAILED", "REJECTED"
 # Chunks waiting for the intake thread. It only writes them to disk, so the queue stays
 # near-empty; the cap keeps a flood (or a stuck disk) from growing memory without bound.
 INBOX_MAX_BYTES = 64 * 1024 * 1024
+# Manifests waiting for the intake thread: verifying one takes a millisecond, so more than a
+# few waiting is a flood; what does not fit is dropped, counted and reported in one status.
+MANIFESTS_WAITING_MAX = 16
+MANIFESTS_WAITING_MAX_BYTES = 8 * 1024 * 1024
+REASON_MAX_CHARS = 500
 DISK_MARGIN_BYTES = 16 * 1024 * 1024  # leave the device this much besides the new model
 POLL_S = 0.5
 GROUP_PREFIX = "fleet/groups"
@@ -73,8 +98,20 @@ class _Active:
 
     manifest: UpdateManifest
     entry: JournalEntry
+    summary: dict[str, Any]  # what every status of it names
     transfer: ChunkTransfer | None = None
     cancel: threading.Event | None = None
+
+
+def _unauthenticated(digest: str | None) -> dict[str, Any]:
+    """The summary of a manifest that is not (yet) known to be signed: no claimed id, model
+    or version, only the digest of its bytes."""
+    return {"update_id": None, "model": None, "version": None, "authenticated": False,
+            "manifest_sha256": digest}
+
+
+def _authenticated(manifest: UpdateManifest, digest: str) -> dict[str, Any]:
+    return {**manifest.summary(), "authenticated": True, "manifest_sha256": digest}
 
 
 class UpdateManager:
@@ -89,13 +126,17 @@ class UpdateManager:
         self._keys, self._key_problem = _load_keys(config)
         self._inbox: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
         self._inbox_bytes = 0
-        self._inbox_lock = threading.Lock()
+        self._inbox_lock = threading.Lock()   # guards the counters of what waits in _inbox
         self._overflowed: set[str] = set()  # update ids whose chunks were dropped
+        self._manifests_waiting = 0
+        self._manifest_bytes_waiting = 0
+        self._manifests_dropped = 0   # since the last status that reported drops
         self._installs: queue.Queue[_Active | None] = queue.Queue()
         self._active: dict[str, _Active] = {}
-        # Ids of updates installed lately: the same manifest arriving again (a device both
-        # named and in a targeted group, a QoS 1 redelivery) is ignored, not REJECTED.
-        self._recent: deque[str] = deque(maxlen=RECENT_IDS)
+        # (update id, manifest digest) of updates installed lately: the same manifest arriving
+        # again (a device both named and in a targeted group, a QoS 1 redelivery) is ignored,
+        # not REJECTED.
+        self._recent: deque[tuple[str, str]] = deque(maxlen=RECENT_IDS)
         self._stopped = threading.Event()
         self._intake = threading.Thread(target=self._run_intake, name="updates", daemon=True)
         self._installer = threading.Thread(target=self._run_installs, name="updates-install",
@@ -109,8 +150,10 @@ class UpdateManager:
                                                for group in self._config.groups]
         subs = []
         for base in bases:
-            subs.append(Subscription(f"{base}/updates/manifest", 1, self.on_manifest))
-            subs.append(Subscription(f"{base}/updates/chunks/+", 1, self.on_chunk))
+            subs.append(Subscription(f"{base}/updates/manifest", 1, self.on_manifest,
+                                     on_too_large=self.on_manifest_too_large))
+            subs.append(Subscription(f"{base}/updates/chunks/+", 1, self.on_chunk,
+                                     on_too_large=self.on_chunk_too_large))
         return subs
 
     def start(self) -> None:
@@ -122,7 +165,8 @@ class UpdateManager:
 
     def stop(self, timeout_s: float = 1.0) -> None:
         """Stop taking updates. An install in progress is not waited for beyond
-        ``timeout_s``: its journal entry makes the next start roll it back."""
+        ``timeout_s``: its journal entry makes the next start roll it back. (The daemon
+        cancels the registry's warm-ups first, so a trial in progress ends at once.)"""
         self._stopped.set()
         self._inbox.put(None)
         self._installs.put(None)
@@ -145,7 +189,8 @@ class UpdateManager:
             return
         for entry in self._store.journal():
             summary = {"update_id": entry.update_id, "model": entry.model,
-                       "version": entry.version}
+                       "version": entry.version, "authenticated": True,
+                       "manifest_sha256": entry.manifest_sha256}
             if entry.step == "committed":
                 self._status(summary, SUCCEEDED, reason="committed before the agent stopped")
             elif entry.step == "downloading":
@@ -167,7 +212,11 @@ class UpdateManager:
             self._store.finish(entry.update_id)
         for name in self._config.models:
             folder = staging_dir(self._config.model_path(name))
-            removed = clean_staging(folder, keep=set())
+            try:
+                removed = clean_staging(folder, keep=set())
+            except (UnsafePathError, OSError) as exc:
+                log.error("update_staging_unsafe", folder=str(folder), problem=str(exc))
+                continue
             if removed:
                 log.info("update_leftovers_removed", folder=str(folder), files=removed)
 
@@ -176,18 +225,54 @@ class UpdateManager:
         files installed by a signed update load. Called on the loading thread."""
         if not self._config.updates.require_signed_files:
             return None
-        if self._store.is_signed(name, version.removeprefix("sha256:")):
+        if self._store.may_load(name, version.removeprefix("sha256:")):
             return None
-        return ("not installed by a signed update, and updates.require_signed_files is true: "
-                "send it with `edge-agent publish-update`")
+        return ("not installed by a signed update as the version committed last, and "
+                "updates.require_signed_files is true: only that version, or a newer one sent "
+                "with `edge-agent publish-update`, may load (an older signed file, such as "
+                "NAME.onnx.prev copied back, would be a rollback)")
 
     # -- paho's network thread: enqueue only ---------------------------------------------------
 
     def on_manifest(self, message: paho.MQTTMessage) -> None:
-        """A manifest arrived (paho's thread); an empty one clears a retained manifest."""
-        if not message.payload:
+        """A manifest arrived (paho's thread); an empty one clears a retained manifest. One
+        over ``MAX_MANIFEST_BYTES`` is refused unread; one that finds the intake full is
+        dropped and counted."""
+        size = len(message.payload)
+        if not size:
             return
+        if size > MAX_MANIFEST_BYTES:
+            self._refuse_unread(f"manifest of {size} bytes is larger than the "
+                                f"{MAX_MANIFEST_BYTES} bytes a manifest may have; not read")
+            return
+        with self._inbox_lock:
+            if self._manifests_waiting >= MANIFESTS_WAITING_MAX or \
+                    self._manifest_bytes_waiting + size > MANIFESTS_WAITING_MAX_BYTES:
+                self._manifests_dropped += 1
+                return
+            self._manifests_waiting += 1
+            self._manifest_bytes_waiting += size
         self._inbox.put(("manifest", message.topic, bytes(message.payload)))
+
+    def on_manifest_too_large(self, topic: str, size: int) -> None:
+        """A message over ``mqtt.max_packet_bytes`` on a manifest topic (paho's thread)."""
+        self._refuse_unread(f"manifest message of {size} bytes is larger than "
+                            "mqtt.max_packet_bytes; not read")
+
+    def on_chunk_too_large(self, topic: str, size: int) -> None:
+        """A message over ``mqtt.max_packet_bytes`` on a chunk topic (paho's thread): no
+        chunk of an accepted update can be that large, the manifest was checked for it."""
+        self._inbox.put(("chunk_too_large", topic.rsplit("/", 1)[-1], size))
+
+    def _refuse_unread(self, reason: str) -> None:
+        """Queue the REJECTED status of a manifest that was not read; counted against the
+        intake like a manifest, so a flood of them is bounded too (paho's thread)."""
+        with self._inbox_lock:
+            if self._manifests_waiting >= MANIFESTS_WAITING_MAX:
+                self._manifests_dropped += 1
+                return
+            self._manifests_waiting += 1
+        self._inbox.put(("refused", reason, None))
 
     def on_chunk(self, message: paho.MQTTMessage) -> None:
         """A chunk arrived (paho's thread); dropped when the intake is far behind."""
@@ -213,6 +298,7 @@ class UpdateManager:
             try:
                 self._dispatch(*item)
                 self._check_stalls()
+                self._report_dropped()
             except Exception:  # one bad update must not end update handling
                 log.exception("update_intake_failed", kind=item[0])
         for active in list(self._active.values()):
@@ -223,7 +309,19 @@ class UpdateManager:
 
     def _dispatch(self, kind: str, first: Any, second: Any) -> None:
         if kind == "manifest":
+            with self._inbox_lock:
+                self._manifests_waiting -= 1
+                self._manifest_bytes_waiting -= len(second)
             self._on_manifest(first, second)
+        elif kind == "refused":
+            with self._inbox_lock:
+                self._manifests_waiting -= 1
+            self._status(_unauthenticated(None), REJECTED, reason=first)
+        elif kind == "chunk_too_large":
+            active = self._active.get(first)
+            if active is not None and active.transfer is not None:
+                self._fail_transfer(active, f"a chunk message of {second} bytes arrived, "
+                                    "larger than mqtt.max_packet_bytes")
         elif kind == "chunk":
             with self._inbox_lock:
                 self._inbox_bytes -= len(second)
@@ -231,32 +329,64 @@ class UpdateManager:
         elif kind == "downloaded":
             self._on_downloaded(first, second)
         elif kind == "finished":
-            self._active.pop(first, None)
-            if second:  # past the version floor: a repeat can only be an echo
-                self._recent.append(first)
+            active = self._active.pop(first, None)
+            if second and active is not None:  # past the version floor: a repeat is an echo
+                self._recent.append((first, active.summary["manifest_sha256"]))
+
+    def _report_dropped(self) -> None:
+        """One REJECTED status for the manifests a full intake dropped since the last one."""
+        with self._inbox_lock:
+            dropped, self._manifests_dropped = self._manifests_dropped, 0
+        if dropped:
+            self._status(_unauthenticated(None), REJECTED, dropped=dropped,
+                         reason=f"{dropped} manifest(s) dropped unread: more than "
+                                f"{MANIFESTS_WAITING_MAX} (or {MANIFESTS_WAITING_MAX_BYTES} "
+                                "bytes) were waiting to be verified; send again")
 
     def _on_manifest(self, topic: str, data: bytes) -> None:
-        summary = _unverified_summary(data)
-        log.info("update_manifest_received", topic=topic, **summary)
+        digest = hashlib.sha256(data).hexdigest()
+        log.info("update_manifest_received", topic=topic, bytes=len(data),
+                 manifest_sha256=digest)
+        summary = _unauthenticated(digest)
         try:
-            manifest = parse_payload(self._verified_payload(data))
-            summary = manifest.summary()
-            if manifest.update_id in self._active or manifest.update_id in self._recent:
-                log.debug("update_manifest_repeated", update_id=manifest.update_id)
+            payload = self._verified_payload(data)
+            # Signed, not yet known to be well-formed: what it names may be quoted now.
+            summary.update(_signed_claims(payload), authenticated=True)
+            manifest = parse_payload(payload)
+            summary = _authenticated(manifest, digest)
+            if self._is_repeat(manifest, digest):
                 return
             self._check_acceptable(manifest)
         except UpdateRejectedError as exc:
             self._status(summary, REJECTED, reason=str(exc))
             return
+        except Exception as exc:  # whatever the bytes did, they get their one status
+            log.exception("update_manifest_unreadable", manifest_sha256=digest)
+            self._status(summary, REJECTED, reason=f"manifest could not be read: {exc!r}")
+            return
         try:
-            self._begin(manifest)
-        except OSError as exc:  # state or staging folder not writable, disk full
+            self._begin(manifest, summary)
+        except (OSError, UnsafePathError) as exc:  # folder not writable or a link, disk full
             active = self._active.get(manifest.update_id)
             reason = f"cannot start the transfer: {exc}"
             if active is not None:
                 self._fail_transfer(active, reason)
             else:
                 self._status(summary, FAILED, step="downloading", reason=reason)
+
+    def _is_repeat(self, manifest: UpdateManifest, digest: str) -> bool:
+        """The same bytes again (an echo: ignored), or ``UpdateRejectedError`` when the id of
+        an update in progress or installed lately comes with other bytes."""
+        seen = [a.summary["manifest_sha256"] for a in self._active.values()
+                if a.manifest.update_id == manifest.update_id]
+        seen += [d for update_id, d in self._recent if update_id == manifest.update_id]
+        if not seen:
+            return False
+        if digest in seen:
+            log.debug("update_manifest_repeated", update_id=manifest.update_id)
+            return True
+        raise UpdateRejectedError(f"update_id {manifest.update_id!r} was already used by "
+                                  "another manifest on this device; give each update its own id")
 
     def _verified_payload(self, data: bytes) -> bytes:
         if self._keys is None:
@@ -277,6 +407,14 @@ class UpdateManager:
             raise UpdateRejectedError(f"version {manifest.version} is not newer than version "
                                  f"{highest}, the highest this device accepted for "
                                  f"{manifest.model!r} (rollback or replay)")
+        if isinstance(manifest.source, ChunkSource):
+            limit = config.max_packet_bytes(config.upstream or config.mqtt)
+            largest = limit - PACKET_OVERHEAD_BYTES
+            if manifest.source.chunk_size > largest:
+                raise UpdateRejectedError(
+                    f"chunk_size {manifest.source.chunk_size} is larger than this device takes "
+                    f"({largest} bytes, from mqtt.max_packet_bytes {limit}): send it with "
+                    f"--chunk-size {largest} or less")
         for other in self._active.values():
             if other.manifest.model == manifest.model:
                 raise UpdateRejectedError(f"update {other.manifest.update_id} (version "
@@ -286,23 +424,26 @@ class UpdateManager:
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if manifest.length + DISK_MARGIN_BYTES > free:
-            raise UpdateRejectedError(f"not enough disk space in {folder}: the model needs "
-                                 f"{manifest.length / 1e6:.1f} MB, {free / 1e6:.1f} MB free")
+            # Where and how much is free is for the device's log, not for the fleet.
+            log.warning("update_disk_space_low", folder=str(folder), free_mb=free / 1e6,
+                        needed_mb=(manifest.length + DISK_MARGIN_BYTES) / 1e6)
+            raise UpdateRejectedError(
+                f"not enough disk space for the model: it needs {manifest.length / 1e6:.1f} MB "
+                f"plus a {DISK_MARGIN_BYTES // 2**20} MB margin")
 
-    def _begin(self, manifest: UpdateManifest) -> None:
+    def _begin(self, manifest: UpdateManifest, summary: dict[str, Any]) -> None:
         target = self._config.model_path(manifest.model)
-        folder = staging_dir(target)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_staging_dir(target)
         staged = folder / f"{manifest.update_id}.part"
         entry = JournalEntry(update_id=manifest.update_id, model=manifest.model,
                              version=manifest.version, sha256=manifest.sha256,
-                             step="downloading", target=str(target), staged=str(staged))
+                             step="downloading", target=str(target), staged=str(staged),
+                             manifest_sha256=summary["manifest_sha256"])
         self._store.begin(entry)
-        summary = manifest.summary()
         log.info("update_accepted", **summary, length=manifest.length,
                  source=type(manifest.source).__name__)
         self._status(summary, QUEUED)
-        active = _Active(manifest, entry)
+        active = _Active(manifest, entry, summary)
         self._active[manifest.update_id] = active
         self._status(summary, IN_PROGRESS, step="downloading")
         if isinstance(manifest.source, ChunkSource):
@@ -349,6 +490,13 @@ class UpdateManager:
             log.info("update_download_complete", update_id=update_id)
             self._installs.put(active)
 
+    def _public(self, reason: str) -> str:
+        """``reason`` as the fleet sees it: bounded, and without the device's paths."""
+        for folder, setting in ((self._config.models_dir, "<models_dir>"),
+                                (self._config.state_dir, "<state_dir>")):
+            reason = reason.replace(str(Path(folder)), setting)
+        return _bounded(reason)
+
     def _check_stalls(self) -> None:
         now = time.monotonic()
         limit = self._config.updates.chunk_timeout_s
@@ -374,7 +522,7 @@ class UpdateManager:
             Path(active.entry.staged).unlink()
         self._store.finish(active.manifest.update_id)
         self._active.pop(active.manifest.update_id, None)
-        self._status(active.manifest.summary(), FAILED, step="downloading", reason=reason)
+        self._status(active.summary, FAILED, step="downloading", reason=reason)
 
     # -- the install thread ------------------------------------------------------------------
 
@@ -388,7 +536,7 @@ class UpdateManager:
                 accepted = self._install(active)
             except Exception as exc:  # whatever happens, the update gets a final status
                 log.exception("update_install_crashed", update_id=active.manifest.update_id)
-                self._status(active.manifest.summary(), FAILED,
+                self._status(active.summary, FAILED,
                              reason=f"{exc!r}; {self._undo(active)}")
                 self._store.finish(active.manifest.update_id)
             finally:
@@ -396,8 +544,7 @@ class UpdateManager:
 
     def _install(self, active: _Active) -> bool:
         """Verify, install, trial, commit or roll back; whether the version floor was raised."""
-        manifest, entry = active.manifest, active.entry
-        summary = manifest.summary()
+        manifest, entry, summary = active.manifest, active.entry, active.summary
         target, staged = Path(entry.target), Path(entry.staged)
         self._status(summary, IN_PROGRESS, step="verifying")
         try:
@@ -418,8 +565,13 @@ class UpdateManager:
         self._store.set_step(manifest.update_id, "trial")
         self._status(summary, IN_PROGRESS, step="trial")
         problem = self._trial(manifest)
+        if self._stopped.is_set():
+            # Stopped mid-trial (its warm-up was cancelled): the journal still says "trial",
+            # so the next start rolls back before any model loads and sends the status.
+            log.info("update_trial_interrupted", **summary)
+            return True
         if problem is None:
-            self._store.set_step(manifest.update_id, "committed")
+            self._store.commit(manifest.update_id)
             failpoint("committed")
             self._status(summary, SUCCEEDED)
         else:
@@ -458,13 +610,16 @@ class UpdateManager:
     # -- status ------------------------------------------------------------------------------
 
     def _status(self, summary: dict[str, Any], state: str, step: str | None = None,
-                reason: str | None = None) -> None:
+                reason: str | None = None, **extra: Any) -> None:
         """Log and publish on ``P/updates/status`` (QoS 1; paho keeps it while disconnected):
-        the one place every update state change is reported."""
-        document = {**summary, "device_id": self._config.device_id, "state": state,
-                    "step": step, "reason": reason, "ts": round(time.time(), 3)}
+        the one place every update state change is reported. The log gets the whole reason;
+        the status a bounded one, with the device's folders named by their settings."""
         level = log.warning if state in (FAILED, REJECTED) else log.info
-        level("update_status", **{k: v for k, v in document.items() if k != "ts"})
+        level("update_status", **summary, state=state, step=step,
+              reason=_encodable(reason) if reason else reason, **extra)
+        document = {**summary, "device_id": self._config.device_id, "state": state,
+                    "step": step, "reason": self._public(reason) if reason else reason,
+                    **extra, "ts": round(time.time(), 3)}
         try:
             self._publish(f"{self._config.topic_prefix}/updates/status", encode_json(document))
         except Exception:  # a status that cannot be sent must not break the update itself
@@ -484,14 +639,30 @@ def _load_keys(config: AgentConfig) -> tuple[TrustedKeys | None, str | None]:
         return None, f"updates.trusted_keys: {exc}"
 
 
-def _unverified_summary(data: bytes) -> dict[str, Any]:
-    """update_id, model and version read from an envelope *before* verification, only so a
-    REJECTED status can name the update it refers to."""
-    summary: dict[str, Any] = {"update_id": None, "model": None, "version": None}
-    with contextlib.suppress(Exception):
-        payload = json.loads(base64.b64decode(json.loads(data)["payload"]))
-        for key in summary:
-            value = payload.get(key)
-            if isinstance(value, str | int) and not isinstance(value, bool):
-                summary[key] = value if not isinstance(value, str) else value[:64]
-    return summary
+def _signed_claims(payload: bytes) -> dict[str, Any]:
+    """update_id, model and version of a verified payload that may fail the strict parse,
+    each only where it is well-formed, so a REJECTED status can name the update."""
+    claims: dict[str, Any] = {}
+    with contextlib.suppress(ValueError):
+        document = strict_json.loads(payload)
+        if isinstance(document, dict):
+            for key in ("update_id", "model"):
+                value = document.get(key)
+                if isinstance(value, str) and NAME_PATTERN.fullmatch(value):
+                    claims[key] = value
+            version = document.get("version")
+            if isinstance(version, int) and not isinstance(version, bool):
+                claims["version"] = version
+    return claims
+
+
+def _encodable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (a lone surrogate) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bounded(text: str) -> str:
+    """At most ``REASON_MAX_CHARS``, and encodable as UTF-8 whatever a sender put in it."""
+    if len(text) > REASON_MAX_CHARS:
+        text = text[:REASON_MAX_CHARS - 1] + "\u2026"
+    return _encodable(text)

@@ -25,8 +25,10 @@ from tests.update_helpers import (
     STATUS,
     chunks_of,
     envelope,
+    final_manifest_status,
     final_status,
     make_key,
+    manifest_statuses,
     payload_for,
     send,
     statuses,
@@ -181,8 +183,33 @@ REFUSALS: dict[str, tuple[Callable[[Fleet, dict[str, Any]], bytes], dict[str, An
         lambda f, p: envelope(p, _both(f)), {"model": "cam"}, "not configured"),
     "a plain http url": (
         lambda f, p: envelope(p, _both(f)), {"url": "http://127.0.0.1/m.onnx"}, "not https"),
-    "not an envelope": (lambda f, p: b"{not json", {}, "not JSON"),
+    "not an envelope": (lambda f, p: b"{not json", {}, "not valid JSON"),
+    "a deeply nested envelope": (
+        lambda f, p: b"[" * 200_000 + b"]" * 200_000, {}, "nested deeper than 32 levels"),
+    "a version over 64 bits": (
+        lambda f, p: envelope(p, _both(f)), {"version": 2**70}, "integer of 22 digits"),
+    "a lone surrogate in a key id": (
+        lambda f, p: envelope(p, _both(f)).replace(b'"keyid": "', b'"keyid": "\\ud800', 1),
+        {}, "lone UTF-16 surrogate"),
+    "a duplicate key in the signed payload": (
+        lambda f, p: envelope(json.dumps(p).encode()[:-1] + b', "model": "cam"}', _both(f)),
+        {}, "key 'model' appears twice in one object"),
+    "a duplicate key deep in the signed payload": (
+        lambda f, p: envelope(json.dumps(p).encode().replace(
+            b'"devices": ["dev1"]', b'"devices": ["dev2"], "devices": ["dev1"]'), _both(f)),
+        {}, "key 'devices' appears twice in one object"),
+    "a duplicate key in the envelope": (
+        lambda f, p: envelope(p, _both(f))[:-1] + b', "payloadType": "x"}', {},
+        "key 'payloadType' appears twice"),
 }
+# Refusals of properly signed manifests: their statuses may name the update.
+# Signed, but not well-formed enough to name the update they claim to be.
+SIGNED_UNREADABLE = {"a version over 64 bits", "a duplicate key in the signed payload",
+                     "a duplicate key deep in the signed payload"}
+AUTHENTICATED_REFUSALS = {
+    "an older version", "the installed version again", "an expired manifest", "another device",
+    "an empty target list", "../x as model name", "/abs as model name",
+    "a model this device does not have", "a plain http url"}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -194,11 +221,16 @@ def test_refused_updates_are_rejected_and_change_nothing(fleet: Fleet, case: str
     data = linear(fleet.folder, 77)
     changes = {"version": 50, **changes}
     payload = payload_for(data, update_id=update_id, **changes)
-    send(fleet.broker, sign(fleet, payload), chunks_of(data, 4096), update_id=update_id)
-    status = final_status(fleet.rec, update_id if case != "not an envelope" else None)
+    manifest = sign(fleet, payload)
+    send(fleet.broker, manifest, chunks_of(data, 4096), update_id=update_id)
+    status = final_manifest_status(fleet.rec, manifest)
     assert status["state"] == "REJECTED", status
     assert words in status["reason"], status["reason"]
-    assert all(s["state"] == "REJECTED" for s in statuses(fleet.rec, status["update_id"]))
+    assert [s["state"] for s in manifest_statuses(fleet.rec, manifest)] == ["REJECTED"]
+    # A status about bytes that did not verify never names the update they claim to be.
+    expected = (update_id, True) if case in AUTHENTICATED_REFUSALS else (
+        None, True) if case in SIGNED_UNREADABLE else (None, False)
+    assert (status["update_id"], status["authenticated"]) == expected, status
     assert serving_version(fleet.broker, fleet.rec, hash(case) % 10**6) == version_of(
         fleet.model)
     staging = fleet.folder / "models" / ".edge-agent-staging"
@@ -285,7 +317,7 @@ def test_a_trial_longer_than_the_timeout_is_rolled_back(fleet: Fleet) -> None:
                 version=_next_version(fleet))
     status = final_status(fleet.rec, "slow", timeout_s=40)
     assert status["state"] == "FAILED"
-    assert "more than the 1.5 s allowed (updates.trial_timeout_s)" in status["reason"]
+    assert "within 1.5 s (updates.trial_timeout_s)" in status["reason"]
     assert serving_version(fleet.broker, fleet.rec, 903) == version_of(fleet.model)
 
 
@@ -482,8 +514,9 @@ def test_keys_and_groups_take_effect_on_sighup(
     rec = recorder(STATUS, "out/#")
     agent.wait_for_event("agent_serving")
     wait_subscribed(agent)
-    mqtt_update(broker, new, [private], update_id="h1", version=1)
-    assert "signed updates are disabled" in final_status(rec, "h1")["reason"]
+    disabled = envelope(payload_for(new, update_id="h1", version=1), [private])
+    send(broker, disabled, chunks_of(new, 4096), update_id="h1")
+    assert "signed updates are disabled" in final_manifest_status(rec, disabled)["reason"]
 
     config["groups"] = ["line7"]
     config["updates"]["trusted_keys"] = [str(public)]

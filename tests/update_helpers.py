@@ -82,6 +82,23 @@ def statuses(rec: Recorder, update_id: str | None, topic: str = STATUS) -> list[
     return [s for s in found if s.get("update_id") == update_id]
 
 
+def manifest_statuses(rec: Recorder, manifest: bytes, topic: str = STATUS
+                      ) -> list[dict[str, Any]]:
+    """Status documents that answer exactly these manifest bytes (``manifest_sha256``)."""
+    digest = hashlib.sha256(manifest).hexdigest()
+    found = [json.loads(m.payload) for m in rec.on(topic)]
+    return [s for s in found if s.get("manifest_sha256") == digest]
+
+
+def final_manifest_status(rec: Recorder, manifest: bytes, timeout_s: float = 20.0
+                          ) -> dict[str, Any]:
+    """Wait for the final status that answers these manifest bytes."""
+    rec.wait_for(lambda _: any(s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
+                               for s in manifest_statuses(rec, manifest)), timeout_s)
+    return next(s for s in manifest_statuses(rec, manifest)
+                if s["state"] in ("SUCCEEDED", "FAILED", "REJECTED"))
+
+
 def final_status(rec: Recorder, update_id: str | None, timeout_s: float = 20.0,
                  topic: str = STATUS) -> dict[str, Any]:
     """Wait for the SUCCEEDED/FAILED/REJECTED status of ``update_id``."""
