@@ -13,6 +13,7 @@ import math
 import os
 import re
 import socket
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -39,6 +40,13 @@ from agent.yaml_source import KeyPath, YamlDocument, YamlSyntaxError, parse_yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
 CONFIG_ENV_VAR = "EDGE_AGENT_CONFIG"
+
+# The largest update message this agent takes: a manifest (a few KB, plus an optional inline
+# golden set of at most 1 MiB npz, base64 twice: 1.78 MiB) or one update chunk.
+UPDATE_MESSAGE_MAX_BYTES = 2 * 1024 * 1024
+# Room for the topic, the 4-byte chunk index and MQTT 5 properties beyond a message's payload.
+PACKET_OVERHEAD_BYTES = 64 * 1024
+MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -178,6 +186,18 @@ class MqttConfig(Section):
     receive_maximum: Annotated[StrictInt, Field(ge=1, le=65535)] = Field(
         100, description="at_least_once, MQTT 5: readings the broker may send before the "
         "agent acknowledges them; bounds the duplicates after a crash")
+    max_packet_bytes: Annotated[StrictInt, Field(ge=4096, le=MQTT_MAX_PACKET_BYTES)] | None = \
+        Field(None, description="MQTT 5 Maximum Packet Size sent in CONNECT (the broker drops "
+              "larger messages for this client); a larger packet that still arrives is "
+              "skipped unbuffered. Default: the largest input.max_payload_bytes or update "
+              "message (2 MiB), plus 64 KiB")
+
+    @model_validator(mode="after")
+    def _password_needs_user(self) -> MqttConfig:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file is set but username is not: the broker is only "
+                             "sent a password together with a user name")
+        return self
 
     @field_validator("topic_prefix")
     @classmethod
@@ -349,6 +369,10 @@ class AgentConfig(Section):
         None, description="CUDA arena cap; default on Jetson: half the shared memory")
     cpu_threads: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
         None, description="onnxruntime intra-op threads; default: the physical cores")
+    warmup_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
+        600.0, description="a model's warm-up runs must finish within this after its load "
+        "began, or they are stopped and the load fails (the serving model stays); an update's "
+        "trial is bounded by updates.trial_timeout_s instead")
     watch: WatchConfig = Field(default_factory=WatchConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -369,6 +393,17 @@ class AgentConfig(Section):
     def model_path(self, name: str) -> Path:
         """Absolute path of model ``name``'s file."""
         return Path(self.models_dir) / self.models[name].file
+
+    def max_packet_bytes(self, mqtt: MqttConfig) -> int:
+        """The largest MQTT packet the connection ``mqtt`` (``self.mqtt`` or ``upstream``)
+        accepts: its ``max_packet_bytes``, else the largest message this config can need
+        (a reading's ``max_payload_bytes`` or an update message) plus room for headers."""
+        if mqtt.max_packet_bytes is not None:
+            return mqtt.max_packet_bytes
+        largest_reading = max((p.input.max_payload_bytes for p in self.pipelines.values()),
+                              default=0)
+        return min(MQTT_MAX_PACKET_BYTES,
+                   max(largest_reading, UPDATE_MESSAGE_MAX_BYTES) + PACKET_OVERHEAD_BYTES)
 
 
 class LoadedConfig(typing.NamedTuple):
@@ -573,6 +608,7 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
     for section in ("mqtt", "upstream"):
         mqtt = _mapping(data.get(section))
         _check_file_exists(mqtt.get("password_file"), (section, "password_file"), report)
+        _check_secret_file(mqtt.get("password_file"), (section, "password_file"), report)
         for key, value in _mapping(mqtt.get("tls")).items():
             _check_file_exists(value, (section, "tls", key), report)
     updates = _mapping(data.get("updates"))
@@ -623,6 +659,33 @@ def _check_file_exists(value: Any, path: KeyPath, report: typing.Callable[[KeyPa
                        ) -> None:
     if isinstance(value, str) and not os.path.exists(value):
         report(path, f"file not found: {value}")
+
+
+def _check_secret_file(value: Any, path: KeyPath,
+                       report: typing.Callable[[KeyPath, str], None]) -> None:
+    """A secret anyone may rewrite is refused (they would choose the broker password the
+    agent sends); one others may read only draws a warning at start (``secret_file_mode``)."""
+    if not isinstance(value, str):
+        return
+    try:
+        mode = os.stat(value).st_mode
+    except OSError:
+        return  # reported as missing, or unreadable when the agent reads it
+    if mode & stat.S_IWOTH:
+        report(path, f"{value} is writable by every user (mode {stat.filemode(mode)}): "
+               f"anyone could replace the password; run chmod 600 {value}")
+
+
+def secret_file_warning(path: str) -> str | None:
+    """What is wrong with a secret file others may read, or None (logged as a warning)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return (f"{path} is readable by other users (mode {stat.filemode(mode)}); "
+                f"run chmod 600 {path} (owner: the agent's user)")
+    return None
 
 
 def _count_wildcards(topic_filter: str) -> int:

@@ -213,6 +213,9 @@ class Daemon:
         else:
             for connection in self._connections():
                 connection.unsubscribe_all()
+        # A warm-up still running (an update's trial, a reload) is stopped now: exiting with a
+        # thread inside onnxruntime's run ends the process with SIGABRT.
+        self.registry.cancel_loads()
         self.updates.stop()
         self.watcher.stop()
         deadline = started + DRAIN_DEADLINE_S
@@ -259,6 +262,12 @@ class Daemon:
         listen = self.config.metrics.listen
         if listen is None:
             return
+        host = listen.rpartition(":")[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("metrics_exposed", address=listen,
+                        reason="the metrics endpoint has no authentication; listen on "
+                        "127.0.0.1 and scrape through a tunnel or a local Prometheus agent, or "
+                        "firewall the port")
         self.metrics = MetricsServer(listen, self._view())
         try:
             self.metrics.start()
@@ -353,8 +362,13 @@ class Daemon:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config_reload_refused", problem=str(problem))
-            self.errors.report_step("config reload refused, still running the previous "
-                                    "config: " + "; ".join(str(p) for p in exc.problems))
+            # Where, not what: a problem's text may quote the value, and the value may be a
+            # secret. The log and `edge-agent check-config` on the device have the details.
+            where = ", ".join(sorted({f"{p.file}:{p.line} {p.key or '(top level)'}"
+                                      for p in exc.problems}))
+            self.errors.report_step(f"config reload refused, still running the previous "
+                                    f"config: {len(exc.problems)} problem(s) at {where}; "
+                                    "run `edge-agent check-config` on the device for details")
             self.notifier.ready("reload refused (invalid config); " + self._status_line())
             return
         old = self.config
@@ -471,7 +485,7 @@ class Daemon:
 
     def _make_watcher(self, config: AgentConfig) -> ModelFileWatcher:
         return ModelFileWatcher({name: config.model_path(name) for name in config.models},
-                                self.registry.load, config.watch)
+                                self.registry.reload_if_idle, config.watch)
 
     # -- start-up helpers --------------------------------------------------------------------
 
@@ -523,12 +537,15 @@ def _connections(config: AgentConfig) -> tuple[MqttConnection, MqttConnection]:
 
     if config.upstream is None:
         local = MqttConnection(config.mqtt, status, persistent=durable, manual_ack=durable,
-                               session_memory=memory("local"))
+                               session_memory=memory("local"),
+                               max_packet_bytes=config.max_packet_bytes(config.mqtt))
         return local, local
     local = MqttConnection(config.mqtt, None, role="local", persistent=durable,
-                           manual_ack=durable, session_memory=memory("local"))
+                           manual_ack=durable, session_memory=memory("local"),
+                           max_packet_bytes=config.max_packet_bytes(config.mqtt))
     return local, MqttConnection(config.upstream, status, role="upstream", persistent=durable,
-                                 session_memory=memory("upstream"))
+                                 session_memory=memory("upstream"),
+                                 max_packet_bytes=config.max_packet_bytes(config.upstream))
 
 
 class _StartupExtender:

@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.config import AgentConfig, default_config, load_config, resolve_config_path
+from agent.config import (
+    AgentConfig,
+    default_config,
+    load_config,
+    resolve_config_path,
+    secret_file_warning,
+)
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -245,9 +251,29 @@ def test_inline_password_is_refused(tmp_path: Path) -> None:
 
 def test_password_file_must_exist(tmp_path: Path) -> None:
     """A password_file that does not exist is reported at load time, not at connect time."""
-    found = problems(write(tmp_path, "device_id: a\nmqtt: {password_file: nope.txt}\n"))
+    found = problems(write(tmp_path,
+                           "device_id: a\nmqtt: {username: u, password_file: nope.txt}\n"))
     assert found == [f"{tmp_path}/agent.yaml:2: mqtt.password_file: file not found: "
                      f"{tmp_path}/nope.txt"]
+
+
+def test_password_file_needs_a_username_and_may_not_be_world_writable(tmp_path: Path) -> None:
+    """A password without a user name would never be sent; a password file anyone can rewrite
+    lets anyone choose what the agent sends. Both are config errors."""
+    secret = tmp_path / "pw.txt"
+    secret.write_text("s3cret")
+    secret.chmod(0o666)
+    found = problems(write(tmp_path, f"device_id: a\nmqtt: {{password_file: {secret}}}\n"))
+    assert found == [
+        f"{tmp_path}/agent.yaml:2: mqtt: password_file is set but username is not: the broker "
+        "is only sent a password together with a user name",
+        f"{tmp_path}/agent.yaml:2: mqtt.password_file: {secret} is writable by every user "
+        f"(mode -rw-rw-rw-): anyone could replace the password; run chmod 600 {secret}"]
+    secret.chmod(0o640)
+    load_config(write(tmp_path, f"device_id: a\nmqtt: {{username: u, password_file: {secret}}}\n"))
+    assert "readable by other users (mode -rw-r-----)" in str(secret_file_warning(str(secret)))
+    secret.chmod(0o600)
+    assert secret_file_warning(str(secret)) is None
 
 
 def test_unknown_execution_provider(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
+from tests.broker import MosquittoBroker, Recorder, free_port, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, build_slow
 
@@ -114,7 +114,7 @@ def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
                                         recorder: Callable[..., Recorder]) -> None:
     """at_most_once: readings already queued when SIGTERM arrives are still answered; exit 0
     within 5 s."""
-    build_slow(tmp_path / "models" / "slow.onnx", layers=64)
+    build_slow(tmp_path / "models" / "slow.onnx", layers=24)
     config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
         "model": "slow", "input": {"topic": "in/+", "field": "x"},
         "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1},
@@ -131,6 +131,7 @@ def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
     assert code == 0
     assert took < 5.0
     events = agent.log_events()
+    print(f"\n{len(rec.messages)} answered, SIGTERM to exit {took:.2f} s")
     delivered = sum(1 for e in events if str(e.get("event", "")).startswith("Received PUBLISH")
                     and "'in/s'" in str(e.get("event")))
     answered = {json.loads(m.payload)["id"] for m in rec.messages}
@@ -197,3 +198,45 @@ def test_sigterm_with_more_queued_than_the_deadline_allows(
     assert took < 5.0
     timeout = next(e for e in agent.log_events() if e.get("event") == "pipeline_stop_timeout")
     assert timeout["abandoned"] > 0
+
+
+def test_a_refused_reload_names_where_not_what(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
+        recorder: Callable[..., Recorder]) -> None:
+    """P/errors gets the file, line and key of each problem, never the offending value (it
+    may be a secret pasted into the wrong key); the log has the whole text."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
+        "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = recorder("edge/dev1/errors")
+    config["mqtt"]["client_id"] = 12345
+    config["health"] = {"interval_s": "hunter2-secret"}
+    agent.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    agent.process.send_signal(signal.SIGHUP)
+    event = agent.wait_for_event("config_reload_refused")
+    assert "hunter2-secret" in str(agent.log_events())
+    assert event
+    rec.wait_for(bool)
+    reason = json.loads(rec.on("edge/dev1/errors")[0].payload)["reason"]
+    assert "hunter2-secret" not in reason, reason
+    assert "12345" not in reason, reason
+    assert reason.startswith("config reload refused, still running the previous config: 2 "
+                             "problem(s) at "), reason
+    assert f"{agent.config_file}:" in reason, reason
+    assert " health.interval_s" in reason, reason
+    assert " mqtt.client_id" in reason, reason
+
+
+def test_a_metrics_endpoint_beyond_loopback_is_warned_about(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """The endpoint has no authentication: listening on every address is logged as such."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    config = base_config(broker, tmp_path, models={"lin": {}},
+                         metrics={"listen": f"0.0.0.0:{free_port()}"})
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    event = agent.wait_for_event("metrics_exposed")
+    assert event["level"] == "warning"
+    assert "no authentication" in event["reason"]
