@@ -114,9 +114,11 @@ class ModelRegistry:
         self._hardware = hardware
         self._publish_state = publish_state
         self._on_failure = on_failure
-        self._lock = threading.Lock()        # guards _status, _load_locks and _warmups
-        # name -> the lock its loads take: one load per model at a time, any thread.
-        self._load_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()        # guards _status, _load_locks, _active_loads
+        # name -> the lock its loads take: one load per model at a time, any thread. Re-entrant:
+        # an update holds it across install, trial and rollback (``hold``) and loads inside.
+        self._load_locks: dict[str, threading.RLock] = {}
+        self._active_loads = 0
         self._warmups = _WarmupRuns()
         # name -> serving model. Written only under that model's load lock; read without a
         # lock by the pipelines (replacing a dict value is atomic in CPython).
@@ -148,7 +150,7 @@ class ModelRegistry:
     def loading(self) -> bool:
         """Whether a load is in progress right now."""
         with self._lock:
-            return any(lock.locked() for lock in self._load_locks.values())
+            return self._active_loads > 0
 
     def cancel_loads(self) -> None:
         """Stop every warm-up run in progress, and any that would start, at once: the agent
@@ -156,9 +158,14 @@ class ModelRegistry:
         dies with SIGABRT. Those loads fail and the serving models stay. Any thread."""
         self._warmups.cancel()
 
-    def _load_lock(self, name: str) -> threading.Lock:
+    def hold(self, name: str) -> threading.RLock:
+        """The lock of ``name``'s loads, to hold across several steps (``with``): an update's
+        install, trial and rollback, so no other thread loads the file in between."""
+        return self._load_lock(name)
+
+    def _load_lock(self, name: str) -> threading.RLock:
         with self._lock:
-            return self._load_locks.setdefault(name, threading.Lock())
+            return self._load_locks.setdefault(name, threading.RLock())
 
     def reconfigure(self, config: AgentConfig) -> list[str]:
         """Adopt a new config (SIGHUP): removed models stop serving and their retained state
@@ -194,7 +201,7 @@ class ModelRegistry:
         thread; loads of one model are serialized. Returns the serving model afterwards.
         """
         with self._load_lock(name):
-            return self._load_locked(name, force, max_seconds)
+            return self._counted_load(name, force, max_seconds)
 
     def reload_if_idle(self, name: str) -> bool:
         """Load ``name`` now unless a load of it is in progress (False: nothing was done, ask
@@ -204,10 +211,20 @@ class ModelRegistry:
         if not lock.acquire(blocking=False):
             return False
         try:
-            self._load_locked(name, False, None)
+            self._counted_load(name, False, None)
         finally:
             lock.release()
         return True
+
+    def _counted_load(self, name: str, force: bool,
+                      max_seconds: float | None) -> LoadedModel | None:
+        with self._lock:
+            self._active_loads += 1
+        try:
+            return self._load_locked(name, force, max_seconds)
+        finally:
+            with self._lock:
+                self._active_loads -= 1
 
     def _load_locked(self, name: str, force: bool,
                      max_seconds: float | None) -> LoadedModel | None:

@@ -560,25 +560,29 @@ class UpdateManager:
                            manifest.sha256, previous)
         failpoint("accepted")
         self._status(summary, IN_PROGRESS, step="installing")
-        install(staged, target)
-        failpoint("installed")
-        self._store.set_step(manifest.update_id, "trial")
-        self._status(summary, IN_PROGRESS, step="trial")
-        problem = self._trial(manifest)
-        if self._stopped.is_set():
-            # Stopped mid-trial (its warm-up was cancelled): the journal still says "trial",
-            # so the next start rolls back before any model loads and sends the status.
-            log.info("update_trial_interrupted", **summary)
-            return True
-        if problem is None:
-            self._store.commit(manifest.update_id)
-            failpoint("committed")
-            self._status(summary, SUCCEEDED)
-        else:
-            done = restore_previous(target, previous)
-            self._registry.load(manifest.model)
-            self._status(summary, FAILED, step="trial",
-                         reason=f"{problem}; rolled back: {done}")
+        # Held from the install to the commit or rollback: the folder watcher sees the new
+        # file appear (and the old one come back) and must not load it meanwhile, outside
+        # the trial's deadline.
+        with self._registry.hold(manifest.model):
+            install(staged, target)
+            failpoint("installed")
+            self._store.set_step(manifest.update_id, "trial")
+            self._status(summary, IN_PROGRESS, step="trial")
+            problem = self._trial(manifest)
+            if self._stopped.is_set():
+                # Stopped mid-trial (its warm-up was cancelled): the journal still says
+                # "trial", so the next start rolls back before any model loads and reports.
+                log.info("update_trial_interrupted", **summary)
+                return True
+            if problem is None:
+                self._store.commit(manifest.update_id)
+                failpoint("committed")
+                self._status(summary, SUCCEEDED)
+            else:
+                done = restore_previous(target, previous)
+                self._registry.load(manifest.model)
+                self._status(summary, FAILED, step="trial",
+                             reason=f"{problem}; rolled back: {done}")
         self._store.finish(manifest.update_id)
         return True
 
