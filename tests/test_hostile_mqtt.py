@@ -15,6 +15,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear
+from tests.test_updates import serving_version
 from tests.update_helpers import STATUS, make_key, statuses, wait_until
 
 pytestmark = pytest.mark.broker
@@ -61,16 +62,6 @@ def _config(broker: MosquittoBroker, tmp_path: Path, protocol: str) -> dict[str,
         updates={"trusted_keys": [str(public)]})
 
 
-def _answers(broker: MosquittoBroker, rec: Recorder, reading_id: int) -> None:
-    client = publisher(broker)
-    client.publish("in/s1", json.dumps({"id": reading_id, "x": [1, 2, 3, 4]}), qos=1
-                   ).wait_for_publish(5)
-    client.disconnect()
-    client.loop_stop()
-    rec.wait_for(lambda ms: any(m.topic == "out/s1" and json.loads(m.payload)["id"] == reading_id
-                                for m in ms), 15)
-
-
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_64_mb_message_on_any_topic_costs_less_than_32_mb(
         broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
@@ -82,7 +73,7 @@ def test_a_64_mb_message_on_any_topic_costs_less_than_32_mb(
     agent = agent_factory(_config(broker, tmp_path, protocol))
     rec = recorder("out/#", "edge/dev1/errors", STATUS)
     agent.wait_for_event("agent_serving")
-    _answers(broker, rec, 1)
+    serving_version(broker, rec, 1)
     pid = agent.process.pid
     sender = publisher(broker, MQTTProtocolVersion.MQTTv311)
     big = b"\x00" * BIG
@@ -106,7 +97,7 @@ def test_a_64_mb_message_on_any_topic_costs_less_than_32_mb(
     print(f"\npeak RSS growth per 64 MB message, MQTT {protocol}: "
           + ", ".join(f"{t}: {g:+.1f} MB" for t, g in growth.items()))
     assert all(g < 32 for g in growth.values()), growth
-    _answers(broker, rec, 2)
+    serving_version(broker, rec, 2)
     if protocol == "3.1.1":
         errors = [json.loads(m.payload) for m in rec.on("edge/dev1/errors")]
         assert [e["reason"] for e in errors if e["topic"] == "in/s1"] == [
