@@ -460,11 +460,6 @@ class MqttConnection:
             with contextlib.suppress(Exception):
                 self._client.ack(message.mid, message.qos)
 
-    @property
-    def discarded(self) -> int:
-        """Messages skipped since start for being over ``max_packet_bytes``."""
-        return self._client.discarded
-
     def _route(self, topic: str) -> tuple[tuple[MessageHandler, ...], bool]:
         with self._lock:
             matching = [s for s in self._subscriptions.values()

@@ -22,7 +22,6 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
-PUBLISH = 0x30
 RECV_SLICE = 64 * 1024            # bytes asked of the socket at a time
 HEAD_BYTES = 2 + 65_535 + 2 + 16 * 1024  # topic length, topic, packet id, some properties
 
