@@ -24,6 +24,7 @@ bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop 
 	$(PY) scripts/bench.py
 	$(PY) scripts/bench_reload.py
 	$(PY) scripts/bench_update.py
+	$(PY) scripts/bench_overload.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

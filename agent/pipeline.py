@@ -197,15 +197,23 @@ class Pipeline:
         """
         self._queue.close()
         self._worker.join(timeout=deadline_s)
-        if not self._worker.is_alive():
-            return
-        abandoned = self._queue.abandon() if final else len(self._queue)
-        self._log.warning("pipeline_stop_timeout", abandoned=abandoned)
-        if final:
+        abandoned = 0
+        if self._worker.is_alive():
+            abandoned = self._queue.abandon() if final else len(self._queue)
+            self._log.warning("pipeline_stop_timeout", abandoned=abandoned)
+            if not final:
+                return
             self._worker.join(timeout=FINAL_BATCH_GRACE_S)
             if self._worker.is_alive():
                 self._log.error("pipeline_batch_still_running", running_s=round(
                     time.monotonic() - (self.busy_since or time.monotonic()), 1))
+                return
+        # What this run of the pipeline did, for the operator reading the journal after a
+        # restart (the last health message may be up to an interval old).
+        counters = self.counters
+        self._log.info("pipeline_stopped", received=counters.received,
+                       processed=counters.processed, dropped=counters.dropped,
+                       rejected=counters.rejected, failed=counters.failed, abandoned=abandoned)
 
     def stuck_for(self, now: float) -> float | None:
         """Seconds the worker has been inside one batch, or has been dead (None: fine)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,15 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+LISTENER_LINE = "listener {port} 127.0.0.1"
+# Every MQTT client and stream thread the helpers start, so that the test's teardown can stop
+# what a failing test left running (its network thread would reconnect for the whole session).
+_started_clients: list[paho.Client] = []
+_started_streams: list[tuple[threading.Thread, threading.Event]] = []
+BIND_ATTEMPTS = 5
+# Saving persistence on a loaded CI disk can take seconds: SIGKILL is the last resort.
+STOP_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
@@ -42,6 +52,23 @@ def wait_for_port(port: int, timeout_s: float = 10.0,
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
 
 
+def listens_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` owns the socket listening on 127.0.0.1:``port`` (Linux /proc).
+
+    Connecting is not proof: another process may hold a port ``free_port`` handed out."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
+            inodes.add(f"socket:[{inode}]")
+    try:
+        owned = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
+    except OSError:
+        return False
+    return bool(inodes & owned)
+
+
 class MosquittoBroker:
     """A mosquitto process on a free port with its own config file; can be restarted."""
 
@@ -57,7 +84,7 @@ class MosquittoBroker:
         self.port = free_port()
         self.config_file = workdir / "mosquitto.conf"
         self.log_file = workdir / "mosquitto.log"
-        lines = [f"listener {self.port} 127.0.0.1"]
+        lines = [LISTENER_LINE.format(port=self.port)]
         if tls is not None:
             lines += [f"cafile {tls.ca_cert}", f"certfile {tls.server_cert}",
                       f"keyfile {tls.server_key}"]
@@ -82,31 +109,67 @@ class MosquittoBroker:
         lines += list(extra_lines)
         self.config_file.write_text("\n".join(lines) + "\n")
         self._process: subprocess.Popen[bytes] | None = None
+        self.started_once = False
 
     def start(self) -> None:
-        """Start mosquitto and wait until it accepts connections."""
-        self._process = subprocess.Popen([self.binary, "-c", str(self.config_file)],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_for_port(self.port, process=self._process)
-        except TimeoutError as exc:
-            log = self.log_file.read_text() if self.log_file.exists() else ""
-            self.stop()
-            raise TimeoutError(f"{exc}; mosquitto log:\n{log}") from exc
+        """Start mosquitto and wait until it accepts connections.
+
+        ``free_port`` only found a port that was free a moment ago: if another process took
+        it in between, the first start moves to a new port (a restart must keep its port:
+        clients reconnect to it, so it tries the same one again)."""
+        for attempt in range(BIND_ATTEMPTS):
+            log_size = self.log_file.stat().st_size if self.log_file.exists() else 0
+            self._process = subprocess.Popen([self.binary, "-c", str(self.config_file)],
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                self._wait_ready(self._process)
+            except TimeoutError as exc:
+                log = self.log_file.read_text()[log_size:] if self.log_file.exists() else ""
+                if self._process.poll() is not None and self._process.stderr is not None:
+                    log += self._process.stderr.read().decode(errors="replace")
+                self.stop()
+                if "Address already in use" not in log or attempt == BIND_ATTEMPTS - 1:
+                    raise TimeoutError(f"{exc}; mosquitto log:\n{log}") from exc
+                if self.started_once:
+                    time.sleep(0.5)
+                else:
+                    self._move_to(free_port())
+            else:
+                self.started_once = True
+                return
+
+    def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
+        wait_for_port(self.port, process=process)
+        if not listens_on(process.pid, self.port):
+            process.wait(timeout=10)  # another process has the port: mosquitto exits
+            raise TimeoutError(f"port {self.port} is taken")
+
+    def _move_to(self, port: int) -> None:
+        text = self.config_file.read_text()
+        self.config_file.write_text(text.replace(LISTENER_LINE.format(port=self.port),
+                                                 LISTENER_LINE.format(port=port), 1))
+        self.port = port
 
     def stop(self) -> None:
-        """Stop mosquitto (SIGTERM, then SIGKILL) and wait for it to exit."""
+        """Stop mosquitto (SIGTERM) and wait for it to exit.
+
+        A broker that needs SIGKILL has not written its persistence file, so a test that
+        restarts it would see messages lost by the harness, not by the daemon: that is an
+        error here, named as such."""
         if self._process is None:
             return
-        self._process.terminate()
+        process, self._process = self._process, None
+        process.terminate()
         try:
-            self._process.wait(timeout=5)
+            process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        if self._process.stderr:
-            self._process.stderr.close()
-        self._process = None
+            process.kill()
+            process.wait()
+            raise RuntimeError(f"mosquitto did not exit within {STOP_TIMEOUT_S} s of SIGTERM "
+                               "and was killed: what it held in memory is lost") from None
+        finally:
+            if process.stderr:
+                process.stderr.close()
 
     def restart(self, down_s: float = 0.0) -> None:
         """Stop, optionally stay down for ``down_s`` seconds, and start again on the same port."""
@@ -196,6 +259,7 @@ class Recorder:
         else:
             self.client.connect(self.broker.host, self.broker.port)
         self.client.loop_start()
+        _started_clients.append(self.client)
         if not self._subscribed.wait(10):
             raise TimeoutError("subscription not acknowledged")
         return self
@@ -253,30 +317,58 @@ def publisher(broker: MosquittoBroker,
     client.reconnect_delay_set(1, 1)  # tests restart brokers: come back at once
     client.connect(broker.host, broker.port)
     client.loop_start()
+    _started_clients.append(client)
     return client
+
+
+def started_so_far() -> tuple[int, int]:
+    """A mark for ``stop_started_since``: how many clients and streams were started."""
+    return len(_started_clients), len(_started_streams)
+
+
+def stop_started_since(mark: tuple[int, int]) -> list[str]:
+    """Stop the stream threads and disconnect the clients started after ``mark``; return
+    the stream threads that would not stop. Stopping twice is harmless, so this also
+    catches what a failing test never reached its own ``stop`` for."""
+    clients, streams = mark
+    leftovers = []
+    while len(_started_streams) > streams:
+        thread, stop = _started_streams.pop()
+        stop.set()
+        thread.join(timeout=10)
+        if thread.is_alive():
+            leftovers.append(thread.name)
+    while len(_started_clients) > clients:
+        client = _started_clients.pop()
+        client.disconnect()
+        client.loop_stop()
+    return leftovers
 
 
 def paced_stream(broker: MosquittoBroker, topic: str, payloads: Sequence[bytes | str],
                  rate: float, qos: int = 1) -> threading.Thread:
     """Publish ``payloads`` at ``rate`` per second from a background thread (started)."""
+    stop = threading.Event()
+
     def run() -> None:
         client = publisher(broker)
         started = time.monotonic()
         last = None
         for index, payload in enumerate(payloads):
             delay = started + index / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            if delay > 0 and stop.wait(delay):
+                break
             last = client.publish(topic, payload, qos=qos)
         # QoS 1 messages published while the broker was away wait in paho's queue: let
         # them go out before stopping (QoS 1 leaves in order, so the last one is enough).
         deadline = time.monotonic() + 30
         while last is not None and qos > 0 and not last.is_published() \
-                and time.monotonic() < deadline:
-            time.sleep(0.05)
+                and time.monotonic() < deadline and not stop.wait(0.05):
+            pass
         client.disconnect()
         client.loop_stop()
 
     thread = threading.Thread(target=run, name="paced-stream")
     thread.start()
+    _started_streams.append((thread, stop))
     return thread

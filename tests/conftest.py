@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,50 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.broker import MosquittoBroker, Recorder
+from tests.broker import MosquittoBroker, Recorder, started_so_far, stop_started_since
+
+
+def child_processes() -> list[str]:
+    """This process's children (zombies included: a child nobody waited for), as
+    "pid command" strings."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # it exited while we looked
+        if int(fields[1]) == os.getpid():  # fields: state, ppid, ...
+            children.append(f"{stat.parent.name} [{fields[0]}] {command.strip()}")
+    return children
+
+
+def mqtt_threads() -> list[str]:
+    """Threads of MQTT clients and reading streams still running in the test process."""
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(("paho-mqtt-client", "paced-stream"))]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running() -> Iterator[None]:
+    """After the whole session: no broker, daemon or other child process, and no MQTT client
+    thread is left behind (a leak makes later tests slow or flaky, and hides in CI)."""
+    yield
+    deadline = time.monotonic() + 5  # loop_stop and process exits settle quickly
+    while (child_processes() or mqtt_threads()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leftovers = child_processes() + mqtt_threads()
+    assert not leftovers, f"left running after the test session: {leftovers}"
+
+
+@pytest.fixture(autouse=True)
+def stop_clients_after_each_test() -> Iterator[None]:
+    """Disconnect the clients and stop the streams a test started, also when it failed
+    before its own ``stop``."""
+    mark = started_so_far()
+    yield
+    stuck = stop_started_since(mark)
+    assert not stuck, f"reading streams that would not stop: {stuck}"
 
 
 @pytest.fixture
