@@ -56,8 +56,10 @@ def results_of(rec: Recorder) -> list[dict[str, Any]]:
     return rec.payloads("out/")
 
 
-def wait_for_ids(rec: Recorder, count: int, timeout_s: float) -> list[dict[str, Any]]:
-    """Until every id 0..count-1 has a result; fail naming the missing ones."""
+def wait_for_ids(rec: Recorder, count: int, timeout_s: float,
+                 agent: AgentProcess | None = None) -> list[dict[str, Any]]:
+    """Until every id 0..count-1 has a result; fail naming the missing ones (and, given the
+    daemon, what it counted: whether it ever received them)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         results = results_of(rec)
@@ -66,12 +68,30 @@ def wait_for_ids(rec: Recorder, count: int, timeout_s: float) -> list[dict[str, 
         time.sleep(0.2)
     seen = {r["id"] for r in results_of(rec)}
     missing = sorted(set(range(count)) - seen)
-    raise AssertionError(f"{len(missing)} readings without a result, e.g. {missing[:20]}")
+    counted = ""
+    if agent is not None and agent.process.poll() is None:
+        agent.terminate()
+        counted = f"; the daemon counted {agent.wait_for_event('pipeline_stopped')}"
+    raise AssertionError(f"{len(missing)} readings without a result, e.g. {missing[:20]}"
+                         f"{counted}")
+
+
+def assert_seqs_name_one_reading(results: list[dict[str, Any]]) -> None:
+    """A seq is given once: it names one reading, whatever restarts happened (a result the
+    broker delivers twice repeats its seq and its id). A seq counter that started again
+    after a restart would give an old seq to a new reading."""
+    readings_of: dict[int, set[int]] = {}
+    for result in results:
+        readings_of.setdefault(result["seq"], set()).add(result["id"])
+    reused = {seq: ids for seq, ids in readings_of.items() if len(ids) > 1}
+    assert not reused, f"{len(reused)} seqs name more than one reading, e.g. " \
+        f"{sorted(reused.items())[:5]}"
 
 
 def assert_seq_increases(results: list[dict[str, Any]]) -> None:
-    """In arrival order, each seq not seen before is higher than all before it (a QoS 1
-    redelivery of the same result repeats its seq; consumers drop those by seq)."""
+    """Each seq names one reading, and in arrival order each new seq is higher than all
+    before it (consumers drop redeliveries by seq)."""
+    assert_seqs_name_one_reading(results)
     seen: set[int] = set()
     fresh = []
     for result in results:
@@ -100,7 +120,7 @@ def test_sigkill_five_times_loses_no_reading(
         agent.kill()
         agent = agent_factory(config)
     stream.join()
-    results = wait_for_ids(rec, total, timeout_s=90)
+    results = wait_for_ids(rec, total, timeout_s=90, agent=agent)
     rec.stop()
     duplicates = len(results) - total
     print(f"\nat-least-once, 5 SIGKILLs: {total} readings, {len(results)} results, "
@@ -123,7 +143,7 @@ def test_mqtt_311_session_survives_a_sigkill(
     agent.kill()
     agent = agent_factory(config)
     stream.join()
-    results = wait_for_ids(rec, 2000, timeout_s=60)
+    results = wait_for_ids(rec, 2000, timeout_s=60, agent=agent)
     rec.stop()
     assert len(results) - 2000 <= RECEIVE_MAXIMUM
     assert_seq_increases(results)
@@ -144,7 +164,7 @@ def test_broker_restarts_lose_no_reading(
         time.sleep(2.0)
         durable_broker.restart(down_s=1.0)
     stream.join()
-    results = wait_for_ids(rec, total, timeout_s=60)
+    results = wait_for_ids(rec, total, timeout_s=60, agent=agent)
     rec.stop()
     print(f"\nbroker restarted twice: {total} readings, {len(results) - total} duplicates")
     assert agent.process.poll() is None
@@ -168,6 +188,9 @@ def test_seq_continues_across_restarts(
     results = results_of(rec)
     assert len(results) == 20
     assert_seq_increases(results)
+    first, second = [r["seq"] for r in results[:10]], [r["seq"] for r in results[10:]]
+    assert len(set(first + second)) == 20
+    assert min(second) > max(first), (first, second)
 
 
 # -- an upstream broker ------------------------------------------------------------------------
@@ -223,7 +246,7 @@ def test_upstream_outage_of_30_s_loses_nothing(
     time.sleep(30)
     upstream.start()
     stream.join()
-    results = wait_for_ids(rec, total, timeout_s=60)
+    results = wait_for_ids(rec, total, timeout_s=60, agent=agent)
     # Each reading was computed once (one seq per id); a result the broker had in flight
     # when it stopped may be delivered again with the same seq.
     seqs_per_id = Counter(r["id"] for r in {r["seq"]: r for r in results}.values())
@@ -256,7 +279,7 @@ def test_upstream_outage_with_a_daemon_restart_loses_nothing(
     time.sleep(3)
     upstream.start()
     stream.join()
-    results = wait_for_ids(rec, total, timeout_s=60)
+    results = wait_for_ids(rec, total, timeout_s=60, agent=agent)
     rec.stop()
     assert len(results) - total <= RECEIVE_MAXIMUM
     assert_seq_increases(results)
