@@ -68,17 +68,25 @@ def wait_subscribed(agent: AgentProcess) -> None:
 
 
 def serving_version(broker: MosquittoBroker, rec: Recorder, reading_id: int) -> str:
-    """Send one reading and return the model version its result names."""
+    """Send one reading and return the model version its result names (only results that
+    arrive after it was sent count: an earlier reading may have had the same id)."""
+    after = len(rec.messages)
     client = publisher(broker)
     client.publish("in/s1", json.dumps({"id": reading_id, "x": [1, 2, 3, 4]}), qos=1
                    ).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()
-    found = rec.wait_for(lambda ms: any(m.topic == "out/s1" and json.loads(m.payload)["id"]
-                                        == reading_id for m in ms))
-    result = next(json.loads(m.payload) for m in found
-                  if m.topic == "out/s1" and json.loads(m.payload)["id"] == reading_id)
-    return str(result["version"])
+
+    def answers(messages: list[Any]) -> list[dict[str, Any]]:
+        return [json.loads(m.payload) for m in messages[after:] if m.topic == "out/s1"
+                and json.loads(m.payload)["id"] == reading_id]
+
+    return str(answers(rec.wait_for(lambda ms: bool(answers(ms))))[0]["version"])
+
+
+def reading_id_of(name: str) -> int:
+    """A reading id of its own for each test case, the same in every run and order."""
+    return 10**6 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10**6
 
 
 def mqtt_update(broker: MosquittoBroker, data: bytes, keys: list[Path], *, update_id: str,
@@ -98,8 +106,12 @@ class Fleet:
     rec: Recorder
     folder: Path
     keys: dict[str, Path]        # name -> private key file
-    model: bytes                 # what serves after the set-up update (version 5)
-    next_version: list[int]
+    model: bytes                 # what serves after the set-up update
+    installed: int               # its version: no test of the module commits another
+    next_version: list[int]      # the last version a test of the module sent
+    # The device's version floor: the highest version it installed (its trial may have
+    # failed since), which the tests that install raise, in whatever order they run.
+    floor: int
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +140,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         model = linear(folder, 5)
         mqtt_update(broker, model, [keys["ops"], keys["ops2"]], update_id="setup", version=5)
         assert final_status(rec, "setup")["state"] == "SUCCEEDED"
-        yield Fleet(broker, agent, rec, folder, keys, model, [6])
+        yield Fleet(broker, agent, rec, folder, keys, model, 5, [5], 5)
     finally:
         rec.stop()
         agent.close()
@@ -153,8 +165,14 @@ def _foreign_signature_under_trusted_keyid(fleet: Fleet, payload: dict[str, Any]
     return json.dumps(document).encode()
 
 
+def installed(offset: int = 0) -> Callable[[Fleet], int]:
+    """A payload value: the fleet's installed version plus ``offset``."""
+    return lambda fleet: fleet.installed + offset
+
+
 REFUSALS: dict[str, tuple[Callable[[Fleet, dict[str, Any]], bytes], dict[str, Any], str]] = {
-    # case: (how to sign the payload, payload changes, expected words in the reason)
+    # case: (how to sign the payload, payload changes (a callable is given the fleet), the
+    # expected words in the reason ("{floor}": the fleet's version floor))
     "signed by an unknown key": (
         lambda f, p: envelope(p, [f.keys["other"], f.keys["ops"]]), {},
         "is not in updates.trusted_keys"),
@@ -164,9 +182,12 @@ REFUSALS: dict[str, tuple[Callable[[Fleet, dict[str, Any]], bytes], dict[str, An
         lambda f, p: tamper(envelope(p, _both(f)), version=99), {}, "does not verify"),
     "the same key twice for threshold 2": (
         lambda f, p: envelope(p, [f.keys["ops"], f.keys["ops"]]), {}, "already counted"),
-    "an older version": (lambda f, p: envelope(p, _both(f)), {"version": 4}, "not newer"),
+    "an older version": (
+        lambda f, p: envelope(p, _both(f)), {"version": installed(-1)},
+        "not newer than version {floor}"),
     "the installed version again": (
-        lambda f, p: envelope(p, _both(f)), {"version": 5}, "not newer than version 5"),
+        lambda f, p: envelope(p, _both(f)), {"version": installed()},
+        "not newer than version {floor}"),
     "an expired manifest": (
         lambda f, p: envelope(p, _both(f)), {"expires_in_s": -60}, "expired at"),
     "another device": (
@@ -219,7 +240,9 @@ def test_refused_updates_are_rejected_and_change_nothing(fleet: Fleet, case: str
     sign, changes, words = REFUSALS[case]
     update_id = "r-" + hashlib.sha256(case.encode()).hexdigest()[:10]
     data = linear(fleet.folder, 77)
-    changes = {"version": 50, **changes}
+    changes = {"version": 50, **{key: value(fleet) if callable(value) else value
+                                 for key, value in changes.items()}}
+    words = words.format(floor=fleet.floor)
     payload = payload_for(data, update_id=update_id, **changes)
     manifest = sign(fleet, payload)
     send(fleet.broker, manifest, chunks_of(data, 4096), update_id=update_id)
@@ -231,7 +254,7 @@ def test_refused_updates_are_rejected_and_change_nothing(fleet: Fleet, case: str
     expected = (update_id, True) if case in AUTHENTICATED_REFUSALS else (
         None, True) if case in SIGNED_UNREADABLE else (None, False)
     assert (status["update_id"], status["authenticated"]) == expected, status
-    assert serving_version(fleet.broker, fleet.rec, hash(case) % 10**6) == version_of(
+    assert serving_version(fleet.broker, fleet.rec, reading_id_of(case)) == version_of(
         fleet.model)
     staging = fleet.folder / "models" / ".edge-agent-staging"
     assert not list(staging.glob("*")), list(staging.glob("*"))
@@ -298,9 +321,10 @@ def test_a_model_that_fails_to_load_is_rolled_back(fleet: Fleet) -> None:
     """Signed, intact bytes that are not a model: installed, the trial fails, the previous
     file is restored and keeps serving; FAILED says why."""
     junk = b"this is not an onnx model" * 40
-    mqtt_update(fleet.broker, junk, _both(fleet), update_id="junk",
-                version=_next_version(fleet))
+    version = _next_version(fleet)
+    mqtt_update(fleet.broker, junk, _both(fleet), update_id="junk", version=version)
     status = final_status(fleet.rec, "junk")
+    fleet.floor = version
     assert (status["state"], status["step"]) == ("FAILED", "trial")
     assert "the new model did not load" in status["reason"]
     assert "restored the previous file" in status["reason"]
@@ -313,9 +337,10 @@ def test_a_trial_longer_than_the_timeout_is_rolled_back(fleet: Fleet) -> None:
     """A model whose warm-up takes longer than updates.trial_timeout_s (1.5 s here) is
     never swapped in, and rolled back."""
     slow = build_slow_warmup(fleet.folder / "slow.onnx", iterations=5_000_000).read_bytes()
-    mqtt_update(fleet.broker, slow, _both(fleet), update_id="slow",
-                version=_next_version(fleet))
+    version = _next_version(fleet)
+    mqtt_update(fleet.broker, slow, _both(fleet), update_id="slow", version=version)
     status = final_status(fleet.rec, "slow", timeout_s=40)
+    fleet.floor = version
     assert status["state"] == "FAILED"
     assert "within 1.5 s (updates.trial_timeout_s)" in status["reason"]
     assert serving_version(fleet.broker, fleet.rec, 903) == version_of(fleet.model)
