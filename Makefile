@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint typecheck check bench clean
+.PHONY: demo test test-shuffled lint typecheck check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "edge-agent needs Python >= 3.10"'
@@ -19,6 +19,9 @@ demo: $(VENV)/.installed   ## run the daemon on a simulated sensor, print result
 
 test: $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto instances)
 	$(PY) -m pytest -q
+
+test-shuffled: $(VENV)/.installed   ## the suite in a random order; SEED=n repeats one order
+	$(PY) -m pytest -q $(if $(SEED),--random-order-seed=$(SEED),--random-order)
 
 bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop (a few minutes)
 	$(PY) scripts/bench.py
