@@ -16,11 +16,13 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
     """Installs the package, the example config and the unit; a second run keeps an edited
-    config; --uninstall removes the venv and unit but keeps config and state."""
+    config; --uninstall removes the venv and unit but keeps config and state. Every run
+    exits 0 (a staging root never touches systemd, and a config that check-config faults
+    is reported, not an install failure)."""
     root = tmp_path / "root"
     # --no-deps keeps the test fast: what is checked here is the script, not pip.
     first = run("--root", str(root), "--pip-args", "--no-deps")
-    assert first.returncode in (0, 1), first.stderr  # check-config may miss the model file
+    assert first.returncode == 0, first.stdout + first.stderr
     assert (root / "opt/edge-agent/bin/python").exists()
     assert (root / "etc/systemd/system/edge-agent.service").read_text() == (
         REPO / "systemd/edge-agent.service").read_text()
@@ -29,6 +31,7 @@ def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
     assert (root / "var/lib/edge-agent/models").is_dir()
     config.write_text(config.read_text() + "# edited by the operator\n")
     second = run("--root", str(root), "--pip-args", "--no-deps")
+    assert second.returncode == 0, second.stdout + second.stderr
     assert "kept the existing" in second.stdout
     assert config.read_text().endswith("# edited by the operator\n")
     removed = run("--root", str(root), "--uninstall")
@@ -37,7 +40,7 @@ def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
     assert not (root / "etc/systemd/system/edge-agent.service").exists()
     assert config.exists()
     purged = run("--root", str(root), "--uninstall", "--purge")
-    assert purged.returncode == 0
+    assert purged.returncode == 0, purged.stderr
     assert not config.exists()
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.broker import MosquittoBroker, Received, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear
 
@@ -70,40 +72,98 @@ def test_request_response_echoes_correlation_data(
         "outputs"]
 
 
+def latest_health(messages: list[Received], device: str) -> dict[str, Any] | None:
+    """The last health report of ``device`` among ``messages``."""
+    reports = [m for m in messages if m.topic == f"edge/{device}/health"]
+    return json.loads(reports[-1].payload) if reports else None
+
+
 def test_two_daemons_share_one_stream(broker: MosquittoBroker, tmp_path: Path,
                                       agent_factory: AgentFactory,
                                       recorder: Callable[..., Recorder]) -> None:
-    """With input.shared_group two daemons split 2,000 readings: none lost, none twice,
-    and both do part of the work."""
-    first = agent_factory(linear_config(broker, tmp_path, "dev1", shared_group="workers",
-                                        field="x"))
-    second = agent_factory(linear_config(broker, tmp_path, "dev2", shared_group="workers",
-                                         field="x"))
-    first.wait_for_event("agent_serving")
-    second.wait_for_event("agent_serving")
-    first.wait_for_event("mqtt_subscribed")
-    second.wait_for_event("mqtt_subscribed")
-    rec = recorder("out/#")
+    """With input.shared_group two daemons split 2,000 readings: every reading is answered
+    exactly once across the two, and each daemon does part of the work: its own health
+    report counts as processed exactly the results it published, more than 0."""
+    devices = ("dev1", "dev2")
+    agents = []
+    for device in devices:
+        config = linear_config(broker, tmp_path, device, shared_group="workers", field="x")
+        # Each daemon's results go to a topic of its own, to tell who answered what.
+        config["pipelines"]["p"]["output"]["topic"] = "out/{device_id}/{1}"
+        config["health"] = {"interval_s": 0.5}
+        agents.append(agent_factory(config))
+    for agent in agents:
+        agent.wait_for_event("agent_serving")
+        agent.wait_for_event("mqtt_subscribed")
+    rec = recorder("out/#", "edge/+/health")
     client = publisher(broker)
-    for i in range(2000):
+    total = 2000
+    for i in range(total):
         client.publish("in/s", json.dumps({"id": i, "x": [i, 1, 2, 3]}), qos=1)
-    rec.wait_for(lambda ms: len(ms) >= 2000, timeout_s=60)
-    client.loop_stop()
-    results = [json.loads(m.payload) for m in rec.messages]
-    ids = sorted(r["id"] for r in results)
-    assert ids == list(range(2000)), "a reading was lost or processed twice"
-    events = [first.log_events(), second.log_events()]
-    assert all(any(e.get("event") == "mqtt_subscribed" and
-                   "$share/workers/in/+" in e.get("filters", []) for e in log) for log in events)
+
+    def answered(messages: list[Received]) -> dict[str, list[int]]:
+        by_device: dict[str, list[int]] = {device: [] for device in devices}
+        for m in messages:
+            if m.topic.startswith("out/"):
+                by_device[m.topic.split("/")[1]].append(json.loads(m.payload)["id"])
+        return by_device
+
+    def settled(messages: list[Received]) -> bool:
+        """Every reading answered, and each daemon's health caught up with its results."""
+        results = [m.topic.split("/")[1] for m in messages if m.topic.startswith("out/")]
+        if len(results) < total:
+            return False
+        for device in devices:
+            health = latest_health(messages, device)
+            if health is None:
+                return False
+            counters = health["pipelines"]["p"]
+            if counters["processed"] != results.count(device) or \
+                    counters["received"] != counters["processed"]:
+                return False
+        return True
+
+    try:
+        rec.wait_for(settled, timeout_s=60)
+    except TimeoutError:
+        pass  # the asserts below say what is missing
+    finally:
+        client.loop_stop()
+    messages = list(rec.messages)
+    ids = answered(messages)
+    assert sorted(ids["dev1"] + ids["dev2"]) == list(range(total)), (
+        f"a reading was lost or answered twice: {len(ids['dev1'])} + {len(ids['dev2'])} "
+        f"results for {total} readings")
+    for device in devices:
+        health = latest_health(messages, device)
+        assert health is not None, f"{device} published no health report"
+        processed = health["pipelines"]["p"]["processed"]
+        assert processed == len(ids[device]), (
+            f"{device}'s health counts {processed} processed, it published {len(ids[device])}")
+        assert processed > 0, f"{device} did none of the work"
+
+
+def connect_protocols(broker: MosquittoBroker, client_id: str) -> list[str]:
+    """The protocol of each connect of ``client_id`` that the broker logged: mosquitto writes
+    "New client connected from HOST:PORT as ID (p2, c1, k5)", p2 = MQTT 3.1.1, p5 = MQTT 5."""
+    pattern = re.compile(rf"New client connected from \S+ as {re.escape(client_id)} \((p\d+),")
+    return pattern.findall(broker.log_file.read_text())
 
 
 def test_mqtt_311(broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
                   recorder: Callable[..., Recorder]) -> None:
-    """mqtt.protocol 3.1.1 connects, serves, and its last will works the same."""
+    """mqtt.protocol 3.1.1 connects with MQTT 3.1.1 on the wire (as the broker logs it),
+    serves, and its last will works the same."""
     config = linear_config(broker, tmp_path)
     config["mqtt"]["protocol"] = "3.1.1"
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
+    deadline = time.monotonic() + 10
+    while not connect_protocols(broker, "edge-agent-dev1") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    protocols = connect_protocols(broker, "edge-agent-dev1")
+    assert protocols, f"no connect of edge-agent-dev1 logged:\n{broker.log_file.read_text()}"
+    assert set(protocols) == {"p2"}, f"connected as {protocols}, p2 is MQTT 3.1.1"
     rec = recorder("out/#", "edge/dev1/status")
     client = publisher(broker, protocol=MQTTProtocolVersion.MQTTv311)
     client.publish("in/a", b"[1, 2, 3, 4]", qos=1)
