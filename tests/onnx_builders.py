@@ -197,3 +197,37 @@ def build_slow_warmup(path: Path, features: int = 4, iterations: int = 2_000_000
         [numpy_helper.from_array(np.array(iterations, dtype=np.int64), "n")],
     )
     return _save(graph, path)
+
+
+def build_batch_probe(path: Path, *, batch: int | str = "N", features: int = 8,
+                      width: int = 1024, layers: int = 24) -> Path:
+    """``build_slow``'s model (input ``x`` [batch, features], output ``y`` [batch, 1]) plus an
+    output ``batch_size`` [batch, 1]: the first axis of the run that gave each row, as float32.
+    So a result tells how many readings shared its ``session.run``. ``batch=1`` fixes the
+    first axis."""
+    rng = np.random.default_rng(3)
+    widen = (rng.standard_normal((features, width)) / np.sqrt(features)).astype(np.float32)
+    square = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+    initializers = [numpy_helper.from_array(widen, "Wide"), numpy_helper.from_array(square, "W"),
+                    numpy_helper.from_array(np.array([0], dtype=np.int64), "first_axis")]
+    nodes, previous = [], "x"
+    for index in range(layers):
+        nodes.append(helper.make_node("MatMul", [previous, "Wide" if index == 0 else "W"],
+                                      [f"m{index}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{index}"], [f"t{index}"]))
+        previous = f"t{index}"
+    nodes += [
+        helper.make_node("ReduceMean", [previous], ["y"], axes=[1], keepdims=1),
+        helper.make_node("Shape", ["x"], ["x_shape"]),
+        helper.make_node("Gather", ["x_shape", "first_axis"], ["rows"], axis=0),
+        helper.make_node("Cast", ["rows"], ["rows_float"], to=TensorProto.FLOAT),
+        helper.make_node("Shape", ["y"], ["y_shape"]),
+        helper.make_node("Expand", ["rows_float", "y_shape"], ["batch_size"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "batch_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1]),
+         helper.make_tensor_value_info("batch_size", TensorProto.FLOAT, [batch, 1])],
+        initializers)
+    return _save(graph, path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -117,13 +116,19 @@ def test_health_counts_a_known_stream(broker: MosquittoBroker, tmp_path: Path,
 
 @pytest.mark.broker
 def test_health_is_retained(broker: MosquittoBroker, tmp_path: Path,
-                            agent_factory: AgentFactory) -> None:
-    """A client that subscribes later still gets the last health report."""
+                            agent_factory: AgentFactory,
+                            recorder: Callable[..., Recorder]) -> None:
+    """A client that subscribes later still gets the last health report.
+
+    A first subscriber waits for a report to be published (live or retained, however slow
+    the start); only then does a fresh subscriber come, and it must get one retained."""
     agent = agent_factory(base_config(broker, tmp_path, health={"interval_s": 0.5}))
     agent.wait_for_event("agent_serving")
-    time.sleep(1.0)
-    late = Recorder(broker, [HEALTH]).start()
-    try:
-        late.wait_for(lambda ms: any(m.retain for m in ms))
-    finally:
-        late.stop()
+    first = recorder(HEALTH)
+    first.wait_for(lambda ms: len(ms) >= 1, timeout_s=15)
+    late = recorder(HEALTH)
+    messages = late.wait_for(lambda ms: any(m.retain for m in ms))
+    retained = json.loads(next(m for m in messages if m.retain).payload)
+    assert retained["device_id"] == "dev1"
+    assert "uptime_s" in retained
+    assert "pipelines" in retained

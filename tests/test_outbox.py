@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -66,11 +65,17 @@ def test_seq_blocks_never_repeat_across_restarts(tmp_path: Path) -> None:
 
 
 def test_an_unusable_file_is_a_clear_error(tmp_path: Path) -> None:
-    """A file that is not SQLite is reported with its path."""
-    (tmp_path / "outbox.sqlite3").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(EdgeAgentError, match=r"cannot open the outbox .*outbox\.sqlite3"):
+    """A file that is not SQLite is reported with its path (the whole path, not just the
+    file name) and SQLite's reason, and is left as it was."""
+    path = tmp_path / "outbox.sqlite3"
+    garbage = b"this is not a database" * 100
+    path.write_bytes(garbage)
+    with pytest.raises(EdgeAgentError) as raised:
         Outbox(tmp_path, max_mb=8, max_age_s=60)
-    assert sqlite3.sqlite_version
+    message = str(raised.value)
+    assert message.startswith(f"cannot open the outbox {path}: "), message
+    assert "file is not a database" in message
+    assert path.read_bytes() == garbage
 
 
 def test_new_bounds_apply_to_the_next_append(tmp_path: Path) -> None:

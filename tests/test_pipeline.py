@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,12 @@ import pytest
 
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
-from tests.onnx_builders import build_classifier, build_linear, build_two_inputs
+from tests.onnx_builders import (
+    build_batch_probe,
+    build_classifier,
+    build_linear,
+    build_two_inputs,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -51,7 +57,9 @@ def test_json_readings_give_results_equal_to_onnxruntime(
         broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
         recorder: Callable[..., Recorder]) -> None:
     """JSON readings from two sensors: one result each, on the templated topic, with the
-    echoed id, the model's sha256 version and outputs equal to a direct session.run."""
+    echoed id, the model's sha256 version, outputs equal to a direct session.run, and a
+    receive-to-publish latency that is above zero and inside the time the test saw pass
+    between sending the readings and receiving the results."""
     model = build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
     config = base_config(broker, tmp_path, models={"lin": {"file": "lin.onnx"}},
                          pipelines={"p": linear_pipeline(field="x")})
@@ -60,20 +68,24 @@ def test_json_readings_give_results_equal_to_onnxruntime(
     rng = np.random.default_rng(1)
     inputs = rng.standard_normal((20, 4)).astype(np.float32)
     client = publisher(broker)
+    sent_at = time.monotonic()
     for i, row in enumerate(inputs):
         sensor = "s1" if i % 2 else "s2"
         client.publish(f"sensors/{sensor}/x", json.dumps({"id": i, "x": row.tolist()}), qos=1)
     rec.wait_for(lambda ms: len(ms) >= 20)
+    window_ms = (time.monotonic() - sent_at) * 1000
     client.loop_stop()
     expected = direct(model, inputs)
-    by_id = {r["id"]: r for r in results(rec)}
-    assert sorted(by_id) == list(range(20))
-    for i, result in by_id.items():
+    found = results(rec)
+    assert sorted(r["id"] for r in found) == list(range(20))  # each once: no duplicates
+    for result in found:
         assert result["pipeline"] == "p"
         assert result["model"] == "lin"
         assert result["version"] == sha256_version(model)
-        assert result["latency_ms"] >= 0
-        np.testing.assert_allclose(result["outputs"]["y"], expected[i], rtol=1e-5, atol=1e-6)
+        # Received after sent_at and published before the test got it: within the window.
+        assert 0 < result["latency_ms"] <= window_ms, (result["latency_ms"], window_ms)
+        np.testing.assert_allclose(result["outputs"]["y"], expected[result["id"]],
+                                   rtol=1e-5, atol=1e-6)
     topics = {m.topic for m in rec.messages}
     assert topics == {"results/s1/p", "results/s2/p"}
 
@@ -229,18 +241,33 @@ def test_burst_is_batched_and_every_reading_answered(
 def test_fixed_batch_model_runs_one_at_a_time(
         broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
         recorder: Callable[..., Recorder]) -> None:
-    """A model whose first axis is fixed at 1 is never fed a bigger batch."""
-    build_linear(tmp_path / "models" / "lin.onnx", features=4, batch=1)
-    config = base_config(broker, tmp_path, models={"lin": {}},
-                         pipelines={"p": linear_pipeline()})
+    """A burst of 50 readings to a slow model queues up: on a model with a dynamic first
+    axis they share runs (batches above 1), while a model whose first axis is fixed at 1 is
+    never fed a bigger batch. Both answer every reading exactly once, without errors.
+
+    The model reports the first axis of the run behind each result (``batch_size``)."""
+    build_batch_probe(tmp_path / "models" / "fixed.onnx", batch=1, layers=96)
+    build_batch_probe(tmp_path / "models" / "dynamic.onnx", layers=96)
+    config = base_config(broker, tmp_path, models={"fixed": {}, "dynamic": {}}, pipelines={
+        name: {"model": name, "input": {"topic": f"{name}/+", "field": "x"},
+               "output": {"topic": f"results/{name}/{{1}}"}}
+        for name in ("fixed", "dynamic")})
     start_agent(agent_factory, config)
     rec = recorder("results/#", ERRORS)
     client = publisher(broker)
     for i in range(50):
-        client.publish("sensors/s/x", json.dumps([i, 1, 2, 3]), qos=1)
-    rec.wait_for(lambda ms: len(ms) >= 50)
+        for name in ("fixed", "dynamic"):
+            client.publish(f"{name}/s", json.dumps({"id": i, "x": [i / 50] * 8}), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 100, timeout_s=60)
     client.loop_stop()
-    assert not rec.on(ERRORS)
+    assert not rec.on(ERRORS), [m.payload for m in rec.on(ERRORS)]
+    fixed, dynamic = results(rec, "results/fixed/"), results(rec, "results/dynamic/")
+    assert sorted(r["id"] for r in fixed) == list(range(50))
+    assert sorted(r["id"] for r in dynamic) == list(range(50))
+    assert {r["outputs"]["batch_size"][0] for r in fixed} == {1.0}
+    # The control: the same burst on the batchable model formed batches, so readings did
+    # queue behind the fixed model's runs too; it took them one at a time.
+    assert max(r["outputs"]["batch_size"][0] for r in dynamic) > 1
 
 
 def test_sklearn_classifier_outputs_are_published_as_json(
@@ -269,6 +296,8 @@ def test_sklearn_classifier_outputs_are_published_as_json(
     client.loop_stop()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     labels, probabilities = session.run(None, {"X": x[:5]})
+    # One result per reading: each index once, none missing, none twice.
+    assert sorted(int(m.topic.split("/")[1]) for m in rec.messages) == list(range(5))
     for message in rec.messages:
         index = int(message.topic.split("/")[1])
         outputs = json.loads(message.payload)["outputs"]

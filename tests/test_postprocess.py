@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from agent.config import Postprocess
@@ -28,10 +29,20 @@ def test_argmax_without_labels_gives_the_index() -> None:
 
 def test_softmax_then_top_k() -> None:
     """Softmax turns logits into probabilities; top_k lists the best k, best first."""
-    added = apply(post(softmax=True, top_k=2), [1.0, 3.0, 2.0], ["a", "b", "c"])
+    logits = np.array([1.0, 3.0, 2.0])
+    added = apply(post(softmax=True, top_k=2), logits.tolist(), ["a", "b", "c"])
+    probabilities = np.exp(logits) / np.exp(logits).sum()  # 0.090, 0.665, 0.245
     assert added["labels"] == ["b", "c"]
-    assert sum(added["scores"]) < 1.0
-    assert added["scores"][0] > added["scores"][1]
+    assert added["scores"] == pytest.approx([probabilities[1], probabilities[2]], rel=1e-9)
+
+
+def test_softmax_alone_gives_every_probability() -> None:
+    """Softmax without argmax or top_k publishes the whole probability vector; large logits
+    do not overflow."""
+    logits = np.array([1000.0, 1001.0, 999.0, 1000.5])
+    added = apply(post(softmax=True), logits.tolist(), None)
+    shifted = np.exp(logits - logits.max())
+    assert added == {"scores": pytest.approx((shifted / shifted.sum()).tolist(), rel=1e-9)}
 
 
 def test_threshold_filters_and_blanks_the_label() -> None:

@@ -73,24 +73,45 @@ def test_recurrent_model_carries_state_per_stream(
 def test_state_resets_after_silence(broker: MosquittoBroker, tmp_path: Path,
                                     agent_factory: AgentFactory,
                                     recorder: Callable[..., Recorder]) -> None:
-    """A stream silent for longer than reset_after_s starts again from zeros."""
-    build_recurrent(tmp_path / "models" / "rnn.onnx")
+    """A stream silent for longer than reset_after_s starts again from zeros.
+
+    The same reading three times: the second, sent right after the first, continues from the
+    first one's state (so its output differs); the third, after a silence several times
+    reset_after_s, gives the first one's output again, not the continued state's."""
+    model = build_recurrent(tmp_path / "models" / "rnn.onnx")
+    reset_after_s = 1.0
     config = base_config(broker, tmp_path, models={"rnn": {}}, pipelines={"p": {
         "model": "rnn", "input": {"topic": "sig/+"}, "output": {"topic": "res/{1}"},
-        "state": {"inputs": {"h": "h_out"}, "reset_after_s": 0.5}}})
+        "state": {"inputs": {"h": "h_out"}, "reset_after_s": reset_after_s}}})
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("res/#")
     client = publisher(broker)
     x = [0.5, -0.2, 0.1, 0.3]
+    # Back to back: milliseconds apart, far inside reset_after_s.
     client.publish("sig/a", json.dumps(x), qos=1)
-    rec.wait_for(lambda ms: len(ms) >= 1)
-    time.sleep(1.0)
     client.publish("sig/a", json.dumps(x), qos=1)
     rec.wait_for(lambda ms: len(ms) >= 2)
+    time.sleep(4 * reset_after_s)
+    client.publish("sig/a", json.dumps(x), qos=1)
+    rec.wait_for(lambda ms: len(ms) >= 3)
     client.loop_stop()
-    first, second = (json.loads(m.payload)["outputs"]["y"] for m in rec.messages)
-    assert first == second
+    first, second, third = (np.array(json.loads(m.payload)["outputs"]["y"])
+                            for m in rec.messages)
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+    def step(state: np.ndarray) -> np.ndarray:
+        return np.asarray(session.run(["h_out"], {"x": np.array([x], dtype=np.float32),
+                                                  "h": state[None]})[0][0])
+
+    fresh = step(np.zeros(3, dtype=np.float32))
+    carried = step(fresh)
+    assert not np.allclose(fresh, carried, atol=1e-3)  # the check below can tell them apart
+    np.testing.assert_allclose(first, fresh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(second, carried, rtol=1e-5, atol=1e-6)  # state carried
+    np.testing.assert_allclose(third, fresh, rtol=1e-5, atol=1e-6)  # reset to zeros
+    assert not np.allclose(third, step(carried), atol=1e-3)  # not the third continued step
 
 
 @pytest.mark.skipif(importlib.util.find_spec("silero_vad") is None,

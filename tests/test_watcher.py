@@ -72,9 +72,12 @@ def test_rename_into_place_triggers_one_reload(tmp_path: Path) -> None:
 
 
 def test_slow_write_reloads_once_after_close(tmp_path: Path) -> None:
-    """A file written in pieces over ~1.5 s is loaded once, after it is closed."""
+    """A file written in pieces over ~1.5 s is loaded once, after it is closed.
+
+    The pieces come 0.15 s apart against a settle time of 3 s (20 times the gap), so a
+    loaded machine that delays a write by a second still leaves the file unsettled."""
     calls = Calls()
-    with running_watcher(tmp_path, calls):
+    with running_watcher(tmp_path, calls, settle_ms=3000):
         with (tmp_path / "m.onnx").open("wb") as handle:
             for _ in range(10):
                 handle.write(b"y" * 100)
@@ -82,20 +85,26 @@ def test_slow_write_reloads_once_after_close(tmp_path: Path) -> None:
                 time.sleep(0.15)
             closed = time.monotonic()
         calls.wait(1)
-        time.sleep(0.5)
+        time.sleep(1.0)  # 20 times the debounce: a second load would have come by now
         assert len(calls.names) == 1
         assert calls.names[0][1] >= closed
 
 
 def test_other_files_and_temp_files_are_ignored(tmp_path: Path) -> None:
-    """Only the watched model paths count."""
+    """Only the watched model paths count: other files and temporary names give no load,
+    while the watched file, written afterwards, gives exactly one."""
     calls = Calls()
     with running_watcher(tmp_path, calls):
         (tmp_path / "other.onnx").write_bytes(b"1")
         (tmp_path / ".m.onnx.swp").write_bytes(b"1")
         (tmp_path / "m.onnx.part").write_bytes(b"1")
-        time.sleep(1.0)
+        time.sleep(1.0)  # 20 times the debounce, 3 times the settle time
         assert calls.names == []
+        # The positive control: this watcher does see the file it watches.
+        (tmp_path / "m.onnx").write_bytes(b"1")
+        calls.wait(1)
+        time.sleep(1.0)
+        assert [name for name, _ in calls.names] == ["m"]
 
 
 def test_polling_mode_sees_changes_after_they_settle(tmp_path: Path) -> None:
