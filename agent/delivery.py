@@ -133,6 +133,7 @@ class Delivery:
             # A new connection (config reload): what the old one had in flight is lost with
             # it, so everything still stored is sent again.
             self._flushed_on, self._cursor, self._ready_generation = connection, 0, -1
+            outbox.forget_handed()
             with self._acked_lock:
                 self._in_flight.clear()
         if not connection.connected.is_set():
@@ -167,10 +168,10 @@ class Delivery:
                 delay = sent_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                self._send(connection, row)
+                self._send(outbox, connection, row)
             self._delete_acked()
 
-    def _send(self, connection: MqttConnection, row: OutboxRow) -> None:
+    def _send(self, outbox: Outbox, connection: MqttConnection, row: OutboxRow) -> None:
         with self._acked_lock:
             self._in_flight.add(row.id)
 
@@ -180,6 +181,7 @@ class Delivery:
                 self._in_flight.discard(row_id)
                 self._acked.append(row_id)
 
+        outbox.mark_handed(row.id)
         connection.publish(row.topic, row.payload, qos=row.qos,
                            properties=_properties(row.correlation), on_acked=acked)
         self._cursor = row.id

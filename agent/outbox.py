@@ -91,8 +91,12 @@ class Outbox:
         except sqlite3.Error as exc:
             raise EdgeAgentError(f"cannot open the outbox {self.path}: {exc}") from exc
         self._count, self._bytes = int(row[0]), int(row[1])
-        self.dropped = 0      # dropped for the size bound since start
+        self.dropped = 0      # dropped for the size bound since start, never sent
         self.expired = 0      # dropped for the age bound since start
+        # The highest id the flusher has handed to the broker connection: a row at or below
+        # it that the size bound deletes is still on its way (paho holds it) and is not a
+        # drop. Written by the flusher, read by the appending workers, under ``_lock``.
+        self._handed_through = 0
         if self._count:
             log.info("outbox_resumed", results=self._count, bytes=self._bytes,
                      oldest_age_s=round(time.time() - float(row[2]), 1))
@@ -159,14 +163,26 @@ class Outbox:
             # Rows sit in id order on the pages, so deleting the oldest frees whole pages.
             per_row = max(1, used // self._count)
             cut = min(self._count, max(1, -(-(used - self._budget) // per_row)))
-            last_id, freed = self._db.execute(
-                "SELECT MAX(id), SUM(size) FROM (SELECT id, size FROM outbox ORDER BY id "
-                "LIMIT ?)", (cut,)).fetchone()
+            last_id, freed, never_sent = self._db.execute(
+                "SELECT MAX(id), SUM(size), SUM(id > ?) FROM (SELECT id, size FROM outbox "
+                "ORDER BY id LIMIT ?)", (self._handed_through, cut)).fetchone()
             self._db.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
             self._count -= cut
             self._bytes -= int(freed)
-            dropped += cut
+            dropped += int(never_sent)
         return dropped
+
+    def mark_handed(self, row_id: int) -> None:
+        """The flusher handed row ``row_id`` (and every one before it) to the broker
+        connection; called before the publish, so a delete racing it is not a drop."""
+        with self._lock:
+            self._handed_through = max(self._handed_through, row_id)
+
+    def forget_handed(self) -> None:
+        """The connection the rows were handed to is gone (the broker settings changed):
+        they will be sent again from the table, so deleting them now is a drop again."""
+        with self._lock:
+            self._handed_through = 0
 
     def _limit_wal(self) -> None:
         """Fold the write-ahead log into the database once it outgrows its share (SQLite's

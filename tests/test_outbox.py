@@ -42,6 +42,27 @@ def test_the_size_bound_drops_the_oldest_and_counts_them(tmp_path: Path) -> None
     assert files <= 1024 * 1024
 
 
+def test_rows_handed_to_the_broker_are_not_counted_as_dropped(tmp_path: Path) -> None:
+    """Rows the flusher already handed to the connection are still on their way when the
+    size bound deletes them: only the never-sent ones count as dropped; after the connection
+    is replaced (they will be sent again from the table) deleting them is a drop again."""
+    box = Outbox(tmp_path, max_mb=1, max_age_s=3600)
+    box.append([result(i, size=1000) for i in range(200)])
+    handed = box.after(0, 50)
+    box.mark_handed(handed[-1].id)
+    for start in range(200, 3000, 100):
+        box.append([result(i, size=1000) for i in range(start, start + 100)])
+    first_kept = int(box.after(0, 1)[0].topic.split("/")[1])
+    assert first_kept > 50
+    assert box.dropped == first_kept - 50
+
+    box.forget_handed()
+    before = box.dropped
+    kept_before = len(box)
+    box.append([result(i, size=1000) for i in range(3000, 3100)])
+    assert box.dropped - before == kept_before + 100 - len(box)
+
+
 def test_old_results_expire(tmp_path: Path) -> None:
     """Results older than max_age_s are dropped and counted as expired."""
     box = Outbox(tmp_path, max_mb=8, max_age_s=60)
