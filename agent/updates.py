@@ -101,6 +101,11 @@ class _Active:
     summary: dict[str, Any]  # what every status of it names
     transfer: ChunkTransfer | None = None
     cancel: threading.Event | None = None
+    # The final status (state, step, reason), decided by the install thread and published
+    # by the intake thread once it has let the update go (the "finished" message hands it
+    # over): an operator who sends the next update on SUCCEEDED must not find this one
+    # still in progress.
+    final: tuple[str, str | None, str | None] | None = None
 
 
 def _unauthenticated(digest: str | None) -> dict[str, Any]:
@@ -173,6 +178,13 @@ class UpdateManager:
         for thread in (self._intake, self._installer):
             if thread.is_alive():
                 thread.join(timeout=timeout_s)
+        if not self._intake.is_alive() and not self._installer.is_alive():
+            # An install that ended after the intake thread did: its final status is still
+            # in the inbox (the intake thread is gone, so this thread owns the updates now).
+            while not self._inbox.empty():
+                item = self._inbox.get_nowait()
+                if item is not None and item[0] == "finished":
+                    self._dispatch(*item)
 
     def reconfigure(self, config: AgentConfig) -> None:
         """Adopt a reloaded config (SIGHUP): keys, threshold, timeouts, groups."""
@@ -330,8 +342,14 @@ class UpdateManager:
             self._on_downloaded(first, second)
         elif kind == "finished":
             active = self._active.pop(first, None)
-            if second and active is not None:  # past the version floor: a repeat is an echo
+            if active is None:
+                return
+            if second:  # past the version floor: a repeat is an echo
                 self._recent.append((first, active.summary["manifest_sha256"]))
+            if active.final is not None:  # None: stopped mid-trial, the next start reports
+                state, step, reason = active.final
+                self._status(active.summary, state, step=step, reason=reason)
+                self._store.finish(first)
 
     def _report_dropped(self) -> None:
         """One REJECTED status for the manifests a full intake dropped since the last one."""
@@ -536,14 +554,13 @@ class UpdateManager:
                 accepted = self._install(active)
             except Exception as exc:  # whatever happens, the update gets a final status
                 log.exception("update_install_crashed", update_id=active.manifest.update_id)
-                self._status(active.summary, FAILED,
-                             reason=f"{exc!r}; {self._undo(active)}")
-                self._store.finish(active.manifest.update_id)
+                active.final = (FAILED, None, f"{exc!r}; {self._undo(active)}")
             finally:
                 self._inbox.put(("finished", active.manifest.update_id, accepted))
 
     def _install(self, active: _Active) -> bool:
-        """Verify, install, trial, commit or roll back; whether the version floor was raised."""
+        """Verify, install, trial, commit or roll back; whether the version floor was raised.
+        Sets ``active.final`` unless stopped mid-trial."""
         manifest, entry, summary = active.manifest, active.entry, active.summary
         target, staged = Path(entry.target), Path(entry.staged)
         self._status(summary, IN_PROGRESS, step="verifying")
@@ -551,8 +568,7 @@ class UpdateManager:
             verify_staged(staged, manifest.length, manifest.sha256)
         except UpdateFailedError as exc:
             staged.unlink(missing_ok=True)
-            self._store.finish(manifest.update_id)
-            self._status(summary, FAILED, step="verifying", reason=str(exc))
+            active.final = (FAILED, "verifying", str(exc))
             return False
         failpoint("verified")
         previous = file_sha256(target)
@@ -577,13 +593,11 @@ class UpdateManager:
             if problem is None:
                 self._store.commit(manifest.update_id)
                 failpoint("committed")
-                self._status(summary, SUCCEEDED)
+                active.final = (SUCCEEDED, None, None)
             else:
                 done = restore_previous(target, previous)
                 self._registry.load(manifest.model)
-                self._status(summary, FAILED, step="trial",
-                             reason=f"{problem}; rolled back: {done}")
-        self._store.finish(manifest.update_id)
+                active.final = (FAILED, "trial", f"{problem}; rolled back: {done}")
         return True
 
     def _undo(self, active: _Active) -> str:
