@@ -155,7 +155,7 @@ class Delivery:
                 time.sleep(0.002)
                 self._delete_acked()
                 continue
-            rows = outbox.after(self._cursor, min(room, FLUSH_BATCH))
+            rows = outbox.take(self._cursor, min(room, FLUSH_BATCH))
             if not rows:
                 with self._lock:
                     if not outbox.after(self._cursor, 1):
@@ -168,10 +168,10 @@ class Delivery:
                 delay = sent_at - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                self._send(outbox, connection, row)
+                self._send(connection, row)
             self._delete_acked()
 
-    def _send(self, outbox: Outbox, connection: MqttConnection, row: OutboxRow) -> None:
+    def _send(self, connection: MqttConnection, row: OutboxRow) -> None:
         with self._acked_lock:
             self._in_flight.add(row.id)
 
@@ -181,7 +181,6 @@ class Delivery:
                 self._in_flight.discard(row_id)
                 self._acked.append(row_id)
 
-        outbox.mark_handed(row.id)
         connection.publish(row.topic, row.payload, qos=row.qos,
                            properties=_properties(row.correlation), on_acked=acked)
         self._cursor = row.id

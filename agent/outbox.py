@@ -93,8 +93,8 @@ class Outbox:
         self._count, self._bytes = int(row[0]), int(row[1])
         self.dropped = 0      # dropped for the size bound since start, never sent
         self.expired = 0      # dropped for the age bound since start
-        # The highest id the flusher has handed to the broker connection: a row at or below
-        # it that the size bound deletes is still on its way (paho holds it) and is not a
+        # The highest id the flusher has taken to send: a row at or below it that the size
+        # bound deletes is still on its way (in the flusher's hands or paho's) and is not a
         # drop. Written by the flusher, read by the appending workers, under ``_lock``.
         self._handed_through = 0
         if self._count:
@@ -172,12 +172,6 @@ class Outbox:
             dropped += int(never_sent)
         return dropped
 
-    def mark_handed(self, row_id: int) -> None:
-        """The flusher handed row ``row_id`` (and every one before it) to the broker
-        connection; called before the publish, so a delete racing it is not a drop."""
-        with self._lock:
-            self._handed_through = max(self._handed_through, row_id)
-
     def forget_handed(self) -> None:
         """The connection the rows were handed to is gone (the broker settings changed):
         they will be sent again from the table, so deleting them now is a drop again."""
@@ -202,9 +196,21 @@ class Outbox:
     def after(self, last_id: int, limit: int) -> list[OutboxRow]:
         """Up to ``limit`` stored results with ids above ``last_id``, oldest first."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, pipeline, topic, payload, qos, correlation, created FROM outbox "
-                "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
+            return self._rows_after(last_id, limit)
+
+    def take(self, last_id: int, limit: int) -> list[OutboxRow]:
+        """Like ``after``, for the flusher, which sends every row it takes: from now on the
+        size bound deleting one of them is not a drop (it is on its way all the same)."""
+        with self._lock:
+            rows = self._rows_after(last_id, limit)
+            if rows:
+                self._handed_through = max(self._handed_through, rows[-1].id)
+            return rows
+
+    def _rows_after(self, last_id: int, limit: int) -> list[OutboxRow]:
+        rows = self._db.execute(
+            "SELECT id, pipeline, topic, payload, qos, correlation, created FROM outbox "
+            "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
         return [OutboxRow(*row) for row in rows]
 
     def delete(self, ids: list[int]) -> None:
