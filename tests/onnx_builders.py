@@ -132,10 +132,10 @@ def build_classifier(path: Path, features: int = 4, classes: int = 3) -> Path:
     return _save(graph, path)
 
 
-def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 24) -> Path:
-    """A deliberately expensive model: input ``x`` [N, features] widened to ``width`` and run
-    through ``layers`` dense layers; output ``y`` [N, 1]. For overload tests, where the daemon
-    must be slower than its input."""
+def _slow_stack(features: int, width: int, layers: int
+                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and weights of ``x`` [N, features] widened to ``width``, through ``layers``
+    dense tanh layers, averaged to ``y`` [N, 1]."""
     rng = np.random.default_rng(3)
     widen = (rng.standard_normal((features, width)) / np.sqrt(features)).astype(np.float32)
     square = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
@@ -148,6 +148,14 @@ def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 2
         nodes.append(helper.make_node("Tanh", [f"m{index}"], [f"t{index}"]))
         previous = f"t{index}"
     nodes.append(helper.make_node("ReduceMean", [previous], ["y"], axes=[1], keepdims=1))
+    return nodes, initializers
+
+
+def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 24) -> Path:
+    """A deliberately expensive model: input ``x`` [N, features] widened to ``width`` and run
+    through ``layers`` dense layers; output ``y`` [N, 1]. For overload tests, where the daemon
+    must be slower than its input."""
+    nodes, initializers = _slow_stack(features, width, layers)
     graph = helper.make_graph(
         nodes, "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
@@ -205,19 +213,9 @@ def build_batch_probe(path: Path, *, batch: int | str = "N", features: int = 8,
     output ``batch_size`` [batch, 1]: the first axis of the run that gave each row, as float32.
     So a result tells how many readings shared its ``session.run``. ``batch=1`` fixes the
     first axis."""
-    rng = np.random.default_rng(3)
-    widen = (rng.standard_normal((features, width)) / np.sqrt(features)).astype(np.float32)
-    square = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-    initializers = [numpy_helper.from_array(widen, "Wide"), numpy_helper.from_array(square, "W"),
-                    numpy_helper.from_array(np.array([0], dtype=np.int64), "first_axis")]
-    nodes, previous = [], "x"
-    for index in range(layers):
-        nodes.append(helper.make_node("MatMul", [previous, "Wide" if index == 0 else "W"],
-                                      [f"m{index}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{index}"], [f"t{index}"]))
-        previous = f"t{index}"
+    nodes, initializers = _slow_stack(features, width, layers)
+    initializers.append(numpy_helper.from_array(np.array([0], dtype=np.int64), "first_axis"))
     nodes += [
-        helper.make_node("ReduceMean", [previous], ["y"], axes=[1], keepdims=1),
         helper.make_node("Shape", ["x"], ["x_shape"]),
         helper.make_node("Gather", ["x_shape", "first_axis"], ["rows"], axis=0),
         helper.make_node("Cast", ["rows"], ["rows_float"], to=TensorProto.FLOAT),
