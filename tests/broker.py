@@ -352,19 +352,25 @@ def paced_stream(broker: MosquittoBroker, topic: str, payloads: Sequence[bytes |
 
     def run() -> None:
         client = publisher(broker)
+        acknowledged = threading.Semaphore(0)
+        # paho's network thread: once per message the broker acknowledged (QoS 1).
+        client.on_publish = lambda *args: acknowledged.release()
         started = time.monotonic()
-        last = None
+        sent = 0
         for index, payload in enumerate(payloads):
             delay = started + index / rate - time.monotonic()
             if delay > 0 and stop.wait(delay):
                 break
-            last = client.publish(topic, payload, qos=qos)
-        # QoS 1 messages published while the broker was away wait in paho's queue: let
-        # them go out before stopping (QoS 1 leaves in order, so the last one is enough).
+            client.publish(topic, payload, qos=qos)
+            sent += 1
+        # QoS 1 messages published while the broker was away wait in paho's queue: let them
+        # all be acknowledged before disconnecting, which would drop them. (Their
+        # MQTTMessageInfo cannot tell: it raises "not currently connected".)
         deadline = time.monotonic() + 30
-        while last is not None and qos > 0 and not last.is_published() \
-                and time.monotonic() < deadline and not stop.wait(0.05):
-            pass
+        pending = sent if qos > 0 else 0
+        while pending and time.monotonic() < deadline and not stop.is_set():
+            if acknowledged.acquire(timeout=0.05):
+                pending -= 1
         client.disconnect()
         client.loop_stop()
 
