@@ -357,7 +357,15 @@ def test_outbox_bound_drops_the_oldest_and_counts_them(
     # reconnect, not yet acknowledged) still arrive, and are not counted as dropped.
     assert len(missing) == dropped, (len(missing), dropped)
     assert dropped > 0
-    assert missing == list(range(100, 100 + len(missing))), "not the oldest that were dropped"
+    # The oldest were dropped: the missing ids start right after the first 100, and the
+    # only results that got through among them are rows the flusher had already taken when
+    # the bound deleted them: each run at most one in-flight window, plus acknowledged rows
+    # not deleted yet (the flusher deletes those after each batch).
+    assert missing[0] == 100, missing[:5]
+    window = config["upstream"].get("max_inflight", 100)
+    survivors = [b - a - 1 for a, b in itertools.pairwise(missing) if b - a > 1]
+    assert all(run <= 2 * window for run in survivors), ("not the oldest that were dropped",
+                                                         survivors)
     assert on_disk <= 1024 * 1024, on_disk
     assert rss_before is not None
     assert rss_after is not None
