@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.delivery import FLUSH_BATCH
 from agent.telemetry import rss_mb
 from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
@@ -358,14 +359,15 @@ def test_outbox_bound_drops_the_oldest_and_counts_them(
     assert len(missing) == dropped, (len(missing), dropped)
     assert dropped > 0
     # The oldest were dropped: the missing ids start right after the first 100, and the
-    # only results that got through among them are rows the flusher had already taken when
-    # the bound deleted them: each run at most one in-flight window, plus acknowledged rows
-    # not deleted yet (the flusher deletes those after each batch).
+    # only results that got through among them are rows the flusher held when the bound
+    # deleted them: each run at most what it holds at once (a batch taken and not yet sent,
+    # one in-flight window, and a batch acknowledged but not yet deleted).
     assert missing[0] == 100, missing[:5]
     window = config["upstream"].get("max_inflight", 100)
     survivors = [b - a - 1 for a, b in itertools.pairwise(missing) if b - a > 1]
-    assert all(run <= 2 * window for run in survivors), ("not the oldest that were dropped",
-                                                         survivors)
+    held = 2 * FLUSH_BATCH + window
+    assert all(run <= held for run in survivors), ("not the oldest that were dropped",
+                                                   survivors)
     assert on_disk <= 1024 * 1024, on_disk
     assert rss_before is not None
     assert rss_after is not None
