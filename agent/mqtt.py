@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent.churn import SHORT_CONNECTION_S, ShortConnectionStreak
 from agent.config import MqttConfig, secret_file_warning
 from agent.errors import EdgeAgentError
 from agent.packet_guard import BoundedClient
@@ -39,6 +40,8 @@ RECONNECT_MIN_S = 1.0
 CONNECT_TIMEOUT_S = 3.0
 
 ROUTE_CACHE_SIZE = 4096
+# MQTT 5 DISCONNECT reason "Session taken over": a newer connection with our client id.
+_SESSION_TAKEN_OVER = 0x8E
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 # (topic, packet size): a message over mqtt.max_packet_bytes arrived, its payload dropped.
@@ -155,6 +158,8 @@ class MqttConnection:
         self.connected = threading.Event()
         self._started = False
         self._stopping = False  # set by stop(): the coming disconnect is ours, not a failure
+        # Read and written only by paho's network thread (on_connect / on_disconnect).
+        self._short_connections = ShortConnectionStreak()
         self._connect_listeners: list[Callable[[], None]] = []
 
     @property
@@ -337,6 +342,7 @@ class MqttConnection:
                 self._log.warning("mqtt_connect_refused", reason=str(reason_code))
                 return
             self._log.info("mqtt_connected", session_present=bool(flags.session_present))
+            self._short_connections.connected(time.monotonic())
             self.generation += 1
             self.connected.set()
             with self._lock:
@@ -372,10 +378,25 @@ class MqttConnection:
                 self._early.clear()
             if self._stopping:
                 self._log.info("mqtt_disconnected", reason=str(reason_code))
-            elif was_connected:
+                return
+            if was_connected:
                 self._log.warning("mqtt_disconnected", reason=str(reason_code))
             else:
                 self._log.warning("mqtt_connect_failed", reason=str(reason_code))
+            streak = self._short_connections.dropped(time.monotonic())
+            if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
+                # Another client connected with our client id: with the default ids that is
+                # two devices sharing one device_id, which an operator has to fix.
+                self._log.error("mqtt_session_taken_over", client_id=self._config.client_id,
+                                action="another client uses this client id: give each device "
+                                       "its own device_id (or host name)")
+            elif streak is not None:
+                self._log.error("mqtt_connection_keeps_dropping", client_id=self._config.client_id,
+                                connections=streak, within_s=SHORT_CONNECTION_S,
+                                action="the broker closes each connection soon after accepting "
+                                       "it: most often another client uses this client id (two "
+                                       "devices with one device_id or host name); else check "
+                                       "the broker's log")
         except Exception:
             self._log.exception("mqtt_on_disconnect_failed")
 

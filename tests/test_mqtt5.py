@@ -171,3 +171,26 @@ def test_mqtt_311(broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentF
     client.loop_stop()
     agent.kill()
     rec.wait_for(lambda ms: any(m.payload == b"offline" for m in ms))
+
+
+def test_two_daemons_with_one_device_id_are_told(
+        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """Two devices installed with one device_id kick each other off the broker. Mosquitto
+    2.0.11 closes the older connection without a reason, so what the daemon sees is
+    connections that end within seconds of being accepted: it says so at error level, naming
+    the client id, instead of reconnecting quietly for ever."""
+    first = agent_factory(linear_config(broker, tmp_path / "a", device="twin"))
+    first.wait_for_event("agent_serving")
+    second = agent_factory(linear_config(broker, tmp_path / "b", device="twin"))
+    second.wait_for_event("agent_serving")
+    deadline = time.monotonic() + 60
+    events: list[dict[str, Any]] = []
+    while not events and time.monotonic() < deadline:
+        events = [event for agent in (first, second) for event in agent.log_events()
+                  if event.get("event") in ("mqtt_connection_keeps_dropping",
+                                            "mqtt_session_taken_over")]
+        time.sleep(0.2)
+    assert events, "neither daemon said its connections keep being closed"
+    assert events[0]["level"] == "error"
+    assert events[0]["client_id"] == "edge-agent-twin"
+    assert "device_id" in events[0]["action"]
