@@ -7,6 +7,7 @@ always an editing mistake, so this module walks the composed node tree itself.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +34,17 @@ class YamlDocument:
 
 
 class YamlSyntaxError(ValueError):
-    """The text is not valid YAML; ``line`` is 1-based."""
+    """The text is not valid YAML; ``line`` and ``column`` are 1-based."""
 
-    def __init__(self, message: str, line: int) -> None:
+    def __init__(self, message: str, line: int, column: int = 1) -> None:
         super().__init__(message)
         self.line = line
+        self.column = column
+
+
+# An unquoted topic template such as vad/{1} or {device_id}/x: YAML reads the braces as a
+# flow mapping, the most common way an edge-agent config stops parsing.
+_UNQUOTED_TEMPLATE = re.compile(r"""(?<![\w"'/{])([\w./+#$-]*\{[\w]+\}[\w./+#${}-]*)""")
 
 
 def parse_yaml(text: str) -> YamlDocument:
@@ -55,13 +62,32 @@ def parse_yaml(text: str) -> YamlDocument:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
+        column = mark.column + 1 if mark is not None else 1
         problem = exc.problem or str(exc)
-        raise YamlSyntaxError(f"invalid YAML: {problem}", line) from exc
+        hint = _hint(text.splitlines()[line - 1] if line <= len(text.splitlines()) else "")
+        raise YamlSyntaxError(
+            f"invalid YAML at column {column}: {problem}" + (f" ({hint})" if hint else ""),
+            line, column) from exc
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"invalid YAML: {exc}", 1) from exc
     finally:
         loader.dispose()
     return doc
+
+
+def _hint(source_line: str) -> str:
+    """A fix for the mistakes that account for most broken configs, or ""."""
+    if source_line[: len(source_line) - len(source_line.lstrip())].count("\t"):
+        return "YAML indents with spaces, not tabs"
+    unquoted = _UNQUOTED_TEMPLATE.search(_without_quoted(source_line))
+    if unquoted:
+        return f'braces start a YAML mapping: quote the topic, "{unquoted.group(1)}"'
+    return ""
+
+
+def _without_quoted(source_line: str) -> str:
+    """``source_line`` with quoted strings blanked out, so only unquoted text is searched."""
+    return re.sub(r""""[^"]*"|'[^']*'""", lambda m: " " * len(m.group(0)), source_line)
 
 
 def _construct(loader: yaml.SafeLoader, node: yaml.Node, path: KeyPath, doc: YamlDocument) -> Any:

@@ -302,7 +302,27 @@ def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
     """Broken YAML is one problem at the line the parser stopped."""
     found = problems(write(tmp_path, "device_id: a\nmqtt:\n  host: [broken\n  port: 1\n"))
     assert len(found) == 1
-    assert found[0].startswith(f"{tmp_path}/agent.yaml:4: (top level): invalid YAML")
+    assert found[0].startswith(f"{tmp_path}/agent.yaml:4: (top level): invalid YAML at column 7")
+
+
+@pytest.mark.parametrize(("line", "quoted"), [
+    ("    output: {topic: vad/{1}, outputs: [output]}", '"vad/{1}"'),
+    ("    output:\n      topic: {1}/vib", '"{1}/vib"'),
+])
+def test_unquoted_topic_template_gets_a_hint(tmp_path: Path, line: str, quoted: str) -> None:
+    """A topic template left unquoted where YAML reads braces as a mapping says to quote it."""
+    found = problems(write(tmp_path, "pipelines:\n  vad:\n" + line + "\n"))
+    assert len(found) == 1
+    assert "invalid YAML at column" in found[0]
+    assert found[0].endswith(f"(braces start a YAML mapping: quote the topic, {quoted})")
+
+
+def test_tab_indentation_gets_a_hint(tmp_path: Path) -> None:
+    """Tabs are the other classic: the message says YAML wants spaces."""
+    found = problems(write(tmp_path, "mqtt:\n\thost: x\n"))
+    assert found == [f"{tmp_path}/agent.yaml:2: (top level): invalid YAML at column 1: found "
+                     "character '\\t' that cannot start any token (YAML indents with spaces, "
+                     "not tabs)"]
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
