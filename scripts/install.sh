@@ -4,9 +4,13 @@
 #
 #   sudo scripts/install.sh                       # install from this checkout and start
 #   sudo scripts/install.sh --ort-wheel FILE.whl  # Jetson: NVIDIA's onnxruntime-gpu wheel
+#   sudo scripts/install.sh --device-id ID        # a new config names the device ID
 #   sudo scripts/install.sh --uninstall [--purge] # remove (--purge: config, state, user too)
 #
-# Options for images and tests: --root DIR (install under DIR, no users, no systemctl),
+# The device id defaults to the host name, read each time the agent starts: give every
+# device its own host name (or --device-id), or two devices kick each other off the broker.
+#
+# Options for images and tests: --root DIR (install under DIR: no users, no systemctl),
 # --no-start (install but do not enable/start), --pip-args "ARGS" (extra pip arguments).
 set -euo pipefail
 
@@ -17,6 +21,7 @@ UNINSTALL=0
 PURGE=0
 ORT_WHEEL=""
 PIP_ARGS=""
+DEVICE_ID=""
 PYTHON=${PYTHON:-python3}
 
 while [ $# -gt 0 ]; do
@@ -27,10 +32,17 @@ while [ $# -gt 0 ]; do
     --purge) PURGE=1; shift ;;
     --ort-wheel) ORT_WHEEL=$(realpath "$2"); shift 2 ;;
     --pip-args) PIP_ARGS=$2; shift 2 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --device-id) DEVICE_ID=$2; shift 2 ;;
+    # the comment block at the top, without its "# " and without any code
+    -h|--help) sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+if [ -n "$DEVICE_ID" ] && ! [[ "$DEVICE_ID" =~ ^[A-Za-z0-9._-]{1,64}$ ]]; then
+  echo "install.sh: --device-id must match [A-Za-z0-9._-]{1,64}, got '$DEVICE_ID'" >&2
+  exit 2
+fi
 
 PREFIX=$ROOT/opt/edge-agent
 CONF_DIR=$ROOT/etc/edge-agent
@@ -57,8 +69,10 @@ if [ "$UNINSTALL" -eq 1 ]; then
     rm -rf "$CONF_DIR" "$STATE"
     if [ -z "$ROOT" ] && id "$SERVICE_USER" >/dev/null 2>&1; then
       userdel "$SERVICE_USER" || true
+      say "removed, with config, state and the user $SERVICE_USER"
+    else
+      say "removed, with config and state"  # a staging root never had a user created
     fi
-    say "removed, with config, state and user"
   else
     say "removed (config in $CONF_DIR and state in $STATE kept; --purge removes them)"
   fi
@@ -114,10 +128,30 @@ say "installed $("$PREFIX/bin/python" -c 'import agent; print(agent.__version__)
 install -d -m 0755 "$CONF_DIR"
 if [ ! -f "$CONF_DIR/agent.yaml" ]; then
   install -m 0640 "$SOURCE/config/agent.example.yaml" "$CONF_DIR/agent.yaml"
+  if [ -n "$DEVICE_ID" ]; then
+    # the example names no device: turn its commented device_id line into this one
+    sed -i "s/^# device_id: [^ ]*/device_id: $DEVICE_ID/" "$CONF_DIR/agent.yaml"
+  fi
   [ -z "$ROOT" ] && chgrp "$SERVICE_USER" "$CONF_DIR/agent.yaml"
   say "wrote $CONF_DIR/agent.yaml from the example: edit it, then systemctl reload edge-agent"
 else
   say "kept the existing $CONF_DIR/agent.yaml"
+fi
+if grep -q '^device_id:' "$CONF_DIR/agent.yaml"; then
+  say "device id: $(sed -n 's/^device_id: *\([^ #]*\).*/\1/p' "$CONF_DIR/agent.yaml" | head -n 1) (set in agent.yaml)"
+else
+  HOST=$(hostname 2>/dev/null || cat /proc/sys/kernel/hostname)
+  HOST=${HOST%%.*}
+  if [ -n "$ROOT" ]; then
+    say "device id: the host name of the machine it runs on, read at every start (here: $HOST)"
+  else
+    say "device id: $HOST (the host name, read at every start; set device_id in agent.yaml to choose another)"
+  fi
+  case "$HOST" in
+    raspberrypi|localhost|ubuntu|debian|jetson|nano|orin|dietpi|armbian|edge|"")
+      say "warning: '$HOST' is a stock host name that other devices share; two devices with one" \
+        "id kick each other off the broker: sudo hostnamectl set-hostname NAME (or --device-id)" ;;
+  esac
 fi
 
 install -d -m 0755 "$(dirname "$UNIT")"
@@ -135,5 +169,11 @@ if have_systemd; then
 else
   say "systemd is not running here: start it with $PREFIX/bin/edge-agent run --config $CONF_DIR/agent.yaml"
 fi
-"$PREFIX/bin/edge-agent" check-config "$CONF_DIR/agent.yaml" || \
+# check-config needs every dependency: an install made with --pip-args --no-deps (images built
+# offline, the tests) cannot run it, and must not be told its config is wrong.
+if ! "$PREFIX/bin/python" -c 'import agent.cli, onnxruntime, paho.mqtt.client, yaml, structlog' \
+    2>/dev/null; then
+  say "not checking the config: the venv $PREFIX lacks dependencies (installed with --no-deps?)"
+elif ! "$PREFIX/bin/edge-agent" check-config "$CONF_DIR/agent.yaml"; then
   say "the config has problems (listed above): edit $CONF_DIR/agent.yaml"
+fi

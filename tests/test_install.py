@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install.sh"
+EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -33,6 +39,9 @@ def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
     second = run("--root", str(root), "--pip-args", "--no-deps")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "kept the existing" in second.stdout
+    # a --no-deps venv cannot run check-config, and says so instead of faulting the config
+    assert "config has problems" not in first.stdout + second.stdout
+    assert "lacks dependencies" in second.stdout
     assert config.read_text().endswith("# edited by the operator\n")
     removed = run("--root", str(root), "--uninstall")
     assert removed.returncode == 0, removed.stderr
@@ -42,6 +51,62 @@ def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
     purged = run("--root", str(root), "--uninstall", "--purge")
     assert purged.returncode == 0, purged.stderr
     assert not config.exists()
+    assert "user" not in purged.stdout  # a staging root never had one
+
+
+def can_set_host_name() -> bool:
+    """unshare --uts gives a process its own host name (needs root or user namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--uts", "hostname", "probe-name"], capture_output=True,
+                           check=False)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not can_set_host_name(), reason="needs unshare --uts (root) to set a host name")
+def test_two_host_names_give_two_device_ids(tmp_path: Path) -> None:
+    """Two devices installed with the defaults do not share an id: the installed config
+    names none, so each takes its host name, which the installer reports; the agent's own
+    check-config (same code as the daemon's start) confirms it on each host."""
+    ids = []
+    for host in ("pi-kitchen", "pi-garage"):
+        root = tmp_path / host
+        script = (f"hostname {host} && bash {SCRIPT} --root {root} --pip-args --no-deps && "
+                  f"{EDGE_AGENT} check-config {root}/etc/edge-agent/agent.yaml")
+        done = subprocess.run(["unshare", "--uts", "bash", "-c", script], capture_output=True,
+                              text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"(here: {host})" in done.stdout
+        found = re.search(r"ok \(device_id ([^,]+),", done.stdout)
+        assert found is not None, done.stdout
+        ids.append(found.group(1))
+        assert not re.search(r"^device_id:", (root / "etc/edge-agent/agent.yaml").read_text(),
+                             re.MULTILINE)
+    assert ids == ["pi-kitchen", "pi-garage"]
+
+
+def test_device_id_option_names_the_device(tmp_path: Path) -> None:
+    """--device-id writes the id into a new config; an existing config is left alone."""
+    root = tmp_path / "root"
+    done = run("--root", str(root), "--pip-args", "--no-deps", "--device-id", "press-7")
+    assert done.returncode == 0, done.stdout + done.stderr
+    config = root / "etc/edge-agent/agent.yaml"
+    assert re.search(r"^device_id: press-7\b", config.read_text(), re.MULTILINE)
+    assert "device id: press-7 (set in agent.yaml)" in done.stdout
+    checked = subprocess.run([str(EDGE_AGENT), "check-config", str(config)], capture_output=True,
+                             text=True, check=False)
+    assert "device_id press-7," in checked.stdout, checked.stdout + checked.stderr
+    assert run("--device-id", "no spaces allowed", "--root", str(root)).returncode == 2
+
+
+def test_help_is_the_usage_text() -> None:
+    """--help prints the header comment as plain text, and none of the script's code."""
+    done = run("--help")
+    assert done.returncode == 0
+    assert "--device-id ID" in done.stdout
+    assert "--no-start" in done.stdout
+    assert "set -euo" not in done.stdout
+    assert not any(line.startswith("#") for line in done.stdout.splitlines())
 
 
 def test_bad_option_is_a_usage_error() -> None:
