@@ -163,8 +163,7 @@ class UpdateManager:
 
     def start(self) -> None:
         """Start the intake and install threads."""
-        if self._key_problem:
-            log.error("updates_disabled", reason=self._key_problem)
+        self._report_key_problem()
         self._intake.start()
         self._installer.start()
 
@@ -190,8 +189,16 @@ class UpdateManager:
         """Adopt a reloaded config (SIGHUP): keys, threshold, timeouts, groups."""
         self._config = config
         self._keys, self._key_problem = _load_keys(config)
-        if self._key_problem:
+        self._report_key_problem()
+
+    def _report_key_problem(self) -> None:
+        """No keys configured is a choice (info); keys that do not load need the operator."""
+        if not self._key_problem:
+            return
+        if self._config.updates.trusted_keys:
             log.error("updates_disabled", reason=self._key_problem)
+        else:
+            log.info("updates_disabled", reason=self._key_problem)
 
     def recover(self) -> None:
         """Finish what a crash interrupted; runs before the models are loaded, so a model a

@@ -159,3 +159,33 @@ def test_two_daemons_cannot_share_a_state_dir(broker: MosquittoBroker, tmp_path:
     assert second.process.wait(timeout=20) == 1
     failed = second.wait_for_event("agent_failed")
     assert f"is in use by another edge-agent (pid {first.process.pid})" in failed["error"]
+
+
+def test_a_normal_day_logs_no_warning_or_error(
+        broker: MosquittoBroker, tmp_path: Path,
+        agent_factory: Callable[[dict[str, Any]], AgentProcess],
+        recorder: Callable[..., Recorder]) -> None:
+    """Error means an operator must act, warning that something is off: a default start
+    (updates not configured), serving readings, a health report and a clean stop are
+    none of those, so they log at info and below only."""
+    build_linear(tmp_path / "models" / "lin.onnx")
+    agent = agent_factory(base_config(
+        broker, tmp_path, models={"lin": {}}, health={"interval_s": 1},
+        pipelines={"p": {"model": "lin", "input": {"topic": "in/+"},
+                         "output": {"topic": "out/{1}"}}}))
+    agent.wait_for_event("agent_serving")
+    seen = recorder("out/#", "edge/dev1/health")
+    client = publisher(broker)
+    try:
+        client.publish("in/a", b"[1, 2, 3, 4]", qos=1).wait_for_publish()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    seen.wait_for(lambda ms: {m.topic for m in ms} >= {"out/a", "edge/dev1/health"})
+    code, _ = agent.terminate()
+    assert code == 0
+    loud = [event for event in agent.log_events()
+            if event.get("level") in ("warning", "error", "critical")]
+    assert loud == [], loud
+    assert any(event.get("event") == "updates_disabled" and event["level"] == "info"
+               for event in agent.log_events())
