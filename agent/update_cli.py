@@ -150,8 +150,12 @@ def _publish(args: argparse.Namespace) -> int:
         f"{GROUP_PREFIX}/{group}" for group in args.group]
     print(f"update {update.update_id}: model {args.model} version {args.version}, "
           f"{len(update.data)} bytes to {', '.join(bases)}", flush=True)
+    bar = progress_bar(sys.stderr)
+    follower.before_line = bar.interrupt
+    device_bases = {f"{prefix}/{device}": device for device in args.device}
     try:
-        send_update(client, bases, update, progress_bar(sys.stderr))
+        send_update(client, bases, update, bar,
+                    answered=lambda base: follower.has_final(device_bases.get(base)))
         finished = follower.wait(args.device, bool(args.group), args.timeout, args.settle)
     except TimeoutError as exc:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)

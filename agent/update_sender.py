@@ -61,23 +61,29 @@ def sign_update(model_file: Path, key_files: Sequence[Path], *, model: str, vers
 
 
 def send_update(client: paho.Client, bases: Sequence[str], update: SignedUpdate,
-                progress: Callable[[int, int], None]) -> None:
+                progress: Callable[[int, int], None],
+                answered: Callable[[str], bool] = lambda base: False) -> None:
     """Publish the manifest, then the chunks, to each ``BASE/updates/...`` (QoS 1).
 
     At most ``PUBLISH_WINDOW`` chunks wait for the broker at a time, so a large model is
     not queued in memory twice. ``progress(sent_bytes, total_bytes)`` follows the acks.
+    ``answered(base)`` is asked between chunks: once it is true (the device behind ``base``
+    already gave its final word, e.g. REJECTED the manifest) the rest of its chunks are
+    not sent, and count as done for the progress.
     """
     chunk_size = update.chunk_size
     chunks = 0 if chunk_size is None else max(1, -(-len(update.data) // chunk_size))
     total = len(update.data) * len(bases) if chunk_size else 0
     sent = 0
-    for base in bases:
+    for number, base in enumerate(bases, start=1):
         _wait(client.publish(f"{base}/updates/manifest", update.manifest_bytes(), qos=1))
         if chunk_size is None:
             continue
         window: deque[tuple[paho.MQTTMessageInfo, int]] = deque()
         topic = f"{base}/updates/chunks/{update.update_id}"
         for index in range(chunks):
+            if answered(base):
+                break
             body = update.data[index * chunk_size:(index + 1) * chunk_size]
             window.append((client.publish(topic, index.to_bytes(4, "big") + body, qos=1),
                            len(body)))
@@ -90,6 +96,9 @@ def send_update(client: paho.Client, bases: Sequence[str], update: SignedUpdate,
             info, size = window.popleft()
             _wait(info)
             sent += size
+            progress(sent, total)
+        if sent < len(update.data) * number:  # chunks skipped for an answered device
+            sent = len(update.data) * number
             progress(sent, total)
 
 
@@ -111,6 +120,7 @@ class StatusFollower:
     levels: int                        # topic levels of the prefix: the device is the next
     manifest_sha256: str | None = None  # of the bytes sent; None: match update_id alone
     out: TextIO = sys.stdout
+    before_line: Callable[[], None] = lambda: None  # e.g. ProgressBar.interrupt
     finals: dict[str, dict[str, Any]] = field(default_factory=dict)
     seen: set[str] = field(default_factory=set)
     last_new_device: float = field(default_factory=time.monotonic)
@@ -142,10 +152,16 @@ class StatusFollower:
                 line += f" ({status['step']})"
             if status.get("reason"):
                 line += f": {status['reason']}"
+            self.before_line()
             print(line, file=self.out, flush=True)
             if state in TERMINAL:
                 self.finals[device] = status
             self._cond.notify_all()
+
+    def has_final(self, device: str | None) -> bool:
+        """Whether ``device`` has given its final word on this update (any thread)."""
+        with self._cond:
+            return device in self.finals
 
     def wait(self, devices: Sequence[str], groups: bool, timeout_s: float,
              settle_s: float) -> bool:
@@ -165,19 +181,58 @@ class StatusFollower:
                 self._cond.wait(timeout=min(0.2, deadline - now))
 
 
-def progress_bar(out: TextIO) -> Callable[[int, int], None]:
+class ProgressBar:
+    """A one-line progress bar on ``out`` that other output can interrupt cleanly.
+
+    Called from the sending thread (``__call__``) and paho's network thread
+    (``interrupt``, before a status line is printed); the lock keeps their lines whole.
+    """
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+        self._open = False  # a bar is drawn and its line not yet ended
+        self._finished = False
+
+    def __call__(self, done: int, total: int) -> None:
+        """Draw the bar for ``done`` of ``total`` bytes; ends its line when complete."""
+        with self._lock:
+            if self._finished:
+                return
+            fraction = done / total if total else 1.0
+            filled = int(self.WIDTH * fraction)
+            rate = done / max(time.monotonic() - self._started, 1e-6)
+            self._out.write(f"\rsending [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
+                            f"{fraction:6.1%} {human_bytes(done)}/{human_bytes(total)} "
+                            f"{human_bytes(rate)}/s")
+            self._open = True
+            if done >= total:
+                self._out.write("\n")
+                self._open = False
+                self._finished = True
+            self._out.flush()
+
+    def interrupt(self) -> None:
+        """End a half-drawn bar line, so the next line printed starts on its own."""
+        with self._lock:
+            if self._open:
+                self._out.write("\n")
+                self._out.flush()
+                self._open = False
+
+
+def progress_bar(out: TextIO) -> ProgressBar:
     """A one-line progress bar on ``out`` (a terminal or a log)."""
-    started = time.monotonic()
+    return ProgressBar(out)
 
-    def show(done: int, total: int) -> None:
-        fraction = done / total if total else 1.0
-        width = 30
-        filled = int(width * fraction)
-        rate = done / max(time.monotonic() - started, 1e-6) / 1e6
-        out.write(f"\rsending [{'#' * filled}{'.' * (width - filled)}] {fraction:6.1%} "
-                  f"{done / 1e6:.1f}/{total / 1e6:.1f} MB {rate:.1f} MB/s")
-        if done >= total:
-            out.write("\n")
-        out.flush()
 
-    return show
+def human_bytes(count: float) -> str:
+    """``count`` bytes in the largest unit that keeps it >= 1: 812 B, 3.4 KB, 12.0 MB."""
+    for unit in ("B", "KB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"

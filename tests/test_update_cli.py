@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,8 @@ import pytest
 from agent.cli import main
 from agent.manifest import UrlSource, parse_payload
 from agent.signing import TrustedKeys
-from tests.broker import MosquittoBroker, Recorder
+from agent.update_sender import ProgressBar, human_bytes, send_update, sign_update
+from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess
 from tests.test_updates import agent_config, linear, serving_version, version_of, wait_subscribed
 
@@ -121,9 +124,66 @@ def test_publish_update_to_a_group_follows_every_device(
     assert "dev2: SUCCEEDED" in done.stdout
     assert "2 succeeded, 0 failed or rejected" in done.stdout
     assert "100.0%" in done.stderr  # the progress bar reached the end
+    assert " B/" in done.stderr
+    assert "0.0/0.0 MB" not in done.stderr
     assert serving_version(broker, rec, 1) == version_of(new)
 
     again = edge_agent(*command)
     assert again.returncode == 1
     assert "dev1: REJECTED: version 2 is not newer" in again.stdout
     assert json.dumps("0 succeeded")[1:-1] in again.stdout
+
+
+def test_chunks_stop_once_the_device_has_answered(
+        broker: MosquittoBroker, tmp_path: Path, recorder: Callable[..., Recorder]) -> None:
+    """A device that already gave its final word (say REJECTED at the manifest) gets no
+    more chunks, and the progress still ends at 100 %."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    assert main(["keygen", str(keys / "k")]) == 0
+    (tmp_path / "m.onnx").write_bytes(linear(tmp_path, 0))
+    update = sign_update(tmp_path / "m.onnx", [keys / "k.key"], model="lin", version=2,
+                         devices=["devX"], groups=[], expires_in=timedelta(hours=1), url=None,
+                         chunk_size=16, update_id="u-answered")
+    seen = recorder("edge/devX/updates/#")
+    client = publisher(broker)
+    progress: list[tuple[int, int]] = []
+    try:
+        asked = []
+
+        def answered(base: str) -> bool:
+            asked.append(base)
+            return len(asked) > 3  # the device answered after three chunks went out
+
+        send_update(client, ["edge/devX"], update, lambda done, total: progress.append(
+            (done, total)), answered=answered)
+        # the broker keeps one publisher's messages in order: once this marker is in, every
+        # chunk that was sent is in too
+        client.publish("edge/devX/updates/marker", b"end", qos=1).wait_for_publish()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    messages = seen.wait_for(lambda ms: any(m.topic.endswith("/marker") for m in ms))
+    assert sum("/chunks/" in m.topic for m in messages) == 3
+    assert progress[-1] == (len(update.data), len(update.data))
+
+
+def test_progress_bar_lines_and_units() -> None:
+    """Small models are counted in bytes, not as 0.0/0.0 MB; a status line printed while
+    the bar is drawn starts on its own line, and the finished bar draws nothing more."""
+    out = io.StringIO()
+    bar = ProgressBar(out)
+    bar(100, 400)
+    bar.interrupt()
+    out.write("dev1: REJECTED\n")
+    bar(400, 400)
+    bar(400, 400)
+    lines = out.getvalue().split("\n")
+    assert lines[0].startswith("\rsending [")
+    assert "100 B/400 B" in lines[0]
+    assert lines[1] == "dev1: REJECTED"
+    assert "400 B/400 B" in lines[2]
+    assert "100.0%" in lines[2]
+    assert lines[3:] == [""]
+    assert [human_bytes(n) for n in (812, 3_400, 12_000_000, 2_500_000_000)] == [
+        "812 B", "3.4 KB", "12.0 MB", "2.5 GB"]
