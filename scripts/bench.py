@@ -48,6 +48,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_run import describe_run  # noqa: E402
+
 from agent.telemetry import rss_mb  # noqa: E402
 from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
 from tests.onnx_builders import IR_VERSION  # noqa: E402
@@ -480,6 +482,7 @@ def main() -> int:
     parser.add_argument("--models", default="iforest,mlp,cnn")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args()
+    print(describe_run(), flush=True)
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as temp:
         folder = Path(temp)
         (folder / "broker").mkdir()

@@ -32,6 +32,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_run import describe_run  # noqa: E402
+
 from tests.broker import MosquittoBroker  # noqa: E402
 from tests.onnx_builders import build_slow  # noqa: E402
 
@@ -144,6 +146,7 @@ def main() -> int:
     parser.add_argument("--queue", type=int, default=200, help="the pipeline's queue.max")
     parser.add_argument("--layers", type=int, default=64, help="cost of the slow model")
     args = parser.parse_args()
+    print(describe_run(), flush=True)
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)

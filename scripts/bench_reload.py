@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_run import describe_run  # noqa: E402
+
 from agent.config import config_from_document  # noqa: E402
 from agent.hardware import detect  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
@@ -38,6 +40,7 @@ def main() -> int:
     parser.add_argument("--reloads", type=int, default=200)
     parser.add_argument("--size-mb", type=float, default=2.0)
     args = parser.parse_args()
+    print(describe_run(), flush=True)
     configure_logging("warning")
 
     with tempfile.TemporaryDirectory() as folder:

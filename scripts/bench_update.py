@@ -28,6 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench_run import describe_run  # noqa: E402
+
 from agent.config import default_config  # noqa: E402
 from agent.signing import generate_keypair  # noqa: E402
 from agent.telemetry import rss_mb  # noqa: E402
@@ -74,6 +76,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="8,64", help="model sizes in MB, comma separated")
     parser.add_argument("--chunk-kib", type=int, default=128)
     args = parser.parse_args()
+    print(describe_run(), flush=True)
     sizes = [float(s) for s in args.sizes.split(",")]
 
     with tempfile.TemporaryDirectory() as folder:
