@@ -1,21 +1,55 @@
 """Optional Prometheus endpoint (``metrics.listen``) with the figures of the health report.
 
 Uses the official client library, imported only when the endpoint is enabled (it costs
-~12 MB of RSS). Values are collected at scrape time from the counters the pipelines keep
-anyway, so serving pays nothing per reading for metrics.
+~12 MB of RSS). Values are collected at scrape time from the counters the pipelines, the
+model registry and the outbox keep anyway, so serving pays nothing per reading for metrics.
+
+Names follow the Prometheus conventions (checked with ``promtool check metrics`` in the
+tests): base units in the name (``_seconds``, ``_bytes``, ``_celsius``), ``_total`` on
+counters, enum-like states as one 0/1 series per state. ``docs/grafana-dashboard.json``
+queries these names; a rename breaks it and its test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent import __version__
 from agent.hardware import read_temperatures
+from agent.models import ModelState
 from agent.telemetry import AgentView, disk_free_mb, process_cpu_seconds, rss_mb
 
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
+
 log = structlog.get_logger(__name__)
+
+MIB = 1024 * 1024
+# A Prometheus histogram with the ~200 buckets of LatencyHistogram is heavy to store and
+# query; every 8th bound (x2 steps, 18 us .. 10 min) keeps percentiles within a factor 2.
+LATENCY_BUCKET_STRIDE = 8
+
+# Per-pipeline counters: PipelineCounters attribute -> (metric name, help text).
+READING_COUNTERS = {
+    "received": ("edge_agent_readings_received_total",
+                 "Readings received from the pipeline's input topic."),
+    "processed": ("edge_agent_readings_processed_total",
+                  "Readings answered with a result."),
+    "dropped": ("edge_agent_readings_dropped_total",
+                "Readings dropped unprocessed because the pipeline's queue was full "
+                "(the oldest waiting one goes)."),
+    "errors": ("edge_agent_readings_errors_total",
+               "Readings answered with an error instead of a result "
+               "(rejected + failed)."),
+    "rejected": ("edge_agent_readings_rejected_total",
+                 "Readings refused on arrival: payload not decodable, not fitting the "
+                 "model input or too large, or the model not serving."),
+    "failed": ("edge_agent_readings_failed_total",
+               "Readings whose inference or result step failed."),
+}
 
 
 class MetricsServer:
@@ -46,66 +80,153 @@ class MetricsServer:
 
 
 class _Collector:
-    """Reads the daemon's counters when Prometheus scrapes."""
+    """Reads the daemon's counters when Prometheus scrapes (on the HTTP server's thread).
+
+    Every family is yielded on every scrape, also when it has no samples (no thermal zone,
+    no model configured), so that the endpoint always declares the same names."""
 
     def __init__(self, view: AgentView) -> None:
         self._view = view
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by the client library on each scrape)."""
+        yield from self._info()
+        yield from self._pipelines()
+        yield from self._models()
+        yield from self._delivery()
+        yield from self._process()
+
+    def _info(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+        # The info-metric pattern: labels that describe the target, value always 1, so that
+        # dashboards can pick a device by its id rather than by its scrape address.
+        info = GaugeMetricFamily("edge_agent_info", "The agent's device id and version; "
+                                 "always 1.", labels=["device_id", "version"])
+        info.add_metric([self._view.device_id, __version__], 1.0)
+        yield info
+
+    def _pipelines(self) -> Iterator[Metric]:
         from prometheus_client.core import (  # noqa: PLC0415
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
         )
 
-        view = self._view
-        counters = {
-            "received": "Readings received",
-            "processed": "Readings answered with a result",
-            "dropped": "Readings dropped because the queue was full",
-            "errors": "Readings answered with an error",
-        }
-        for key, help_text in counters.items():
-            family = CounterMetricFamily(f"edge_agent_readings_{key}", help_text,
-                                         labels=["pipeline"])
-            for name, pipeline in view.pipelines().items():
-                family.add_metric([name], getattr(pipeline.counters, key))
+        # One snapshot of the mapping: a config reload may replace it during the scrape.
+        pipelines = dict(self._view.pipelines())
+        for key, (name, help_text) in READING_COUNTERS.items():
+            family = CounterMetricFamily(name, help_text, labels=["pipeline"])
+            for pipeline_name, pipeline in pipelines.items():
+                family.add_metric([pipeline_name], getattr(pipeline.counters, key))
             yield family
-        depth = GaugeMetricFamily("edge_agent_queue_depth", "Readings waiting for inference",
+        depth = GaugeMetricFamily("edge_agent_queue_depth",
+                                  "Readings waiting in the pipeline's queue for inference.",
                                   labels=["pipeline"])
-        latency = HistogramMetricFamily("edge_agent_latency_seconds",
-                                        "Receive-to-publish latency", labels=["pipeline"])
-        for name, pipeline in view.pipelines().items():
-            depth.add_metric([name], pipeline.queue_depth)
+        latency = HistogramMetricFamily(
+            "edge_agent_latency_seconds",
+            "Time from receiving a reading to publishing its result.", labels=["pipeline"])
+        for pipeline_name, pipeline in pipelines.items():
+            depth.add_metric([pipeline_name], pipeline.queue_depth)
             buckets, count, total_ms = pipeline.latency.cumulative()
-            # A Prometheus histogram with ~200 buckets is heavy; keep every 8th (x2 steps).
             kept = [(f"{bound / 1000:.6g}", cumulative)
-                    for index, (bound, cumulative) in enumerate(buckets) if index % 8 == 7]
-            latency.add_metric([name], [*kept, ("+Inf", count)], total_ms / 1000)
+                    for index, (bound, cumulative) in enumerate(buckets)
+                    if index % LATENCY_BUCKET_STRIDE == LATENCY_BUCKET_STRIDE - 1]
+            latency.add_metric([pipeline_name], [*kept, ("+Inf", count)], total_ms / 1000)
         yield depth
         yield latency
-        ready = GaugeMetricFamily("edge_agent_model_ready", "1 when the model serves",
+
+    def _models(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+        registry = self._view.registry
+        state = GaugeMetricFamily(
+            "edge_agent_model_state",
+            "1 for the model's current state (LOADING, READY, FAILED), 0 for the others.",
+            labels=["model", "state"])
+        ready = GaugeMetricFamily("edge_agent_model_ready",
+                                  "1 when the model serves, 0 otherwise.",
                                   labels=["model", "version"])
-        degraded = GaugeMetricFamily("edge_agent_model_degraded",
-                                     "1 when requested execution providers did not load",
-                                     labels=["model"])
-        for name in view.registry.names():
-            status = view.registry.status(name)
+        degraded = GaugeMetricFamily(
+            "edge_agent_model_degraded",
+            "1 when some requested execution providers did not load for the model.",
+            labels=["model"])
+        for name in registry.names():
+            status = registry.status(name)
+            for candidate in ModelState:
+                state.add_metric([name, candidate.value],
+                                 1.0 if status.state is candidate else 0.0)
             ready.add_metric([name, status.version or ""],
-                             1.0 if status.state.value == "READY" else 0.0)
+                             1.0 if status.state is ModelState.READY else 0.0)
             degraded.add_metric([name], 1.0 if status.degraded else 0.0)
+        yield state
         yield ready
         yield degraded
-        yield CounterMetricFamily("edge_agent_cpu_seconds", "CPU time of the agent",
+
+    def _delivery(self) -> Iterator[Metric]:
+        from prometheus_client.core import (  # noqa: PLC0415
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
+        report: Mapping[str, Any] = {}
+        if self._view.delivery is not None:
+            report = self._view.delivery()
+        connected = GaugeMetricFamily(
+            "edge_agent_broker_connected",
+            "1 while the MQTT connection is up: local (readings) and, when configured, "
+            "upstream (results, telemetry).", labels=["connection"])
+        for connection, up in report.get("connected", {}).items():
+            connected.add_metric([connection], 1.0 if up else 0.0)
+        yield connected
+        outbox: Mapping[str, Any] = report.get("outbox") or {}
+        families = (
+            (GaugeMetricFamily, "edge_agent_outbox_depth", "depth",
+             "Results stored in the outbox, waiting to be published."),
+            (GaugeMetricFamily, "edge_agent_outbox_bytes", "bytes",
+             "Bytes of the results stored in the outbox."),
+            (CounterMetricFamily, "edge_agent_outbox_dropped_total", "dropped",
+             "Results dropped from the outbox because it reached outbox.max_mb."),
+            (CounterMetricFamily, "edge_agent_outbox_expired_total", "expired",
+             "Results dropped from the outbox because they outlived outbox.max_age_s."),
+        )
+        for family_type, name, key, help_text in families:
+            family = family_type(name, help_text)
+            if key in outbox:
+                family.add_metric([], float(outbox[key]))
+            yield family
+        age = GaugeMetricFamily("edge_agent_outbox_oldest_age_seconds",
+                                "Age of the oldest result in the outbox; 0 when it is empty.")
+        if outbox:
+            # 0 rather than no sample when empty: an alert on "age > X" then sees a value.
+            age.add_metric([], float(outbox.get("oldest_age_s") or 0.0))
+        yield age
+
+    def _process(self) -> Iterator[Metric]:
+        from prometheus_client.core import (  # noqa: PLC0415
+            CounterMetricFamily,
+            GaugeMetricFamily,
+        )
+
+        view = self._view
+        yield CounterMetricFamily("edge_agent_cpu_seconds_total",
+                                  "User and system CPU time of the agent process.",
                                   value=process_cpu_seconds())
-        yield GaugeMetricFamily("edge_agent_resident_memory_bytes", "RSS of the agent",
-                                value=(rss_mb() or 0.0) * 1024 * 1024)
+        memory = GaugeMetricFamily("edge_agent_resident_memory_bytes",
+                                   "Resident memory (RSS) of the agent process.")
+        resident = rss_mb()
+        if resident is not None:  # no sample rather than a false 0 when /proc is unreadable
+            memory.add_metric([], resident * MIB)
+        yield memory
         temperature = GaugeMetricFamily("edge_agent_temperature_celsius",
-                                        "Thermal zone temperatures", labels=["zone"])
+                                        "Temperature of each thermal zone of the device.",
+                                        labels=["zone"])
         for zone, celsius in read_temperatures(view.hardware).items():
             temperature.add_metric([zone], celsius)
         yield temperature
-        yield GaugeMetricFamily("edge_agent_models_disk_free_bytes",
-                                "Free disk where models_dir lives",
-                                value=(disk_free_mb(view.models_dir) or 0.0) * 1024 * 1024)
+        disk = GaugeMetricFamily("edge_agent_models_disk_free_bytes",
+                                 "Free disk space on the file system holding models_dir.")
+        free = disk_free_mb(view.models_dir)
+        if free is not None:
+            disk.add_metric([], free * MIB)
+        yield disk
