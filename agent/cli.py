@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -76,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="show the devices whose retained topics are on a broker",
         description="Read the retained status, health and model topics of one device or of "
-                    "every device under a prefix, and print a table: device, online, models "
-                    "and versions, throughput, latency, temperature, last seen.")
+                    "every device under a prefix, and print a table: device, online (yes, NO, "
+                    "STALE: says online but its health is older than 3 health intervals), "
+                    "models and versions, throughput, latency, temperature, outbox, last "
+                    "seen. Devices that are not online show '-' for their figures.")
     status.add_argument("--config", metavar="PATH",
                         help="take broker address, credentials and TLS from this config")
     status.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
@@ -85,9 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--prefix", default="edge",
                         help="topics are PREFIX/<device>/... (default: edge)")
     status.add_argument("--device", help="only this device")
-    status.add_argument("--wait", type=float, default=1.5, metavar="SECONDS",
-                        help="how long to collect retained messages (default 1.5)")
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--group", metavar="G",
+                        help="only the devices whose health lists group G")
+    status.add_argument("--wait", type=_non_negative_seconds, default=1.5, metavar="SECONDS",
+                        help="how long to collect retained messages before printing "
+                             "(default 1.5; with --watch: before the first table)")
+    status.add_argument("--watch", action="store_true",
+                        help="keep listening and redraw the table every second until Ctrl-C "
+                             "(in place on a terminal; timestamped tables otherwise)")
+    status.add_argument("--json", action="store_true",
+                        help="print JSON instead of a table (with --watch: one line per "
+                             "second)")
     add_update_parsers(commands)
     return parser
 
@@ -139,8 +150,19 @@ def _detect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _non_negative_seconds(text: str) -> float:
+    """``--wait``: a number of seconds, zero or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more: {text!r}")
+    return value
+
+
 def _status(args: argparse.Namespace) -> int:
-    from agent.fleet_status import collect, table  # noqa: PLC0415 - only this command
+    from agent.fleet_status import collect, in_group, report, table, watch  # noqa: PLC0415
     from agent.tool_client import broker_settings  # noqa: PLC0415
 
     try:
@@ -152,19 +174,28 @@ def _status(args: argparse.Namespace) -> int:
     except EdgeAgentError as exc:
         print(f"edge-agent status: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    prefix = args.prefix.rstrip("/")
     try:
-        devices = collect(mqtt, args.prefix.rstrip("/"), args.device, args.wait, password)
+        if args.watch:
+            try:
+                return watch(mqtt, prefix, args.device, args.group, args.wait,
+                             password=password, as_json=args.json)
+            except BrokenPipeError:
+                # The reader went away (``| head``): done. Point stdout at /dev/null so that
+                # the interpreter's final flush does not fail on the closed pipe again.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return EXIT_OK
+        devices = in_group(collect(mqtt, prefix, args.device, args.wait, password), args.group)
     except EdgeAgentError as exc:
         print(f"edge-agent status: {exc}", file=sys.stderr)
         return EXIT_INVALID
     if args.json:
-        print(json.dumps({name: {"status": view.status, "health": view.health,
-                                 "models": view.models} for name, view in devices.items()},
-                         indent=2))
+        print(json.dumps(report(devices), indent=2))
     elif devices:
         print(table(devices))
     else:
-        print(f"no devices under {args.prefix}/ on {mqtt.host}:{mqtt.port}")
+        group = f" in group {args.group}" if args.group else ""
+        print(f"no devices{group} under {args.prefix}/ on {mqtt.host}:{mqtt.port}")
     return EXIT_OK
 
 

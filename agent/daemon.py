@@ -481,7 +481,8 @@ class Daemon:
 
     def _view(self) -> AgentView:
         return AgentView(self.config.device_id, self.hardware, self.registry,
-                         lambda: self.pipelines, self.config.models_dir, self._delivery_health)
+                         lambda: self.pipelines, self.config.models_dir, self._delivery_health,
+                         groups=self.config.groups, interval_s=self.config.health.interval_s)
 
     def _make_watcher(self, config: AgentConfig) -> ModelFileWatcher:
         return ModelFileWatcher({name: config.model_path(name) for name in config.models},

@@ -84,6 +84,10 @@ class AgentView:
     pipelines: Callable[[], Mapping[str, Pipeline]]
     models_dir: str
     delivery: Callable[[], dict[str, Any]] | None = None
+    # Copied into every report so that ``edge-agent status`` can filter by group and judge
+    # staleness (a health older than a few intervals) without the device's config.
+    groups: tuple[str, ...] = ()
+    interval_s: float = 10.0
 
 
 @dataclass
@@ -138,6 +142,8 @@ class HealthReporter:
         document: dict[str, Any] = {
             "device_id": view.device_id,
             "ts": round(time.time(), 3),
+            "interval_s": view.interval_s,
+            "groups": list(view.groups),
             "uptime_s": round(now - self._started, 1),
             "agent_version": __version__,
             "hardware": view.hardware.summary(),
