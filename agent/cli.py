@@ -126,9 +126,14 @@ def _check_config(path: Path) -> int:
         count = len(exc.problems)
         print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
         return EXIT_INVALID
-    print(f"{path}: ok (device_id {config.device_id}, {len(config.models)} models, "
-          f"{len(config.pipelines)} pipelines)")
+    print(f"{path}: ok (device_id {config.device_id}, {_count(len(config.models), 'model')}, "
+          f"{_count(len(config.pipelines), 'pipeline')})")
     return EXIT_OK
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 model', '2 models'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _detect(args: argparse.Namespace) -> int:

@@ -311,8 +311,9 @@ class Daemon:
     def _status_line(self, health: dict[str, object] | None = None) -> str:
         ready = sum(1 for name in self.registry.names()
                     if self.registry.get(name) is not None)
-        line = (f"serving {len(self.pipelines)} pipelines, {ready}/"
-                f"{len(self.registry.names())} models ready, "
+        models = len(self.registry.names())
+        line = (f"serving {len(self.pipelines)} pipeline{'' if len(self.pipelines) == 1 else 's'}"
+                f", {ready}/{models} model{'' if models == 1 else 's'} ready, "
                 f"{'connected' if self.connection.connected.is_set() else 'broker down'}")
         if health is not None:
             pipelines = health.get("pipelines")

@@ -135,7 +135,7 @@ def test_notify_sequence_and_watchdog(broker: MosquittoBroker, tmp_path: Path,
     ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
     assert any("EXTEND_TIMEOUT_USEC=" in m for m in messages[:ready])
     assert any(m.startswith("STATUS=starting") for m in messages[:ready])
-    assert "STATUS=serving 1 pipelines, 1/1 models ready, connected" in messages[ready]
+    assert "STATUS=serving 1 pipeline, 1/1 model ready, connected" in messages[ready]
     pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
     # ~3.5 s between READY=1 and SIGTERM at one ping per 0.5 s: about 7.
     assert len(pings) >= 3, pings
