@@ -3,25 +3,41 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-shuffled lint typecheck check bench clean
+.PHONY: demo test test-shuffled ensure-mosquitto lint typecheck check bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The venv itself; each extra below has its own marker, so `make test` after `make demo`
+# adds the dev extra to the same venv.
+$(PY):
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "edge-agent needs Python >= 3.10"'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+
+# The demo: the runtime dependencies, onnx (builds its model) and the embedded broker. No
+# test tooling: on a Raspberry Pi that is minutes and hundreds of MB saved.
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[demo]'
+	touch $@
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	# demo too: the embedded-broker test runs here (amqtt needs a newer pyyaml than the
+	# oldest the second CI leg pins, which installs dev alone and skips that test)
+	$(PY) -m pip install -q -e '.[dev,demo]'
 	# silero-vad ships the VAD model the stateful-stream test uses; --no-deps keeps torch out.
 	$(PY) -m pip install -q --no-deps 'silero-vad>=5'
 	touch $@
 
-demo: $(VENV)/.installed   ## run the daemon on a simulated sensor, print results (Ctrl-C stops)
+demo: $(VENV)/.demo-installed   ## run the daemon on a simulated sensor, print results (Ctrl-C stops)
 	$(PY) scripts/demo.py
 
-test: $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto instances)
+# Listed first: a missing Mosquitto is reported (or installed) before minutes of pip.
+test: ensure-mosquitto $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto instances)
 	$(PY) -m pytest -q
 
-test-shuffled: $(VENV)/.installed   ## the suite in a random order; SEED=n repeats one order
+test-shuffled: ensure-mosquitto $(VENV)/.installed   ## the suite in a random order; SEED=n repeats one order
 	$(PY) -m pytest -q $(if $(SEED),--random-order-seed=$(SEED),--random-order)
+
+ensure-mosquitto:   ## install Mosquitto (root or passwordless sudo), else name the command
+	@sh scripts/ensure-mosquitto.sh
 
 bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop (a few minutes)
 	$(PY) scripts/bench.py

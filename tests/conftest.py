@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,17 @@ import pytest
 import yaml
 
 from tests.broker import MosquittoBroker, Recorder, started_so_far, stop_started_since
+
+INSTALL_MOSQUITTO = "sudo apt-get install mosquitto"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop before running anything when mosquitto is missing: the tests start private
+    Mosquitto brokers, and without it every broker fixture would fail one by one with the
+    same error. (``make test`` installs it first where it can: scripts/ensure-mosquitto.sh.)"""
+    if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
+        pytest.exit("mosquitto is not installed, and the tests start private Mosquitto "
+                    f"brokers. Install it:  {INSTALL_MOSQUITTO}", returncode=4)
 
 
 def child_processes() -> list[str]:

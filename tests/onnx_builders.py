@@ -1,4 +1,8 @@
-"""Small real ONNX models, built with onnx.helper, for tests, the demo and benchmarks."""
+"""Small real ONNX models, built with onnx.helper, for tests, the demo and benchmarks.
+
+scripts/demo.py imports this module in a venv without test tooling (the ``demo`` extra): it
+must import nothing but numpy and onnx (tests/test_demo.py checks).
+"""
 
 from __future__ import annotations
 
