@@ -17,6 +17,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from tests.broker import MosquittoBroker, Recorder, free_port
+from tests.output_lines import OutputLines
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "scripts" / "demo.py"
@@ -27,45 +28,32 @@ class DemoProcess:
     """scripts/demo.py in a subprocess, its output collected line by line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
         self.process = subprocess.Popen(
             [sys.executable, str(DEMO), *args], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-        self._reader = threading.Thread(target=self._read, name="demo-output")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
+        self.lines = OutputLines(self.process, "demo-output")
 
     def output(self) -> str:
         """Everything printed so far."""
-        with self._cond:
-            return "\n".join(self.lines)
+        return "\n".join(self.lines.lines())
 
     def wait_for_line(self, predicate: Callable[[str], bool], timeout_s: float = 30.0) -> str:
         """The first line for which ``predicate`` holds; fails with the output on timeout."""
         deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    if predicate(line):
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.process.poll() is not None and
-                                      not self._reader.is_alive()):
-                    raise AssertionError("no such line; demo output:\n" + "\n".join(self.lines))
-                self._cond.wait(min(remaining, 0.2))
+        while True:
+            for line in self.lines.lines():
+                if predicate(line):
+                    return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.lines.finished:
+                raise AssertionError("no such line; demo output:\n" + self.output())
+            self.lines.wait(min(remaining, 0.2))
 
     def interrupt(self, timeout_s: float = 30.0) -> int:
         """SIGINT, as Ctrl-C sends; the exit code."""
         self.process.send_signal(signal.SIGINT)
         code = self.process.wait(timeout=timeout_s)
-        self._reader.join(timeout=5)
+        self.lines.join(timeout_s=5)
         return code
 
     def close(self) -> None:
@@ -77,7 +65,7 @@ class DemoProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self._reader.join(timeout=5)
+        self.lines.join(timeout_s=5)
 
 
 @pytest.fixture

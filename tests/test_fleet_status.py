@@ -24,6 +24,7 @@ from agent.fleet_status import DeviceView, FleetCollector, in_group, judge, repo
 from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear
+from tests.output_lines import OutputLines
 
 AgentFactory = Callable[..., AgentProcess]
 COLUMNS = ("DEVICE", "ONLINE", "MODELS", "READINGS/S", "P50 MS", "P99 MS", "TEMP C", "OUTBOX",
@@ -245,22 +246,11 @@ class Watcher:
             [sys.executable, "-m", "agent", "status", "--watch", "--port", str(broker.port),
              "--wait", "0.2", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self._cond = threading.Condition()
-        self._lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, name="watch-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            with self._cond:
-                self._lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
+        self.lines = OutputLines(self.process, "watch-reader")
 
     def frames(self) -> list[str]:
         """The complete tables so far (the last one may still be arriving: left out)."""
-        with self._cond:
-            lines = list(self._lines)
+        lines = self.lines.lines()
         starts = [i for i, line in enumerate(lines) if HEADING.match(line)]
         return ["\n".join(lines[a:b]) for a, b in itertools.pairwise(starts)]
 
@@ -274,15 +264,14 @@ class Watcher:
                 return len(frames)
             if self.process.poll() is not None:
                 break
-            with self._cond:
-                self._cond.wait(0.2)
-        raise AssertionError(f"no such table; output:\n{chr(10).join(self._lines[-40:])}")
+            self.lines.wait(0.2)
+        raise AssertionError(f"no such table; output:\n{chr(10).join(self.lines.lines()[-40:])}")
 
     def stop(self, signum: signal.Signals) -> tuple[int, str]:
         """Send ``signum``; return the exit code and stderr."""
         self.process.send_signal(signum)
         _, err = self.process.communicate(timeout=DEADLINE_S)
-        self._reader.join(timeout=DEADLINE_S)
+        self.lines.join(timeout_s=DEADLINE_S)
         return self.process.returncode, err
 
     def close(self) -> None:
