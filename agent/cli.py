@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="take broker address, credentials and TLS from this config")
     status.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
     status.add_argument("--port", type=int, help="broker port (default: the config's, else 1883)")
+    status.add_argument("--username", help="broker user name")
+    status.add_argument("--password-file", metavar="PATH", help="file holding the password")
+    status.add_argument("--ca-file", metavar="PATH", help="CA certificate: connect with TLS")
     status.add_argument("--prefix", default="edge",
                         help="topics are PREFIX/<device>/... (default: edge)")
     status.add_argument("--device", help="only this device")

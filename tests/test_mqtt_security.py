@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -98,3 +100,22 @@ def test_tls_with_an_untrusted_ca_does_not_connect(tls_broker: tuple[MosquittoBr
     agent.wait_for_event("mqtt_connect_failed")
     assert agent.process.poll() is None
     assert not any(e["event"] == "mqtt_connected" for e in agent.log_events())
+
+
+def test_status_takes_credentials_on_the_command_line(
+        auth_broker: MosquittoBroker, tmp_path: Path) -> None:
+    """`edge-agent status` reaches a broker that refuses anonymous clients with --username
+    and --password-file, as publish-update does; without them it says the broker refused."""
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    command = [sys.executable, "-m", "agent", "status", "--port", str(auth_broker.port),
+               "--wait", "0.5"]
+    with_user = subprocess.run([*command, "--username", "sensor", "--password-file",
+                                str(secret)], capture_output=True, text=True, timeout=60,
+                               check=False)
+    assert with_user.returncode == 0, with_user.stdout + with_user.stderr
+    assert with_user.stdout.startswith("no devices under edge/")
+    anonymous = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert anonymous.returncode == 1
+    assert "edge-agent status:" in anonymous.stderr
