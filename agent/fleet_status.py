@@ -227,7 +227,7 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
         temperatures = list((health.get("temperatures_c") or {}).values())
         last = "" if current else "last "
         models = ", ".join(
-            f"{model}:{last}{(info.get('state') or '?')[:5]}:{(info.get('version') or '-')[7:15]}"
+            f"{model}:{last}{info.get('state') or '?'}:{_short_version(info.get('version'))}"
             for model, info in sorted(view.models.items())) or "-"
         outbox = (health.get("delivery") or {}).get("outbox") or {}
         rows.append((
@@ -245,6 +245,13 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
                                                                           strict=True)).rstrip()
                      for row in rows)
+
+
+def _short_version(version: object) -> str:
+    """The first 8 hex digits of ``sha256:<hex>``, or "-" for a model with no version yet."""
+    if not isinstance(version, str) or not version.startswith("sha256:"):
+        return "-"
+    return version[7:15]
 
 
 def _outbox_cell(outbox: dict[str, Any]) -> str:

@@ -98,6 +98,16 @@ def test_offline_and_stale_devices_show_no_current_figures() -> None:
     assert cells["gw-stale"]["LAST SEEN"] == "4s ago"
 
 
+def test_model_states_are_shown_whole() -> None:
+    """LOADING and FAILED read as they are (not cut to five letters), and a model with no
+    version yet shows '-' for it."""
+    now = 10_000.0
+    models = {"a": {"state": "LOADING", "version": None},
+              "b": {"state": "FAILED", "version": "sha256:fedcba9876543210"}}
+    cells = rows(table({"gw": DeviceView("gw", "online", health(now - 1), models)}, now=now))
+    assert cells["gw"]["MODELS"] == "a:LOADING:-, b:FAILED:fedcba98"
+
+
 def test_states_and_the_default_interval() -> None:
     """Without interval_s in the health the limit is 3 x 10 s; no status topic is unknown;
     online without any health yet is online; the JSON report carries state and age."""
