@@ -3,7 +3,7 @@
 # JetPack. Idempotent: run it again to upgrade; the config is never overwritten.
 #
 #   sudo scripts/install.sh                       # install from this checkout and start
-#   sudo scripts/install.sh --ort-wheel FILE.whl  # Jetson: NVIDIA's onnxruntime-gpu wheel
+#   sudo scripts/install.sh --ort-wheel FILE.whl  # Jetson: NVIDIA's onnxruntime-gpu wheel (kept for upgrades)
 #   sudo scripts/install.sh --device-id ID        # a new config names the device ID
 #   sudo scripts/install.sh --uninstall [--purge] # remove (--purge: config, state, user too)
 #
@@ -88,6 +88,13 @@ case "$(uname -m)" in
   *) say "warning: untested architecture $(uname -m)" ;;
 esac
 
+# A 32-bit userland on a 64-bit kernel (32-bit Raspberry Pi OS on a Pi 4/5) says aarch64
+# above; its Python's pointer size tells the truth.
+if [ "$("$PYTHON" -c 'import struct; print(struct.calcsize("P") * 8)')" = 32 ]; then
+  echo "install.sh: $PYTHON is a 32-bit program (a 32-bit OS on a 64-bit kernel?); onnxruntime" \
+    "publishes no 32-bit ARM wheels. Install a 64-bit OS (Raspberry Pi OS 64-bit)." >&2
+  exit 1
+fi
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
   echo "install.sh: edge-agent needs Python >= 3.10 ($PYTHON is $("$PYTHON" -V 2>&1))." \
     "JetPack 5 ships Python 3.8: upgrade to JetPack 6." >&2
@@ -115,13 +122,24 @@ if [ ! -x "$PREFIX/bin/python" ]; then
 fi
 # shellcheck disable=SC2086  # PIP_ARGS is a list of arguments on purpose
 "$PREFIX/bin/python" -m pip install --quiet --upgrade pip $PIP_ARGS
+# An onnxruntime wheel given once (--ort-wheel: NVIDIA's for Jetson, onnxruntime-openvino,
+# ...) is kept in the venv, so an upgrade without the option does not leave the CPU wheel
+# from PyPI in its place: pip would install it beside the GPU one, both in one package folder.
+ORT_KEPT=$PREFIX/ort-wheel
+if [ -n "$ORT_WHEEL" ]; then
+  rm -rf "$ORT_KEPT"
+  mkdir -p "$ORT_KEPT"
+  cp "$ORT_WHEEL" "$ORT_KEPT/"
+fi
+KEPT_WHEEL=$(find "$ORT_KEPT" -maxdepth 1 -name '*.whl' 2>/dev/null | head -n 1)
 # shellcheck disable=SC2086
 "$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SOURCE"
-if [ -n "$ORT_WHEEL" ]; then
-  # Jetson: the PyPI onnxruntime is CPU-only; NVIDIA's wheel brings CUDA and TensorRT.
-  "$PREFIX/bin/python" -m pip uninstall --quiet --yes onnxruntime || true
+if [ -n "$KEPT_WHEEL" ]; then
+  # the PyPI onnxruntime is CPU-only; this wheel brings the accelerator's providers
+  "$PREFIX/bin/python" -m pip uninstall --quiet --yes onnxruntime 2>/dev/null || true
   # shellcheck disable=SC2086
-  "$PREFIX/bin/python" -m pip install --quiet $PIP_ARGS "$ORT_WHEEL"
+  "$PREFIX/bin/python" -m pip install --quiet --force-reinstall --no-deps $PIP_ARGS "$KEPT_WHEEL"
+  say "onnxruntime from $(basename "$KEPT_WHEEL") (kept in $ORT_KEPT for upgrades)"
 fi
 say "installed $("$PREFIX/bin/python" -c 'import agent; print(agent.__version__)') into $PREFIX"
 

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,38 @@ def test_help_is_the_usage_text() -> None:
 def test_bad_option_is_a_usage_error() -> None:
     """Unknown options exit 2."""
     assert run("--frobnicate").returncode == 2
+
+
+def make_wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal installable wheel standing in for NVIDIA's onnxruntime-gpu (the real one is
+    hundreds of MB and for aarch64 only)."""
+    module = name.replace("-", "_")
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}_marker.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
+    wheel = folder / f"{module}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_an_ort_wheel_survives_an_upgrade(tmp_path: Path) -> None:
+    """--ort-wheel once (a Jetson's onnxruntime-gpu): a later run without it, an upgrade,
+    puts the same wheel back instead of leaving PyPI's CPU onnxruntime in its place."""
+    root = tmp_path / "root"
+    wheel = make_wheel(tmp_path, "onnxruntime-gpu", "1.99.0")
+    first = run("--root", str(root), "--pip-args", "--no-deps", "--ort-wheel", str(wheel))
+    assert first.returncode == 0, first.stdout + first.stderr
+    wheel.unlink()  # an upgrade months later: the file the operator once had is gone
+    upgrade = run("--root", str(root), "--pip-args", "--no-deps")
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert "onnxruntime from onnxruntime_gpu-1.99.0-py3-none-any.whl" in upgrade.stdout
+    shown = subprocess.run([str(root / "opt/edge-agent/bin/python"), "-m", "pip", "show",
+                            "onnxruntime-gpu"], capture_output=True, text=True, check=False)
+    assert "Version: 1.99.0" in shown.stdout, shown.stdout + shown.stderr
