@@ -102,7 +102,7 @@ def test_model_states_are_shown_whole() -> None:
     """LOADING and FAILED read as they are (not cut to five letters), and a model with no
     version yet shows '-' for it."""
     now = 10_000.0
-    models = {"a": {"state": "LOADING", "version": None},
+    models: dict[str, dict[str, Any]] = {"a": {"state": "LOADING", "version": None},
               "b": {"state": "FAILED", "version": "sha256:fedcba9876543210"}}
     cells = rows(table({"gw": DeviceView("gw", "online", health(now - 1), models)}, now=now))
     assert cells["gw"]["MODELS"] == "a:LOADING:-, b:FAILED:fedcba98"
