@@ -131,7 +131,7 @@ if [ -n "$ORT_WHEEL" ]; then
   mkdir -p "$ORT_KEPT"
   cp "$ORT_WHEEL" "$ORT_KEPT/"
 fi
-KEPT_WHEEL=$(find "$ORT_KEPT" -maxdepth 1 -name '*.whl' 2>/dev/null | head -n 1)
+KEPT_WHEEL=$(find "$ORT_KEPT" -maxdepth 1 -name '*.whl' 2>/dev/null | head -n 1 || true)
 # shellcheck disable=SC2086
 "$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SOURCE"
 if [ -n "$KEPT_WHEEL" ]; then

@@ -86,20 +86,6 @@ def test_two_host_names_give_two_device_ids(tmp_path: Path) -> None:
     assert ids == ["pi-kitchen", "pi-garage"]
 
 
-def test_device_id_option_names_the_device(tmp_path: Path) -> None:
-    """--device-id writes the id into a new config; an existing config is left alone."""
-    root = tmp_path / "root"
-    done = run("--root", str(root), "--pip-args", "--no-deps", "--device-id", "press-7")
-    assert done.returncode == 0, done.stdout + done.stderr
-    config = root / "etc/edge-agent/agent.yaml"
-    assert re.search(r"^device_id: press-7\b", config.read_text(), re.MULTILINE)
-    assert "device id: press-7 (set in agent.yaml)" in done.stdout
-    checked = subprocess.run([str(EDGE_AGENT), "check-config", str(config)], capture_output=True,
-                             text=True, check=False)
-    assert "device_id press-7," in checked.stdout, checked.stdout + checked.stderr
-    assert run("--device-id", "no spaces allowed", "--root", str(root)).returncode == 2
-
-
 def test_help_is_the_usage_text() -> None:
     """--help prints the header comment as plain text, and none of the script's code."""
     done = run("--help")
@@ -134,16 +120,29 @@ def make_wheel(folder: Path, name: str, version: str) -> Path:
     return wheel
 
 
-def test_an_ort_wheel_survives_an_upgrade(tmp_path: Path) -> None:
-    """--ort-wheel once (a Jetson's onnxruntime-gpu): a later run without it, an upgrade,
-    puts the same wheel back instead of leaving PyPI's CPU onnxruntime in its place."""
+def test_device_id_and_ort_wheel_survive_an_upgrade(tmp_path: Path) -> None:
+    """--device-id writes the id into a new config, and --ort-wheel (a Jetson's
+    onnxruntime-gpu) replaces PyPI's onnxruntime; a later run without either, an upgrade,
+    keeps the config as it is and puts the same wheel back instead of leaving PyPI's CPU
+    onnxruntime in its place."""
     root = tmp_path / "root"
     wheel = make_wheel(tmp_path, "onnxruntime-gpu", "1.99.0")
-    first = run("--root", str(root), "--pip-args", "--no-deps", "--ort-wheel", str(wheel))
+    first = run("--root", str(root), "--pip-args", "--no-deps", "--device-id", "press-7",
+                "--ort-wheel", str(wheel))
     assert first.returncode == 0, first.stdout + first.stderr
+    config = root / "etc/edge-agent/agent.yaml"
+    assert re.search(r"^device_id: press-7\b", config.read_text(), re.MULTILINE)
+    assert "device id: press-7 (set in agent.yaml)" in first.stdout
+    checked = subprocess.run([str(EDGE_AGENT), "check-config", str(config)], capture_output=True,
+                             text=True, check=False)
+    assert "device_id press-7," in checked.stdout, checked.stdout + checked.stderr
+    assert run("--device-id", "no spaces allowed", "--root", str(root)).returncode == 2
+
     wheel.unlink()  # an upgrade months later: the file the operator once had is gone
     upgrade = run("--root", str(root), "--pip-args", "--no-deps")
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert "kept the existing" in upgrade.stdout
+    assert "device id: press-7 (set in agent.yaml)" in upgrade.stdout
     assert "onnxruntime from onnxruntime_gpu-1.99.0-py3-none-any.whl" in upgrade.stdout
     shown = subprocess.run([str(root / "opt/edge-agent/bin/python"), "-m", "pip", "show",
                             "onnxruntime-gpu"], capture_output=True, text=True, check=False)
