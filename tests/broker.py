@@ -28,6 +28,9 @@ _started_streams: list[tuple[threading.Thread, threading.Event]] = []
 BIND_ATTEMPTS = 5
 # Saving persistence on a loaded CI disk can take seconds: SIGKILL is the last resort.
 STOP_TIMEOUT_S = 30.0
+# A broker that does not listen this long after it was started is an error (generous: the
+# suite also runs beside CPU hogs).
+READY_TIMEOUT_S = 30.0
 
 
 def free_port() -> int:
@@ -139,10 +142,19 @@ class MosquittoBroker:
                 return
 
     def _wait_ready(self, process: subprocess.Popen[bytes]) -> None:
-        wait_for_port(self.port, process=process)
-        if not listens_on(process.pid, self.port):
-            process.wait(timeout=10)  # another process has the port: mosquitto exits
-            raise TimeoutError(f"port {self.port} is taken")
+        """Wait until this mosquitto itself listens on the port, as /proc shows it. A connect
+        is no proof: another process may hold the port, and a connect to a port of the
+        ephemeral range nobody listens on yet can reach itself (TCP self-connect), which
+        under load once passed for a broker that was not ready."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not listens_on(process.pid, self.port):
+            if process.poll() is not None:  # it could not bind: the port is taken
+                raise TimeoutError(f"mosquitto exited with {process.returncode} on port "
+                                   f"{self.port}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mosquitto does not listen on {self.port} after "
+                                   f"{READY_TIMEOUT_S} s")
+            time.sleep(0.02)
 
     def _move_to(self, port: int) -> None:
         text = self.config_file.read_text()
