@@ -10,8 +10,8 @@ from agent.errors import ConfigError, EdgeAgentError, UpdateKeyError
 from agent.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, NAME_PATTERN, parse_duration
 from agent.signing import generate_keypair
 from agent.update_sender import (
+    ProgressBar,
     StatusFollower,
-    progress_bar,
     send_update,
     sign_update,
 )
@@ -150,7 +150,7 @@ def _publish(args: argparse.Namespace) -> int:
         f"{GROUP_PREFIX}/{group}" for group in args.group]
     print(f"update {update.update_id}: model {args.model} version {args.version}, "
           f"{len(update.data)} bytes to {', '.join(bases)}", flush=True)
-    bar = progress_bar(sys.stderr)
+    bar = ProgressBar(sys.stderr)
     follower.before_line = bar.interrupt
     device_bases = {f"{prefix}/{device}": device for device in args.device}
     try:

@@ -224,11 +224,6 @@ class ProgressBar:
                 self._open = False
 
 
-def progress_bar(out: TextIO) -> ProgressBar:
-    """A one-line progress bar on ``out`` (a terminal or a log)."""
-    return ProgressBar(out)
-
-
 def human_bytes(count: float) -> str:
     """``count`` bytes in the largest unit that keeps it >= 1: 812 B, 3.4 KB, 12.0 MB."""
     for unit in ("B", "KB", "MB"):
