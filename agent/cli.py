@@ -126,8 +126,7 @@ def _check_config(path: Path) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem)
-        count = len(exc.problems)
-        print(f"{path}: {count} problem{'s' if count != 1 else ''}", file=sys.stderr)
+        print(f"{path}: {_count(len(exc.problems), 'problem')}", file=sys.stderr)
         return EXIT_INVALID
     print(f"{path}: ok (device_id {config.device_id}, {_count(len(config.models), 'model')}, "
           f"{_count(len(config.pipelines), 'pipeline')})")
