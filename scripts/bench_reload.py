@@ -25,13 +25,13 @@ sys.path.insert(0, str(REPO))
 
 from bench_run import describe_run  # noqa: E402
 
-from agent.config import config_from_document  # noqa: E402
-from agent.hardware import detect  # noqa: E402
+from agent.config.schema import config_from_document  # noqa: E402
+from agent.config.yaml_source import YamlDocument  # noqa: E402
+from agent.hardware.detect import detect  # noqa: E402
+from agent.inference.registry import ModelRegistry  # noqa: E402
+from agent.inference.watcher import ModelFileWatcher  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
-from agent.models import ModelRegistry  # noqa: E402
-from agent.telemetry import rss_mb  # noqa: E402
-from agent.watcher import ModelFileWatcher  # noqa: E402
-from agent.yaml_source import YamlDocument  # noqa: E402
+from agent.ops.telemetry import rss_mb  # noqa: E402
 from tests.onnx_builders import build_linear  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import platform
 from importlib import metadata
 
 # The benchmark scripts put the repository on sys.path before importing this module.
-from agent.hardware import detect
+from agent.hardware.detect import detect
 
 
 def _version(package: str) -> str:

@@ -189,7 +189,7 @@ else
 fi
 # check-config needs every dependency: an install made with --pip-args --no-deps (images built
 # offline, the tests) cannot run it, and must not be told its config is wrong.
-if ! "$PREFIX/bin/python" -c 'import agent.cli, onnxruntime, paho.mqtt.client, yaml, structlog' \
+if ! "$PREFIX/bin/python" -c 'import agent.cli.main, onnxruntime, paho.mqtt.client, yaml, structlog' \
     2>/dev/null; then
   say "not checking the config: the venv $PREFIX lacks dependencies (installed with --no-deps?)"
 elif ! "$PREFIX/bin/edge-agent" check-config "$CONF_DIR/agent.yaml"; then

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from agent.batching import DropOldestQueue
+from agent.inference.batching import DropOldestQueue
 
 
 def make(capacity: int = 10) -> DropOldestQueue[tuple[int, float]]:

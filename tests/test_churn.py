@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.churn import ShortConnectionStreak
+from agent.transport.churn import ShortConnectionStreak
 
 
 def test_reported_once_when_the_streak_reaches_the_threshold() -> None:

@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-import agent.daemon
-from agent import __version__, cli
+import agent.daemon.lifecycle
+from agent import __version__
+from agent.cli import main as cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -103,14 +104,14 @@ def test_run_without_any_config_uses_defaults(monkeypatch: pytest.MonkeyPatch,
     """No --config, no $EDGE_AGENT_CONFIG, no default file: built-in defaults, said in the log."""
     monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
     monkeypatch.setattr(cli, "DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
-    monkeypatch.setattr("agent.config.DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
+    monkeypatch.setattr("agent.config.schema.DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
     started: list[object] = []
 
-    def fake_run(self: agent.daemon.Daemon) -> int:
+    def fake_run(self: agent.daemon.lifecycle.Daemon) -> int:
         started.append(self.config)
         return 0
 
-    monkeypatch.setattr(agent.daemon.Daemon, "run", fake_run)
+    monkeypatch.setattr(agent.daemon.lifecycle.Daemon, "run", fake_run)
     out = io.StringIO()
     monkeypatch.setattr(sys, "stdout", out)
     assert cli.main(["run", "--log-format", "json"]) == 0

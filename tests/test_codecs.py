@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from agent.codecs import TensorSpec, all_finite, decode_payload, encode_json
-from agent.config import PipelineInput
+from agent.config.schema import PipelineInput
 from agent.errors import PayloadError
+from agent.inference.codecs import TensorSpec, all_finite, decode_payload, encode_json
 
 X = TensorSpec("x", np.dtype(np.float32), (4,))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.config import (
+from agent.config.schema import (
     AgentConfig,
     default_config,
     load_config,
@@ -358,7 +358,7 @@ def test_schema_is_the_contract() -> None:
 
 def test_trusted_keys_must_be_ed25519_public_keys(tmp_path: Path) -> None:
     """A private key, a missing file and a threshold above the key count are each located."""
-    from agent.signing import generate_keypair  # noqa: PLC0415
+    from agent.updates.signing import generate_keypair  # noqa: PLC0415
 
     generate_keypair(tmp_path / "ops")
     path = write(tmp_path, """

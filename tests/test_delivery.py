@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from agent.delivery import FLUSH_BATCH
-from agent.telemetry import rss_mb
+from agent.ops.telemetry import rss_mb
+from agent.transport.delivery import FLUSH_BATCH
 from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear

@@ -20,7 +20,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.fleet_status import DeviceView, FleetCollector, in_group, judge, report, table
+from agent.cli.status import DeviceView, FleetCollector, in_group, judge, report, table
 from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear

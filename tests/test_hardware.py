@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.hardware import detect, read_temperatures
-from agent.providers import PlanInputs, plan_providers
+from agent.hardware.detect import detect, read_temperatures
+from agent.hardware.providers import PlanInputs, plan_providers
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hw"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agent.latency import LatencyHistogram, summarize
+from agent.inference.latency import LatencyHistogram, summarize
 from tests.broker import MosquittoBroker, Recorder, free_port, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, build_slow

@@ -254,10 +254,10 @@ def test_the_intake_drops_what_does_not_fit_and_reports_it_once(tmp_path: Path) 
     44 drops."""
     from paho.mqtt.client import MQTTMessage  # noqa: PLC0415
 
-    from agent.config import AgentConfig  # noqa: PLC0415
-    from agent.hardware import detect  # noqa: PLC0415
-    from agent.models import ModelRegistry  # noqa: PLC0415
-    from agent.updates import UpdateManager  # noqa: PLC0415
+    from agent.config.schema import AgentConfig  # noqa: PLC0415
+    from agent.hardware.detect import detect  # noqa: PLC0415
+    from agent.inference.registry import ModelRegistry  # noqa: PLC0415
+    from agent.updates.manager import UpdateManager  # noqa: PLC0415
 
     config = AgentConfig(device_id="d", models_dir=str(tmp_path / "m"),
                          state_dir=str(tmp_path / "s"))

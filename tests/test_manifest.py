@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agent.errors import UpdateRejectedError
-from agent.manifest import (
+from agent.updates.manifest import (
     ChunkSource,
     applicability_problem,
     build_payload,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import UpdateFailedError, UpdateRejectedError
-from agent.install import (
+from agent.updates.install import (
     clean_staging,
     install,
     previous_path,
@@ -16,7 +16,7 @@ from agent.install import (
     staging_dir,
     verify_staged,
 )
-from agent.update_store import JournalEntry, UpdateStore
+from agent.updates.store import JournalEntry, UpdateStore
 
 
 def sha(data: bytes) -> str:

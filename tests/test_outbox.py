@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import EdgeAgentError
-from agent.outbox import SEQ_BLOCK, Outbox, PendingResult, SeqCounter
+from agent.transport.outbox import SEQ_BLOCK, Outbox, PendingResult, SeqCounter
 
 
 def result(index: int, size: int = 100) -> PendingResult:

@@ -9,7 +9,7 @@ import pytest
 
 from agent.durable import create_file, lock_folder, own_folder, write_atomically
 from agent.errors import UnsafePathError
-from agent.install import clean_staging
+from agent.updates.install import clean_staging
 
 
 def test_create_file_refuses_a_symlink_and_leaves_its_target_alone(tmp_path: Path) -> None:

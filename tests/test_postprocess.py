@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.config import Postprocess
+from agent.config.schema import Postprocess
 from agent.errors import PayloadError
-from agent.postprocess import apply, load_labels
+from agent.inference.postprocess import apply, load_labels
 
 
 def post(**settings: object) -> Postprocess:

@@ -12,9 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.hardware import detect
-from agent.models import session_options
-from agent.providers import PlanInputs, plan_providers
+from agent.hardware.detect import detect
+from agent.hardware.providers import PlanInputs, plan_providers
+from agent.inference.registry import session_options
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, linear_weights

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import providers
-from agent.hardware import detect
-from agent.providers import PlanInputs, plan_providers, tensorrt_cache_dir
+from agent.hardware import providers
+from agent.hardware.detect import detect
+from agent.hardware.providers import PlanInputs, plan_providers, tensorrt_cache_dir
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hw"
 GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]

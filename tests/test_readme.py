@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, load_config
+from agent.config.schema import AgentConfig, load_config
+from agent.config.yaml_source import parse_yaml
 from agent.errors import ConfigError
-from agent.yaml_source import parse_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

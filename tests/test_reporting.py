@@ -9,8 +9,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from agent import reporting
-from agent.reporting import ErrorReporter
+from agent.inference import reporting
+from agent.inference.reporting import ErrorReporter
 
 
 class FakeClock:

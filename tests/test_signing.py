@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import SignatureError, UpdateKeyError
-from agent.signing import (
+from agent.updates.signing import (
     PAYLOAD_TYPE,
     TrustedKeys,
     generate_keypair,

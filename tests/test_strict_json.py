@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import strict_json
+from agent.updates import strict_json
 
 
 def test_ordinary_documents_parse_as_json_would() -> None:

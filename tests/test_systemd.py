@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.systemd import SdNotifier, watchdog_interval
+from agent.ops.systemd import SdNotifier, watchdog_interval
 from tests.broker import MosquittoBroker, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, build_loop

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
-from agent.manifest import UrlSource, parse_payload
-from agent.signing import TrustedKeys
-from agent.update_sender import ProgressBar, human_bytes, send_update, sign_update
+from agent.cli.main import main
+from agent.cli.update_sender import ProgressBar, human_bytes, send_update, sign_update
+from agent.updates.manifest import UrlSource, parse_payload
+from agent.updates.signing import TrustedKeys
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess
 from tests.test_updates import agent_config, linear, serving_version, version_of, wait_subscribed

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.failpoints import ENV_VAR
+from agent.updates.failpoints import ENV_VAR
 from tests.broker import MosquittoBroker, Recorder
 from tests.conftest import AgentProcess
 from tests.onnx_builders import build_slow_warmup

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import WatchConfig
-from agent.watcher import ModelFileWatcher, filesystem_type, is_temp_file
+from agent.config.schema import WatchConfig
+from agent.inference.watcher import ModelFileWatcher, filesystem_type, is_temp_file
 
 
 class Calls:

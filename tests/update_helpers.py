@@ -12,8 +12,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import format_time
-from agent.signing import generate_keypair, load_private_key, sign_envelope
+from agent.updates.manifest import format_time
+from agent.updates.signing import generate_keypair, load_private_key, sign_envelope
 from tests.broker import MosquittoBroker, Recorder, publisher
 
 STATUS = "edge/dev1/updates/status"

@@ -1,0 +1,278 @@
+"""Watch model files and ask for a reload once a new file is complete.
+
+watchdog reports created/modified events while a file is still being written (watchdog
+#309), so this module acts on close-after-write and rename-into-place events, debounces
+them, and for events without a close (polling, network filesystems) waits until size and
+mtime have settled. The folder watcher only schedules: loads run on this module's reload
+thread, never on watchdog's. A handler exception would kill watchdog's observer thread, so
+handlers catch everything, and a dead observer is restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from watchdog.events import (
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
+
+from agent.config.schema import WatchConfig
+
+log = structlog.get_logger(__name__)
+
+NETWORK_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "ceph", "glusterfs",
+    "fuse.s3fs", "davfs", "fuse.rclone", "virtiofs", "fuse.gcsfuse",
+})
+TEMP_SUFFIXES = (".tmp", ".part", ".swp", ".partial", "~")
+# A model whose load is in progress (an update trial) is looked at again this much later.
+BUSY_RETRY_S = 1.0
+
+
+def is_temp_file(path: str) -> bool:
+    """Editors', rsync's and downloaders' temporary names: never a model to load."""
+    name = os.path.basename(path)
+    return name.startswith(".") or name.endswith(TEMP_SUFFIXES)
+
+
+def filesystem_type(path: Path, mounts_file: Path = Path("/proc/mounts")) -> str | None:
+    """The filesystem type of the mount holding ``path`` (longest mount-point prefix)."""
+    try:
+        lines = mounts_file.read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, fields[2]
+    return best_type
+
+
+@dataclass
+class _Pending:
+    due: float
+    settle: bool                        # True: wait for size/mtime to stop changing
+    stat: tuple[int, int] | None = None
+
+
+class ModelFileWatcher:
+    """Turns file events on the watched paths into debounced ``on_ready(model_name)`` calls.
+
+    ``on_ready`` runs on this watcher's reload thread, one call at a time; when it returns
+    False (that model is loading already) the file is looked at again a moment later.
+    """
+
+    def __init__(self, models: Mapping[str, Path], on_ready: Callable[[str], Any],
+                 config: WatchConfig) -> None:
+        self._files = {name: Path(path).absolute() for name, path in models.items()}
+        self._paths: dict[Path, list[str]] = {}
+        for name, path in self._files.items():
+            self._paths.setdefault(path, []).append(name)
+        self._on_ready = on_ready
+        self._config = config
+        self._cond = threading.Condition()
+        self._pending: dict[str, _Pending] = {}
+        self._stopped = False
+        self._observer: BaseObserver | None = None
+        self.mode = "off"
+        self._thread = threading.Thread(target=self._run, name="model-reload", daemon=True)
+
+    def start(self) -> None:
+        """Start watching (and the reload thread)."""
+        if self._config.mode == "off" or not self._paths:
+            log.info("model_watch_off", reason="watch.mode is off" if self._paths else
+                     "no models configured")
+            return
+        self._start_observer()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching. A reload in progress is not waited for beyond a second: stopping
+        must stay fast, and the half-built session is simply never swapped in."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+
+    def notify(self, path: str, complete: bool, renamed: bool = False) -> None:
+        """Record an event on ``path``; ``complete``: closed after writing or renamed into place
+        (``renamed``: a rename is atomic, so it needs no debounce).
+
+        Called on watchdog's thread, and by tests.
+        """
+        names = self._paths.get(Path(path).absolute())
+        if not names or is_temp_file(path):
+            return
+        now = time.monotonic()
+        stat = None if complete else _stat(Path(path))
+        with self._cond:
+            for name in names:
+                self._note(name, complete, now, stat, renamed)
+            self._cond.notify()
+
+    def _note(self, name: str, complete: bool, now: float, stat: tuple[int, int] | None,
+              renamed: bool) -> None:
+        if complete:
+            delay = 0.0 if renamed else self._config.debounce_ms / 1000
+            self._pending[name] = _Pending(due=now + delay, settle=False)
+            return
+        existing = self._pending.get(name)
+        if existing is None or existing.settle:
+            self._pending[name] = _Pending(due=now + self._config.settle_ms / 1000,
+                                           settle=True, stat=stat)
+        else:  # a close is already pending; more writes push it back a little
+            existing.due = max(existing.due, now + self._config.debounce_ms / 1000)
+
+    # -- observer management -------------------------------------------------------------
+
+    def _choose_mode(self) -> str:
+        if self._config.mode in ("inotify", "polling"):
+            return self._config.mode
+        for folder in self._folders():
+            fs_type = filesystem_type(folder)
+            if fs_type in NETWORK_FILESYSTEMS:
+                log.info("model_watch_polling", folder=str(folder), filesystem=fs_type,
+                         reason="inotify does not see changes made by other hosts")
+                return "polling"
+        return "inotify"
+
+    def _folders(self) -> list[Path]:
+        return sorted({path.parent for path in self._paths})
+
+    def _start_observer(self) -> None:
+        mode = self._choose_mode()
+        observer = self._make_observer(mode)
+        try:
+            self._schedule(observer)
+            observer.start()
+        except OSError as exc:  # inotify instance or watch limits reached, or unsupported
+            if mode == "polling":
+                raise
+            log.warning("model_watch_inotify_failed", error=str(exc),
+                        action="falling back to polling")
+            mode = "polling"
+            observer = self._make_observer(mode)
+            self._schedule(observer)
+            observer.start()
+        self._observer = observer
+        self.mode = mode
+        log.info("model_watch_started", mode=mode, folders=[str(f) for f in self._folders()],
+                 files=len(self._paths))
+
+    def _make_observer(self, mode: str) -> BaseObserver:
+        if mode == "polling":
+            return PollingObserver(timeout=self._config.poll_interval_s)
+        return Observer()
+
+    def _schedule(self, observer: BaseObserver) -> None:
+        handler = _Handler(self)
+        for folder in self._folders():
+            folder.mkdir(parents=True, exist_ok=True)
+            observer.schedule(handler, str(folder), recursive=False)
+
+    def _ensure_observer_alive(self) -> None:
+        if self._observer is not None and not self._observer.is_alive() and not self._stopped:
+            log.error("model_watch_died", action="restarting the file watcher")
+            try:
+                self._start_observer()
+            except Exception:
+                log.exception("model_watch_restart_failed")
+
+    # -- the reload thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            name = self._next_due()
+            if name is None:
+                return
+            try:
+                done = self._on_ready(name)
+            except Exception:  # a failing reload must not end reloading
+                log.exception("model_reload_failed", model=name)
+                continue
+            if done is False:  # that model is loading already (an update's trial): later
+                with self._cond:
+                    self._pending.setdefault(name, _Pending(due=time.monotonic() + BUSY_RETRY_S,
+                                                            settle=False))
+
+    def _next_due(self) -> str | None:
+        """Block until a model is due for loading (None: stopped)."""
+        with self._cond:
+            while not self._stopped:
+                now = time.monotonic()
+                due = [(p.due, n) for n, p in self._pending.items() if p.due <= now]
+                for _, name in sorted(due):
+                    pending = self._pending[name]
+                    if pending.settle and not self._settled(name, pending, now):
+                        continue
+                    del self._pending[name]
+                    return name
+                upcoming = [p.due for p in self._pending.values()]
+                timeout = min(upcoming) - now if upcoming else 1.0
+                self._cond.wait(timeout=max(0.01, min(timeout, 1.0)))
+                self._ensure_observer_alive()
+            return None
+
+    def _settled(self, name: str, pending: _Pending, now: float) -> bool:
+        """Whether the file stopped changing since the last look; if not, look again later."""
+        stat = _stat(self._files[name])
+        if stat is not None and stat == pending.stat:
+            return True
+        pending.stat = stat
+        pending.due = now + self._config.settle_ms / 1000
+        return False
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+class _Handler(FileSystemEventHandler):
+    """watchdog callbacks; they run on watchdog's observer thread and must never raise."""
+
+    def __init__(self, watcher: ModelFileWatcher) -> None:
+        self._watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        try:
+            if isinstance(event, FileMovedEvent):
+                self._watcher.notify(_text(event.dest_path), complete=True, renamed=True)
+            elif isinstance(event, FileClosedEvent):
+                self._watcher.notify(_text(event.src_path), complete=True)
+            elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+                self._watcher.notify(_text(event.src_path), complete=False)
+        except Exception:
+            log.exception("model_watch_event_failed", event=repr(event))
+
+
+def _text(path: str | bytes) -> str:
+    return path.decode() if isinstance(path, bytes) else path

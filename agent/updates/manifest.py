@@ -1,0 +1,207 @@
+"""The signed update payload: parse it strictly, and decide whether it applies to this device.
+
+Everything here is pure: the payload bytes have already passed signature verification
+(``agent.signing``), the decisions that need state (versions, disk space) are the update
+manager's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from agent.errors import UpdateRejectedError
+from agent.updates import strict_json
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+MAX_CHUNK_SIZE = 16 * 1024 * 1024  # well under Mosquitto's default message size limit
+# A manifest is a few KB; the optional golden set adds at most 1 MiB of npz, base64 in the
+# payload and base64 again in the envelope (1.78 MiB). Larger ones are refused unread.
+MAX_MANIFEST_BYTES = 2 * 1024 * 1024
+DEFAULT_CHUNK_SIZE = 128 * 1024
+_DURATION = re.compile(r"(\d+)([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+@dataclass(frozen=True)
+class ChunkSource:
+    """Model bytes come as MQTT chunks of ``chunk_size`` bytes (the last may be shorter)."""
+
+    chunk_size: int
+    chunks: int
+
+    def expected_size(self, index: int, length: int) -> int:
+        """How many bytes chunk ``index`` must carry."""
+        if index < self.chunks - 1:
+            return self.chunk_size
+        return length - self.chunk_size * (self.chunks - 1)
+
+
+@dataclass(frozen=True)
+class UrlSource:
+    """Model bytes are downloaded from an https URL."""
+
+    url: str
+
+
+@dataclass(frozen=True)
+class UpdateManifest:
+    """A verified update payload."""
+
+    update_id: str
+    model: str
+    version: int
+    sha256: str
+    length: int
+    devices: tuple[str, ...]
+    groups: tuple[str, ...]
+    issued_at: datetime
+    expires: datetime
+    source: ChunkSource | UrlSource
+
+    def summary(self) -> dict[str, Any]:
+        """The fields every status message names."""
+        return {"update_id": self.update_id, "model": self.model, "version": self.version}
+
+
+def parse_payload(payload: bytes) -> UpdateManifest:
+    """Parse and check the payload JSON; ``UpdateRejectedError`` names the first bad field."""
+    try:
+        data = strict_json.loads(payload)
+    except ValueError as exc:
+        raise UpdateRejectedError(f"payload is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise UpdateRejectedError("payload is not a JSON object")
+    update_id = _name(data, "update_id")
+    length = _positive_int(data, "length")
+    targets = data.get("targets")
+    if not isinstance(targets, dict):
+        raise UpdateRejectedError("targets must be an object with devices and/or groups")
+    devices = _names(targets, "devices")
+    groups = _names(targets, "groups")
+    if not devices and not groups:
+        raise UpdateRejectedError("empty target list: targets names no device and no group")
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or not SHA256_PATTERN.fullmatch(sha.lower()):
+        raise UpdateRejectedError("sha256 must be 64 hex digits")
+    return UpdateManifest(
+        update_id=update_id,
+        model=_name(data, "model"),
+        version=_positive_int(data, "version"),
+        sha256=sha.lower(),
+        length=length,
+        devices=devices,
+        groups=groups,
+        issued_at=parse_time(data.get("issued_at"), "issued_at"),
+        expires=parse_time(data.get("expires"), "expires"),
+        source=_source(data, length),
+    )
+
+
+def applicability_problem(manifest: UpdateManifest, device_id: str, groups: Sequence[str],
+                          now: datetime) -> str | None:
+    """Why the manifest does not apply to this device now, or None when it does."""
+    if now >= manifest.expires:
+        return (f"expired at {manifest.expires.isoformat()} (device clock "
+                f"{now.isoformat(timespec='seconds')})")
+    if device_id in manifest.devices or set(groups) & set(manifest.groups):
+        return None
+    return (f"not for this device: targets devices {list(manifest.devices)} and groups "
+            f"{list(manifest.groups)}; this is {device_id!r} in groups {list(groups)}")
+
+
+def build_payload(*, update_id: str, model: str, version: int, data: bytes, sha256: str,
+                  devices: Sequence[str], groups: Sequence[str], issued_at: datetime,
+                  expires: datetime, url: str | None, chunk_size: int) -> bytes:
+    """The payload JSON the ``sign`` command signs (the inverse of ``parse_payload``)."""
+    source: dict[str, Any]
+    if url is not None:
+        source = {"url": url}
+    else:
+        source = {"mqtt": {"chunk_size": chunk_size,
+                           "chunks": max(1, math.ceil(len(data) / chunk_size))}}
+    document = {
+        "update_id": update_id, "model": model, "version": version, "sha256": sha256,
+        "length": len(data), "targets": {"devices": list(devices), "groups": list(groups)},
+        "issued_at": format_time(issued_at), "expires": format_time(expires),
+        "source": source,
+    }
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+
+
+def parse_duration(text: str) -> timedelta:
+    """``30d``, ``12h``, ``90m``, ``3600s``, ``2w`` or combinations like ``1d12h``."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 30d, 12h, 90m, 3600s")
+    return timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC with a ``Z``."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: Any, key: str) -> datetime:
+    """An RFC 3339 time with an explicit offset (``Z`` or ``+hh:mm``)."""
+    if not isinstance(value, str):
+        raise UpdateRejectedError(f"{key} must be an RFC 3339 time string")
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise UpdateRejectedError(f"{key} {value!r} is not an RFC 3339 time") from exc
+    if moment.tzinfo is None:
+        raise UpdateRejectedError(f"{key} {value!r} has no time zone offset")
+    return moment
+
+
+def _name(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or value in (".", ".."):
+        raise UpdateRejectedError(f"{key} {value!r} is not a valid name: use 1-64 of "
+                             "A-Z a-z 0-9 . _ - (no paths)")
+    return value
+
+
+def _names(data: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UpdateRejectedError(f"targets.{key} must be a list of strings")
+    return tuple(value)
+
+
+def _positive_int(data: dict[str, Any], key: str) -> int:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UpdateRejectedError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _source(data: dict[str, Any], length: int) -> ChunkSource | UrlSource:
+    source = data.get("source")
+    if not isinstance(source, dict):
+        raise UpdateRejectedError('source must be {"mqtt": {"chunk_size", "chunks"}} or '
+                             '{"url": "https://..."}')
+    if "url" in source:
+        url = source["url"]
+        if not isinstance(url, str) or not url.lower().startswith("https://"):
+            raise UpdateRejectedError(f"source url {url!r} is not https://")
+        return UrlSource(url)
+    mqtt = source.get("mqtt")
+    if not isinstance(mqtt, dict):
+        raise UpdateRejectedError("source names neither mqtt nor url")
+    chunk_size = _positive_int(mqtt, "chunk_size")
+    chunks = _positive_int(mqtt, "chunks")
+    if chunk_size > MAX_CHUNK_SIZE:
+        raise UpdateRejectedError(f"chunk_size {chunk_size} exceeds {MAX_CHUNK_SIZE}")
+    if chunks != math.ceil(length / chunk_size):
+        raise UpdateRejectedError(f"{chunks} chunks of {chunk_size} bytes cannot carry length "
+                             f"{length} (needs {math.ceil(length / chunk_size)})")
+    return ChunkSource(chunk_size, chunks)
