@@ -47,6 +47,7 @@ bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop 
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy

@@ -35,12 +35,15 @@ def own_folder(folder: Path, mode: int = 0o700) -> Path:
         os.mkdir(folder, mode)
     info = os.lstat(folder)
     if stat.S_ISLNK(info.st_mode):
-        raise UnsafePathError(f"{folder} is a symbolic link; the agent keeps its own files there "
-                              "and does not follow links: remove the link (the agent creates "
-                              "the folder again)")
+        raise UnsafePathError(
+            f"{folder} is a symbolic link; the agent keeps its own files there "
+            "and does not follow links: remove the link (the agent creates "
+            "the folder again)"
+        )
     if not stat.S_ISDIR(info.st_mode):
-        raise UnsafePathError(f"{folder} is not a folder; the agent needs it for its own files: "
-                              "remove it")
+        raise UnsafePathError(
+            f"{folder} is not a folder; the agent needs it for its own files: remove it"
+        )
     return folder
 
 
@@ -56,8 +59,9 @@ def refuse_symlink(path: Path) -> None:
 
 
 def _symlink_error(path: Path) -> UnsafePathError:
-    return UnsafePathError(f"{path} is a symbolic link; the agent does not follow links for "
-                           "its own files: remove it")
+    return UnsafePathError(
+        f"{path} is a symbolic link; the agent does not follow links for its own files: remove it"
+    )
 
 
 def create_file(path: Path, mode: int = 0o600) -> int:
@@ -127,8 +131,10 @@ def lock_folder(folder: Path) -> int:
     except BlockingIOError as exc:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise EdgeAgentError(f"state_dir {folder} is in use by another edge-agent (pid "
-                             f"{holder}); give each daemon its own state_dir") from exc
+        raise EdgeAgentError(
+            f"state_dir {folder} is in use by another edge-agent (pid "
+            f"{holder}); give each daemon its own state_dir"
+        ) from exc
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

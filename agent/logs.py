@@ -15,8 +15,9 @@ import structlog
 LEVELS = ("debug", "info", "warning", "error")
 
 
-def configure_logging(level: str = "info", *, json_output: bool | None = None,
-                      stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str = "info", *, json_output: bool | None = None, stream: TextIO | None = None
+) -> None:
     """Set up structlog and the stdlib root logger.
 
     ``json_output`` defaults to JSON when ``stream`` is not a terminal (systemd/journald,

@@ -92,8 +92,9 @@ class Run:
     log_path: Path
 
 
-def run_checks(folder: Path, broker: MosquittoBroker, target: list[str], env: dict[str, str],
-               timeout_s: float) -> int:
+def run_checks(
+    folder: Path, broker: MosquittoBroker, target: list[str], env: dict[str, str], timeout_s: float
+) -> int:
     started = time.monotonic()
     models = folder / "models"
     first = build_linear(models / "lin.onnx", features=4, outputs=2, seed=0)
@@ -113,22 +114,33 @@ def run_checks(folder: Path, broker: MosquittoBroker, target: list[str], env: di
     return 0
 
 
-def start_daemon(folder: Path, broker: MosquittoBroker, target: list[str], env: dict[str, str],
-                 timeout_s: float) -> Run:
+def start_daemon(
+    folder: Path, broker: MosquittoBroker, target: list[str], env: dict[str, str], timeout_s: float
+) -> Run:
     config = {
-        "device_id": "arm1", "log_level": "info",
+        "device_id": "arm1",
+        "log_level": "info",
         "mqtt": {"host": broker.host, "port": broker.port},
-        "models_dir": str(folder / "models"), "state_dir": str(folder / "state"),
+        "models_dir": str(folder / "models"),
+        "state_dir": str(folder / "state"),
         "models": {"lin": {}},
         "health": {"interval_s": 2},
         "pipelines": {
-            "json": {"model": "lin", "input": {"topic": "in/json/+", "field": "x"},
-                     "output": {"topic": "out/json/{1}"}},
-            "raw": {"model": "lin", "input": {"topic": "in/raw/+", "format": "raw",
-                                              "dtype": "float32", "shape": [4]},
-                    "output": {"topic": "out/raw/{1}"}},
-            "npy": {"model": "lin", "input": {"topic": "in/npy/+", "format": "npy"},
-                    "output": {"topic": "out/npy/{1}"}},
+            "json": {
+                "model": "lin",
+                "input": {"topic": "in/json/+", "field": "x"},
+                "output": {"topic": "out/json/{1}"},
+            },
+            "raw": {
+                "model": "lin",
+                "input": {"topic": "in/raw/+", "format": "raw", "dtype": "float32", "shape": [4]},
+                "output": {"topic": "out/raw/{1}"},
+            },
+            "npy": {
+                "model": "lin",
+                "input": {"topic": "in/npy/+", "format": "npy"},
+                "output": {"topic": "out/npy/{1}"},
+            },
         },
     }
     config_file = folder / "agent.yaml"
@@ -136,29 +148,43 @@ def start_daemon(folder: Path, broker: MosquittoBroker, target: list[str], env: 
     log_path = folder / "agent.log"
     rec = Recorder(broker, ["out/#", "edge/arm1/#"]).start()
     with log_path.open("wb") as log_file:
-        daemon = subprocess.Popen([*target, "-m", "agent", "run", "--config", str(config_file),
-                                   "--log-format", "json"], stdout=log_file,
-                                  stderr=subprocess.STDOUT, env=env, cwd=folder)
+        daemon = subprocess.Popen(
+            [*target, "-m", "agent", "run", "--config", str(config_file), "--log-format", "json"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=folder,
+        )
     return Run(folder, broker, target, env, timeout_s, rec, daemon, log_path)
 
 
 def check_start(run: Run) -> None:
-    wait_for(lambda: any(e.get("event") == "agent_serving" for e in log_events(run.log_path))
-             or run.daemon.poll() is not None, run.timeout_s, "the emulated daemon to serve")
+    wait_for(
+        lambda: (
+            any(e.get("event") == "agent_serving" for e in log_events(run.log_path))
+            or run.daemon.poll() is not None
+        ),
+        run.timeout_s,
+        "the emulated daemon to serve",
+    )
     if run.daemon.poll() is not None:
         fail(f"the daemon exited with {run.daemon.returncode}:\n{run.log_path.read_text()}")
     events = log_events(run.log_path)
     starting = next(e for e in events if e.get("event") == "agent_starting")
     hardware = next(e for e in events if e.get("event") == "hardware_detected")
-    print(f"inside the emulated process: machine={starting.get('machine')}, python "
-          f"{starting.get('python')}, onnxruntime {starting.get('onnxruntime')}; "
-          f"hardware: {hardware.get('summary')}", flush=True)
+    print(
+        f"inside the emulated process: machine={starting.get('machine')}, python "
+        f"{starting.get('python')}, onnxruntime {starting.get('onnxruntime')}; "
+        f"hardware: {hardware.get('summary')}",
+        flush=True,
+    )
     if starting.get("machine") != "aarch64":
         fail(f"platform.machine() is {starting.get('machine')!r}, not 'aarch64'")
 
 
-READINGS = np.array([[0.5, -1.0, 2.0, 3.25], [1.5, 0.25, -0.75, 4.0], [-2.0, 1.0, 0.5, 0.0]],
-                    dtype=np.float32)
+READINGS = np.array(
+    [[0.5, -1.0, 2.0, 3.25], [1.5, 0.25, -0.75, 4.0], [-2.0, 1.0, 0.5, 0.0]], dtype=np.float32
+)
 
 
 def check_formats(run: Run, model: Path) -> None:
@@ -169,8 +195,11 @@ def check_formats(run: Run, model: Path) -> None:
     buffer = io.BytesIO()
     np.save(buffer, READINGS[2])
     client.publish("in/npy/c", buffer.getvalue(), qos=1)
-    wait_for(lambda: len([m for m in run.rec.messages if m.topic.startswith("out/")]) >= 3,
-             run.timeout_s, "results of the three formats")
+    wait_for(
+        lambda: len([m for m in run.rec.messages if m.topic.startswith("out/")]) >= 3,
+        run.timeout_s,
+        "results of the three formats",
+    )
     client.loop_stop()
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     expected = session.run(None, {"x": READINGS})[0]
@@ -187,9 +216,14 @@ def check_reload(run: Run, models: Path, second: Path) -> None:
     temp = models / "lin.onnx.tmp"
     temp.write_bytes(second.read_bytes())
     os.replace(temp, models / "lin.onnx")
-    wait_for(lambda: any(json.loads(m.payload).get("version") == new_version
-                         for m in run.rec.on("edge/arm1/models/lin")),
-             run.timeout_s, "the hot reload")
+    wait_for(
+        lambda: any(
+            json.loads(m.payload).get("version") == new_version
+            for m in run.rec.on("edge/arm1/models/lin")
+        ),
+        run.timeout_s,
+        "the hot reload",
+    )
     client = publisher(run.broker)
     client.publish("in/json/d", json.dumps({"id": "k", "x": READINGS[0].tolist()}), qos=1)
     wait_for(lambda: bool(run.rec.on("out/json/d")), run.timeout_s, "a result after reload")
@@ -197,7 +231,8 @@ def check_reload(run: Run, models: Path, second: Path) -> None:
     after = json.loads(run.rec.on("out/json/d")[0].payload)
     reloaded = ort.InferenceSession(str(second), providers=["CPUExecutionProvider"])
     if after["version"] != new_version or not np.allclose(
-            after["outputs"]["y"], reloaded.run(None, {"x": READINGS[:1]})[0][0], rtol=1e-5):
+        after["outputs"]["y"], reloaded.run(None, {"x": READINGS[:1]})[0][0], rtol=1e-5
+    ):
         fail(f"after the reload: {after}")
     print(f"hot reload: results now from {new_version[:19]}")
 
@@ -208,26 +243,39 @@ def check_stop(run: Run) -> None:
     code = run.daemon.wait(timeout=60)
     if code != 0:
         fail(f"SIGTERM: exit code {code}")
-    wait_for(lambda: any(m.payload == b"offline" for m in run.rec.on("edge/arm1/status")),
-             30, "'offline' after SIGTERM")
+    wait_for(
+        lambda: any(m.payload == b"offline" for m in run.rec.on("edge/arm1/status")),
+        30,
+        "'offline' after SIGTERM",
+    )
     print("SIGTERM: exit 0, offline published")
 
 
 def check_detect(target: list[str], env: dict[str, str], timeout_s: float) -> None:
     """`edge-agent detect` on the Raspberry Pi 4 fixture: a Pi, CPU only, 4 threads."""
     fixture = REPO / "tests" / "fixtures" / "hw" / "raspberry-pi-4"
-    done = subprocess.run([*target, "-m", "agent", "detect", "--json", "--root", str(fixture)],
-                          capture_output=True, text=True, env=env, timeout=timeout_s,
-                          check=False)
+    done = subprocess.run(
+        [*target, "-m", "agent", "detect", "--json", "--root", str(fixture)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+        check=False,
+    )
     if done.returncode != 0:
         fail(f"detect: {done.stderr}")
     report = json.loads(done.stdout)
-    if report["hardware"]["board"] != "raspberry-pi" or report["hardware"]["machine"] != \
-            "aarch64" or [c["name"] for c in report["chosen"]] != ["CPUExecutionProvider"] \
-            or report["session"]["intra_op_num_threads"] != 4:
+    if (
+        report["hardware"]["board"] != "raspberry-pi"
+        or report["hardware"]["machine"] != "aarch64"
+        or [c["name"] for c in report["chosen"]] != ["CPUExecutionProvider"]
+        or report["session"]["intra_op_num_threads"] != 4
+    ):
         fail(f"detect on the Raspberry Pi 4 fixture: {json.dumps(report)[:800]}")
-    print(f"detect: {report['hardware']['summary']}, CPU with "
-          f"{report['session']['intra_op_num_threads']} threads")
+    print(
+        f"detect: {report['hardware']['summary']}, CPU with "
+        f"{report['session']['intra_op_num_threads']} threads"
+    )
 
 
 if __name__ == "__main__":

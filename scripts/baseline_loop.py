@@ -29,8 +29,9 @@ def main() -> None:
     parser.add_argument("--input-topic", required=True)
     parser.add_argument("--output-topic", required=True)
     parser.add_argument("--field", default="x")
-    parser.add_argument("--echo", action="store_true",
-                        help="skip inference: measures the MQTT transport alone")
+    parser.add_argument(
+        "--echo", action="store_true", help="skip inference: measures the MQTT transport alone"
+    )
     args = parser.parse_args()
 
     session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
@@ -38,8 +39,9 @@ def main() -> None:
     item_shape = [d if isinstance(d, int) else 1 for d in session.get_inputs()[0].shape[1:]]
     output_names = [o.name for o in session.get_outputs()]
 
-    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                   properties: Any) -> None:
+    def on_connect(
+        client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         client.subscribe(args.input_topic, qos=1)
 
     def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
@@ -49,9 +51,12 @@ def main() -> None:
         reading = json.loads(message.payload)
         x = np.asarray(reading[args.field], dtype=np.float32).reshape([1, *item_shape])
         outputs = session.run(None, {input_name: x})
-        result = {"id": reading.get("id"),
-                  "outputs": {name: value[0].tolist() for name, value in
-                              zip(output_names, outputs, strict=True)}}
+        result = {
+            "id": reading.get("id"),
+            "outputs": {
+                name: value[0].tolist() for name, value in zip(output_names, outputs, strict=True)
+            },
+        }
         client.publish(args.output_topic, json.dumps(result), qos=1)
 
     def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:

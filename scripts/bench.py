@@ -64,8 +64,8 @@ class ModelCase:
 
     name: str
     path: Path
-    inputs: np.ndarray                  # [readings, *item shape], float32
-    decimals: int = 5                   # JSON payloads carry this many decimals
+    inputs: np.ndarray  # [readings, *item shape], float32
+    decimals: int = 5  # JSON payloads carry this many decimals
 
     def json_payload(self, index: int) -> bytes:
         values = np.round(self.inputs[index], self.decimals).tolist()
@@ -98,19 +98,21 @@ def build_models(folder: Path, readings: int, wanted: list[str]) -> list[ModelCa
         model = to_onnx(forest, train[:1], target_opset={"": 15, "ai.onnx.ml": 3})
         path = folder / "iforest.onnx"
         path.write_bytes(model.SerializeToString())
-        cases.append(ModelCase("iforest", path,
-                               rng.standard_normal((readings, 64)).astype(np.float32)))
+        cases.append(
+            ModelCase("iforest", path, rng.standard_normal((readings, 64)).astype(np.float32))
+        )
     if "mlp" in wanted:
         path = folder / "mlp.onnx"
         _save(_mlp(rng), path)
-        cases.append(ModelCase("mlp", path,
-                               rng.standard_normal((readings, 64)).astype(np.float32)))
+        cases.append(ModelCase("mlp", path, rng.standard_normal((readings, 64)).astype(np.float32)))
     if "cnn" in wanted:
         path = folder / "cnn.onnx"
         _save(_cnn(rng), path)
-        cases.append(ModelCase("cnn", path,
-                               rng.standard_normal((readings, 1, 1024)).astype(np.float32),
-                               decimals=4))
+        cases.append(
+            ModelCase(
+                "cnn", path, rng.standard_normal((readings, 1, 1024)).astype(np.float32), decimals=4
+            )
+        )
     return cases
 
 
@@ -122,42 +124,57 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 def _weights(rng: np.random.Generator, name: str, *shape: int) -> onnx.TensorProto:
     scale = 1.0 / np.sqrt(shape[0] if len(shape) == 2 else np.prod(shape[1:]))
-    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32),
-                                   name)
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
 
 def _mlp(rng: np.random.Generator) -> onnx.GraphProto:
     """64 -> 128 -> 64 -> 8 with ReLU."""
     return helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W1", "B1"], ["h1"]),
-         helper.make_node("Relu", ["h1"], ["a1"]),
-         helper.make_node("Gemm", ["a1", "W2", "B2"], ["h2"]),
-         helper.make_node("Relu", ["h2"], ["a2"]),
-         helper.make_node("Gemm", ["a2", "W3", "B3"], ["y"])],
+        [
+            helper.make_node("Gemm", ["x", "W1", "B1"], ["h1"]),
+            helper.make_node("Relu", ["h1"], ["a1"]),
+            helper.make_node("Gemm", ["a1", "W2", "B2"], ["h2"]),
+            helper.make_node("Relu", ["h2"], ["a2"]),
+            helper.make_node("Gemm", ["a2", "W3", "B3"], ["y"]),
+        ],
         "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
-        [_weights(rng, "W1", 64, 128), numpy_helper.from_array(np.zeros(128, np.float32), "B1"),
-         _weights(rng, "W2", 128, 64), numpy_helper.from_array(np.zeros(64, np.float32), "B2"),
-         _weights(rng, "W3", 64, 8), numpy_helper.from_array(np.zeros(8, np.float32), "B3")])
+        [
+            _weights(rng, "W1", 64, 128),
+            numpy_helper.from_array(np.zeros(128, np.float32), "B1"),
+            _weights(rng, "W2", 128, 64),
+            numpy_helper.from_array(np.zeros(64, np.float32), "B2"),
+            _weights(rng, "W3", 64, 8),
+            numpy_helper.from_array(np.zeros(8, np.float32), "B3"),
+        ],
+    )
 
 
 def _cnn(rng: np.random.Generator) -> onnx.GraphProto:
     """1-D CNN over 1024 samples: two strided convolutions, global pooling, 4 scores."""
     return helper.make_graph(
-        [helper.make_node("Conv", ["x", "K1", "C1"], ["c1"], strides=[4], pads=[4, 4]),
-         helper.make_node("Relu", ["c1"], ["r1"]),
-         helper.make_node("Conv", ["r1", "K2", "C2"], ["c2"], strides=[4], pads=[4, 4]),
-         helper.make_node("Relu", ["c2"], ["r2"]),
-         helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("Gemm", ["flat", "W", "B"], ["y"])],
+        [
+            helper.make_node("Conv", ["x", "K1", "C1"], ["c1"], strides=[4], pads=[4, 4]),
+            helper.make_node("Relu", ["c1"], ["r1"]),
+            helper.make_node("Conv", ["r1", "K2", "C2"], ["c2"], strides=[4], pads=[4, 4]),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("GlobalAveragePool", ["r2"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["flat"]),
+            helper.make_node("Gemm", ["flat", "W", "B"], ["y"]),
+        ],
         "cnn1d",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 1024])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [_weights(rng, "K1", 16, 1, 9), numpy_helper.from_array(np.zeros(16, np.float32), "C1"),
-         _weights(rng, "K2", 32, 16, 9), numpy_helper.from_array(np.zeros(32, np.float32), "C2"),
-         _weights(rng, "W", 32, 4), numpy_helper.from_array(np.zeros(4, np.float32), "B")])
+        [
+            _weights(rng, "K1", 16, 1, 9),
+            numpy_helper.from_array(np.zeros(16, np.float32), "C1"),
+            _weights(rng, "K2", 32, 16, 9),
+            numpy_helper.from_array(np.zeros(32, np.float32), "C2"),
+            _weights(rng, "W", 32, 4),
+            numpy_helper.from_array(np.zeros(4, np.float32), "B"),
+        ],
+    )
 
 
 # -- raw onnxruntime --------------------------------------------------------------------------
@@ -184,8 +201,9 @@ def raw_throughput(case: ModelCase, batch: int, seconds: float = 2.0) -> float:
 class ResultCounter:
     """Subscribes to results and records when each reading id was answered."""
 
-    def __init__(self, broker: MosquittoBroker, topic_filter: str, id_from_order: bool = False
-                 ) -> None:
+    def __init__(
+        self, broker: MosquittoBroker, topic_filter: str, id_from_order: bool = False
+    ) -> None:
         # Raw payloads carry no id. One sender, one topic, QoS 1 and one pipeline worker keep
         # readings in order end to end, so the n-th result answers the n-th reading.
         self.id_from_order = id_from_order
@@ -264,8 +282,9 @@ def saturation(broker: MosquittoBroker, results: ResultCounter, messages: Messag
     return len(messages) / (max(results.received.values()) - started)
 
 
-def latency(broker: MosquittoBroker, results: ResultCounter, messages: Messages
-            ) -> tuple[float, float]:
+def latency(
+    broker: MosquittoBroker, results: ResultCounter, messages: Messages
+) -> tuple[float, float]:
     """p50 and p99 in ms at a fixed LATENCY_RATE."""
     results.reset()
     sender = _sender(broker)
@@ -287,8 +306,9 @@ def latency(broker: MosquittoBroker, results: ResultCounter, messages: Messages
     return statistics.median(values), values[max(0, int(len(values) * 0.99) - 1)]
 
 
-def start_process(command: list[str], ready: Callable[[], bool], log: Path
-                  ) -> subprocess.Popen[bytes]:
+def start_process(
+    command: list[str], ready: Callable[[], bool], log: Path
+) -> subprocess.Popen[bytes]:
     handle = log.open("wb")
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
@@ -322,8 +342,9 @@ def warm(broker: MosquittoBroker, results: ResultCounter, messages: Messages) ->
     sender.loop_stop()
 
 
-def measure_target(broker: MosquittoBroker, out_filter: str, messages: Messages,
-                   id_from_order: bool = False) -> dict[str, float]:
+def measure_target(
+    broker: MosquittoBroker, out_filter: str, messages: Messages, id_from_order: bool = False
+) -> dict[str, float]:
     """Saturation throughput and latency at LATENCY_RATE of whatever answers on out_filter."""
     results = ResultCounter(broker, out_filter, id_from_order)
     try:
@@ -348,10 +369,22 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
     for label, extra in (("transport", ["--echo"]), ("baseline", [])):
         log = folder / f"{case.name}-{label}.log"
         process = start_process(
-            [python, str(REPO / "scripts" / "baseline_loop.py"), "--port", str(broker.port),
-             "--model", str(case.path), "--input-topic", f"b/{case.name}/in",
-             "--output-topic", f"b/{case.name}/out", *extra],
-            _printed_ready(log), log)
+            [
+                python,
+                str(REPO / "scripts" / "baseline_loop.py"),
+                "--port",
+                str(broker.port),
+                "--model",
+                str(case.path),
+                "--input-topic",
+                f"b/{case.name}/in",
+                "--output-topic",
+                f"b/{case.name}/out",
+                *extra,
+            ],
+            _printed_ready(log),
+            log,
+        )
         try:
             time.sleep(0.5)
             figures = measure_target(broker, f"b/{case.name}/out", baseline_messages)
@@ -368,12 +401,17 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
     (models_dir / "m.onnx").write_bytes(case.path.read_bytes())
     # Plain (at-most-once: acknowledged on arrival, as the baseline loop does) first, then
     # the default at-least-once, in the same run so their ratio means something.
-    plain = run_daemon(case, broker, folder, models_dir, "at_most_once",
-                       {"json": json_messages})
+    plain = run_daemon(case, broker, folder, models_dir, "at_most_once", {"json": json_messages})
     row.figures["plain_json_sat"] = plain["json_sat"]
     row.figures["plain_rss"] = plain["json_rss"]
-    durable = run_daemon(case, broker, folder, models_dir, "at_least_once",
-                         {"json": json_messages, "raw": raw_messages})
+    durable = run_daemon(
+        case,
+        broker,
+        folder,
+        models_dir,
+        "at_least_once",
+        {"json": json_messages, "raw": raw_messages},
+    )
     row.figures["daemon_json_sat"] = durable["json_sat"]
     row.figures["daemon_p50"] = durable["json_p50"]
     row.figures["daemon_p99"] = durable["json_p99"]
@@ -384,40 +422,56 @@ def bench_model(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Row:
     return row
 
 
-def run_daemon(case: ModelCase, broker: MosquittoBroker, folder: Path,  # noqa: PLR0917
-               models_dir: Path, delivery: str, runs: dict[str, Messages]) -> dict[str, float]:
+def run_daemon(  # noqa: PLR0917
+    case: ModelCase,
+    broker: MosquittoBroker,
+    folder: Path,
+    models_dir: Path,
+    delivery: str,
+    runs: dict[str, Messages],
+) -> dict[str, float]:
     """Start the daemon in ``delivery`` mode and measure each payload format in ``runs``."""
     item_shape = list(case.inputs.shape[1:])
     device = f"bench-{case.name}-{delivery}"
     config = {
-        "device_id": device, "log_level": "warning", "delivery": delivery,
+        "device_id": device,
+        "log_level": "warning",
+        "delivery": delivery,
         "mqtt": {"host": broker.host, "port": broker.port},
-        "models_dir": str(models_dir), "state_dir": str(folder / f"state-{device}"),
+        "models_dir": str(models_dir),
+        "state_dir": str(folder / f"state-{device}"),
         "models": {"m": {}},
         "pipelines": {
-            "json": {"model": "m", "input": {"topic": "d/json/+", "field": "x"},
-                     "output": {"topic": "d/out/json/{1}"},
-                     "batching": {"max_batch": 64, "max_delay_ms": 2},
-                     "queue": {"max": 100_000}},
-            "raw": {"model": "m", "input": {"topic": "d/raw/+", "format": "raw",
-                                            "shape": item_shape},
-                    "output": {"topic": "d/out/raw/{1}"},
-                    "batching": {"max_batch": 64, "max_delay_ms": 2},
-                    "queue": {"max": 100_000}},
+            "json": {
+                "model": "m",
+                "input": {"topic": "d/json/+", "field": "x"},
+                "output": {"topic": "d/out/json/{1}"},
+                "batching": {"max_batch": 64, "max_delay_ms": 2},
+                "queue": {"max": 100_000},
+            },
+            "raw": {
+                "model": "m",
+                "input": {"topic": "d/raw/+", "format": "raw", "shape": item_shape},
+                "output": {"topic": "d/out/raw/{1}"},
+                "batching": {"max_batch": 64, "max_delay_ms": 2},
+                "queue": {"max": 100_000},
+            },
         },
     }
     config_file = folder / f"daemon-{device}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     log = folder / f"{device}.log"
     status = StatusWatch(broker, f"edge/{device}/models/m")
-    process = start_process([sys.executable, "-m", "agent", "run", "--config",
-                             str(config_file)], status.ready, log)
+    process = start_process(
+        [sys.executable, "-m", "agent", "run", "--config", str(config_file)], status.ready, log
+    )
     figures: dict[str, float] = {}
     try:
         time.sleep(0.5)
         for name, messages in runs.items():
-            measured = measure_target(broker, f"d/out/{name}/#", messages,
-                                      id_from_order=name == "raw")
+            measured = measure_target(
+                broker, f"d/out/{name}/#", messages, id_from_order=name == "raw"
+            )
             figures[f"{name}_sat"] = measured["throughput"]
             figures[f"{name}_p50"] = measured["p50"]
             figures[f"{name}_p99"] = measured["p99"]
@@ -456,10 +510,12 @@ class StatusWatch:
 
 
 def report(rows: list[Row]) -> str:
-    header = ("| model | raw b1 /s | raw b32 /s | transport /s | baseline /s | daemon json /s "
-              "| daemon raw /s | json/baseline | raw/baseline | p50/p99 ms baseline "
-              "| p50/p99 ms daemon json | p50 ms daemon raw | RSS MB baseline | RSS MB daemon "
-              "(json / +raw) | plain json /s | at-least-once/plain | RSS MB plain |")
+    header = (
+        "| model | raw b1 /s | raw b32 /s | transport /s | baseline /s | daemon json /s "
+        "| daemon raw /s | json/baseline | raw/baseline | p50/p99 ms baseline "
+        "| p50/p99 ms daemon json | p50 ms daemon raw | RSS MB baseline | RSS MB daemon "
+        "(json / +raw) | plain json /s | at-least-once/plain | RSS MB plain |"
+    )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for row in rows:
         f = row.figures
@@ -472,7 +528,8 @@ def report(rows: list[Row]) -> str:
             f"{f['baseline_p99']:.2f} | {f['daemon_p50']:.2f} / {f['daemon_p99']:.2f} | "
             f"{f['daemon_raw_p50']:.2f} | {f['baseline_rss']:.0f} | {f['daemon_rss']:.0f} / "
             f"{f['daemon_rss_after_raw']:.0f} | {f['plain_json_sat']:,.0f} | "
-            f"{f['daemon_json_sat'] / f['plain_json_sat']:.2f}x | {f['plain_rss']:.0f} |")
+            f"{f['daemon_json_sat'] / f['plain_json_sat']:.2f}x | {f['plain_rss']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -486,8 +543,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as temp:
         folder = Path(temp)
         (folder / "broker").mkdir()
-        broker = MosquittoBroker(folder / "broker", extra_lines=(
-            "max_inflight_messages 1000", "max_queued_messages 1000000"))
+        broker = MosquittoBroker(
+            folder / "broker",
+            extra_lines=("max_inflight_messages 1000", "max_queued_messages 1000000"),
+        )
         broker.start()
         wait_for_port(broker.port)
         rows = []
@@ -497,12 +556,15 @@ def main() -> int:
                 rows.append(bench_model(case, broker, folder))
         finally:
             broker.stop()
-    print(f"\n{os.cpu_count()} CPUs, {args.readings} readings per run, QoS 1, "
-          f"latency at {LATENCY_RATE:.0f} readings/s\n")
+    print(
+        f"\n{os.cpu_count()} CPUs, {args.readings} readings per run, QoS 1, "
+        f"latency at {LATENCY_RATE:.0f} readings/s\n"
+    )
     print(report(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([{"model": r.model, **r.figures} for r in rows],
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps([{"model": r.model, **r.figures} for r in rows], indent=2)
+        )
     return 0
 
 

@@ -63,24 +63,35 @@ def wait(predicate: Any, timeout_s: float) -> bool:
     return True
 
 
-def start_daemon(root: Path, broker: MosquittoBroker, queue: int, layers: int
-                 ) -> subprocess.Popen[bytes]:
+def start_daemon(
+    root: Path, broker: MosquittoBroker, queue: int, layers: int
+) -> subprocess.Popen[bytes]:
     """The daemon on a slow model, one pipeline with a bounded queue; log in root/agent.log."""
     build_slow(root / "models" / "slow.onnx", layers=layers)
     config = {
-        "device_id": "bench", "models_dir": str(root / "models"),
+        "device_id": "bench",
+        "models_dir": str(root / "models"),
         "state_dir": str(root / "state"),
         "mqtt": {"host": broker.host, "port": broker.port},
         "models": {"slow": {}},
-        "pipelines": {"p": {"model": "slow", "input": {"topic": "in/+", "qos": 0},
-                            "output": {"topic": "out/{1}", "qos": 1},
-                            "batching": {"max_batch": 1}, "queue": {"max": queue}}},
+        "pipelines": {
+            "p": {
+                "model": "slow",
+                "input": {"topic": "in/+", "qos": 0},
+                "output": {"topic": "out/{1}", "qos": 1},
+                "batching": {"max_batch": 1},
+                "queue": {"max": queue},
+            }
+        },
     }
     (root / "agent.yaml").write_text(yaml.safe_dump(config))
     with (root / "agent.log").open("wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                                 str(root / "agent.yaml")], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=REPO)
+        return subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(root / "agent.yaml")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
 
 
 def client(broker: MosquittoBroker, results: Results | None = None) -> paho.Client:
@@ -96,8 +107,9 @@ def client(broker: MosquittoBroker, results: Results | None = None) -> paho.Clie
     return mqtt
 
 
-def overload(feeder: paho.Client, results: Results, rate: float, seconds: float
-             ) -> tuple[int, float]:
+def overload(
+    feeder: paho.Client, results: Results, rate: float, seconds: float
+) -> tuple[int, float]:
     """Feed readings at ``rate`` for ``seconds``, then wait until the queue drained (no new
     result for a second) and send one more; returns (readings fed, seconds fed)."""
     payload = json.dumps([0.1] * 8).encode()
@@ -129,14 +141,21 @@ def report(results: Results, sent: int, fed_s: float, queue: int) -> None:
     service_ms = 1000.0 * fed_s / max(len(served), 1)
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     bound_ms = queue * service_ms
-    print(f"fed {sent} readings in {fed_s:.1f} s ({sent / fed_s:.0f}/s); served {len(served)} "
-          f"({len(served) / fed_s:.0f}/s): overload x{sent / max(len(served), 1):.1f}")
-    print(f"latency of served readings: median {statistics.median(latencies):.0f} ms, "
-          f"p95 {p95:.0f} ms, worst {latencies[-1]:.0f} ms; queue bound {queue} x "
-          f"{service_ms:.1f} ms = {bound_ms:.0f} ms (worst / bound: "
-          f"{latencies[-1] / bound_ms:.2f})")
-    print(f"after the load: {after[0]['latency_ms']:.0f} ms" if after
-          else "after the load: no answer within 30 s")
+    print(
+        f"fed {sent} readings in {fed_s:.1f} s ({sent / fed_s:.0f}/s); served {len(served)} "
+        f"({len(served) / fed_s:.0f}/s): overload x{sent / max(len(served), 1):.1f}"
+    )
+    print(
+        f"latency of served readings: median {statistics.median(latencies):.0f} ms, "
+        f"p95 {p95:.0f} ms, worst {latencies[-1]:.0f} ms; queue bound {queue} x "
+        f"{service_ms:.1f} ms = {bound_ms:.0f} ms (worst / bound: "
+        f"{latencies[-1] / bound_ms:.2f})"
+    )
+    print(
+        f"after the load: {after[0]['latency_ms']:.0f} ms"
+        if after
+        else "after the load: no answer within 30 s"
+    )
 
 
 def main() -> int:
@@ -157,6 +176,7 @@ def main() -> int:
         results = Results()
         listener, feeder = client(broker, results), client(broker)
         try:
+
             def answered() -> bool:
                 feeder.publish("in/warm", b"[0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]")
                 return wait(lambda: results.count("out/warm") > 0, 0.5)

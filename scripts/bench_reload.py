@@ -46,13 +46,25 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         pad = int(args.size_mb * 1024 * 1024)
-        models = [build_linear(root / "build" / f"{i}.onnx", features=64, outputs=8, seed=i,
-                               pad_bytes=pad).read_bytes() for i in range(2)]
-        config = config_from_document(YamlDocument(data={
-            "device_id": "bench", "models_dir": str(root / "models"),
-            "state_dir": str(root / "state"), "models": {"m": {}},
-            "watch": {"mode": "inotify"},
-        }), "<bench>", base_dir=root)
+        models = [
+            build_linear(
+                root / "build" / f"{i}.onnx", features=64, outputs=8, seed=i, pad_bytes=pad
+            ).read_bytes()
+            for i in range(2)
+        ]
+        config = config_from_document(
+            YamlDocument(
+                data={
+                    "device_id": "bench",
+                    "models_dir": str(root / "models"),
+                    "state_dir": str(root / "state"),
+                    "models": {"m": {}},
+                    "watch": {"mode": "inotify"},
+                }
+            ),
+            "<bench>",
+            base_dir=root,
+        )
         target = config.model_path("m")
         target.parent.mkdir(parents=True)
         target.write_bytes(models[0])
@@ -86,8 +98,10 @@ def main() -> int:
     print(f"RSS after reload 1    {rss_first:.1f} MB")
     print(f"RSS after reload {args.reloads:<4} {rss_last:.1f} MB")
     print(f"RSS growth            {rss_last - rss_first:+.1f} MB")
-    print(f"reload-to-serving     median {statistics.median(latencies) * 1000:.1f} ms, "
-          f"p95 {latencies[int(len(latencies) * 0.95) - 1] * 1000:.1f} ms")
+    print(
+        f"reload-to-serving     median {statistics.median(latencies) * 1000:.1f} ms, "
+        f"p95 {latencies[int(len(latencies) * 0.95) - 1] * 1000:.1f} ms"
+    )
     return 0
 
 

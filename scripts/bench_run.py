@@ -26,11 +26,17 @@ def describe_run() -> str:
     onnxruntime 1.23.2, paho-mqtt 2.2.0' (the CPU and memory as the daemon detects them)."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     hardware = detect()
-    parts = [f"run {now}", f"{hardware.machine} {hardware.cpu_model or hardware.machine}",
-             f"{hardware.logical_cpus} CPUs"]
+    parts = [
+        f"run {now}",
+        f"{hardware.machine} {hardware.cpu_model or hardware.machine}",
+        f"{hardware.logical_cpus} CPUs",
+    ]
     if hardware.memory_mb is not None:
         parts.append(f"{hardware.memory_mb / 1024:.1f} GiB")
-    parts += [f"{platform.system()} {platform.release().split('-')[0]}",
-              f"Python {platform.python_version()}",
-              f"onnxruntime {_version('onnxruntime')}", f"paho-mqtt {_version('paho-mqtt')}"]
+    parts += [
+        f"{platform.system()} {platform.release().split('-')[0]}",
+        f"Python {platform.python_version()}",
+        f"onnxruntime {_version('onnxruntime')}",
+        f"paho-mqtt {_version('paho-mqtt')}",
+    ]
     return ", ".join(parts)

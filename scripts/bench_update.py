@@ -88,34 +88,52 @@ def main() -> int:
         (root / "models").mkdir()
         build_linear(root / "models" / "lin.onnx", features=4, outputs=2, seed=0)
         config = {
-            "device_id": "bench", "log_level": "warning",
+            "device_id": "bench",
+            "log_level": "warning",
             "mqtt": {"host": broker.host, "port": broker.port},
-            "models_dir": str(root / "models"), "state_dir": str(root / "state"),
+            "models_dir": str(root / "models"),
+            "state_dir": str(root / "state"),
             "models": {"lin": {}},
-            "pipelines": {"p": {"model": "lin", "input": {"topic": "in/+"},
-                                "output": {"topic": "out/{1}"}}},
+            "pipelines": {
+                "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+            },
             "updates": {"trusted_keys": [str(public)]},
         }
         (root / "agent.yaml").write_text(yaml.safe_dump(config))
-        daemon = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config",
-                                   str(root / "agent.yaml")], cwd=REPO,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--config", str(root / "agent.yaml")],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         steps = Steps()
-        mqtt = default_config().mqtt.model_copy(update={"host": broker.host,
-                                                        "port": broker.port})
+        mqtt = default_config().mqtt.model_copy(update={"host": broker.host, "port": broker.port})
         client = connect(mqtt, None, [("edge/bench/updates/status", 1)], steps.on_message)
         try:
             time.sleep(3)  # start-up: load, connect, subscribe
-            print(f"{'model MB':>9} {'chunks':>7} {'send s':>7} {'MB/s':>6} "
-                  f"{'to SUCCEEDED s':>15} {'RSS before':>11} {'RSS peak in transfer':>21}")
+            print(
+                f"{'model MB':>9} {'chunks':>7} {'send s':>7} {'MB/s':>6} "
+                f"{'to SUCCEEDED s':>15} {'RSS before':>11} {'RSS peak in transfer':>21}"
+            )
             for version, size in enumerate(sizes, start=2):
-                model = build_linear(root / "build" / f"m{version}.onnx", features=4,
-                                     outputs=2, seed=version,
-                                     pad_bytes=int(size * 1024 * 1024))
-                update = sign_update(model, [private], model="lin", version=version,
-                                     devices=["bench"], groups=[],
-                                     expires_in=timedelta(hours=1), url=None,
-                                     chunk_size=args.chunk_kib * 1024)
+                model = build_linear(
+                    root / "build" / f"m{version}.onnx",
+                    features=4,
+                    outputs=2,
+                    seed=version,
+                    pad_bytes=int(size * 1024 * 1024),
+                )
+                update = sign_update(
+                    model,
+                    [private],
+                    model="lin",
+                    version=version,
+                    devices=["bench"],
+                    groups=[],
+                    expires_in=timedelta(hours=1),
+                    url=None,
+                    chunk_size=args.chunk_kib * 1024,
+                )
                 before = rss_mb(daemon.pid) or 0.0
                 samples: list[float] = []
                 stop = threading.Event()
@@ -127,15 +145,19 @@ def main() -> int:
                 steps.wait(update.update_id, lambda s: s.get("step") == "verifying")
                 stop.set()
                 sampler.join()
-                done = steps.wait(update.update_id, lambda s: s["state"] in (
-                    "SUCCEEDED", "FAILED", "REJECTED"))
-                final = next(s for _, s in reversed(steps.seen)
-                             if s.get("update_id") == update.update_id)
+                done = steps.wait(
+                    update.update_id, lambda s: s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
+                )
+                final = next(
+                    s for _, s in reversed(steps.seen) if s.get("update_id") == update.update_id
+                )
                 megabytes = len(update.data) / 1e6
                 chunks = -(-len(update.data) // (args.chunk_kib * 1024))
-                print(f"{megabytes:9.1f} {chunks:7d} {sent - started:7.2f} "
-                      f"{megabytes / (sent - started):6.1f} {done - started:15.2f} "
-                      f"{before:11.1f} {max(samples, default=before):21.1f}  {final['state']}")
+                print(
+                    f"{megabytes:9.1f} {chunks:7d} {sent - started:7.2f} "
+                    f"{megabytes / (sent - started):6.1f} {done - started:15.2f} "
+                    f"{before:11.1f} {max(samples, default=before):21.1f}  {final['state']}"
+                )
         finally:
             client.disconnect()
             client.loop_stop()

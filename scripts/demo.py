@@ -94,19 +94,33 @@ class Settings:
 def parse_args(argv: Sequence[str] | None) -> Settings:
     """Options, with the environment variables of the module docstring as defaults."""
     env = os.environ
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--host", default=env.get("EDGE_DEMO_HOST", "127.0.0.1"),
-                        help="MQTT broker host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=int(env.get("EDGE_DEMO_PORT", "1883")),
-                        help="MQTT broker port (default 1883)")
-    parser.add_argument("--run-dir", type=Path,
-                        default=Path(env.get("EDGE_DEMO_RUN_DIR", str(REPO / "demo-run"))),
-                        help="model, config, state and logs of the run (default demo-run/)")
-    parser.add_argument("--broker", choices=("auto", "mosquitto", "embedded"),
-                        default=env.get("EDGE_DEMO_BROKER", "auto"),
-                        help="auto: the broker answering on host:port, else a private "
-                             "Mosquitto, else the embedded amqtt broker")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--host",
+        default=env.get("EDGE_DEMO_HOST", "127.0.0.1"),
+        help="MQTT broker host (default 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(env.get("EDGE_DEMO_PORT", "1883")),
+        help="MQTT broker port (default 1883)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=Path(env.get("EDGE_DEMO_RUN_DIR", str(REPO / "demo-run"))),
+        help="model, config, state and logs of the run (default demo-run/)",
+    )
+    parser.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "embedded"),
+        default=env.get("EDGE_DEMO_BROKER", "auto"),
+        help="auto: the broker answering on host:port, else a private "
+        "Mosquitto, else the embedded amqtt broker",
+    )
     args = parser.parse_args(argv)
     return Settings(args.host, args.port, Path(args.run_dir).resolve(), args.broker)
 
@@ -130,8 +144,7 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.event.is_set():
-            say("\n(still stopping: the daemon is given "
-                f"{AGENT_STOP_TIMEOUT_S:.0f} s to finish)")
+            say(f"\n(still stopping: the daemon is given {AGENT_STOP_TIMEOUT_S:.0f} s to finish)")
         self.signal_name = signal.Signals(signum).name
         self.event.set()
 
@@ -215,15 +228,18 @@ def start_broker(args: Settings) -> Broker:
     host, port = args.host, args.port
     answering = broker_answers(host, port)
     if args.broker == "auto" and answering:
-        say(f"broker: the MQTT broker already answering on {host}:{port}; the demo removes "
-            "its retained topics and session from it when it stops")
+        say(
+            f"broker: the MQTT broker already answering on {host}:{port}; the demo removes "
+            "its retained topics and session from it when it stops"
+        )
         return Broker("existing", "5", lambda: None)
     if answering:
-        sys.exit(f"--broker {args.broker}: something already listens on {host}:{port}; "
-                 "choose another --port")
+        sys.exit(
+            f"--broker {args.broker}: something already listens on {host}:{port}; "
+            "choose another --port"
+        )
     if host not in ("127.0.0.1", "localhost", "::1"):
-        sys.exit(f"no MQTT broker answers on {host}:{port} (the demo starts one only on "
-                 "127.0.0.1)")
+        sys.exit(f"no MQTT broker answers on {host}:{port} (the demo starts one only on 127.0.0.1)")
     binary = mosquitto_binary()
     if args.broker == "mosquitto" or (args.broker == "auto" and binary is not None):
         if binary is None:
@@ -237,15 +253,20 @@ def start_mosquitto(binary: str, host: str, port: int, run_dir: Path) -> Broker:
     conf = run_dir / "mosquitto.conf"
     log_file = run_dir / "mosquitto.log"
     # Started as root, mosquitto switches to user "mosquitto", who may not write log_file.
-    conf.write_text(f"listener {port} {host}\nallow_anonymous true\nset_tcp_nodelay true\n"
-                    f"user {getpass.getuser()}\nlog_dest file {log_file}\n")
-    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    conf.write_text(
+        f"listener {port} {host}\nallow_anonymous true\nset_tcp_nodelay true\n"
+        f"user {getpass.getuser()}\nlog_dest file {log_file}\n"
+    )
+    process = subprocess.Popen(
+        [binary, "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and process.poll() is None:
         if broker_answers(host, port):
-            say(f"broker: a private Mosquitto on {host}:{port} ({binary}), stopped with the "
-                "demo")
+            say(f"broker: a private Mosquitto on {host}:{port} ({binary}), stopped with the demo")
 
             def stop() -> None:
                 process.terminate()
@@ -267,15 +288,19 @@ def start_embedded(host: str, port: int, run_dir: Path) -> Broker:
     from embedded_broker import EmbeddedBroker, available  # noqa: PLC0415 - amqtt is optional
 
     if not available():
-        sys.exit(f"no MQTT broker on {host}:{port}, Mosquitto is not installed and neither is "
-                 f"amqtt (`make demo` installs it). Install Mosquitto: {INSTALL_MOSQUITTO}")
+        sys.exit(
+            f"no MQTT broker on {host}:{port}, Mosquitto is not installed and neither is "
+            f"amqtt (`make demo` installs it). Install Mosquitto: {INSTALL_MOSQUITTO}"
+        )
     broker = EmbeddedBroker(host, port, run_dir / "broker.log")
     try:
         broker.start()
     except OSError as exc:
         sys.exit(f"the embedded broker could not listen on {host}:{port}: {exc}")
-    say(f"broker: Mosquitto is not installed, so the demo runs the embedded amqtt broker on "
-        f"{host}:{port} (MQTT 3.1.1, pure Python, for this demo only)")
+    say(
+        f"broker: Mosquitto is not installed, so the demo runs the embedded amqtt broker on "
+        f"{host}:{port} (MQTT 3.1.1, pure Python, for this demo only)"
+    )
     say(f"        install Mosquitto with: {INSTALL_MOSQUITTO}")
     return Broker("embedded", "3.1.1", broker.stop)
 
@@ -287,13 +312,19 @@ def start_embedded(host: str, port: int, run_dir: Path) -> Broker:
 def write_config(args: Settings, protocol: str) -> Path:
     """config/demo.yaml with this run's broker, protocol and folders."""
     config = yaml.safe_load(TEMPLATE.read_text())
-    config["mqtt"] = {**config.get("mqtt", {}), "host": args.host, "port": args.port,
-                      "protocol": protocol}
+    config["mqtt"] = {
+        **config.get("mqtt", {}),
+        "host": args.host,
+        "port": args.port,
+        "protocol": protocol,
+    }
     config["models_dir"] = str(args.run_dir / "models")
     config["state_dir"] = str(args.run_dir / "state")
     path = args.run_dir / "agent.yaml"
-    path.write_text("# Written by scripts/demo.py from config/demo.yaml; rewritten each run.\n"
-                    + yaml.safe_dump(config, sort_keys=False))
+    path.write_text(
+        "# Written by scripts/demo.py from config/demo.yaml; rewritten each run.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
     return path
 
 
@@ -302,9 +333,21 @@ def start_agent(config_file: Path, log_path: Path) -> subprocess.Popen[bytes]:
     ``take_terminal``: the demo, not the terminal, tells it when to stop)."""
     with log_path.open("wb") as log_file:
         return subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config_file),
-             "--log-format", "console"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--config",
+                str(config_file),
+                "--log-format",
+                "console",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=REPO,
+        )
 
 
 def stop_agent(agent: subprocess.Popen[bytes], log_path: Path) -> int:
@@ -320,8 +363,10 @@ def stop_agent(agent: subprocess.Popen[bytes], log_path: Path) -> int:
     except subprocess.TimeoutExpired:
         agent.kill()
         agent.wait()
-        say(f"\nedge-agent did not stop within {AGENT_STOP_TIMEOUT_S:.0f} s of SIGTERM and "
-            f"was killed; see {shown(log_path)}")
+        say(
+            f"\nedge-agent did not stop within {AGENT_STOP_TIMEOUT_S:.0f} s of SIGTERM and "
+            f"was killed; see {shown(log_path)}"
+        )
         return -9
     say(f"\nedge-agent stopped with exit code {code} in {time.monotonic() - started:.2f} s")
     return code
@@ -334,10 +379,15 @@ def stop_agent(agent: subprocess.Popen[bytes], log_path: Path) -> int:
 def mqtt_client(protocol: str, client_id: str, *, clean: bool = True) -> paho.Client:
     """A paho client speaking the daemon's protocol (amqtt knows only 3.1.1)."""
     if protocol == "5":
-        return paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                           protocol=MQTTProtocolVersion.MQTTv5)
-    return paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                       protocol=MQTTProtocolVersion.MQTTv311, clean_session=clean)
+        return paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+        )
+    return paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv311,
+        clean_session=clean,
+    )
 
 
 class ResultsPrinter:
@@ -357,18 +407,26 @@ class ResultsPrinter:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
-        client.subscribe([("demo/results/+/vib", 1), (f"{self.prefix}/errors", 0),
-                          (f"{self.prefix}/models/+", 0)])
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        client.subscribe(
+            [
+                ("demo/results/+/vib", 1),
+                (f"{self.prefix}/errors", 0),
+                (f"{self.prefix}/models/+", 0),
+            ]
+        )
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if not message.payload:
             return  # a retained topic being cleared
         data = json.loads(message.payload)
         if "/models/" in message.topic:
-            say(f"model {data['name']}: {data['state']} {data.get('version') or ''} "
-                f"{data.get('error') or ''}")
+            say(
+                f"model {data['name']}: {data['state']} {data.get('version') or ''} "
+                f"{data.get('error') or ''}"
+            )
         elif message.topic.endswith("/errors"):
             say(f"error {data['pipeline']} {data['topic']}: {data['reason']}")
         elif message.topic.split("/")[2] == "ready-check":
@@ -378,8 +436,10 @@ class ResultsPrinter:
             rms = data["outputs"]["rms"][0]
             anomaly = data["outputs"]["anomaly"][0]
             flag = "  <-- ANOMALY" if anomaly > 0.5 else ""
-            say(f"{sensor:7} {data['id']:>11}  rms={rms:5.2f}  anomaly={anomaly:4.2f}  "
-                f"latency={data['latency_ms']:5.2f} ms  {data['version'][:15]}{flag}")
+            say(
+                f"{sensor:7} {data['id']:>11}  rms={rms:5.2f}  anomaly={anomaly:4.2f}  "
+                f"latency={data['latency_ms']:5.2f} ms  {data['version'][:15]}{flag}"
+            )
 
 
 def window(rng: np.random.Generator, t: float, anomalous: bool) -> list[float]:
@@ -400,8 +460,13 @@ class Sensors:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
-    def wait_until_served(self, printer: ResultsPrinter, agent: subprocess.Popen[bytes],
-                          stop: StopRequest, log_path: Path) -> bool:
+    def wait_until_served(
+        self,
+        printer: ResultsPrinter,
+        agent: subprocess.Popen[bytes],
+        stop: StopRequest,
+        log_path: Path,
+    ) -> bool:
         """Publish ready-check readings until the daemon answers one; False when stopped or
         the daemon exited first. (Its model loads and it subscribes in that time.)"""
         started = time.monotonic()
@@ -409,15 +474,18 @@ class Sensors:
         count = 0
         zeros = [0.0] * SAMPLES
         while not stop.is_set() and agent.poll() is None:
-            self.client.publish(READY_CHECK_TOPIC,
-                                json.dumps({"id": f"ready-check-{count}", "x": zeros}), qos=0)
+            self.client.publish(
+                READY_CHECK_TOPIC, json.dumps({"id": f"ready-check-{count}", "x": zeros}), qos=0
+            )
             count += 1
             if printer.answered.wait(READY_CHECK_EVERY_S):
                 return True
             if not hinted and time.monotonic() - started > READY_HINT_AFTER_S:
                 hinted = True
-                say(f"(the daemon has not answered after {READY_HINT_AFTER_S:.0f} s; its log: "
-                    f"{shown(log_path)})")
+                say(
+                    f"(the daemon has not answered after {READY_HINT_AFTER_S:.0f} s; its log: "
+                    f"{shown(log_path)})"
+                )
         return False
 
     def start(self) -> None:
@@ -457,8 +525,11 @@ def clean_up_broker(args: Settings, protocol: str, config: AgentConfig) -> list[
     closes. Must run after the daemon stopped: two clients with one id take over each other.
     """
     prefix = config.topic_prefix
-    topics = {f"{prefix}/status", f"{prefix}/health",
-              *(f"{prefix}/models/{name}" for name in config.models)}
+    topics = {
+        f"{prefix}/status",
+        f"{prefix}/health",
+        *(f"{prefix}/models/{name}" for name in config.models),
+    }
     subscribed = threading.Event()
     last_message = [time.monotonic()]
     lock = threading.Lock()
@@ -538,8 +609,9 @@ def run(args: Settings, stop: StopRequest) -> int:
         say(f"edge-agent started (pid {agent.pid}); its log: {shown(log_path)}")
         agent_code = 1
         try:
-            serve(args, broker, prefix=config.topic_prefix, agent=agent, stop=stop,
-                  log_path=log_path)
+            serve(
+                args, broker, prefix=config.topic_prefix, agent=agent, stop=stop, log_path=log_path
+            )
         finally:
             # Whatever went wrong above (even the terminal gone), the daemon is stopped and
             # the broker is left as it was found.
@@ -552,8 +624,15 @@ def run(args: Settings, stop: StopRequest) -> int:
             say(f"stopped the {broker.kind} broker (it kept nothing)")
 
 
-def serve(args: Settings, broker: Broker, *, prefix: str, agent: subprocess.Popen[bytes],
-          stop: StopRequest, log_path: Path) -> None:
+def serve(
+    args: Settings,
+    broker: Broker,
+    *,
+    prefix: str,
+    agent: subprocess.Popen[bytes],
+    stop: StopRequest,
+    log_path: Path,
+) -> None:
     """Print results until a stop is asked for or the daemon exits; the sensors start once
     the daemon answers."""
     printer = ResultsPrinter(args, broker.protocol, prefix)
@@ -579,11 +658,15 @@ def clean_up(args: Settings, protocol: str, config: AgentConfig) -> bool:
     try:
         cleared = clean_up_broker(args, protocol, config)
     except (OSError, RuntimeError, ValueError) as exc:  # paho: refused, not connected
-        say(f"could not remove the demo's retained topics and session from "
-            f"{args.host}:{args.port}: {exc}")
+        say(
+            f"could not remove the demo's retained topics and session from "
+            f"{args.host}:{args.port}: {exc}"
+        )
         return False
-    say(f"removed from {args.host}:{args.port}: the retained {', '.join(cleared)} and the "
-        f"MQTT session of client id {config.mqtt.client_id}")
+    say(
+        f"removed from {args.host}:{args.port}: the retained {', '.join(cleared)} and the "
+        f"MQTT session of client id {config.mqtt.client_id}"
+    )
     return True
 
 

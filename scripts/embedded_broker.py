@@ -95,10 +95,13 @@ class EmbeddedBroker:
 
     async def _start(self, broker_module: Any) -> Any:
         # Only anonymous authentication: no $SYS topics, no per-packet logging plugins.
-        broker = broker_module.Broker({
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                        {"allow_anonymous": True}},
-        })
+        broker = broker_module.Broker(
+            {
+                "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+                "plugins": {
+                    "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+                },
+            }
+        )
         await broker.start()
         return broker

@@ -40,8 +40,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float = 10.0,
-                  process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout_s: float = 10.0, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until something accepts connections on 127.0.0.1:port (or ``process`` exits)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -75,9 +76,15 @@ def listens_on(pid: int, port: int) -> bool:
 class MosquittoBroker:
     """A mosquitto process on a free port with its own config file; can be restarted."""
 
-    def __init__(self, workdir: Path, *, persistence: bool = False,
-                 password_file: Path | None = None, tls: TlsFiles | None = None,
-                 extra_lines: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        persistence: bool = False,
+        password_file: Path | None = None,
+        tls: TlsFiles | None = None,
+        extra_lines: tuple[str, ...] = (),
+    ) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto is not installed (apt-get install -y mosquitto)")
@@ -89,8 +96,11 @@ class MosquittoBroker:
         self.log_file = workdir / "mosquitto.log"
         lines = [LISTENER_LINE.format(port=self.port)]
         if tls is not None:
-            lines += [f"cafile {tls.ca_cert}", f"certfile {tls.server_cert}",
-                      f"keyfile {tls.server_key}"]
+            lines += [
+                f"cafile {tls.ca_cert}",
+                f"certfile {tls.server_cert}",
+                f"keyfile {tls.server_key}",
+            ]
         if password_file is not None:
             lines += ["allow_anonymous false", f"password_file {password_file}"]
         else:
@@ -122,8 +132,11 @@ class MosquittoBroker:
         clients reconnect to it, so it tries the same one again)."""
         for attempt in range(BIND_ATTEMPTS):
             log_size = self.log_file.stat().st_size if self.log_file.exists() else 0
-            self._process = subprocess.Popen([self.binary, "-c", str(self.config_file)],
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self._process = subprocess.Popen(
+                [self.binary, "-c", str(self.config_file)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             try:
                 self._wait_ready(self._process)
             except TimeoutError as exc:
@@ -149,17 +162,20 @@ class MosquittoBroker:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not listens_on(process.pid, self.port):
             if process.poll() is not None:  # it could not bind: the port is taken
-                raise TimeoutError(f"mosquitto exited with {process.returncode} on port "
-                                   f"{self.port}")
+                raise TimeoutError(
+                    f"mosquitto exited with {process.returncode} on port {self.port}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"mosquitto does not listen on {self.port} after "
-                                   f"{READY_TIMEOUT_S} s")
+                raise TimeoutError(
+                    f"mosquitto does not listen on {self.port} after {READY_TIMEOUT_S} s"
+                )
             time.sleep(0.02)
 
     def _move_to(self, port: int) -> None:
         text = self.config_file.read_text()
-        self.config_file.write_text(text.replace(LISTENER_LINE.format(port=self.port),
-                                                 LISTENER_LINE.format(port=port), 1))
+        self.config_file.write_text(
+            text.replace(LISTENER_LINE.format(port=self.port), LISTENER_LINE.format(port=port), 1)
+        )
         self.port = port
 
     def stop(self) -> None:
@@ -177,8 +193,10 @@ class MosquittoBroker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            raise RuntimeError(f"mosquitto did not exit within {STOP_TIMEOUT_S} s of SIGTERM "
-                               "and was killed: what it held in memory is lost") from None
+            raise RuntimeError(
+                f"mosquitto did not exit within {STOP_TIMEOUT_S} s of SIGTERM "
+                "and was killed: what it held in memory is lost"
+            ) from None
         finally:
             if process.stderr:
                 process.stderr.close()
@@ -210,12 +228,50 @@ def make_tls_files(folder: Path) -> TlsFiles:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key),
-            "-out", str(ca_cert), "-days", "2", "-subj", "/CN=edge-agent test CA")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-            "-subj", "/CN=127.0.0.1")
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
-            "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca_cert),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=edge-agent test CA",
+    )
+    openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        "/CN=127.0.0.1",
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca_cert),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     key.chmod(0o644)  # mosquitto may run as another user and must read it
     return TlsFiles(ca_cert, cert, key)
 
@@ -223,8 +279,9 @@ def make_tls_files(folder: Path) -> TlsFiles:
 def make_password_file(path: Path, user: str, password: str) -> Path:
     """A Mosquitto password file holding one user."""
     path.write_text("")
-    subprocess.run(["mosquitto_passwd", "-b", str(path), user, password], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-b", str(path), user, password], check=True, capture_output=True
+    )
     return path
 
 
@@ -253,8 +310,9 @@ class Recorder:
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=self.protocol,
-                                  client_id=self.session or "")
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, protocol=self.protocol, client_id=self.session or ""
+        )
         self.client.reconnect_delay_set(1, 1)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *args: self._subscribed.set()
@@ -266,8 +324,9 @@ class Recorder:
         if self.session:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = 3600
-            self.client.connect(self.broker.host, self.broker.port, clean_start=False,
-                                properties=properties)
+            self.client.connect(
+                self.broker.host, self.broker.port, clean_start=False, properties=properties
+            )
         else:
             self.client.connect(self.broker.host, self.broker.port)
         self.client.loop_start()
@@ -281,15 +340,21 @@ class Recorder:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         client.subscribe([(f, 1) for f in self.filters])
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         with self._cond:
-            self.messages.append(Received(message.topic, bytes(message.payload),
-                                          bool(message.retain),
-                                          getattr(message, "properties", None)))
+            self.messages.append(
+                Received(
+                    message.topic,
+                    bytes(message.payload),
+                    bool(message.retain),
+                    getattr(message, "properties", None),
+                )
+            )
             self._cond.notify_all()
 
     def payloads(self, prefix: str) -> list[dict[str, Any]]:
@@ -302,8 +367,9 @@ class Recorder:
         with self._cond:
             return [m for m in self.messages if m.topic == topic]
 
-    def wait_for(self, predicate: Callable[[list[Received]], bool], timeout_s: float = 10.0
-                 ) -> list[Received]:
+    def wait_for(
+        self, predicate: Callable[[list[Received]], bool], timeout_s: float = 10.0
+    ) -> list[Received]:
         """Wait until ``predicate(messages)`` holds; return the messages; raise on timeout."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
@@ -315,15 +381,18 @@ class Recorder:
                 self._cond.wait(remaining)
             return list(self.messages)
 
-    def wait_for_payload(self, topic: str, payload: bytes, timeout_s: float = 10.0,
-                         after: int = 0) -> None:
+    def wait_for_payload(
+        self, topic: str, payload: bytes, timeout_s: float = 10.0, after: int = 0
+    ) -> None:
         """Wait for ``payload`` on ``topic`` among the messages from index ``after`` on."""
-        self.wait_for(lambda ms: any(m.topic == topic and m.payload == payload
-                                     for m in ms[after:]), timeout_s)
+        self.wait_for(
+            lambda ms: any(m.topic == topic and m.payload == payload for m in ms[after:]), timeout_s
+        )
 
 
-def publisher(broker: MosquittoBroker,
-              protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5) -> paho.Client:
+def publisher(
+    broker: MosquittoBroker, protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
+) -> paho.Client:
     """A connected client for publishing test readings (call ``loop_stop`` when done)."""
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
     client.reconnect_delay_set(1, 1)  # tests restart brokers: come back at once
@@ -357,8 +426,9 @@ def stop_started_since(mark: tuple[int, int]) -> list[str]:
     return leftovers
 
 
-def paced_stream(broker: MosquittoBroker, topic: str, payloads: Sequence[bytes | str],
-                 rate: float, qos: int = 1) -> threading.Thread:
+def paced_stream(
+    broker: MosquittoBroker, topic: str, payloads: Sequence[bytes | str], rate: float, qos: int = 1
+) -> threading.Thread:
     """Publish ``payloads`` at ``rate`` per second from a background thread (started)."""
     stop = threading.Event()
 

@@ -27,8 +27,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     Mosquitto brokers, and without it every broker fixture would fail one by one with the
     same error. (``make test`` installs it first where it can: scripts/ensure-mosquitto.sh.)"""
     if shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists():
-        pytest.exit("mosquitto is not installed, and the tests start private Mosquitto "
-                    f"brokers. Install it:  {INSTALL_MOSQUITTO}", returncode=4)
+        pytest.exit(
+            "mosquitto is not installed, and the tests start private Mosquitto "
+            f"brokers. Install it:  {INSTALL_MOSQUITTO}",
+            returncode=4,
+        )
 
 
 def child_processes() -> list[str]:
@@ -48,8 +51,11 @@ def child_processes() -> list[str]:
 
 def mqtt_threads() -> list[str]:
     """Threads of MQTT clients and reading streams still running in the test process."""
-    return [t.name for t in threading.enumerate()
-            if t.name.startswith(("paho-mqtt-client", "paced-stream"))]
+    return [
+        t.name
+        for t in threading.enumerate()
+        if t.name.startswith(("paho-mqtt-client", "paced-stream"))
+    ]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -103,16 +109,28 @@ def recorder(broker: MosquittoBroker) -> Iterator[Callable[..., Recorder]]:
 class AgentProcess:
     """``python -m agent run`` in a subprocess, with its log captured to a file."""
 
-    def __init__(self, config_file: Path, log_file: Path,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config_file: Path, log_file: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.config_file = config_file
         self.log_file = log_file
         self._log_handle = log_file.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--config", str(config_file),
-             "--log-level", "debug"],
-            stdout=self._log_handle, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--config",
+                str(config_file),
+                "--log-level",
+                "debug",
+            ],
+            stdout=self._log_handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON log lines written so far."""
@@ -174,15 +192,15 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         process.close()
 
 
-def base_config(broker: MosquittoBroker, tmp_path: Path, device_id: str = "dev1",
-                **extra: Any) -> dict[str, Any]:
+def base_config(
+    broker: MosquittoBroker, tmp_path: Path, device_id: str = "dev1", **extra: Any
+) -> dict[str, Any]:
     """A minimal agent config talking to the test broker, with folders under ``tmp_path``."""
     models_dir = tmp_path / "models"
     models_dir.mkdir(exist_ok=True)
     config: dict[str, Any] = {
         "device_id": device_id,
-        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5,
-                 "reconnect_max_s": 1},
+        "mqtt": {"host": broker.host, "port": broker.port, "keepalive_s": 5, "reconnect_max_s": 1},
         "models_dir": str(models_dir),
         "state_dir": str(tmp_path / "state"),
     }

@@ -34,8 +34,15 @@ def linear_weights(features: int, outputs: int, seed: int) -> tuple[np.ndarray, 
     return weight, bias
 
 
-def build_linear(path: Path, *, features: int = 4, outputs: int = 2, seed: int = 0,
-                 batch: int | str = "N", pad_bytes: int = 0) -> Path:
+def build_linear(
+    path: Path,
+    *,
+    features: int = 4,
+    outputs: int = 2,
+    seed: int = 0,
+    batch: int | str = "N",
+    pad_bytes: int = 0,
+) -> Path:
     """y = x @ W + b with input ``x`` [batch, features] (float32) and output ``y``.
 
     ``pad_bytes`` adds an unused initializer, to make a bigger file for reload benchmarks.
@@ -43,11 +50,14 @@ def build_linear(path: Path, *, features: int = 4, outputs: int = 2, seed: int =
     weight, bias = linear_weights(features, outputs, seed)
     initializers = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
     if pad_bytes:
-        initializers.append(numpy_helper.from_array(
-            np.zeros(pad_bytes // 4, dtype=np.float32), "padding"))
+        initializers.append(
+            numpy_helper.from_array(np.zeros(pad_bytes // 4, dtype=np.float32), "padding")
+        )
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
-         helper.make_node("Add", ["xw", "B"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "B"], ["y"]),
+        ],
         "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, outputs])],
@@ -59,13 +69,19 @@ def build_linear(path: Path, *, features: int = 4, outputs: int = 2, seed: int =
 def build_two_inputs(path: Path, features: int = 3) -> Path:
     """sum = a + b, product = a * b over two float32 inputs [N, features]."""
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["sum"]),
-         helper.make_node("Mul", ["a", "b"], ["product"])],
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Mul", ["a", "b"], ["product"]),
+        ],
         "two_inputs",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", features]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", features])],
-        [helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", features]),
-         helper.make_tensor_value_info("product", TensorProto.FLOAT, ["N", features])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", features]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("product", TensorProto.FLOAT, ["N", features]),
+        ],
     )
     return _save(graph, path)
 
@@ -76,18 +92,24 @@ def build_vibration_scorer(path: Path, samples: int = 64, threshold: float = 1.5
     Input ``x`` [N, samples] float32; outputs ``rms`` [N, 1] and ``anomaly`` [N, 1].
     """
     graph = helper.make_graph(
-        [helper.make_node("Mul", ["x", "x"], ["squared"]),
-         helper.make_node("ReduceMean", ["squared"], ["mean_square"], axes=[1], keepdims=1),
-         helper.make_node("Sqrt", ["mean_square"], ["rms"]),
-         helper.make_node("Sub", ["rms", "threshold"], ["excess"]),
-         helper.make_node("Mul", ["excess", "gain"], ["logit"]),
-         helper.make_node("Sigmoid", ["logit"], ["anomaly"])],
+        [
+            helper.make_node("Mul", ["x", "x"], ["squared"]),
+            helper.make_node("ReduceMean", ["squared"], ["mean_square"], axes=[1], keepdims=1),
+            helper.make_node("Sqrt", ["mean_square"], ["rms"]),
+            helper.make_node("Sub", ["rms", "threshold"], ["excess"]),
+            helper.make_node("Mul", ["excess", "gain"], ["logit"]),
+            helper.make_node("Sigmoid", ["logit"], ["anomaly"]),
+        ],
         "vibration_scorer",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", samples])],
-        [helper.make_tensor_value_info("rms", TensorProto.FLOAT, ["N", 1]),
-         helper.make_tensor_value_info("anomaly", TensorProto.FLOAT, ["N", 1])],
-        [numpy_helper.from_array(np.array([threshold], dtype=np.float32), "threshold"),
-         numpy_helper.from_array(np.array([4.0], dtype=np.float32), "gain")],
+        [
+            helper.make_tensor_value_info("rms", TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info("anomaly", TensorProto.FLOAT, ["N", 1]),
+        ],
+        [
+            numpy_helper.from_array(np.array([threshold], dtype=np.float32), "threshold"),
+            numpy_helper.from_array(np.array([4.0], dtype=np.float32), "gain"),
+        ],
     )
     return _save(graph, path)
 
@@ -107,16 +129,22 @@ def build_recurrent(path: Path, features: int = 4, hidden: int = 3) -> Path:
     """
     w, u = recurrent_weights(features, hidden)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
-         helper.make_node("MatMul", ["h", "U"], ["hu"]),
-         helper.make_node("Add", ["xw", "hu"], ["pre"]),
-         helper.make_node("Tanh", ["pre"], ["h_out"]),
-         helper.make_node("Identity", ["h_out"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("MatMul", ["h", "U"], ["hu"]),
+            helper.make_node("Add", ["xw", "hu"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["h_out"]),
+            helper.make_node("Identity", ["h_out"], ["y"]),
+        ],
         "recurrent",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
-         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden]),
-         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", hidden])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", hidden]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", hidden]),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", hidden]),
+        ],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(u, "U")],
     )
     return _save(graph, path)
@@ -136,8 +164,9 @@ def build_classifier(path: Path, features: int = 4, classes: int = 3) -> Path:
     return _save(graph, path)
 
 
-def _slow_stack(features: int, width: int, layers: int
-                ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+def _slow_stack(
+    features: int, width: int, layers: int
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """Nodes and weights of ``x`` [N, features] widened to ``width``, through ``layers``
     dense tanh layers, averaged to ``y`` [N, 1]."""
     rng = np.random.default_rng(3)
@@ -147,8 +176,9 @@ def _slow_stack(features: int, width: int, layers: int
     initializers = [numpy_helper.from_array(widen, "Wide"), numpy_helper.from_array(square, "W")]
     nodes, previous = [], "x"
     for index in range(layers):
-        nodes.append(helper.make_node("MatMul", [previous, "Wide" if index == 0 else "W"],
-                                      [f"m{index}"]))
+        nodes.append(
+            helper.make_node("MatMul", [previous, "Wide" if index == 0 else "W"], [f"m{index}"])
+        )
         nodes.append(helper.make_node("Tanh", [f"m{index}"], [f"t{index}"]))
         previous = f"t{index}"
     nodes.append(helper.make_node("ReduceMean", [previous], ["y"], axes=[1], keepdims=1))
@@ -161,24 +191,32 @@ def build_slow(path: Path, features: int = 8, width: int = 1024, layers: int = 2
     must be slower than its input."""
     nodes, initializers = _slow_stack(features, width, layers)
     graph = helper.make_graph(
-        nodes, "slow",
+        nodes,
+        "slow",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
-        initializers)
+        initializers,
+    )
     return _save(graph, path)
 
 
 def _tanh_loop_body(features: int) -> onnx.GraphProto:
     """The body of a Loop that applies tanh to ``x`` [N, features] once per iteration."""
     return helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Tanh", ["x_in"], ["x_out"])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Tanh", ["x_in"], ["x_out"]),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", features])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", features])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, ["N", features]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, ["N", features]),
+        ],
     )
 
 
@@ -189,8 +227,10 @@ def build_loop(path: Path, features: int = 8) -> Path:
     graph = helper.make_graph(
         [helper.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
         "loop",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
-         helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", features]),
+            helper.make_tensor_value_info("n", TensorProto.INT64, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", features])],
     )
     return _save(graph, path)
@@ -211,8 +251,9 @@ def build_slow_warmup(path: Path, features: int = 4, iterations: int = 2_000_000
     return _save(graph, path)
 
 
-def build_batch_probe(path: Path, *, batch: int | str = "N", features: int = 8,
-                      width: int = 1024, layers: int = 24) -> Path:
+def build_batch_probe(
+    path: Path, *, batch: int | str = "N", features: int = 8, width: int = 1024, layers: int = 24
+) -> Path:
     """``build_slow``'s model (input ``x`` [batch, features], output ``y`` [batch, 1]) plus an
     output ``batch_size`` [batch, 1]: the first axis of the run that gave each row, as float32.
     So a result tells how many readings shared its ``session.run``. ``batch=1`` fixes the
@@ -227,9 +268,13 @@ def build_batch_probe(path: Path, *, batch: int | str = "N", features: int = 8,
         helper.make_node("Expand", ["rows_float", "y_shape"], ["batch_size"]),
     ]
     graph = helper.make_graph(
-        nodes, "batch_probe",
+        nodes,
+        "batch_probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1]),
-         helper.make_tensor_value_info("batch_size", TensorProto.FLOAT, [batch, 1])],
-        initializers)
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1]),
+            helper.make_tensor_value_info("batch_size", TensorProto.FLOAT, [batch, 1]),
+        ],
+        initializers,
+    )
     return _save(graph, path)

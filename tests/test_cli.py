@@ -20,8 +20,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def edge_agent(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=60, check=False, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
 
 
 def test_version() -> None:
@@ -57,7 +63,8 @@ def test_check_config_valid_example() -> None:
 def test_check_config_reports_one_line_per_problem(tmp_path: Path) -> None:
     """A misspelt key, a wrong type and a missing model: three FILE:LINE lines, exit 1."""
     path = tmp_path / "bad.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         device_id: gw1
         mqtt:
           hostt: broker
@@ -68,7 +75,8 @@ def test_check_config_reports_one_line_per_problem(tmp_path: Path) -> None:
           p:
             model: vibe
             input: {topic: a/+}
-        """).lstrip())
+        """).lstrip()
+    )
     done = edge_agent("check-config", str(path))
     assert done.returncode == 1
     lines = done.stdout.splitlines()
@@ -99,8 +107,9 @@ def test_run_with_explicit_missing_config_exits_1(tmp_path: Path) -> None:
     assert "cannot read file" in done.stdout
 
 
-def test_run_without_any_config_uses_defaults(monkeypatch: pytest.MonkeyPatch,
-                                              tmp_path: Path) -> None:
+def test_run_without_any_config_uses_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """No --config, no $EDGE_AGENT_CONFIG, no default file: built-in defaults, said in the log."""
     monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
     monkeypatch.setattr(cli, "DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
@@ -134,16 +143,20 @@ def test_detect_json_on_this_machine() -> None:
 
 def test_detect_text_on_a_fixture_tree() -> None:
     """detect --root reads a fixture tree: a Jetson with CPU-only onnxruntime gets a hint."""
-    done = edge_agent("detect", "--root", str(REPO / "tests/fixtures/hw/jetson-orin-nano-jp6"),
-                      "--machine", "aarch64")
+    done = edge_agent(
+        "detect",
+        "--root",
+        str(REPO / "tests/fixtures/hw/jetson-orin-nano-jp6"),
+        "--machine",
+        "aarch64",
+    )
     assert done.returncode == 0, done.stderr
     assert "JetPack 6.0" in done.stdout
     assert "hint: install NVIDIA's onnxruntime-gpu wheel for JetPack 6.0" in done.stdout
 
 
 @pytest.mark.broker
-def test_status_shows_two_running_daemons(broker: Any, tmp_path: Path,
-                                          agent_factory: Any) -> None:
+def test_status_shows_two_running_daemons(broker: Any, tmp_path: Path, agent_factory: Any) -> None:
     """`edge-agent status` against a broker with two daemons lists both, online, with their
     models and health."""
     from tests.conftest import base_config  # noqa: PLC0415
@@ -152,11 +165,21 @@ def test_status_shows_two_running_daemons(broker: Any, tmp_path: Path,
     build_linear(tmp_path / "models" / "lin.onnx")
     agents = []
     for device in ("gw-a", "gw-b"):
-        config = base_config(broker, tmp_path, device_id=device, models={"lin": {}},
-                             health={"interval_s": 0.5}, pipelines={"p": {
-                                 "model": "lin", "input": {"topic": f"{device}/in/+"},
-                                 "output": {"topic": f"{device}/out/{{1}}"}}},
-                             state_dir=str(tmp_path / f"state-{device}"))
+        config = base_config(
+            broker,
+            tmp_path,
+            device_id=device,
+            models={"lin": {}},
+            health={"interval_s": 0.5},
+            pipelines={
+                "p": {
+                    "model": "lin",
+                    "input": {"topic": f"{device}/in/+"},
+                    "output": {"topic": f"{device}/out/{{1}}"},
+                }
+            },
+            state_dir=str(tmp_path / f"state-{device}"),
+        )
         agents.append(agent_factory(config))
     for process in agents:
         process.wait_for_event("agent_serving")
@@ -169,8 +192,7 @@ def test_status_shows_two_running_daemons(broker: Any, tmp_path: Path,
     assert lines[0].split()[:2] == ["DEVICE", "ONLINE"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert set(rows) == {"gw-a", "gw-b"}
-    assert all(" yes " in row and "lin:READY:" in row and "s ago" in row
-               for row in rows.values())
+    assert all(" yes " in row and "lin:READY:" in row and "s ago" in row for row in rows.values())
     agents[1].kill()
     time.sleep(0.5)
     done = edge_agent("status", "--port", str(broker.port), "--wait", "1", "--json")

@@ -41,7 +41,8 @@ def test_json_named_inputs() -> None:
     a = TensorSpec("a", np.dtype(np.float32), (2,))
     b = TensorSpec("b", np.dtype(np.int64), (2,))
     tensors, reading_id = decode_payload(
-        b'{"id": 1, "inputs": {"a": [1.5, 2], "b": [3, 4]}}', cfg(), [a, b])
+        b'{"id": 1, "inputs": {"a": [1.5, 2], "b": [3, 4]}}', cfg(), [a, b]
+    )
     assert reading_id == 1
     assert tensors["b"].dtype == np.int64
 
@@ -76,21 +77,25 @@ def test_npy() -> None:
     np.testing.assert_array_equal(tensors["x"], np.ones(4))
 
 
-@pytest.mark.parametrize(("payload", "config", "message"), [
-    (b"{not json", {}, "payload is not valid JSON"),
-    (b'{"x": [1,2,3,4]}', {}, "payload is a JSON object but input.field is not set"),
-    (b'{"y": [1,2,3,4]}', {"field": "x"}, "payload has no field 'x'"),
-    (b"[1, 2, 3]", {}, "input 'x' expects shape [4] per reading (4 elements), got shape [3]"),
-    (b"[[1, 2], [3]]", {}, "not a rectangular array"),
-    (b'["a", "b", "c", "d"]', {}, "expected numbers, got text"),
-    (b"[1, 2, NaN, 4]", {}, "contains NaN or infinity"),
-    (b"[1, 2, 3, 4]", {"max_payload_bytes": 5}, "exceeds input.max_payload_bytes (5)"),
-    (b"\x00\x00\x80", {"format": "raw"}, "not a whole number of float32 elements"),
-    (b"\x00" * 12, {"format": "raw", "shape": [4]}, "payload has 3 elements but input.shape"),
-    (b"garbage", {"format": "npy"}, "not a valid .npy payload"),
-])
-def test_bad_payloads_are_explained(payload: bytes, config: dict[str, object],
-                                    message: str) -> None:
+@pytest.mark.parametrize(
+    ("payload", "config", "message"),
+    [
+        (b"{not json", {}, "payload is not valid JSON"),
+        (b'{"x": [1,2,3,4]}', {}, "payload is a JSON object but input.field is not set"),
+        (b'{"y": [1,2,3,4]}', {"field": "x"}, "payload has no field 'x'"),
+        (b"[1, 2, 3]", {}, "input 'x' expects shape [4] per reading (4 elements), got shape [3]"),
+        (b"[[1, 2], [3]]", {}, "not a rectangular array"),
+        (b'["a", "b", "c", "d"]', {}, "expected numbers, got text"),
+        (b"[1, 2, NaN, 4]", {}, "contains NaN or infinity"),
+        (b"[1, 2, 3, 4]", {"max_payload_bytes": 5}, "exceeds input.max_payload_bytes (5)"),
+        (b"\x00\x00\x80", {"format": "raw"}, "not a whole number of float32 elements"),
+        (b"\x00" * 12, {"format": "raw", "shape": [4]}, "payload has 3 elements but input.shape"),
+        (b"garbage", {"format": "npy"}, "not a valid .npy payload"),
+    ],
+)
+def test_bad_payloads_are_explained(
+    payload: bytes, config: dict[str, object], message: str
+) -> None:
     """Each malformed payload raises PayloadError saying what is wrong."""
     with pytest.raises(PayloadError, match=None) as caught:
         decode_payload(payload, cfg(**config), [X])
@@ -119,10 +124,20 @@ def test_multi_input_needs_names() -> None:
 
 def test_encode_json_handles_numpy_and_int_keys() -> None:
     """Results encode numpy arrays and scalars, float16, and the int-keyed maps of skl2onnx."""
-    encoded = encode_json({"a": np.float32(1.5), "b": np.arange(3),
-                           "c": np.ones(2, dtype=np.float16), "d": [{0: 0.25, 1: 0.75}]})
-    assert json.loads(encoded) == {"a": 1.5, "b": [0, 1, 2], "c": [1.0, 1.0],
-                                   "d": [{"0": 0.25, "1": 0.75}]}
+    encoded = encode_json(
+        {
+            "a": np.float32(1.5),
+            "b": np.arange(3),
+            "c": np.ones(2, dtype=np.float16),
+            "d": [{0: 0.25, 1: 0.75}],
+        }
+    )
+    assert json.loads(encoded) == {
+        "a": 1.5,
+        "b": [0, 1, 2],
+        "c": [1.0, 1.0],
+        "d": [{"0": 0.25, "1": 0.75}],
+    }
 
 
 def test_non_finite_outputs_are_detected() -> None:

@@ -74,7 +74,10 @@ def test_built_in_defaults_use_the_hostname() -> None:
 
 def test_device_id_placeholder_is_filled(tmp_path: Path) -> None:
     """{device_id} is filled in prefix, client id and pipeline topics; {1} is kept."""
-    config = load_config(write(tmp_path, """
+    config = load_config(
+        write(
+            tmp_path,
+            """
         device_id: gw9
         mqtt: {topic_prefix: "plant/{device_id}", client_id: "agent-{device_id}"}
         models: {m: {}}
@@ -86,7 +89,9 @@ def test_device_id_placeholder_is_filled(tmp_path: Path) -> None:
           q:
             model: m
             input: {topic: "other/#"}
-        """))
+        """,
+        )
+    )
     assert config.topic_prefix == "plant/gw9"
     assert config.mqtt.client_id == "agent-gw9"
     assert config.pipelines["p"].input.topic == "in/gw9/+"
@@ -111,28 +116,39 @@ def test_config_objects_are_immutable(tmp_path: Path) -> None:
 
 def test_misspelt_key_names_line_path_and_suggestion(tmp_path: Path) -> None:
     """An unknown key is reported with its line, dotted path and the likely intended key."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         mqtt:
           host: broker
           prot: 1884
-        """))
-    assert found == [f"{tmp_path}/agent.yaml:4: mqtt.prot: unknown key 'prot', "
-                     "did you mean 'port'?"]
+        """,
+        )
+    )
+    assert found == [
+        f"{tmp_path}/agent.yaml:4: mqtt.prot: unknown key 'prot', did you mean 'port'?"
+    ]
 
 
 def test_misspelt_nested_key_in_a_pipeline(tmp_path: Path) -> None:
     """Suggestions work inside named maps (pipelines.NAME.input)."""
     found = problems(write(tmp_path, VALID + "    batching: {max_batc: 4}\n"))
     assert len(found) == 1
-    assert "pipelines.vibration.batching.max_batc: unknown key 'max_batc', did you mean " \
-           "'max_batch'?" in found[0]
+    assert (
+        "pipelines.vibration.batching.max_batc: unknown key 'max_batc', did you mean "
+        "'max_batch'?" in found[0]
+    )
     assert found[0].startswith(f"{tmp_path}/agent.yaml:9:")
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     """A misspelt key, a wrong type and a missing model: three lines, in file order."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         mqtt:
           hots: broker
@@ -143,7 +159,9 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
           vibration:
             model: vibe
             input: {topic: sensors/+/vib}
-        """))
+        """,
+        )
+    )
     name = f"{tmp_path}/agent.yaml"
     assert found == [
         f"{name}:3: mqtt.hots: unknown key 'hots', did you mean 'host'?",
@@ -155,7 +173,10 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 def test_out_of_range_and_missing_required(tmp_path: Path) -> None:
     """Range limits and required keys are reported with their paths."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         mqtt: {port: 70000}
         models: {m: {}}
@@ -163,34 +184,46 @@ def test_out_of_range_and_missing_required(tmp_path: Path) -> None:
           p:
             model: m
             input: {qos: 3}
-        """))
+        """,
+        )
+    )
     assert any(":2: mqtt.port: Input should be less than or equal to 65535" in p for p in found)
-    assert any(":7: pipelines.p.input.qos: Input should be less than or equal to 2" in p
-               for p in found)
+    assert any(
+        ":7: pipelines.p.input.qos: Input should be less than or equal to 2" in p for p in found
+    )
     assert any(":7: pipelines.p.input.topic: required key is missing" in p for p in found)
 
 
 def test_missing_pipeline_model_key(tmp_path: Path) -> None:
     """A pipeline without 'model' is a missing required key at the pipeline's line."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         pipelines:
           p:
             input: {topic: a}
-        """))
+        """,
+        )
+    )
     assert found == [f"{tmp_path}/agent.yaml:3: pipelines.p.model: required key is missing"]
 
 
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     """A key given twice in one mapping is an error naming both lines."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         mqtt:
           port: 1883
           port: 1884
-        """))
-    assert found == [f"{tmp_path}/agent.yaml:4: mqtt.port: duplicate key (first defined on "
-                     "line 3)"]
+        """,
+        )
+    )
+    assert found == [f"{tmp_path}/agent.yaml:4: mqtt.port: duplicate key (first defined on line 3)"]
 
 
 def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
@@ -213,31 +246,42 @@ def test_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
 
 def test_two_pipelines_publishing_to_one_topic(tmp_path: Path) -> None:
     """Two pipelines with the same output topic would mix results: an error."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         models: {m: {}}
         pipelines:
           a: {model: m, input: {topic: x/+}, output: {topic: out}}
           b: {model: m, input: {topic: y/+}, output: {topic: out}}
-        """))
-    assert found == [f"{tmp_path}/agent.yaml:5: pipelines.b.output.topic: pipelines 'a' and "
-                     "'b' both publish to 'out'"]
+        """,
+        )
+    )
+    assert found == [
+        f"{tmp_path}/agent.yaml:5: pipelines.b.output.topic: pipelines 'a' and "
+        "'b' both publish to 'out'"
+    ]
 
 
 def test_topic_syntax_and_placeholders(tmp_path: Path) -> None:
     """Bad filters, wildcards in output topics and unknown placeholders are reported."""
-    found = problems(write(tmp_path, """
+    found = problems(
+        write(
+            tmp_path,
+            """
         device_id: gw1
         models: {m: {}}
         pipelines:
           a: {model: m, input: {topic: "x/#/y"}, output: {topic: "out/+"}}
           b: {model: m, input: {topic: "x/+"}, output: {topic: "out/{2}/{foo}"}}
-        """))
+        """,
+        )
+    )
     text = "\n".join(found)
     assert "pipelines.a.input.topic: '#' must be a whole level and the last one" in text
     assert "pipelines.a.output.topic: wildcards '+' and '#' are not allowed" in text
-    assert "pipelines.b.output.topic: {2} refers to wildcard 2 but input topic 'x/+' has 1" \
-        in text
+    assert "pipelines.b.output.topic: {2} refers to wildcard 2 but input topic 'x/+' has 1" in text
     assert "pipelines.b.output.topic: unknown placeholder {foo}" in text
 
 
@@ -251,10 +295,12 @@ def test_inline_password_is_refused(tmp_path: Path) -> None:
 
 def test_password_file_must_exist(tmp_path: Path) -> None:
     """A password_file that does not exist is reported at load time, not at connect time."""
-    found = problems(write(tmp_path,
-                           "device_id: a\nmqtt: {username: u, password_file: nope.txt}\n"))
-    assert found == [f"{tmp_path}/agent.yaml:2: mqtt.password_file: file not found: "
-                     f"{tmp_path}/nope.txt"]
+    found = problems(
+        write(tmp_path, "device_id: a\nmqtt: {username: u, password_file: nope.txt}\n")
+    )
+    assert found == [
+        f"{tmp_path}/agent.yaml:2: mqtt.password_file: file not found: {tmp_path}/nope.txt"
+    ]
 
 
 def test_password_file_needs_a_username_and_may_not_be_world_writable(tmp_path: Path) -> None:
@@ -268,7 +314,8 @@ def test_password_file_needs_a_username_and_may_not_be_world_writable(tmp_path: 
         f"{tmp_path}/agent.yaml:2: mqtt: password_file is set but username is not: the broker "
         "is only sent a password together with a user name",
         f"{tmp_path}/agent.yaml:2: mqtt.password_file: {secret} is writable by every user "
-        f"(mode -rw-rw-rw-): anyone could replace the password; run chmod 600 {secret}"]
+        f"(mode -rw-rw-rw-): anyone could replace the password; run chmod 600 {secret}",
+    ]
     secret.chmod(0o640)
     load_config(write(tmp_path, f"device_id: a\nmqtt: {{username: u, password_file: {secret}}}\n"))
     assert "readable by other users (mode -rw-r-----)" in str(secret_file_warning(str(secret)))
@@ -279,8 +326,10 @@ def test_password_file_needs_a_username_and_may_not_be_world_writable(tmp_path: 
 def test_unknown_execution_provider(tmp_path: Path) -> None:
     """Provider names are checked against onnxruntime's list, with a suggestion."""
     found = problems(write(tmp_path, "device_id: a\nproviders: [CUDAExecutionProvidr]\n"))
-    assert found == [f"{tmp_path}/agent.yaml:2: providers: unknown execution provider "
-                     "'CUDAExecutionProvidr', did you mean 'CUDAExecutionProvider'?"]
+    assert found == [
+        f"{tmp_path}/agent.yaml:2: providers: unknown execution provider "
+        "'CUDAExecutionProvidr', did you mean 'CUDAExecutionProvider'?"
+    ]
 
 
 def test_invalid_names(tmp_path: Path) -> None:
@@ -294,8 +343,7 @@ def test_invalid_names(tmp_path: Path) -> None:
 def test_wrong_section_type(tmp_path: Path) -> None:
     """A scalar where a mapping belongs says so."""
     found = problems(write(tmp_path, "device_id: a\nmqtt: 5\n"))
-    assert found == [f"{tmp_path}/agent.yaml:2: mqtt: expected a mapping of keys to values, "
-                     "got 5"]
+    assert found == [f"{tmp_path}/agent.yaml:2: mqtt: expected a mapping of keys to values, got 5"]
 
 
 def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
@@ -305,10 +353,13 @@ def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
     assert found[0].startswith(f"{tmp_path}/agent.yaml:4: (top level): invalid YAML at column 7")
 
 
-@pytest.mark.parametrize(("line", "quoted"), [
-    ("    output: {topic: vad/{1}, outputs: [output]}", '"vad/{1}"'),
-    ("    output:\n      topic: {1}/vib", '"{1}/vib"'),
-])
+@pytest.mark.parametrize(
+    ("line", "quoted"),
+    [
+        ("    output: {topic: vad/{1}, outputs: [output]}", '"vad/{1}"'),
+        ("    output:\n      topic: {1}/vib", '"{1}/vib"'),
+    ],
+)
 def test_unquoted_topic_template_gets_a_hint(tmp_path: Path, line: str, quoted: str) -> None:
     """A topic template left unquoted where YAML reads braces as a mapping says to quote it."""
     found = problems(write(tmp_path, "pipelines:\n  vad:\n" + line + "\n"))
@@ -320,16 +371,19 @@ def test_unquoted_topic_template_gets_a_hint(tmp_path: Path, line: str, quoted: 
 def test_tab_indentation_gets_a_hint(tmp_path: Path) -> None:
     """Tabs are the other classic: the message says YAML wants spaces."""
     found = problems(write(tmp_path, "mqtt:\n\thost: x\n"))
-    assert found == [f"{tmp_path}/agent.yaml:2: (top level): invalid YAML at column 1: found "
-                     "character '\\t' that cannot start any token (YAML indents with spaces, "
-                     "not tabs)"]
+    assert found == [
+        f"{tmp_path}/agent.yaml:2: (top level): invalid YAML at column 1: found "
+        "character '\\t' that cannot start any token (YAML indents with spaces, "
+        "not tabs)"
+    ]
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     """A missing file is a problem, not a traceback."""
     found = problems(tmp_path / "missing.yaml")
-    assert found == [f"{tmp_path}/missing.yaml:1: (top level): cannot read file: No such file "
-                     "or directory"]
+    assert found == [
+        f"{tmp_path}/missing.yaml:1: (top level): cannot read file: No such file or directory"
+    ]
 
 
 def test_config_path_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -350,9 +404,22 @@ def test_mqtt_protocol_accepts_yaml_int(tmp_path: Path) -> None:
 
 def test_schema_is_the_contract() -> None:
     """Every top-level key of the contract exists in the schema."""
-    contract = {"device_id", "groups", "mqtt", "models_dir", "state_dir", "providers", "models",
-                "pipelines", "require_providers", "health", "metrics", "updates", "upstream",
-                "outbox"}
+    contract = {
+        "device_id",
+        "groups",
+        "mqtt",
+        "models_dir",
+        "state_dir",
+        "providers",
+        "models",
+        "pipelines",
+        "require_providers",
+        "health",
+        "metrics",
+        "updates",
+        "upstream",
+        "outbox",
+    }
     assert contract <= set(AgentConfig.model_fields)
 
 
@@ -361,16 +428,22 @@ def test_trusted_keys_must_be_ed25519_public_keys(tmp_path: Path) -> None:
     from agent.updates.signing import generate_keypair  # noqa: PLC0415
 
     generate_keypair(tmp_path / "ops")
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
     device_id: gw1
     updates:
       trusted_keys: [ops.pub, ops.key, gone.pub]
       threshold: 4
-    """)
+    """,
+    )
     found = problems(path)
-    assert any(":3: updates.trusted_keys[1]:" in p and "not a PEM public key" in p
-               for p in found), found
-    assert any(":3: updates.trusted_keys[2]:" in p and "cannot read public key" in p
-               for p in found), found
-    assert any(":4: updates.threshold: threshold 4 is more than the 3 trusted key(s)" in p
-               for p in found), found
+    assert any(
+        ":3: updates.trusted_keys[1]:" in p and "not a PEM public key" in p for p in found
+    ), found
+    assert any(
+        ":3: updates.trusted_keys[2]:" in p and "cannot read public key" in p for p in found
+    ), found
+    assert any(
+        ":4: updates.threshold: threshold 4 is more than the 3 trusted key(s)" in p for p in found
+    ), found

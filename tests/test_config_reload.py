@@ -22,25 +22,35 @@ AgentFactory = Callable[[dict[str, Any]], AgentProcess]
 
 
 def test_sighup_applies_a_valid_change_without_losing_readings(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Adding a pipeline and a model, and changing the log level, while another pipeline
     streams 300 readings/s: the untouched pipeline answers every reading, the new one
     serves."""
     build_linear(tmp_path / "models" / "lin.onnx")
     build_linear(tmp_path / "models" / "other.onnx", seed=4)
-    pipeline = {"model": "lin", "input": {"topic": "in/+", "field": "x"},
-                "output": {"topic": "out/{1}"}}
+    pipeline = {
+        "model": "lin",
+        "input": {"topic": "in/+", "field": "x"},
+        "output": {"topic": "out/{1}"},
+    }
     config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": pipeline})
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#", "added/#")
-    sender = paced_stream(broker, "in/s", [json.dumps({"id": i, "x": [i, 1, 2, 3]})
-                                           for i in range(900)], 300.0)
+    sender = paced_stream(
+        broker, "in/s", [json.dumps({"id": i, "x": [i, 1, 2, 3]}) for i in range(900)], 300.0
+    )
     time.sleep(1.0)
     config["models"]["other"] = {}
-    config["pipelines"]["q"] = {"model": "other", "input": {"topic": "new/+"},
-                                "output": {"topic": "added/{1}"}}
+    config["pipelines"]["q"] = {
+        "model": "other",
+        "input": {"topic": "new/+"},
+        "output": {"topic": "added/{1}"},
+    }
     config["log_level"] = "warning"
     agent.config_file.write_text(yaml.safe_dump(config))
     agent.process.send_signal(signal.SIGHUP)
@@ -57,12 +67,21 @@ def test_sighup_applies_a_valid_change_without_losing_readings(
 
 
 def test_sighup_with_an_invalid_config_keeps_the_old_one(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """An invalid config is refused, reported on P/errors and in the log; serving goes on."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
-        "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        pipelines={
+            "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#", "edge/dev1/errors")
@@ -80,15 +99,22 @@ def test_sighup_with_an_invalid_config_keeps_the_old_one(
 
 
 def test_sighup_reconnects_when_the_broker_changes(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """A new broker address: offline on the old broker, online and serving on the new one."""
     (tmp_path / "second-broker").mkdir()
     second = MosquittoBroker(tmp_path / "second-broker")
     second.start()
     try:
         build_linear(tmp_path / "models" / "lin.onnx")
-        config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
-            "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+        config = base_config(
+            broker,
+            tmp_path,
+            models={"lin": {}},
+            pipelines={
+                "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+            },
+        )
         agent = agent_factory(config)
         agent.wait_for_event("agent_serving")
         old_status = Recorder(broker, ["edge/dev1/status"]).start()
@@ -110,16 +136,30 @@ def test_sighup_reconnects_when_the_broker_changes(
         second.stop()
 
 
-def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
-                                        agent_factory: AgentFactory,
-                                        recorder: Callable[..., Recorder]) -> None:
+def test_sigterm_drains_queued_readings(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """at_most_once: readings already queued when SIGTERM arrives are answered, or counted
     as abandoned when the drain deadline comes first; none vanishes; exit 0 within 5 s."""
     build_slow(tmp_path / "models" / "slow.onnx", layers=24)
-    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
-        "model": "slow", "input": {"topic": "in/+", "field": "x"},
-        "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1},
-        "queue": {"max": 1000}}}, delivery="at_most_once")
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"slow": {}},
+        pipelines={
+            "p": {
+                "model": "slow",
+                "input": {"topic": "in/+", "field": "x"},
+                "output": {"topic": "out/{1}"},
+                "batching": {"max_batch": 1},
+                "queue": {"max": 1000},
+            }
+        },
+        delivery="at_most_once",
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#")
@@ -144,22 +184,36 @@ def test_sigterm_drains_queued_readings(broker: MosquittoBroker, tmp_path: Path,
 
 
 def test_sigterm_at_least_once_leaves_the_rest_to_the_next_start(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """at_least_once: SIGTERM in the middle of 1,000 queued readings exits 0 within 5 s;
     what was not answered stays with the broker's session and is answered after the
     restart."""
     build_slow(tmp_path / "models" / "slow.onnx", layers=64)
-    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
-        "model": "slow", "input": {"topic": "in/+", "field": "x"},
-        "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"slow": {}},
+        pipelines={
+            "p": {
+                "model": "slow",
+                "input": {"topic": "in/+", "field": "x"},
+                "output": {"topic": "out/{1}"},
+                "batching": {"max_batch": 1},
+            }
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     agent.wait_for_event("mqtt_subscribed")
     rec = recorder("out/#")
     client = publisher(broker)
-    sent = [client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1)
-            for i in range(1000)]
+    sent = [
+        client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1) for i in range(1000)
+    ]
     sent[-1].wait_for_publish(10)
     client.disconnect()
     client.loop_stop()
@@ -174,22 +228,37 @@ def test_sigterm_at_least_once_leaves_the_rest_to_the_next_start(
 
 
 def test_sigterm_with_more_queued_than_the_deadline_allows(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Seconds of queued work at SIGTERM: the rest is abandoned (and said so), the batch in
     progress finishes, and the process exits 0 within 5 s instead of dying in onnxruntime
     (std::terminate) with a worker still inside run."""
     build_slow(tmp_path / "models" / "slow.onnx", layers=256)
-    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
-        "model": "slow", "input": {"topic": "in/+", "field": "x"},
-        "output": {"topic": "out/{1}"}, "batching": {"max_batch": 1},
-        "queue": {"max": 5000}}}, delivery="at_most_once")
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"slow": {}},
+        pipelines={
+            "p": {
+                "model": "slow",
+                "input": {"topic": "in/+", "field": "x"},
+                "output": {"topic": "out/{1}"},
+                "batching": {"max_batch": 1},
+                "queue": {"max": 5000},
+            }
+        },
+        delivery="at_most_once",
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#")
     client = publisher(broker)
-    sent = [client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1)
-            for i in range(2000)]
+    sent = [
+        client.publish("in/s", json.dumps({"id": i, "x": [0.1] * 8}), qos=1) for i in range(2000)
+    ]
     sent[-1].wait_for_publish(10)
     client.disconnect()
     client.loop_stop()
@@ -202,13 +271,22 @@ def test_sigterm_with_more_queued_than_the_deadline_allows(
 
 
 def test_a_refused_reload_names_where_not_what(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """P/errors gets the file, line and key of each problem, never the offending value (it
     may be a secret pasted into the wrong key); the log has the whole text."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
-        "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        pipelines={
+            "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("edge/dev1/errors")
@@ -223,19 +301,22 @@ def test_a_refused_reload_names_where_not_what(
     reason = json.loads(rec.on("edge/dev1/errors")[0].payload)["reason"]
     assert "hunter2-secret" not in reason, reason
     assert "12345" not in reason, reason
-    assert reason.startswith("config reload refused, still running the previous config: 2 "
-                             "problem(s) at "), reason
+    assert reason.startswith(
+        "config reload refused, still running the previous config: 2 problem(s) at "
+    ), reason
     assert f"{agent.config_file}:" in reason, reason
     assert " health.interval_s" in reason, reason
     assert " mqtt.client_id" in reason, reason
 
 
 def test_a_metrics_endpoint_beyond_loopback_is_warned_about(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """The endpoint has no authentication: listening on every address is logged as such."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {}},
-                         metrics={"listen": f"0.0.0.0:{free_port()}"})
+    config = base_config(
+        broker, tmp_path, models={"lin": {}}, metrics={"listen": f"0.0.0.0:{free_port()}"}
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     event = agent.wait_for_event("metrics_exposed")

@@ -22,7 +22,7 @@ from tests.onnx_builders import build_linear
 pytestmark = pytest.mark.broker
 
 AgentFactory = Callable[..., AgentProcess]
-RECEIVE_MAXIMUM = 100   # the daemon's in-flight window of readings (mqtt.receive_maximum)
+RECEIVE_MAXIMUM = 100  # the daemon's in-flight window of readings (mqtt.receive_maximum)
 
 
 def persistent_broker(folder: Path) -> Iterator[MosquittoBroker]:
@@ -48,17 +48,28 @@ def readings(count: int) -> list[str]:
 def config_for(broker: MosquittoBroker, tmp_path: Path, **extra: Any) -> dict[str, Any]:
     if not (tmp_path / "models" / "lin.onnx").exists():
         build_linear(tmp_path / "models" / "lin.onnx")
-    return base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
-        "model": "lin", "input": {"topic": "in/+", "field": "x", "qos": 1},
-        "output": {"topic": "out/{1}", "qos": 1}}}, **extra)
+    return base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        pipelines={
+            "p": {
+                "model": "lin",
+                "input": {"topic": "in/+", "field": "x", "qos": 1},
+                "output": {"topic": "out/{1}", "qos": 1},
+            }
+        },
+        **extra,
+    )
 
 
 def results_of(rec: Recorder) -> list[dict[str, Any]]:
     return rec.payloads("out/")
 
 
-def wait_for_ids(rec: Recorder, count: int, timeout_s: float,
-                 agent: AgentProcess | None = None) -> list[dict[str, Any]]:
+def wait_for_ids(
+    rec: Recorder, count: int, timeout_s: float, agent: AgentProcess | None = None
+) -> list[dict[str, Any]]:
     """Until every id 0..count-1 has a result; fail naming the missing ones (and, given the
     daemon, what it counted: whether it ever received them)."""
     deadline = time.monotonic() + timeout_s
@@ -73,12 +84,12 @@ def wait_for_ids(rec: Recorder, count: int, timeout_s: float,
     if agent is not None and agent.process.poll() is None:
         agent.terminate()
         counted = f"; the daemon counted {agent.wait_for_event('pipeline_stopped')}"
-    raise AssertionError(f"{len(missing)} readings without a result, e.g. {missing[:20]}"
-                         f"{counted}")
+    raise AssertionError(f"{len(missing)} readings without a result, e.g. {missing[:20]}{counted}")
 
 
-def held_by_the_broker(broker: MosquittoBroker, rec: Recorder, total: int,
-                       agent: AgentProcess) -> str:
+def held_by_the_broker(
+    broker: MosquittoBroker, rec: Recorder, total: int, agent: AgentProcess
+) -> str:
     """After readings went missing: whether one more broker restart (a fresh connection,
     fresh in-flight quotas) brings them, and what the daemon counted. Tells a broker that
     held messages back (mosquitto before 2.0.13 could miscount a client's in-flight quota)
@@ -91,8 +102,10 @@ def held_by_the_broker(broker: MosquittoBroker, rec: Recorder, total: int,
     still = missing - {r["id"] for r in results_of(rec)}
     agent.terminate()
     counted = agent.wait_for_event("pipeline_stopped")
-    return (f"after one more broker restart {len(missing) - len(still)} of the {len(missing)} "
-            f"arrived ({len(still)} still missing); the daemon counted {counted}")
+    return (
+        f"after one more broker restart {len(missing) - len(still)} of the {len(missing)} "
+        f"arrived ({len(still)} still missing); the daemon counted {counted}"
+    )
 
 
 def assert_seqs_name_one_reading(results: list[dict[str, Any]]) -> None:
@@ -103,8 +116,9 @@ def assert_seqs_name_one_reading(results: list[dict[str, Any]]) -> None:
     for result in results:
         readings_of.setdefault(result["seq"], set()).add(result["id"])
     reused = {seq: ids for seq, ids in readings_of.items() if len(ids) > 1}
-    assert not reused, f"{len(reused)} seqs name more than one reading, e.g. " \
-        f"{sorted(reused.items())[:5]}"
+    assert not reused, (
+        f"{len(reused)} seqs name more than one reading, e.g. {sorted(reused.items())[:5]}"
+    )
 
 
 def assert_seq_increases(results: list[dict[str, Any]]) -> None:
@@ -122,7 +136,8 @@ def assert_seq_increases(results: list[dict[str, Any]]) -> None:
 
 
 def test_sigkill_five_times_loses_no_reading(
-        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """5,000 QoS 1 readings at 500/s; the daemon is SIGKILLed 5 times at random moments and
     restarted: every reading gets a result, duplicates stay within the in-flight window per
     kill, and seq only rises."""
@@ -142,14 +157,17 @@ def test_sigkill_five_times_loses_no_reading(
     results = wait_for_ids(rec, total, timeout_s=90, agent=agent)
     rec.stop()
     duplicates = len(results) - total
-    print(f"\nat-least-once, 5 SIGKILLs: {total} readings, {len(results)} results, "
-          f"{duplicates} duplicates")
+    print(
+        f"\nat-least-once, 5 SIGKILLs: {total} readings, {len(results)} results, "
+        f"{duplicates} duplicates"
+    )
     assert duplicates <= 5 * RECEIVE_MAXIMUM
     assert_seq_increases(results)
 
 
 def test_mqtt_311_session_survives_a_sigkill(
-        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """MQTT 3.1.1 (clean_session false, the broker's own in-flight window): a SIGKILL in the
     middle of 2,000 readings loses none."""
     config = config_for(durable_broker, tmp_path)
@@ -169,7 +187,8 @@ def test_mqtt_311_session_survives_a_sigkill(
 
 
 def test_broker_restarts_lose_no_reading(
-        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """The broker (with persistence) is restarted twice during a 3,000-reading stream: every
     reading gets a result."""
     config = config_for(durable_broker, tmp_path)
@@ -186,15 +205,17 @@ def test_broker_restarts_lose_no_reading(
     try:
         results = wait_for_ids(rec, total, timeout_s=60)
     except AssertionError as lost:
-        raise AssertionError(f"{lost}; {held_by_the_broker(durable_broker, rec, total, agent)}"
-                             ) from None
+        raise AssertionError(
+            f"{lost}; {held_by_the_broker(durable_broker, rec, total, agent)}"
+        ) from None
     rec.stop()
     print(f"\nbroker restarted twice: {total} readings, {len(results) - total} duplicates")
     assert agent.process.poll() is None
 
 
 def test_seq_continues_across_restarts(
-        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """seq is persisted: after a clean restart the next result's seq is higher."""
     config = config_for(durable_broker, tmp_path)
     rec = Recorder(durable_broker, ["out/#"]).start()
@@ -219,11 +240,16 @@ def test_seq_continues_across_restarts(
 # -- an upstream broker ------------------------------------------------------------------------
 
 
-def upstream_config(local: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
-                    **extra: Any) -> dict[str, Any]:
+def upstream_config(
+    local: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path, **extra: Any
+) -> dict[str, Any]:
     config = config_for(local, tmp_path, **extra)
-    config["upstream"] = {"host": upstream.host, "port": upstream.port, "keepalive_s": 5,
-                          "reconnect_max_s": 1}
+    config["upstream"] = {
+        "host": upstream.host,
+        "port": upstream.port,
+        "keepalive_s": 5,
+        "reconnect_max_s": 1,
+    }
     return config
 
 
@@ -234,8 +260,12 @@ def upstream(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 def test_results_and_telemetry_go_upstream(
-        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
-        agent_factory: AgentFactory, recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    upstream: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """With upstream set, readings come from the local broker; results, status, health and
     model states appear on the upstream broker only."""
     agent = agent_factory(upstream_config(broker, upstream, tmp_path))
@@ -244,18 +274,21 @@ def test_results_and_telemetry_go_upstream(
     local = recorder("out/#", "edge/#")
     paced_stream(broker, "in/s1", readings(20), rate=200).join()
     up.wait_for(lambda ms: sum(m.topic == "out/s1" for m in ms) >= 20)
-    up.wait_for(lambda ms: {"edge/dev1/status", "edge/dev1/models/lin"}
-                <= {m.topic for m in ms})
+    up.wait_for(lambda ms: {"edge/dev1/status", "edge/dev1/models/lin"} <= {m.topic for m in ms})
     up.stop()
     assert not local.messages
-    upstream_filters = [f for e in agent.log_events() if e.get("event") == "mqtt_subscribed"
-                        and e.get("role") == "upstream" for f in e["filters"]]
+    upstream_filters = [
+        f
+        for e in agent.log_events()
+        if e.get("event") == "mqtt_subscribed" and e.get("role") == "upstream"
+        for f in e["filters"]
+    ]
     assert "edge/dev1/updates/manifest" in upstream_filters  # updates come from upstream
 
 
 def test_upstream_outage_of_30_s_loses_nothing(
-        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
-        agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """The upstream broker is down for 30 s while readings keep coming locally: results go
     to the outbox and all arrive upstream after it returns, in seq order, none computed
     twice."""
@@ -276,15 +309,17 @@ def test_upstream_outage_of_30_s_loses_nothing(
     assert set(seqs_per_id.values()) == {1}, seqs_per_id.most_common(3)
     assert_seq_increases(results)
     drained = agent.wait_for_event("outbox_drained")
-    print(f"\nupstream down 30 s: {total} readings, {drained['published']} results sent from "
-          f"the outbox, none lost, none computed twice, {len(results) - total} redelivered")
+    print(
+        f"\nupstream down 30 s: {total} readings, {drained['published']} results sent from "
+        f"the outbox, none lost, none computed twice, {len(results) - total} redelivered"
+    )
     assert drained["published"] > 2000
     rec.stop()
 
 
 def test_upstream_outage_with_a_daemon_restart_loses_nothing(
-        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
-        agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """While upstream is down the daemon is killed and restarted: the outbox and the local
     persistent session carry everything over; all results arrive once upstream is back."""
     config = upstream_config(broker, upstream, tmp_path)
@@ -309,12 +344,13 @@ def test_upstream_outage_with_a_daemon_restart_loses_nothing(
 
 
 def test_outbox_bound_drops_the_oldest_and_counts_them(
-        broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path,
-        agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, upstream: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """An outage longer than outbox.max_mb holds: the oldest stored results are dropped and
     counted in health, the newest all arrive, and the file and memory stay bounded."""
-    config = upstream_config(broker, upstream, tmp_path, outbox={"max_mb": 1},
-                             health={"interval_s": 0.5})
+    config = upstream_config(
+        broker, upstream, tmp_path, outbox={"max_mb": 1}, health={"interval_s": 0.5}
+    )
     # Room for every reading in the pipeline's queue, so that a slow disk shows as a longer
     # queue, not as drops there: the drops under test are the outbox's.
     config["pipelines"]["p"]["queue"] = {"max": 10_000}
@@ -339,21 +375,27 @@ def test_outbox_bound_drops_the_oldest_and_counts_them(
     missing: list[int] = []
     dropped = -1
     while time.monotonic() < deadline:
-        health = [h for h in rec.payloads("edge/dev1/health")
-                  if h["delivery"]["outbox"]["depth"] == 0 and h["delivery"]["outbox"]["dropped"]]
+        health = [
+            h
+            for h in rec.payloads("edge/dev1/health")
+            if h["delivery"]["outbox"]["depth"] == 0 and h["delivery"]["outbox"]["dropped"]
+        ]
         if health:
             # A slow disk can make the pipeline's queue overflow too (oldest dropped first,
             # counted in its own health counter): both kinds of drop are counted somewhere.
             dropped = health[-1]["delivery"]["outbox"]["dropped"] + sum(
-                p["dropped"] for p in health[-1]["pipelines"].values())
+                p["dropped"] for p in health[-1]["pipelines"].values()
+            )
             missing = sorted(set(range(total)) - {r["id"] for r in results_of(rec)})
             if len(missing) <= dropped:  # results only ever arrive: missing only shrinks
                 break
         time.sleep(0.2)
     assert health, "no health report after the outbox drained"
     rec.stop()
-    print(f"\noutbox bound 1 MB: {total - 100} results during the outage, {dropped} oldest "
-          f"dropped, file {on_disk / 1024:.0f} KiB, RSS {rss_before} -> {rss_after} MB")
+    print(
+        f"\noutbox bound 1 MB: {total - 100} results during the outage, {dropped} oldest "
+        f"dropped, file {on_disk / 1024:.0f} KiB, RSS {rss_before} -> {rss_after} MB"
+    )
     # Rows the size bound deletes while in flight (handed to the broker after the
     # reconnect, not yet acknowledged) still arrive, and are not counted as dropped.
     assert len(missing) == dropped, (len(missing), dropped)
@@ -366,8 +408,7 @@ def test_outbox_bound_drops_the_oldest_and_counts_them(
     window = config["upstream"].get("max_inflight", 100)
     survivors = [b - a - 1 for a, b in itertools.pairwise(missing) if b - a > 1]
     held = 2 * FLUSH_BATCH + window
-    assert all(run <= held for run in survivors), ("not the oldest that were dropped",
-                                                   survivors)
+    assert all(run <= held for run in survivors), ("not the oldest that were dropped", survivors)
     assert on_disk <= 1024 * 1024, on_disk
     assert rss_before is not None
     assert rss_after is not None
@@ -375,7 +416,8 @@ def test_outbox_bound_drops_the_oldest_and_counts_them(
 
 
 def test_a_filter_dropped_while_stopped_is_unsubscribed(
-        durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    durable_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """The persistent session outlives a config change made while the agent was stopped:
     the next start unsubscribes the filter no pipeline uses any more."""
     config = config_for(durable_broker, tmp_path)
@@ -390,8 +432,7 @@ def test_a_filter_dropped_while_stopped_is_unsubscribed(
     rec = Recorder(durable_broker, ["out/#"]).start()
     client = publisher(durable_broker)
     client.publish("in/a", json.dumps({"id": 1, "x": [1, 2, 3, 4]}), qos=1).wait_for_publish(5)
-    client.publish("other/b", json.dumps({"id": 2, "x": [1, 2, 3, 4]}),
-                   qos=1).wait_for_publish(5)
+    client.publish("other/b", json.dumps({"id": 2, "x": [1, 2, 3, 4]}), qos=1).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()
     rec.wait_for(lambda ms: any(m.topic == "out/b" for m in ms))

@@ -29,8 +29,12 @@ class DemoProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(DEMO), *args], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+            [sys.executable, str(DEMO), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
         self.lines = OutputLines(self.process, "demo-output")
 
     def output(self) -> str:
@@ -96,19 +100,24 @@ def assert_first_results_are_reading_0(demo: DemoProcess) -> None:
 
 
 def test_demo_leaves_nothing_on_a_broker_it_did_not_start(
-        broker: MosquittoBroker, recorder: Callable[..., Recorder],
-        demo_factory: Callable[..., DemoProcess], tmp_path: Path) -> None:
+    broker: MosquittoBroker,
+    recorder: Callable[..., Recorder],
+    demo_factory: Callable[..., DemoProcess],
+    tmp_path: Path,
+) -> None:
     """On a broker that was already there (a shared one), Ctrl-C stops the demo with exit
     code 0, and afterwards no retained topic of the demo's daemon is left, nor its persistent
     session."""
-    demo = demo_factory("--host", broker.host, "--port", str(broker.port),
-                        "--run-dir", str(tmp_path / "run"))
+    demo = demo_factory(
+        "--host", broker.host, "--port", str(broker.port), "--run-dir", str(tmp_path / "run")
+    )
     demo.wait_for_line(lambda line: line.startswith("broker: the MQTT broker already answering"))
     assert_first_results_are_reading_0(demo)
     # While it runs, the daemon's retained state is there (so the check below means something).
     during = recorder(f"{PREFIX}/#")
-    during.wait_for(lambda ms: {m.topic for m in ms if m.retain} >=
-                    {f"{PREFIX}/status", f"{PREFIX}/models/vib"})
+    during.wait_for(
+        lambda ms: {m.topic for m in ms if m.retain} >= {f"{PREFIX}/status", f"{PREFIX}/models/vib"}
+    )
     during.stop()
 
     assert demo.interrupt() == 0, demo.output()
@@ -120,13 +129,21 @@ def test_demo_leaves_nothing_on_a_broker_it_did_not_start(
     left = [(m.topic, m.payload) for m in after.messages if m.retain and m.payload]
     assert left == [], left
     # The daemon's persistent session (at_least_once) is gone: a client resuming it finds none.
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="edge-agent-demo",
-                         protocol=MQTTProtocolVersion.MQTTv5)
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id="edge-agent-demo",
+        protocol=MQTTProtocolVersion.MQTTv5,
+    )
     present: list[bool] = []
     connected = threading.Event()
 
-    def on_connect(client: paho.Client, userdata: object, flags: paho.ConnectFlags,
-                   reason: object, properties: object) -> None:
+    def on_connect(
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason: object,
+        properties: object,
+    ) -> None:
         present.append(bool(flags.session_present))
         connected.set()
 
@@ -143,7 +160,8 @@ def test_demo_leaves_nothing_on_a_broker_it_did_not_start(
 
 
 def test_demo_starts_a_private_mosquitto_when_none_answers(
-        demo_factory: Callable[..., DemoProcess], tmp_path: Path) -> None:
+    demo_factory: Callable[..., DemoProcess], tmp_path: Path
+) -> None:
     """With Mosquitto installed and no broker on the port, the demo runs its own Mosquitto,
     and stops it on Ctrl-C (exit code 0)."""
     port = free_port()
@@ -155,14 +173,20 @@ def test_demo_starts_a_private_mosquitto_when_none_answers(
 
 
 def test_demo_falls_back_to_the_embedded_broker_without_mosquitto(
-        demo_factory: Callable[..., DemoProcess], tmp_path: Path) -> None:
+    demo_factory: Callable[..., DemoProcess], tmp_path: Path
+) -> None:
     """No broker answering and no Mosquitto ($MOSQUITTO names a missing binary): the demo
     runs the embedded amqtt broker (MQTT 3.1.1), says so with the install command, and
     works the same."""
     pytest.importorskip("amqtt", reason="amqtt comes with the demo extra (make demo)")
     port = free_port()
-    demo = demo_factory("--port", str(port), "--run-dir", str(tmp_path / "run"),
-                        env={"MOSQUITTO": str(tmp_path / "no-mosquitto")})
+    demo = demo_factory(
+        "--port",
+        str(port),
+        "--run-dir",
+        str(tmp_path / "run"),
+        env={"MOSQUITTO": str(tmp_path / "no-mosquitto")},
+    )
     demo.wait_for_line(lambda line: "embedded amqtt broker" in line)
     demo.wait_for_line(lambda line: "sudo apt-get install mosquitto" in line)
     assert_first_results_are_reading_0(demo)
@@ -179,9 +203,16 @@ def test_demo_imports_no_test_tooling(tmp_path: Path) -> None:
         "import demo, embedded_broker; "
         f"demo.build_vibration_scorer(Path({str(model)!r})); "
         "heavy = {'pytest', 'sklearn', 'skl2onnx', 'scipy', 'mypy', 'silero_vad'}; "
-        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))")
-    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, check=False)
+        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
     assert model.stat().st_size > 0

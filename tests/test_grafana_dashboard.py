@@ -34,8 +34,22 @@ _MATCHERS = re.compile(r"\{[^{}]*\}")
 _RANGE = re.compile(r"\[[^\[\]]*\]")
 _LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
 _IDENTIFIER = re.compile(r"(?<![\w.])[A-Za-z_:][\w:]*")
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
-             "and", "or", "unless", "inf", "nan", "atan2"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "inf",
+    "nan",
+    "atan2",
+}
 _LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*\w+\s*\)\s*$", re.DOTALL)
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -50,7 +64,7 @@ def promql_metric_names(expr: str) -> set[str]:
     text = _LABEL_LIST.sub(" ", text)
     names = set()
     for match in _IDENTIFIER.finditer(text):
-        after = text[match.end():].lstrip()
+        after = text[match.end() :].lstrip()
         if after.startswith("(") or match.group() in _KEYWORDS:
             continue  # a function or aggregation call, or an operator word
         names.add(match.group())
@@ -66,8 +80,11 @@ def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
     """PromQL of every panel target and of every query variable (its selector)."""
-    queries = [target["expr"] for panel in iter_panels(dashboard["panels"])
-               for target in panel.get("targets", [])]
+    queries = [
+        target["expr"]
+        for panel in iter_panels(dashboard["panels"])
+        for target in panel.get("targets", [])
+    ]
     for variable in dashboard["templating"]["list"]:
         if variable["type"] != "query":
             continue
@@ -91,8 +108,11 @@ def exposed_types(text: str) -> dict[str, str]:
 
 def sample_names(text: str) -> set[str]:
     """The names of the samples in an exposition."""
-    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines()
-            if line and not line.startswith("#")}
+    return {
+        re.split(r"[{ ]", line, maxsplit=1)[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def served_family(name: str, types: dict[str, str]) -> str | None:
@@ -102,8 +122,9 @@ def served_family(name: str, types: dict[str, str]) -> str | None:
     own name; a counter or gauge by exactly its name (a counter's includes _total)."""
     for suffix in _HISTOGRAM_SUFFIXES:
         base = name.removesuffix(suffix)
-        if base != name and (types.get(base) == "histogram"
-                             or (suffix != "_bucket" and types.get(base) == "summary")):
+        if base != name and (
+            types.get(base) == "histogram" or (suffix != "_bucket" and types.get(base) == "summary")
+        ):
             return base
     if types.get(name) in {"counter", "gauge", "untyped"}:
         return name
@@ -125,8 +146,10 @@ def scrape(port: int) -> str:
 
 def _counted(text: str) -> bool:
     """Whether the scrape counts every reading the fixture sent."""
-    return (f'edge_agent_latency_seconds_count{{pipeline="p"}} {GOOD_READINGS}.0' in text
-            and f'edge_agent_readings_rejected_total{{pipeline="p"}} {BAD_READINGS}.0' in text)
+    return (
+        f'edge_agent_latency_seconds_count{{pipeline="p"}} {GOOD_READINGS}.0' in text
+        and f'edge_agent_readings_rejected_total{{pipeline="p"}} {BAD_READINGS}.0' in text
+    )
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +166,14 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> str:
         build_linear(tmp_path / "models" / "lin.onnx")
         port = free_port()
         config = base_config(
-            broker, tmp_path, models={"lin": {}}, metrics={"listen": f"127.0.0.1:{port}"},
-            pipelines={"p": {"model": "lin", "input": {"topic": "in/+"},
-                             "output": {"topic": "out/{1}"}}})
+            broker,
+            tmp_path,
+            models={"lin": {}},
+            metrics={"listen": f"127.0.0.1:{port}"},
+            pipelines={
+                "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+            },
+        )
         config_file = tmp_path / "agent.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         agent = AgentProcess(config_file, tmp_path / "agent.log")
@@ -179,12 +207,13 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def test_promql_names_skip_functions_labels_and_variables() -> None:
     """The PromQL scan finds the metrics of an expression and nothing else."""
-    expr = ('histogram_quantile(0.95, sum by (instance, le) (rate(a_seconds_bucket'
-            '{instance=~"$instance", x="b_c{}"}[$__rate_interval]))) + on (job) group_left '
-            '(device_id) max without (zone) (b_info offset 5m) * 1e3 > bool ${threshold}')
+    expr = (
+        "histogram_quantile(0.95, sum by (instance, le) (rate(a_seconds_bucket"
+        '{instance=~"$instance", x="b_c{}"}[$__rate_interval]))) + on (job) group_left '
+        "(device_id) max without (zone) (b_info offset 5m) * 1e3 > bool ${threshold}"
+    )
     assert promql_metric_names(expr) == {"a_seconds_bucket", "b_info"}
-    assert promql_metric_names("sum(rate(c_total[5m])) by (pipeline) or vector(0)") == {
-        "c_total"}
+    assert promql_metric_names("sum(rate(c_total[5m])) by (pipeline) or vector(0)") == {"c_total"}
 
 
 def test_dashboard_is_valid_grafana_json() -> None:
@@ -217,9 +246,18 @@ def test_dashboard_is_valid_grafana_json() -> None:
                 assert (x, y) not in cells, f"{title} overlaps {cells.get((x, y))}"
                 cells[(x, y)] = title
     titles = {panel["title"] for panel in panels}
-    assert {"Throughput", "Latency percentiles", "Queue depth", "Drops", "Errors",
-            "Model state", "Outbox backlog", "CPU", "Resident memory",
-            "Temperature"} <= titles
+    assert {
+        "Throughput",
+        "Latency percentiles",
+        "Queue depth",
+        "Drops",
+        "Errors",
+        "Model state",
+        "Outbox backlog",
+        "CPU",
+        "Resident memory",
+        "Temperature",
+    } <= titles
 
 
 @pytest.mark.broker
@@ -232,8 +270,11 @@ def test_every_queried_metric_is_served(scraped: str) -> None:
     assert "edge_agent_latency_seconds_bucket" in queried
     missing = sorted(name for name in queried if served_family(name, types) is None)
     assert not missing, f"queried but not served: {missing}; served: {sorted(types)}"
-    empty = sorted(name for name in queried
-                   if name not in samples and served_family(name, types) not in MAY_BE_EMPTY)
+    empty = sorted(
+        name
+        for name in queried
+        if name not in samples and served_family(name, types) not in MAY_BE_EMPTY
+    )
     assert not empty, f"served without samples: {empty}"
 
 
@@ -244,17 +285,24 @@ def test_endpoint_passes_promtool(scraped: str, tmp_path: Path) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus)")
-    check = subprocess.run([promtool, "check", "metrics"], input=scraped, text=True,
-                           capture_output=True, check=False)
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=scraped, text=True, capture_output=True, check=False
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert not (check.stdout + check.stderr).strip(), check.stdout + check.stderr
     # Grafana fills in $__rate_interval and the variables before Prometheus parses a query.
-    rules = [{"record": f"dashboard:query_{index}",
-              "expr": _GRAFANA_VARIABLE.sub(
-                  lambda m: "5m" if "rate_interval" in m.group() else ".*", query)}
-             for index, query in enumerate(dashboard_queries(load_dashboard()))]
+    rules = [
+        {
+            "record": f"dashboard:query_{index}",
+            "expr": _GRAFANA_VARIABLE.sub(
+                lambda m: "5m" if "rate_interval" in m.group() else ".*", query
+            ),
+        }
+        for index, query in enumerate(dashboard_queries(load_dashboard()))
+    ]
     rules_file = tmp_path / "dashboard.rules.yaml"
     rules_file.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    parse = subprocess.run([promtool, "check", "rules", str(rules_file)], text=True,
-                           capture_output=True, check=False)
+    parse = subprocess.run(
+        [promtool, "check", "rules", str(rules_file)], text=True, capture_output=True, check=False
+    )
     assert parse.returncode == 0, parse.stdout + parse.stderr

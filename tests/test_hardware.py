@@ -14,8 +14,12 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hw"
 ALL_GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 PYPI_CPU = ["AzureExecutionProvider", "CPUExecutionProvider"]
 OPENVINO = ["OpenVINOExecutionProvider", "CPUExecutionProvider"]
-EVERYTHING = ["TensorrtExecutionProvider", "CUDAExecutionProvider",
-              "OpenVINOExecutionProvider", "CPUExecutionProvider"]
+EVERYTHING = [
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CPUExecutionProvider",
+]
 
 
 def order(tree: str, machine: str, available: list[str]) -> list[str]:
@@ -72,7 +76,8 @@ def test_raspberry_pi_4() -> None:
     assert plan.intra_op_num_threads == 4
     assert not plan.allow_spinning
     assert read_temperatures(hw, FIXTURES / "raspberry-pi-4") == {
-        "thermal_zone0:cpu-thermal": 48.686}
+        "thermal_zone0:cpu-thermal": 48.686
+    }
 
 
 def test_raspberry_pi_5() -> None:
@@ -127,8 +132,11 @@ def test_x86_with_nvidia_card() -> None:
     assert plan.allow_spinning
     assert "gpu_mem_limit" not in plan.chosen[1].options  # a discrete card has its own memory
     assert order("x86-nvidia", "x86_64", EVERYTHING) == [
-        "TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider",
-        "CPUExecutionProvider"]
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "OpenVINOExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     cpu_only = plan_providers(hw, PlanInputs(available=PYPI_CPU))
     assert any("pip install onnxruntime-gpu" in hint for hint in cpu_only.hints)
 

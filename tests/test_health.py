@@ -43,23 +43,34 @@ def latest_health(rec: Recorder) -> dict[str, Any]:
 
 
 @pytest.mark.broker
-def test_health_counts_a_known_stream(broker: MosquittoBroker, tmp_path: Path,
-                                      agent_factory: AgentFactory,
-                                      recorder: Callable[..., Recorder]) -> None:
+def test_health_counts_a_known_stream(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """20 good and 3 bad readings on one pipeline, a burst that overflows a 1-reading queue
     on another: every counter in P/health adds up, with the system figures present."""
     build_linear(tmp_path / "models" / "lin.onnx")
     build_slow(tmp_path / "models" / "slow.onnx", layers=64)
     metrics_port = free_port()
     config = base_config(
-        broker, tmp_path, models={"lin": {}, "slow": {}},
-        health={"interval_s": 0.5}, metrics={"listen": f"127.0.0.1:{metrics_port}"},
+        broker,
+        tmp_path,
+        models={"lin": {}, "slow": {}},
+        health={"interval_s": 0.5},
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
         pipelines={
             "good": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}},
-            "busy": {"model": "slow", "input": {"topic": "busy/+", "qos": 0},
-                     "output": {"topic": "busyout/{1}", "qos": 0},
-                     "batching": {"max_batch": 1}, "queue": {"max": 1}},
-        })
+            "busy": {
+                "model": "slow",
+                "input": {"topic": "busy/+", "qos": 0},
+                "output": {"topic": "busyout/{1}", "qos": 0},
+                "batching": {"max_batch": 1},
+                "queue": {"max": 1},
+            },
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder(HEALTH, "out/#", "busyout/#")
@@ -77,8 +88,11 @@ def test_health_counts_a_known_stream(broker: MosquittoBroker, tmp_path: Path,
         if not health:
             return False
         busy = health[-1]["pipelines"]["busy"]
-        return bool(busy["received"] == 200 and busy["queue_depth"] == 0
-                    and busy["processed"] + busy["dropped"] == 200)
+        return bool(
+            busy["received"] == 200
+            and busy["queue_depth"] == 0
+            and busy["processed"] + busy["dropped"] == 200
+        )
 
     rec.wait_for(settled, timeout_s=30)
     client.loop_stop()
@@ -104,8 +118,11 @@ def test_health_counts_a_known_stream(broker: MosquittoBroker, tmp_path: Path,
     intervals = [json.loads(m.payload)["pipelines"]["good"] for m in rec.on(HEALTH)]
     assert any(i["throughput"] > 0 and i["latency_ms"]["p50"] is not None for i in intervals)
 
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5
-                                  ).read().decode()
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
     assert 'edge_agent_readings_processed_total{pipeline="good"} 20.0' in text
     assert 'edge_agent_readings_errors_total{pipeline="good"} 3.0' in text
     assert f'edge_agent_readings_dropped_total{{pipeline="busy"}} {busy["dropped"]}.0' in text
@@ -115,9 +132,12 @@ def test_health_counts_a_known_stream(broker: MosquittoBroker, tmp_path: Path,
 
 
 @pytest.mark.broker
-def test_health_is_retained(broker: MosquittoBroker, tmp_path: Path,
-                            agent_factory: AgentFactory,
-                            recorder: Callable[..., Recorder]) -> None:
+def test_health_is_retained(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A client that subscribes later still gets the last health report.
 
     A first subscriber waits for a report to be published (live or retained, however slow

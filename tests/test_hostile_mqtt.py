@@ -54,18 +54,35 @@ def _config(broker: MosquittoBroker, tmp_path: Path, protocol: str) -> dict[str,
     _, public = make_key(tmp_path / "keys", "ops")
     build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
     return base_config(
-        broker, tmp_path, mqtt={"host": broker.host, "port": broker.port, "keepalive_s": 5,
-                                "reconnect_max_s": 1, "protocol": protocol},
-        models={"lin": {}}, pipelines={"p": {
-            "model": "lin", "input": {"topic": "in/+", "field": "x", "id_field": "id"},
-            "output": {"topic": "out/{1}"}}},
-        updates={"trusted_keys": [str(public)]})
+        broker,
+        tmp_path,
+        mqtt={
+            "host": broker.host,
+            "port": broker.port,
+            "keepalive_s": 5,
+            "reconnect_max_s": 1,
+            "protocol": protocol,
+        },
+        models={"lin": {}},
+        pipelines={
+            "p": {
+                "model": "lin",
+                "input": {"topic": "in/+", "field": "x", "id_field": "id"},
+                "output": {"topic": "out/{1}"},
+            }
+        },
+        updates={"trusted_keys": [str(public)]},
+    )
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_64_mb_message_on_any_topic_costs_less_than_32_mb(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder], protocol: str) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+    protocol: str,
+) -> None:
     """MQTT 5: the broker drops what is over the Maximum Packet Size sent in CONNECT. MQTT
     3.1.1 (no such field): the daemon reads the packet in slices and keeps only its head. Either
     way peak RSS grows by less than 32 MB per 64 MB message, the reading gets one error, the
@@ -85,28 +102,41 @@ def test_a_64_mb_message_on_any_topic_costs_less_than_32_mb(
             reset_peak_rss(pid)
             sender.publish(topic, big, qos=1).wait_for_publish(60)
             if protocol == "3.1.1":  # the daemon sees it: wait until it has skipped it
-                wait_until(lambda t=topic: any(
-                    e.get("event") == "mqtt_message_too_large" and e.get("topic") == t
-                    for e in agent.log_events()), 30, f"too large on {topic}")
+                wait_until(
+                    lambda t=topic: any(
+                        e.get("event") == "mqtt_message_too_large" and e.get("topic") == t
+                        for e in agent.log_events()
+                    ),
+                    30,
+                    f"too large on {topic}",
+                )
             else:
                 time.sleep(2.0)  # the broker drops it; nothing to wait for but time
             growth[topic] = peak_rss_mb(pid) - before
     finally:
         sender.disconnect()
         sender.loop_stop()
-    print(f"\npeak RSS growth per 64 MB message, MQTT {protocol}: "
-          + ", ".join(f"{t}: {g:+.1f} MB" for t, g in growth.items()))
+    print(
+        f"\npeak RSS growth per 64 MB message, MQTT {protocol}: "
+        + ", ".join(f"{t}: {g:+.1f} MB" for t, g in growth.items())
+    )
     assert all(g < 32 for g in growth.values()), growth
     serving_version(broker, rec, 2)
     if protocol == "3.1.1":
         errors = [json.loads(m.payload) for m in rec.on("edge/dev1/errors")]
         assert [e["reason"] for e in errors if e["topic"] == "in/s1"] == [
             f"message of {packet_size('in/s1')} bytes is larger than mqtt.max_packet_bytes; "
-            "dropped unread (input.max_payload_bytes 1048576)"], errors
+            "dropped unread (input.max_payload_bytes 1048576)"
+        ], errors
         rejected = statuses(rec, None)
         assert [(s["state"], s["authenticated"], s["reason"]) for s in rejected] == [
-            ("REJECTED", False, f"manifest message of {packet_size(TOPICS[1])} bytes is larger "
-             "than mqtt.max_packet_bytes; not read")], rejected
+            (
+                "REJECTED",
+                False,
+                f"manifest message of {packet_size(TOPICS[1])} bytes is larger "
+                "than mqtt.max_packet_bytes; not read",
+            )
+        ], rejected
     else:
         assert rec.on("edge/dev1/errors") == []
         assert statuses(rec, None) == []

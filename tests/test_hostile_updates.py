@@ -65,8 +65,11 @@ def _model_state(rec: Recorder, topic: str) -> dict[str, Any]:
 
 
 def test_a_trial_that_never_ends_is_rolled_back_in_time_and_blocks_no_other_model(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A signed model whose warm-up loops for hours: FAILED at the trial within
     trial_timeout_s + 2 s, the old model serving; a second model hot-reloads meanwhile; and
     SIGTERM during such a trial exits 0, the next start rolling it back."""
@@ -77,8 +80,11 @@ def test_a_trial_that_never_ends_is_rolled_back_in_time_and_blocks_no_other_mode
     build_linear(tmp_path / "models" / "aux.onnx", features=4, outputs=2, seed=1)
     config = agent_config(broker, tmp_path, [public], trial_timeout_s=8.0)
     config["models"]["aux"] = {}
-    config["pipelines"]["q"] = {"model": "aux", "input": {"topic": "aux/+", "field": "x"},
-                                "output": {"topic": "auxout/{1}"}}
+    config["pipelines"]["q"] = {
+        "model": "aux",
+        "input": {"topic": "aux/+", "field": "x"},
+        "output": {"topic": "auxout/{1}"},
+    }
     agent = _start(agent_factory, config)
     rec = recorder(STATUS, MODEL_STATE, "edge/dev1/models/aux", "out/#")
     stuck = build_slow_warmup(tmp_path / "stuck.onnx", iterations=NEVER_ENDS).read_bytes()
@@ -89,21 +95,26 @@ def test_a_trial_that_never_ends_is_rolled_back_in_time_and_blocks_no_other_mode
     # Meanwhile a new file for the other model is loaded at once.
     fresh = build_linear(tmp_path / "aux-new.onnx", features=4, outputs=2, seed=9).read_bytes()
     os.replace(tmp_path / "aux-new.onnx", tmp_path / "models" / "aux.onnx")
-    rec.wait_for(lambda _: _model_state(rec, "edge/dev1/models/aux").get("version")
-                 == version_of(fresh), 6)
-    assert not any(s["state"] == "FAILED" for s in statuses(rec, "stuck1")), \
+    rec.wait_for(
+        lambda _: _model_state(rec, "edge/dev1/models/aux").get("version") == version_of(fresh), 6
+    )
+    assert not any(s["state"] == "FAILED" for s in statuses(rec, "stuck1")), (
         "the other model should reload while the trial still runs"
+    )
 
     try:
         status = final_status(rec, "stuck1", timeout_s=20)
     except TimeoutError:
-        raise AssertionError(f"exit {agent.process.poll()}: "
-                             f"{agent.log_file.read_text()[-2000:]}") from None
+        raise AssertionError(
+            f"exit {agent.process.poll()}: {agent.log_file.read_text()[-2000:]}"
+        ) from None
     assert (status["state"], status["step"]) == ("FAILED", "trial"), status
     assert "warm-up did not finish within 8 s (updates.trial_timeout_s)" in status["reason"]
     assert "rolled back" in status["reason"]
-    print(f"\nstuck trial: FAILED {status['ts'] - trial_ts:.2f} s after the trial began "
-          "(trial_timeout_s 8)")
+    print(
+        f"\nstuck trial: FAILED {status['ts'] - trial_ts:.2f} s after the trial began "
+        "(trial_timeout_s 8)"
+    )
     assert status["ts"] - trial_ts <= 8 + 2
     assert serving_version(broker, rec, 1) == version_of(old)
 
@@ -178,26 +189,41 @@ def trickle(tmp_path: Path) -> Iterator[TrickleServer]:
 
 @pytest.mark.parametrize("where", ["body", "headers"])
 def test_a_trickling_mirror_fails_at_the_download_deadline(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder], trickle: TrickleServer, where: str) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+    trickle: TrickleServer,
+    where: str,
+) -> None:
     """A byte every 0.5 s resets every socket timeout; the download still FAILS at
     download_timeout_s (3 s) to the second, saying so, and the old model serves."""
     private, public = make_key(tmp_path / "keys", "ops")
     old = linear(tmp_path, 0)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "lin.onnx").write_bytes(old)
-    _start(agent_factory, agent_config(broker, tmp_path, [public], download_timeout_s=3.0,
-                                       ca_file=str(trickle.tls.ca_cert)))
+    _start(
+        agent_factory,
+        agent_config(
+            broker, tmp_path, [public], download_timeout_s=3.0, ca_file=str(trickle.tls.ca_cert)
+        ),
+    )
     rec = recorder(STATUS, "out/#")
     data = linear(tmp_path, 3)
-    send(broker, envelope(payload_for(data, update_id="slow", version=1,
-                                      url=f"{trickle.url}/{where}"), [private]))
+    send(
+        broker,
+        envelope(
+            payload_for(data, update_id="slow", version=1, url=f"{trickle.url}/{where}"), [private]
+        ),
+    )
     status = final_status(rec, "slow")
     started = next(s["ts"] for s in statuses(rec, "slow") if s["state"] == "IN_PROGRESS")
     assert (status["state"], status["step"]) == ("FAILED", "downloading"), status
     assert "download took longer than 3 s (updates.download_timeout_s)" in status["reason"]
-    print(f"\ntrickled {where}: FAILED {status['ts'] - started:.2f} s after it began "
-          "(download_timeout_s 3)")
+    print(
+        f"\ntrickled {where}: FAILED {status['ts'] - started:.2f} s after it began "
+        "(download_timeout_s 3)"
+    )
     assert status["ts"] - started < 3 + 1.5
     assert serving_version(broker, rec, 1) == version_of(old)
 
@@ -206,8 +232,11 @@ def test_a_trickling_mirror_fails_at_the_download_deadline(
 
 
 def test_a_flood_of_manifests_is_bounded_and_every_one_is_answered(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """60 unsigned manifests of 1.5 MB as fast as the broker takes them: peak RSS grows by
     less than 32 MB, and each is answered by a REJECTED status of its own or counted in
     one that reports drops (the counts add up to 60)."""
@@ -216,9 +245,13 @@ def test_a_flood_of_manifests_is_bounded_and_every_one_is_answered(
     (tmp_path / "models" / "lin.onnx").write_bytes(linear(tmp_path, 0))
     agent = _start(agent_factory, agent_config(broker, tmp_path, [public]))
     rec = recorder(STATUS)
-    forged = json.dumps({"payloadType": "application/vnd.edge-agent.update+json",
-                         "payload": "A" * 1_500_000,
-                         "signatures": [{"keyid": "00", "sig": "AA=="}]}).encode()
+    forged = json.dumps(
+        {
+            "payloadType": "application/vnd.edge-agent.update+json",
+            "payload": "A" * 1_500_000,
+            "signatures": [{"keyid": "00", "sig": "AA=="}],
+        }
+    ).encode()
     pid = agent.process.pid
     time.sleep(0.5)
     before = current_rss_mb(pid)
@@ -240,9 +273,11 @@ def test_a_flood_of_manifests_is_bounded_and_every_one_is_answered(
     growth = peak_rss_mb(pid) - before
     found = statuses(rec, None)
     dropped = sum(int(s.get("dropped", 0)) for s in found)
-    print(f"\nflood of 60 x 1.5 MB manifests: peak RSS {growth:+.1f} MB, "
-          f"{len(found) - sum(1 for s in found if 'dropped' in s)} verified and rejected, "
-          f"{dropped} dropped unread")
+    print(
+        f"\nflood of 60 x 1.5 MB manifests: peak RSS {growth:+.1f} MB, "
+        f"{len(found) - sum(1 for s in found if 'dropped' in s)} verified and rejected, "
+        f"{dropped} dropped unread"
+    )
     assert answered() == 60
     assert all(s["state"] == "REJECTED" and s["authenticated"] is False for s in found)
     assert growth < 32
@@ -259,11 +294,15 @@ def test_the_intake_drops_what_does_not_fit_and_reports_it_once(tmp_path: Path) 
     from agent.inference.registry import ModelRegistry  # noqa: PLC0415
     from agent.updates.manager import UpdateManager  # noqa: PLC0415
 
-    config = AgentConfig(device_id="d", models_dir=str(tmp_path / "m"),
-                         state_dir=str(tmp_path / "s"))
+    config = AgentConfig(
+        device_id="d", models_dir=str(tmp_path / "m"), state_dir=str(tmp_path / "s")
+    )
     sent: list[dict[str, Any]] = []
-    manager = UpdateManager(config, ModelRegistry(config, detect(), lambda *_: None),
-                            lambda topic, payload: sent.append(json.loads(payload)))
+    manager = UpdateManager(
+        config,
+        ModelRegistry(config, detect(), lambda *_: None),
+        lambda topic, payload: sent.append(json.loads(payload)),
+    )
     for _ in range(60):
         message = MQTTMessage(topic=b"edge/d/updates/manifest")
         message.payload = b'{"not": "signed"}'
@@ -282,8 +321,11 @@ def test_the_intake_drops_what_does_not_fit_and_reports_it_once(tmp_path: Path) 
 
 
 def test_require_signed_files_refuses_an_older_signed_version_copied_back(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """After versions 1 and 2 were installed by signed updates, copying NAME.onnx.prev (version
     1) over the model is refused as a rollback, and version 2 keeps serving; the committed
     bytes themselves still load (after a restart too)."""
@@ -301,8 +343,9 @@ def test_require_signed_files_refuses_an_older_signed_version_copied_back(
     assert (models / "lin.onnx.prev").read_bytes() == v1
     shutil.copyfile(models / "lin.onnx.prev", tmp_path / "rollback.tmp")
     os.replace(tmp_path / "rollback.tmp", models / "lin.onnx")
-    rec.wait_for(lambda _: "would be a rollback" in (_model_state(rec, MODEL_STATE).get("error")
-                                                      or ""), 10)
+    rec.wait_for(
+        lambda _: "would be a rollback" in (_model_state(rec, MODEL_STATE).get("error") or ""), 10
+    )
     state = _model_state(rec, MODEL_STATE)
     assert (state["state"], state["version"]) == ("READY", version_of(v2)), state
     assert serving_version(broker, rec, 1) == version_of(v2)
@@ -316,8 +359,11 @@ def test_require_signed_files_refuses_an_older_signed_version_copied_back(
 
 
 def test_a_symlinked_staging_folder_is_refused_not_followed(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """The staging folder replaced by a link to state_dir/updates: start-up cleanup refuses
     it (the version floor survives), an update FAILS saying why without the device's paths,
     and the old model serves."""
@@ -344,10 +390,12 @@ def test_a_symlinked_staging_folder_is_refused_not_followed(
     mqtt_update(broker, linear(tmp_path, 2), [private], update_id="v2", version=2)
     status = final_status(rec, "v2")
     assert (status["state"], status["step"]) == ("FAILED", "downloading"), status
-    assert status["reason"] == ("cannot start the transfer: <models_dir>/.edge-agent-staging "
-                                "is a symbolic link; the agent keeps its own files there and "
-                                "does not follow links: remove the link (the agent creates the "
-                                "folder again)")
+    assert status["reason"] == (
+        "cannot start the transfer: <models_dir>/.edge-agent-staging "
+        "is a symbolic link; the agent keeps its own files there and "
+        "does not follow links: remove the link (the agent creates the "
+        "folder again)"
+    )
     assert json.loads((state_files / "state.json").read_bytes())["models"]["lin"]["version"] == 1
     assert serving_version(broker, rec, 1) == version_of(v1)
 
@@ -356,8 +404,11 @@ def test_a_symlinked_staging_folder_is_refused_not_followed(
 
 
 def test_forged_rejections_do_not_change_what_publish_update_reports(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """While publish-update sends a real update, someone floods the device with unsigned
     manifests claiming its update_id: the device rejects those without naming the update,
     publish-update reports SUCCEEDED and exits 0."""
@@ -368,8 +419,10 @@ def test_forged_rejections_do_not_change_what_publish_update_reports(
     rec = recorder(STATUS, "out/#")
     new = tmp_path / "new.onnx"
     new.write_bytes(linear(tmp_path, 6))
-    forged = envelope(payload_for(new.read_bytes(), update_id="real-1", version=9),
-                      [make_key(tmp_path / "keys", "attacker")[0]])
+    forged = envelope(
+        payload_for(new.read_bytes(), update_id="real-1", version=9),
+        [make_key(tmp_path / "keys", "attacker")[0]],
+    )
     stop = threading.Event()
 
     def attack() -> None:
@@ -384,10 +437,34 @@ def test_forged_rejections_do_not_change_what_publish_update_reports(
     try:
         time.sleep(0.5)  # forged rejections are already coming when the operator starts
         done = subprocess.run(
-            [sys.executable, "-m", "agent", "publish-update", str(new), "--key", str(private),
-             "--model", "lin", "--version", "1", "--device", "dev1", "--update-id", "real-1",
-             "--host", broker.host, "--port", str(broker.port), "--timeout", "60"],
-            capture_output=True, text=True, timeout=90, check=False)
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "publish-update",
+                str(new),
+                "--key",
+                str(private),
+                "--model",
+                "lin",
+                "--version",
+                "1",
+                "--device",
+                "dev1",
+                "--update-id",
+                "real-1",
+                "--host",
+                broker.host,
+                "--port",
+                str(broker.port),
+                "--timeout",
+                "60",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
     finally:
         stop.set()
         attacker.join()

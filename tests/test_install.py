@@ -17,8 +17,9 @@ EDGE_AGENT = Path(sys.executable).parent / "edge-agent"
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
@@ -32,7 +33,8 @@ def test_install_is_idempotent_and_uninstalls(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stdout + first.stderr
     assert (root / "opt/edge-agent/bin/python").exists()
     assert (root / "etc/systemd/system/edge-agent.service").read_text() == (
-        REPO / "systemd/edge-agent.service").read_text()
+        REPO / "systemd/edge-agent.service"
+    ).read_text()
     config = root / "etc/edge-agent/agent.yaml"
     assert config.read_text() == (REPO / "config/agent.example.yaml").read_text()
     assert (root / "var/lib/edge-agent/models").is_dir()
@@ -59,8 +61,9 @@ def can_set_host_name() -> bool:
     """unshare --uts gives a process its own host name (needs root or user namespaces)."""
     if shutil.which("unshare") is None:
         return False
-    probe = subprocess.run(["unshare", "--uts", "hostname", "probe-name"], capture_output=True,
-                           check=False)
+    probe = subprocess.run(
+        ["unshare", "--uts", "hostname", "probe-name"], capture_output=True, check=False
+    )
     return probe.returncode == 0
 
 
@@ -72,17 +75,25 @@ def test_two_host_names_give_two_device_ids(tmp_path: Path) -> None:
     ids = []
     for host in ("pi-kitchen", "pi-garage"):
         root = tmp_path / host
-        script = (f"hostname {host} && bash {SCRIPT} --root {root} --pip-args --no-deps && "
-                  f"{EDGE_AGENT} check-config {root}/etc/edge-agent/agent.yaml")
-        done = subprocess.run(["unshare", "--uts", "bash", "-c", script], capture_output=True,
-                              text=True, timeout=300, check=False)
+        script = (
+            f"hostname {host} && bash {SCRIPT} --root {root} --pip-args --no-deps && "
+            f"{EDGE_AGENT} check-config {root}/etc/edge-agent/agent.yaml"
+        )
+        done = subprocess.run(
+            ["unshare", "--uts", "bash", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"(here: {host})" in done.stdout
         found = re.search(r"ok \(device_id ([^,]+),", done.stdout)
         assert found is not None, done.stdout
         ids.append(found.group(1))
-        assert not re.search(r"^device_id:", (root / "etc/edge-agent/agent.yaml").read_text(),
-                             re.MULTILINE)
+        assert not re.search(
+            r"^device_id:", (root / "etc/edge-agent/agent.yaml").read_text(), re.MULTILINE
+        )
     assert ids == ["pi-kitchen", "pi-garage"]
 
 
@@ -110,7 +121,7 @@ def make_wheel(folder: Path, name: str, version: str) -> Path:
         f"{module}_marker.py": "",
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-                         "Tag: py3-none-any\n",
+        "Tag: py3-none-any\n",
     }
     files[f"{info}/RECORD"] = "".join(f"{path},,\n" for path in files) + f"{info}/RECORD,,\n"
     wheel = folder / f"{module}-{version}-py3-none-any.whl"
@@ -127,14 +138,23 @@ def test_device_id_and_ort_wheel_survive_an_upgrade(tmp_path: Path) -> None:
     onnxruntime in its place."""
     root = tmp_path / "root"
     wheel = make_wheel(tmp_path, "onnxruntime-gpu", "1.99.0")
-    first = run("--root", str(root), "--pip-args", "--no-deps", "--device-id", "press-7",
-                "--ort-wheel", str(wheel))
+    first = run(
+        "--root",
+        str(root),
+        "--pip-args",
+        "--no-deps",
+        "--device-id",
+        "press-7",
+        "--ort-wheel",
+        str(wheel),
+    )
     assert first.returncode == 0, first.stdout + first.stderr
     config = root / "etc/edge-agent/agent.yaml"
     assert re.search(r"^device_id: press-7\b", config.read_text(), re.MULTILINE)
     assert "device id: press-7 (set in agent.yaml)" in first.stdout
-    checked = subprocess.run([str(EDGE_AGENT), "check-config", str(config)], capture_output=True,
-                             text=True, check=False)
+    checked = subprocess.run(
+        [str(EDGE_AGENT), "check-config", str(config)], capture_output=True, text=True, check=False
+    )
     assert "device_id press-7," in checked.stdout, checked.stdout + checked.stderr
     assert run("--device-id", "no spaces allowed", "--root", str(root)).returncode == 2
 
@@ -144,6 +164,10 @@ def test_device_id_and_ort_wheel_survive_an_upgrade(tmp_path: Path) -> None:
     assert "kept the existing" in upgrade.stdout
     assert "device id: press-7 (set in agent.yaml)" in upgrade.stdout
     assert "onnxruntime from onnxruntime_gpu-1.99.0-py3-none-any.whl" in upgrade.stdout
-    shown = subprocess.run([str(root / "opt/edge-agent/bin/python"), "-m", "pip", "show",
-                            "onnxruntime-gpu"], capture_output=True, text=True, check=False)
+    shown = subprocess.run(
+        [str(root / "opt/edge-agent/bin/python"), "-m", "pip", "show", "onnxruntime-gpu"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert "Version: 1.99.0" in shown.stdout, shown.stdout + shown.stderr

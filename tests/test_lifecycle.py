@@ -19,9 +19,12 @@ pytestmark = pytest.mark.broker
 STATUS = "edge/dev1/status"
 
 
-def test_publishes_retained_online(broker: MosquittoBroker, tmp_path: Path,
-                                   agent_factory: Callable[[dict[str, Any]], AgentProcess],
-                                   recorder: Callable[..., Recorder]) -> None:
+def test_publishes_retained_online(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: Callable[[dict[str, Any]], AgentProcess],
+    recorder: Callable[..., Recorder],
+) -> None:
     """After start-up P/status holds a retained 'online' that a late subscriber still gets."""
     agent = agent_factory(base_config(broker, tmp_path))
     agent.wait_for_event("mqtt_connected")
@@ -32,9 +35,11 @@ def test_publishes_retained_online(broker: MosquittoBroker, tmp_path: Path,
 
 
 def test_sigkill_delivers_offline_last_will(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess],
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: Callable[[dict[str, Any]], AgentProcess],
+    recorder: Callable[..., Recorder],
+) -> None:
     """SIGKILL: the broker publishes the retained last will, 'offline'."""
     agent = agent_factory(base_config(broker, tmp_path))
     watcher = recorder(STATUS)
@@ -46,9 +51,11 @@ def test_sigkill_delivers_offline_last_will(
 
 
 def test_sigterm_exits_zero_within_5s_and_says_offline(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess],
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: Callable[[dict[str, Any]], AgentProcess],
+    recorder: Callable[..., Recorder],
+) -> None:
     """SIGTERM: 'offline' is published, the process exits 0, in under 5 seconds."""
     agent = agent_factory(base_config(broker, tmp_path))
     watcher = recorder(STATUS)
@@ -61,8 +68,8 @@ def test_sigterm_exits_zero_within_5s_and_says_offline(
 
 
 def test_online_republished_after_broker_restart(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: Callable[[dict[str, Any]], AgentProcess]
+) -> None:
     """When the broker restarts (losing its retained messages) the daemon reconnects and
     publishes 'online' again."""
     agent = agent_factory(base_config(broker, tmp_path))
@@ -77,8 +84,8 @@ def test_online_republished_after_broker_restart(
 
 
 def test_starts_while_broker_is_down_and_connects_later(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: Callable[[dict[str, Any]], AgentProcess]
+) -> None:
     """No broker at start-up is not fatal: the daemon retries with backoff and connects."""
     broker.stop()
     agent = agent_factory(base_config(broker, tmp_path))
@@ -92,8 +99,8 @@ def test_starts_while_broker_is_down_and_connects_later(
 
 
 def test_sigterm_while_broker_down_still_exits_quickly(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: Callable[[dict[str, Any]], AgentProcess]
+) -> None:
     """Stopping never waits on a broker that is not there."""
     agent = agent_factory(base_config(broker, tmp_path))
     agent.wait_for_event("mqtt_connected")
@@ -105,8 +112,8 @@ def test_sigterm_while_broker_down_still_exits_quickly(
 
 
 def test_log_is_json_lines_with_paho_routed(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: Callable[[dict[str, Any]], AgentProcess]
+) -> None:
     """Not on a terminal, every log line is a JSON object; paho's own log lines included."""
     agent = agent_factory(base_config(broker, tmp_path))
     agent.wait_for_event("mqtt_connected")
@@ -119,20 +126,27 @@ def test_log_is_json_lines_with_paho_routed(
 
 
 def test_model_states_survive_a_broker_restart(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess]) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: Callable[[dict[str, Any]], AgentProcess]
+) -> None:
     """A broker restarted without persistence forgets retained messages; the daemon re-sends
     the retained model state on reconnect, and its pipeline serves again."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={
-        "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        pipelines={
+            "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     broker.restart(down_s=0.5)
     watcher = Recorder(broker, ["edge/dev1/models/lin", "out/#"]).start()
     try:
-        watcher.wait_for(lambda ms: any(json.loads(m.payload)["state"] == "READY"
-                                        for m in ms), timeout_s=15)
+        watcher.wait_for(
+            lambda ms: any(json.loads(m.payload)["state"] == "READY" for m in ms), timeout_s=15
+        )
         late = Recorder(broker, ["edge/dev1/models/lin"]).start()
         late.wait_for(lambda ms: any(m.retain for m in ms))
         late.stop()
@@ -149,9 +163,9 @@ def test_model_states_survive_a_broker_restart(
     assert agent.process.poll() is None
 
 
-def test_two_daemons_cannot_share_a_state_dir(broker: MosquittoBroker, tmp_path: Path,
-                                              agent_factory: Callable[..., AgentProcess]
-                                              ) -> None:
+def test_two_daemons_cannot_share_a_state_dir(
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: Callable[..., AgentProcess]
+) -> None:
     """The second daemon on one state_dir exits 1 naming the folder and the first's pid."""
     first = agent_factory(base_config(broker, tmp_path, "dev1"))
     first.wait_for_event("agent_serving")
@@ -162,17 +176,26 @@ def test_two_daemons_cannot_share_a_state_dir(broker: MosquittoBroker, tmp_path:
 
 
 def test_a_normal_day_logs_no_warning_or_error(
-        broker: MosquittoBroker, tmp_path: Path,
-        agent_factory: Callable[[dict[str, Any]], AgentProcess],
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: Callable[[dict[str, Any]], AgentProcess],
+    recorder: Callable[..., Recorder],
+) -> None:
     """Error means an operator must act, warning that something is off: a default start
     (updates not configured), serving readings, a health report and a clean stop are
     none of those, so they log at info and below only."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    agent = agent_factory(base_config(
-        broker, tmp_path, models={"lin": {}}, health={"interval_s": 1},
-        pipelines={"p": {"model": "lin", "input": {"topic": "in/+"},
-                         "output": {"topic": "out/{1}"}}}))
+    agent = agent_factory(
+        base_config(
+            broker,
+            tmp_path,
+            models={"lin": {}},
+            health={"interval_s": 1},
+            pipelines={
+                "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+            },
+        )
+    )
     agent.wait_for_event("agent_serving")
     seen = recorder("out/#", "edge/dev1/health")
     client = publisher(broker)
@@ -184,8 +207,13 @@ def test_a_normal_day_logs_no_warning_or_error(
     seen.wait_for(lambda ms: {m.topic for m in ms} >= {"out/a", "edge/dev1/health"})
     code, _ = agent.terminate()
     assert code == 0
-    loud = [event for event in agent.log_events()
-            if event.get("level") in ("warning", "error", "critical")]
+    loud = [
+        event
+        for event in agent.log_events()
+        if event.get("level") in ("warning", "error", "critical")
+    ]
     assert loud == [], loud
-    assert any(event.get("event") == "updates_disabled" and event["level"] == "info"
-               for event in agent.log_events())
+    assert any(
+        event.get("event") == "updates_disabled" and event["level"] == "info"
+        for event in agent.log_events()
+    )

@@ -29,8 +29,7 @@ def test_stdlib_loggers_share_the_output() -> None:
     configure_logging("debug", stream=out)
     logging.getLogger("paho.mqtt").debug("Sending CONNECT")
     event = json.loads(out.getvalue().strip())
-    assert event == {**event, "event": "Sending CONNECT", "logger": "paho.mqtt",
-                     "level": "debug"}
+    assert event == {**event, "event": "Sending CONNECT", "logger": "paho.mqtt", "level": "debug"}
 
 
 def test_console_output_is_readable_text() -> None:

@@ -21,10 +21,21 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=timezone.utc)
 
 
 def payload(**changes: Any) -> bytes:
-    document = json.loads(build_payload(
-        update_id="u1", model="vib", version=3, data=b"x" * 1000, sha256="a" * 64,
-        devices=["gw1"], groups=["line3"], issued_at=NOW, expires=NOW + timedelta(days=1),
-        url=None, chunk_size=300))
+    document = json.loads(
+        build_payload(
+            update_id="u1",
+            model="vib",
+            version=3,
+            data=b"x" * 1000,
+            sha256="a" * 64,
+            devices=["gw1"],
+            groups=["line3"],
+            issued_at=NOW,
+            expires=NOW + timedelta(days=1),
+            url=None,
+            chunk_size=300,
+        )
+    )
     document.update(changes)
     return json.dumps(document).encode()
 
@@ -40,23 +51,26 @@ def test_build_and_parse_round_trip() -> None:
     assert manifest.expires == NOW + timedelta(days=1)
 
 
-@pytest.mark.parametrize(("changes", "words"), [
-    ({"model": "../x"}, "model '../x' is not a valid name"),
-    ({"model": ".."}, "not a valid name"),
-    ({"model": "a" * 65}, "not a valid name"),
-    ({"update_id": "a/b"}, "update_id 'a/b' is not a valid name"),
-    ({"version": "3"}, "version must be a positive integer"),
-    ({"version": True}, "version must be a positive integer"),
-    ({"length": 0}, "length must be a positive integer"),
-    ({"sha256": "xyz"}, "sha256 must be 64 hex digits"),
-    ({"targets": {"devices": [], "groups": []}}, "empty target list"),
-    ({"targets": []}, "targets must be an object"),
-    ({"expires": "tomorrow"}, "not an RFC 3339 time"),
-    ({"expires": "2026-12-01T00:00:00"}, "no time zone offset"),
-    ({"source": {"mqtt": {"chunk_size": 300, "chunks": 9}}}, "cannot carry length 1000"),
-    ({"source": {"url": "ftp://x/m.onnx"}}, "is not https"),
-    ({"source": None}, "source must be"),
-])
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"model": "../x"}, "model '../x' is not a valid name"),
+        ({"model": ".."}, "not a valid name"),
+        ({"model": "a" * 65}, "not a valid name"),
+        ({"update_id": "a/b"}, "update_id 'a/b' is not a valid name"),
+        ({"version": "3"}, "version must be a positive integer"),
+        ({"version": True}, "version must be a positive integer"),
+        ({"length": 0}, "length must be a positive integer"),
+        ({"sha256": "xyz"}, "sha256 must be 64 hex digits"),
+        ({"targets": {"devices": [], "groups": []}}, "empty target list"),
+        ({"targets": []}, "targets must be an object"),
+        ({"expires": "tomorrow"}, "not an RFC 3339 time"),
+        ({"expires": "2026-12-01T00:00:00"}, "no time zone offset"),
+        ({"source": {"mqtt": {"chunk_size": 300, "chunks": 9}}}, "cannot carry length 1000"),
+        ({"source": {"url": "ftp://x/m.onnx"}}, "is not https"),
+        ({"source": None}, "source must be"),
+    ],
+)
 def test_bad_fields_are_named(changes: dict[str, Any], words: str) -> None:
     """Each bad field is rejected with its name in the reason."""
     with pytest.raises(UpdateRejectedError, match=words.replace("(", r"\(").replace(")", r"\)")):

@@ -77,8 +77,17 @@ def test_store_survives_a_restart_and_fails_closed_when_corrupt(tmp_path: Path) 
     """The version floor, signed digests and journal are read back; a corrupt file refuses
     updates instead of forgetting the floor."""
     store = UpdateStore(tmp_path)
-    store.begin(JournalEntry(update_id="u1", model="m", version=4, sha256="s", step="downloading",
-                             target="t", staged="p"))
+    store.begin(
+        JournalEntry(
+            update_id="u1",
+            model="m",
+            version=4,
+            sha256="s",
+            step="downloading",
+            target="t",
+            staged="p",
+        )
+    )
     store.accept("u1", "m", 4, "s", previous_sha256="old")
     again = UpdateStore(tmp_path)
     assert again.highest_version("m") == 4

@@ -25,17 +25,30 @@ pytestmark = pytest.mark.broker
 AgentFactory = Callable[[dict[str, Any]], AgentProcess]
 
 
-def linear_config(broker: MosquittoBroker, tmp_path: Path, device: str = "dev1",
-                  **pipeline_input: Any) -> dict[str, Any]:
+def linear_config(
+    broker: MosquittoBroker, tmp_path: Path, device: str = "dev1", **pipeline_input: Any
+) -> dict[str, Any]:
     if not (tmp_path / "models" / "lin.onnx").exists():
         build_linear(tmp_path / "models" / "lin.onnx")
-    return base_config(broker, tmp_path, device_id=device, models={"lin": {}}, pipelines={
-        "p": {"model": "lin", "input": {"topic": "in/+", **pipeline_input},
-              "output": {"topic": "out/{1}"}}}, state_dir=str(tmp_path / f"state-{device}"))
+    return base_config(
+        broker,
+        tmp_path,
+        device_id=device,
+        models={"lin": {}},
+        pipelines={
+            "p": {
+                "model": "lin",
+                "input": {"topic": "in/+", **pipeline_input},
+                "output": {"topic": "out/{1}"},
+            }
+        },
+        state_dir=str(tmp_path / f"state-{device}"),
+    )
 
 
 def test_request_response_echoes_correlation_data(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """A reading with a response topic and correlation data also gets its result there,
     with the correlation data echoed; the normal result topic still gets it too."""
     agent = agent_factory(linear_config(broker, tmp_path))
@@ -68,8 +81,7 @@ def test_request_response_echoes_correlation_data(
     reply = by_topic["replies/me"]
     assert reply.properties is not None
     assert getattr(reply.properties, "CorrelationData", None) == b"req-42"
-    assert json.loads(reply.payload)["outputs"] == json.loads(by_topic["out/a"].payload)[
-        "outputs"]
+    assert json.loads(reply.payload)["outputs"] == json.loads(by_topic["out/a"].payload)["outputs"]
 
 
 def latest_health(messages: list[Received], device: str) -> dict[str, Any] | None:
@@ -78,9 +90,12 @@ def latest_health(messages: list[Received], device: str) -> dict[str, Any] | Non
     return json.loads(reports[-1].payload) if reports else None
 
 
-def test_two_daemons_share_one_stream(broker: MosquittoBroker, tmp_path: Path,
-                                      agent_factory: AgentFactory,
-                                      recorder: Callable[..., Recorder]) -> None:
+def test_two_daemons_share_one_stream(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """With input.shared_group two daemons split 2,000 readings: every reading is answered
     exactly once across the two, and each daemon does part of the work: its own health
     report counts as processed exactly the results it published, more than 0."""
@@ -118,8 +133,10 @@ def test_two_daemons_share_one_stream(broker: MosquittoBroker, tmp_path: Path,
             if health is None:
                 return False
             counters = health["pipelines"]["p"]
-            if counters["processed"] != results.count(device) or \
-                    counters["received"] != counters["processed"]:
+            if (
+                counters["processed"] != results.count(device)
+                or counters["received"] != counters["processed"]
+            ):
                 return False
         return True
 
@@ -133,13 +150,15 @@ def test_two_daemons_share_one_stream(broker: MosquittoBroker, tmp_path: Path,
     ids = answered(messages)
     assert sorted(ids["dev1"] + ids["dev2"]) == list(range(total)), (
         f"a reading was lost or answered twice: {len(ids['dev1'])} + {len(ids['dev2'])} "
-        f"results for {total} readings")
+        f"results for {total} readings"
+    )
     for device in devices:
         health = latest_health(messages, device)
         assert health is not None, f"{device} published no health report"
         processed = health["pipelines"]["p"]["processed"]
         assert processed == len(ids[device]), (
-            f"{device}'s health counts {processed} processed, it published {len(ids[device])}")
+            f"{device}'s health counts {processed} processed, it published {len(ids[device])}"
+        )
         assert processed > 0, f"{device} did none of the work"
 
 
@@ -150,8 +169,12 @@ def connect_protocols(broker: MosquittoBroker, client_id: str) -> list[str]:
     return pattern.findall(broker.log_file.read_text())
 
 
-def test_mqtt_311(broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-                  recorder: Callable[..., Recorder]) -> None:
+def test_mqtt_311(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """mqtt.protocol 3.1.1 connects with MQTT 3.1.1 on the wire (as the broker logs it),
     serves, and its last will works the same."""
     config = linear_config(broker, tmp_path)
@@ -174,7 +197,8 @@ def test_mqtt_311(broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentF
 
 
 def test_two_daemons_with_one_device_id_are_told(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """Two devices installed with one device_id kick each other off the broker. Mosquitto
     2.0.11 closes the older connection without a reason, so what the daemon sees is
     connections that end within seconds of being accepted: it says so at error level, naming
@@ -186,9 +210,12 @@ def test_two_daemons_with_one_device_id_are_told(
     deadline = time.monotonic() + 60
     events: list[dict[str, Any]] = []
     while not events and time.monotonic() < deadline:
-        events = [event for agent in (first, second) for event in agent.log_events()
-                  if event.get("event") in ("mqtt_connection_keeps_dropping",
-                                            "mqtt_session_taken_over")]
+        events = [
+            event
+            for agent in (first, second)
+            for event in agent.log_events()
+            if event.get("event") in ("mqtt_connection_keeps_dropping", "mqtt_session_taken_over")
+        ]
         time.sleep(0.2)
     assert events, "neither daemon said its connections keep being closed"
     assert events[0]["level"] == "error"

@@ -32,7 +32,8 @@ def auth_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 
 
 def test_connects_with_username_and_password_file(
-        auth_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    auth_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """The password is read from password_file (trailing newline stripped)."""
     secret = tmp_path / "mqtt-password"
     secret.write_text("s3cret\n")
@@ -45,7 +46,8 @@ def test_connects_with_username_and_password_file(
 
 
 def test_wrong_password_is_refused_and_survived(
-        auth_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory) -> None:
+    auth_broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """A refused login is logged with the broker's reason; the daemon keeps retrying."""
     secret = tmp_path / "mqtt-password"
     secret.write_text("wrong\n")
@@ -74,9 +76,9 @@ def tls_broker(tmp_path: Path) -> Iterator[tuple[MosquittoBroker, TlsFiles]]:
     broker.stop()
 
 
-def test_connects_over_tls_with_a_private_ca(tls_broker: tuple[MosquittoBroker, TlsFiles],
-                                             tmp_path: Path,
-                                             agent_factory: AgentFactory) -> None:
+def test_connects_over_tls_with_a_private_ca(
+    tls_broker: tuple[MosquittoBroker, TlsFiles], tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """TLS with the CA from tls.ca_file; the server certificate is verified."""
     broker, tls = tls_broker
     config = base_config(broker, tmp_path)
@@ -87,10 +89,9 @@ def test_connects_over_tls_with_a_private_ca(tls_broker: tuple[MosquittoBroker, 
     assert code == 0
 
 
-def test_tls_with_an_untrusted_ca_does_not_connect(tls_broker: tuple[MosquittoBroker,
-                                                                     TlsFiles],
-                                                   tmp_path: Path,
-                                                   agent_factory: AgentFactory) -> None:
+def test_tls_with_an_untrusted_ca_does_not_connect(
+    tls_broker: tuple[MosquittoBroker, TlsFiles], tmp_path: Path, agent_factory: AgentFactory
+) -> None:
     """A broker certificate from another CA is refused; the daemon keeps running."""
     broker, _ = tls_broker
     other = make_tls_files(tmp_path / "other-ca")
@@ -103,17 +104,30 @@ def test_tls_with_an_untrusted_ca_does_not_connect(tls_broker: tuple[MosquittoBr
 
 
 def test_status_takes_credentials_on_the_command_line(
-        auth_broker: MosquittoBroker, tmp_path: Path) -> None:
+    auth_broker: MosquittoBroker, tmp_path: Path
+) -> None:
     """`edge-agent status` reaches a broker that refuses anonymous clients with --username
     and --password-file, as publish-update does; without them it says the broker refused."""
     secret = tmp_path / "mqtt-password"
     secret.write_text("s3cret\n")
     secret.chmod(0o600)
-    command = [sys.executable, "-m", "agent", "status", "--port", str(auth_broker.port),
-               "--wait", "0.5"]
-    with_user = subprocess.run([*command, "--username", "sensor", "--password-file",
-                                str(secret)], capture_output=True, text=True, timeout=60,
-                               check=False)
+    command = [
+        sys.executable,
+        "-m",
+        "agent",
+        "status",
+        "--port",
+        str(auth_broker.port),
+        "--wait",
+        "0.5",
+    ]
+    with_user = subprocess.run(
+        [*command, "--username", "sensor", "--password-file", str(secret)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert with_user.returncode == 0, with_user.stdout + with_user.stderr
     assert with_user.stdout.startswith("no devices under edge/")
     anonymous = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)

@@ -26,20 +26,33 @@ QUEUE_MAX = 200
 
 
 def test_overload_is_bounded_counted_and_recovers(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Readings far faster than the daemon can process for 10 s: the queue stays within its
     bound, drops are counted and reported (not one message per drop), every reading the
     daemon took is answered or counted, memory stays flat, and a reading sent after the load
     is answered. (How fast, and how long readings wait: scripts/bench_overload.py.)"""
     build_slow(tmp_path / "models" / "slow.onnx", layers=64)
-    config = base_config(broker, tmp_path, models={"slow": {}}, pipelines={"p": {
-        "model": "slow", "input": {"topic": "in/+", "qos": 0},
-        # QoS 1 results: the count below compares what the daemon processed with what
-        # arrived, so the broker must not drop results for a slow subscriber.
-        "output": {"topic": "out/{1}", "qos": 1},
-        "batching": {"max_batch": 1}, "queue": {"max": QUEUE_MAX}}},
-        health={"interval_s": 0.5})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"slow": {}},
+        pipelines={
+            "p": {
+                "model": "slow",
+                "input": {"topic": "in/+", "qos": 0},
+                # QoS 1 results: the count below compares what the daemon processed with what
+                # arrived, so the broker must not drop results for a slow subscriber.
+                "output": {"topic": "out/{1}", "qos": 1},
+                "batching": {"max_batch": 1},
+                "queue": {"max": QUEUE_MAX},
+            }
+        },
+        health={"interval_s": 0.5},
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("out/#", ERRORS, HEALTH)
@@ -75,16 +88,19 @@ def test_overload_is_bounded_counted_and_recovers(
         if not health:
             return False
         counters = json.loads(health[-1].payload)["pipelines"]["p"]
-        return (counters["queue_depth"] == 0
-                and counters["received"] == counters["processed"] + counters["dropped"]
-                and counters["dropped"] in _totals(rec))
+        return (
+            counters["queue_depth"] == 0
+            and counters["received"] == counters["processed"] + counters["dropped"]
+            and counters["dropped"] in _totals(rec)
+        )
 
     rec.wait_for(drained, timeout_s=120)
     reporting_seconds = time.monotonic() - started
     counters = json.loads(rec.on(HEALTH)[-1].payload)["pipelines"]["p"]
     # The results travel beside the health report: wait until they all arrived.
-    rec.wait_for(lambda ms: sum(m.topic == "out/load" for m in ms) >= counters["processed"],
-                 timeout_s=60)
+    rec.wait_for(
+        lambda ms: sum(m.topic == "out/load" for m in ms) >= counters["processed"], timeout_s=60
+    )
     served = [json.loads(m.payload) for m in rec.messages if m.topic == "out/load"]
 
     # Overloaded for real, and the queue never grew past its bound.
@@ -111,8 +127,10 @@ def test_overload_is_bounded_counted_and_recovers(
     client.publish("in/after", payload, qos=0)
     rec.wait_for(lambda ms: any(m.topic == "out/after" for m in ms), timeout_s=30)
     client.loop_stop()
-    print(f"fed {sent} readings, served {len(served)}, dropped {counters['dropped']}, "
-          f"drop reports {len(reports)}, RSS {rss[0]:.0f}->{rss[-1]:.0f} MB")
+    print(
+        f"fed {sent} readings, served {len(served)}, dropped {counters['dropped']}, "
+        f"drop reports {len(reports)}, RSS {rss[0]:.0f}->{rss[-1]:.0f} MB"
+    )
 
 
 def _totals(rec: Recorder) -> list[int]:

@@ -43,8 +43,11 @@ def results(rec: Recorder, prefix: str = "results/") -> list[dict[str, Any]]:
 
 
 def linear_pipeline(**input_extra: Any) -> dict[str, Any]:
-    return {"model": "lin", "input": {"topic": "sensors/+/x", **input_extra},
-            "output": {"topic": "results/{1}/{pipeline}"}}
+    return {
+        "model": "lin",
+        "input": {"topic": "sensors/+/x", **input_extra},
+        "output": {"topic": "results/{1}/{pipeline}"},
+    }
 
 
 def start_agent(agent_factory: AgentFactory, config: dict[str, Any]) -> AgentProcess:
@@ -54,15 +57,22 @@ def start_agent(agent_factory: AgentFactory, config: dict[str, Any]) -> AgentPro
 
 
 def test_json_readings_give_results_equal_to_onnxruntime(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """JSON readings from two sensors: one result each, on the templated topic, with the
     echoed id, the model's sha256 version, outputs equal to a direct session.run, and a
     receive-to-publish latency that is above zero and inside the time the test saw pass
     between sending the readings and receiving the results."""
     model = build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
-    config = base_config(broker, tmp_path, models={"lin": {"file": "lin.onnx"}},
-                         pipelines={"p": linear_pipeline(field="x")})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {"file": "lin.onnx"}},
+        pipelines={"p": linear_pipeline(field="x")},
+    )
     start_agent(agent_factory, config)
     rec = recorder("results/#")
     rng = np.random.default_rng(1)
@@ -84,24 +94,32 @@ def test_json_readings_give_results_equal_to_onnxruntime(
         assert result["version"] == sha256_version(model)
         # Received after sent_at and published before the test got it: within the window.
         assert 0 < result["latency_ms"] <= window_ms, (result["latency_ms"], window_ms)
-        np.testing.assert_allclose(result["outputs"]["y"], expected[result["id"]],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            result["outputs"]["y"], expected[result["id"]], rtol=1e-5, atol=1e-6
+        )
     topics = {m.topic for m in rec.messages}
     assert topics == {"results/s1/p", "results/s2/p"}
 
 
-def test_raw_and_npy_formats(broker: MosquittoBroker, tmp_path: Path,
-                             agent_factory: AgentFactory,
-                             recorder: Callable[..., Recorder]) -> None:
+def test_raw_and_npy_formats(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """raw little-endian float64 and .npy payloads decode to the same results."""
     model = build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
-    raw = {"model": "lin", "input": {"topic": "raw/+", "format": "raw", "dtype": "float64",
-                                     "shape": [4]},
-           "output": {"topic": "results/raw/{1}"}}
-    npy = {"model": "lin", "input": {"topic": "npy/+", "format": "npy"},
-           "output": {"topic": "results/npy/{1}"}}
-    config = base_config(broker, tmp_path, models={"lin": {}},
-                         pipelines={"raw": raw, "npy": npy})
+    raw = {
+        "model": "lin",
+        "input": {"topic": "raw/+", "format": "raw", "dtype": "float64", "shape": [4]},
+        "output": {"topic": "results/raw/{1}"},
+    }
+    npy = {
+        "model": "lin",
+        "input": {"topic": "npy/+", "format": "npy"},
+        "output": {"topic": "results/npy/{1}"},
+    }
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"raw": raw, "npy": npy})
     start_agent(agent_factory, config)
     rec = recorder("results/#")
     x = np.array([0.5, -1.0, 2.0, 3.25])
@@ -119,21 +137,30 @@ def test_raw_and_npy_formats(broker: MosquittoBroker, tmp_path: Path,
         np.testing.assert_allclose(got[topic]["outputs"]["y"], expected, rtol=1e-5)
 
 
-def test_multi_input_model_and_constants(broker: MosquittoBroker, tmp_path: Path,
-                                         agent_factory: AgentFactory,
-                                         recorder: Callable[..., Recorder]) -> None:
+def test_multi_input_model_and_constants(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Named inputs feed a two-input model; `constants` fixes one input of another pipeline."""
     build_two_inputs(tmp_path / "models" / "two.onnx", features=3)
     named = {"model": "two", "input": {"topic": "named/+"}, "output": {"topic": "res/named"}}
-    const = {"model": "two", "input": {"topic": "const/+", "tensor": "a"},
-             "output": {"topic": "res/const"}, "constants": {"b": [10, 20, 30]}}
-    config = base_config(broker, tmp_path, models={"two": {}},
-                         pipelines={"named": named, "const": const})
+    const = {
+        "model": "two",
+        "input": {"topic": "const/+", "tensor": "a"},
+        "output": {"topic": "res/const"},
+        "constants": {"b": [10, 20, 30]},
+    }
+    config = base_config(
+        broker, tmp_path, models={"two": {}}, pipelines={"named": named, "const": const}
+    )
     start_agent(agent_factory, config)
     rec = recorder("res/#")
     client = publisher(broker)
-    client.publish("named/1", json.dumps({"id": "n", "inputs": {"a": [1, 2, 3],
-                                                                "b": [4, 5, 6]}}), qos=1)
+    client.publish(
+        "named/1", json.dumps({"id": "n", "inputs": {"a": [1, 2, 3], "b": [4, 5, 6]}}), qos=1
+    )
     for i in range(5):
         client.publish("const/1", json.dumps([1, 2, i]), qos=1)
     rec.wait_for(lambda ms: len(ms) >= 6)
@@ -146,13 +173,15 @@ def test_multi_input_model_and_constants(broker: MosquittoBroker, tmp_path: Path
 
 
 def test_bad_readings_are_reported_and_do_not_disturb_good_ones(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Malformed JSON, a wrong shape and NaN each produce an error naming the pipeline,
     topic and reason; good readings around them still get results."""
     build_linear(tmp_path / "models" / "lin.onnx", features=4)
-    config = base_config(broker, tmp_path, models={"lin": {}},
-                         pipelines={"p": linear_pipeline()})
+    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": linear_pipeline()})
     agent = start_agent(agent_factory, config)
     rec = recorder("results/#", ERRORS)
     client = publisher(broker)
@@ -170,27 +199,44 @@ def test_bad_readings_are_reported_and_do_not_disturb_good_ones(
     assert "NaN" in errors["sensors/d/x"]["reason"]
     assert all(e["pipeline"] == "p" and e["ts"] > 0 for e in errors.values())
     assert {m.topic for m in rec.messages if m.topic.startswith("results/")} == {
-        "results/a/p", "results/e/p"}
+        "results/a/p",
+        "results/e/p",
+    }
     assert agent.process.poll() is None
 
 
 def test_failed_model_does_not_stop_the_others(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A corrupt and a missing model file end FAILED (retained, with the reason); their
     pipelines report errors; the healthy pipeline keeps serving."""
     build_linear(tmp_path / "models" / "good.onnx", features=4)
     (tmp_path / "models" / "corrupt.onnx").write_bytes(np.random.default_rng(0).bytes(2000))
     config = base_config(
-        broker, tmp_path, models={"good": {}, "corrupt": {}, "missing": {}},
+        broker,
+        tmp_path,
+        models={"good": {}, "corrupt": {}, "missing": {}},
         pipelines={
-            "good": {"model": "good", "input": {"topic": "in/good"},
-                     "output": {"topic": "results/good"}},
-            "bad": {"model": "corrupt", "input": {"topic": "in/bad"},
-                    "output": {"topic": "results/bad"}},
-            "gone": {"model": "missing", "input": {"topic": "in/gone"},
-                     "output": {"topic": "results/gone"}},
-        })
+            "good": {
+                "model": "good",
+                "input": {"topic": "in/good"},
+                "output": {"topic": "results/good"},
+            },
+            "bad": {
+                "model": "corrupt",
+                "input": {"topic": "in/bad"},
+                "output": {"topic": "results/bad"},
+            },
+            "gone": {
+                "model": "missing",
+                "input": {"topic": "in/gone"},
+                "output": {"topic": "results/gone"},
+            },
+        },
+    )
     start_agent(agent_factory, config)
     states = recorder("edge/dev1/models/+")
     states.wait_for(lambda ms: len({m.topic for m in ms if m.retain}) >= 3)
@@ -212,17 +258,20 @@ def test_failed_model_does_not_stop_the_others(
     assert [m.topic for m in rec.messages if m.topic.startswith("results/")] == ["results/good"]
     reasons = [json.loads(m.payload)["reason"] for m in rec.on(ERRORS)]
     assert any("model 'corrupt' is not serving (FAILED: not an ONNX model" in r for r in reasons)
-    assert any("model 'missing' is not serving (FAILED: model file not found" in r
-               for r in reasons)
+    assert any("model 'missing' is not serving (FAILED: model file not found" in r for r in reasons)
 
 
 def test_burst_is_batched_and_every_reading_answered(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """2,000 readings sent as fast as possible: exactly one correct result per reading."""
     model = build_linear(tmp_path / "models" / "lin.onnx", features=8, outputs=3)
-    config = base_config(broker, tmp_path, models={"lin": {}},
-                         pipelines={"p": linear_pipeline(field="x")})
+    config = base_config(
+        broker, tmp_path, models={"lin": {}}, pipelines={"p": linear_pipeline(field="x")}
+    )
     start_agent(agent_factory, config)
     rec = recorder("results/#")
     inputs = np.random.default_rng(2).standard_normal((2000, 8)).astype(np.float32)
@@ -239,8 +288,11 @@ def test_burst_is_batched_and_every_reading_answered(
 
 
 def test_fixed_batch_model_runs_one_at_a_time(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A burst of 50 readings to a slow model queues up: on a model with a dynamic first
     axis they share runs (batches above 1), while a model whose first axis is fixed at 1 is
     never fed a bigger batch. Both answer every reading exactly once, without errors.
@@ -248,10 +300,19 @@ def test_fixed_batch_model_runs_one_at_a_time(
     The model reports the first axis of the run behind each result (``batch_size``)."""
     build_batch_probe(tmp_path / "models" / "fixed.onnx", batch=1, layers=96)
     build_batch_probe(tmp_path / "models" / "dynamic.onnx", layers=96)
-    config = base_config(broker, tmp_path, models={"fixed": {}, "dynamic": {}}, pipelines={
-        name: {"model": name, "input": {"topic": f"{name}/+", "field": "x"},
-               "output": {"topic": f"results/{name}/{{1}}"}}
-        for name in ("fixed", "dynamic")})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"fixed": {}, "dynamic": {}},
+        pipelines={
+            name: {
+                "model": name,
+                "input": {"topic": f"{name}/+", "field": "x"},
+                "output": {"topic": f"results/{name}/{{1}}"},
+            }
+            for name in ("fixed", "dynamic")
+        },
+    )
     start_agent(agent_factory, config)
     rec = recorder("results/#", ERRORS)
     client = publisher(broker)
@@ -271,8 +332,11 @@ def test_fixed_batch_model_runs_one_at_a_time(
 
 
 def test_sklearn_classifier_outputs_are_published_as_json(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A skl2onnx classifier's sequence-of-maps probabilities are published, not rejected,
     and match onnxruntime's own answer."""
     from skl2onnx import to_onnx  # noqa: PLC0415
@@ -285,8 +349,14 @@ def test_sklearn_classifier_outputs_are_published_as_json(
     path = tmp_path / "models" / "clf.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onnx_model.SerializeToString())
-    config = base_config(broker, tmp_path, models={"clf": {}}, pipelines={"p": {
-        "model": "clf", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"clf": {}},
+        pipelines={
+            "p": {"model": "clf", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     start_agent(agent_factory, config)
     rec = recorder("out/#")
     client = publisher(broker)
@@ -307,15 +377,34 @@ def test_sklearn_classifier_outputs_are_published_as_json(
 
 
 def test_postprocess_softmax_top_k_labels(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """output.postprocess adds label/score and labels/scores from a labels file."""
     build_classifier(tmp_path / "models" / "clf.onnx", features=4, classes=3)
     (tmp_path / "models" / "labels.txt").write_text("normal\nimbalance\nbearing wear\n")
-    config = base_config(broker, tmp_path, models={"clf": {}}, pipelines={"p": {
-        "model": "clf", "input": {"topic": "in/+"}, "output": {
-            "topic": "out/{1}", "postprocess": {"softmax": True, "argmax": True, "top_k": 2,
-                                                "labels": "labels.txt"}}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"clf": {}},
+        pipelines={
+            "p": {
+                "model": "clf",
+                "input": {"topic": "in/+"},
+                "output": {
+                    "topic": "out/{1}",
+                    "postprocess": {
+                        "softmax": True,
+                        "argmax": True,
+                        "top_k": 2,
+                        "labels": "labels.txt",
+                    },
+                },
+            }
+        },
+    )
     start_agent(agent_factory, config)
     rec = recorder("out/#")
     client = publisher(broker)
@@ -324,8 +413,9 @@ def test_postprocess_softmax_top_k_labels(
     rec.wait_for(lambda ms: len(ms) >= 1)
     client.loop_stop()
     result = json.loads(rec.messages[0].payload)
-    session = ort.InferenceSession(str(tmp_path / "models" / "clf.onnx"),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(tmp_path / "models" / "clf.onnx"), providers=["CPUExecutionProvider"]
+    )
     logits = session.run(None, {"x": np.array([x], dtype=np.float32)})[0][0]
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()

@@ -19,7 +19,9 @@ def post(**settings: object) -> Postprocess:
 def test_argmax_with_labels() -> None:
     """argmax names the best class and its score."""
     assert apply(post(argmax=True), [0.1, 0.7, 0.2], ["a", "b", "c"]) == {
-        "label": "b", "score": pytest.approx(0.7)}
+        "label": "b",
+        "score": pytest.approx(0.7),
+    }
 
 
 def test_argmax_without_labels_gives_the_index() -> None:

@@ -28,17 +28,25 @@ def pipeline_config() -> dict[str, Any]:
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(MISSING in ort.get_available_providers(),
-                    reason="needs an onnxruntime without CUDA")
+@pytest.mark.skipif(
+    MISSING in ort.get_available_providers(), reason="needs an onnxruntime without CUDA"
+)
 def test_missing_provider_marks_the_model_degraded(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Asking for CUDA on a CPU-only onnxruntime: READY but degraded, the providers really in
     use published, a warning naming the missing provider, and the model still serves."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {}},
-                         providers=[MISSING, "CPUExecutionProvider"],
-                         pipelines={"p": pipeline_config()})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        providers=[MISSING, "CPUExecutionProvider"],
+        pipelines={"p": pipeline_config()},
+    )
     agent = agent_factory(config)
     warning = agent.wait_for_event("providers_not_loaded")
     assert warning["missing"] == [MISSING]
@@ -57,15 +65,24 @@ def test_missing_provider_marks_the_model_degraded(
 
 
 @pytest.mark.broker
-@pytest.mark.skipif(MISSING in ort.get_available_providers(),
-                    reason="needs an onnxruntime without CUDA")
+@pytest.mark.skipif(
+    MISSING in ort.get_available_providers(), reason="needs an onnxruntime without CUDA"
+)
 def test_require_providers_refuses_to_serve(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """With require_providers: true the same model is FAILED and its readings get errors."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {"providers": [MISSING]}},
-                         require_providers=True, pipelines={"p": pipeline_config()})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {"providers": [MISSING]}},
+        require_providers=True,
+        pipelines={"p": pipeline_config()},
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder("edge/dev1/models/lin", "edge/dev1/errors", "out/#")
@@ -86,24 +103,32 @@ def test_require_providers_refuses_to_serve(
 @pytest.mark.skipif(
     "CUDAExecutionProvider" not in ort.get_available_providers()
     or shutil.which("nvidia-smi") is None,
-    reason="needs an NVIDIA GPU and onnxruntime-gpu")
+    reason="needs an NVIDIA GPU and onnxruntime-gpu",
+)
 def test_cuda_is_chosen_verified_and_used_on_a_gpu(tmp_path: Path) -> None:
     """On a GPU machine: the automatic plan puts TensorRT/CUDA first, the session really loads
     CUDA (and TensorRT where its libraries load), and inference matches numpy."""
     hardware = detect()
     assert hardware.nvidia_gpu is not None or hardware.jetson is not None
     model = build_linear(tmp_path / "lin.onnx", features=16, outputs=4)
-    plan = plan_providers(hardware, PlanInputs(available=ort.get_available_providers(),
-                                               model_sha256="gpu-test",
-                                               state_dir=tmp_path,
-                                               ort_version=ort.__version__))
+    plan = plan_providers(
+        hardware,
+        PlanInputs(
+            available=ort.get_available_providers(),
+            model_sha256="gpu-test",
+            state_dir=tmp_path,
+            ort_version=ort.__version__,
+        ),
+    )
     assert "CUDAExecutionProvider" in plan.names
-    session = ort.InferenceSession(str(model), sess_options=session_options(plan),
-                                   providers=plan.for_session())
+    session = ort.InferenceSession(
+        str(model), sess_options=session_options(plan), providers=plan.for_session()
+    )
     loaded = session.get_providers()
     assert "CUDAExecutionProvider" in loaded
     x = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
     weight, bias = linear_weights(16, 4, 0)
-    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight + bias, rtol=1e-2,
-                               atol=1e-2)
+    np.testing.assert_allclose(
+        session.run(None, {"x": x})[0], x @ weight + bias, rtol=1e-2, atol=1e-2
+    )
     print(f"providers loaded: {loaded}")

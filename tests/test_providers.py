@@ -17,32 +17,56 @@ GPU = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvid
 def test_tensorrt_cache_is_keyed_by_model_ort_trt_and_device(tmp_path: Path) -> None:
     """Engine and timing caches live under state_dir/trt-cache/<sha>-<ort>-<trt>-<device>."""
     hw = detect(FIXTURES / "jetson-orin-nano-jp6", "aarch64")
-    inputs = PlanInputs(available=GPU, model_sha256="sha256:" + "ab" * 32,
-                        state_dir=tmp_path, ort_version="1.20.1", trt_version="10.3.0")
+    inputs = PlanInputs(
+        available=GPU,
+        model_sha256="sha256:" + "ab" * 32,
+        state_dir=tmp_path,
+        ort_version="1.20.1",
+        trt_version="10.3.0",
+    )
     plan = plan_providers(hw, inputs)
     trt = plan.chosen[0]
-    expected = tmp_path / "trt-cache" / (
-        "ab" * 32 + "-ort1.20.1-trt10.3.0-nvidia-jetson-orin-nano-developer-kit")
+    expected = (
+        tmp_path
+        / "trt-cache"
+        / ("ab" * 32 + "-ort1.20.1-trt10.3.0-nvidia-jetson-orin-nano-developer-kit")
+    )
     assert trt.options["trt_engine_cache_path"] == str(expected)
     assert trt.options["trt_timing_cache_path"] == str(expected)
     assert trt.options["trt_engine_cache_enable"] is True
     assert trt.options["trt_fp16_enable"] is True
-    other_model = tensorrt_cache_dir(hw, PlanInputs(available=GPU, model_sha256="cd" * 32,
-                                                    state_dir=tmp_path, ort_version="1.20.1",
-                                                    trt_version="10.3.0"))
-    newer_ort = tensorrt_cache_dir(hw, PlanInputs(available=GPU, model_sha256="ab" * 32,
-                                                  state_dir=tmp_path, ort_version="1.21.0",
-                                                  trt_version="10.3.0"))
+    other_model = tensorrt_cache_dir(
+        hw,
+        PlanInputs(
+            available=GPU,
+            model_sha256="cd" * 32,
+            state_dir=tmp_path,
+            ort_version="1.20.1",
+            trt_version="10.3.0",
+        ),
+    )
+    newer_ort = tensorrt_cache_dir(
+        hw,
+        PlanInputs(
+            available=GPU,
+            model_sha256="ab" * 32,
+            state_dir=tmp_path,
+            ort_version="1.21.0",
+            trt_version="10.3.0",
+        ),
+    )
     assert len({expected, other_model, newer_ort}) == 3
 
 
-def test_tensorrt_version_from_the_installed_library(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_version_from_the_installed_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without a tensorrt Python package, the libnvinfer.so version names the cache."""
     monkeypatch.setattr(providers, "tensorrt_version", lambda: None)
     hw = detect(FIXTURES / "jetson-orin-nano-jp6", "aarch64")
-    path = tensorrt_cache_dir(hw, PlanInputs(available=GPU, model_sha256="ab",
-                                             state_dir=tmp_path, ort_version="1"))
+    path = tensorrt_cache_dir(
+        hw, PlanInputs(available=GPU, model_sha256="ab", state_dir=tmp_path, ort_version="1")
+    )
     assert path.name == "ab-ort1-trt8.6.2-nvidia-jetson-orin-nano-developer-kit"
 
 
@@ -52,8 +76,9 @@ def test_jetson_cuda_memory_limit_default_and_config(tmp_path: Path) -> None:
     default = plan_providers(hw, PlanInputs(available=GPU, state_dir=tmp_path))
     assert default.chosen[1].name == "CUDAExecutionProvider"
     assert default.chosen[1].options["gpu_mem_limit"] == (7619 // 2) * 1024 * 1024
-    configured = plan_providers(hw, PlanInputs(available=GPU, state_dir=tmp_path,
-                                               gpu_mem_limit_mb=1024))
+    configured = plan_providers(
+        hw, PlanInputs(available=GPU, state_dir=tmp_path, gpu_mem_limit_mb=1024)
+    )
     assert configured.chosen[1].options["gpu_mem_limit"] == 1024 * 1024 * 1024
 
 
@@ -69,9 +94,13 @@ def test_explicit_list_overrides_and_cpu_is_appended(tmp_path: Path) -> None:
 def test_explicit_provider_the_runtime_lacks_is_flagged() -> None:
     """A requested provider the installed onnxruntime does not offer says so in its reason."""
     hw = detect(FIXTURES / "bare-container", "x86_64")
-    plan = plan_providers(hw, PlanInputs(available=["CPUExecutionProvider"],
-                                         requested=["CUDAExecutionProvider",
-                                                    "CPUExecutionProvider"]))
+    plan = plan_providers(
+        hw,
+        PlanInputs(
+            available=["CPUExecutionProvider"],
+            requested=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        ),
+    )
     assert plan.names == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert "NOT offered by the installed onnxruntime" in plan.chosen[0].reason
 
@@ -80,8 +109,7 @@ def test_cpu_threads_config_wins() -> None:
     """cpu_threads overrides the physical core count."""
     hw = detect(FIXTURES / "x86-nvidia", "x86_64")
     assert plan_providers(hw, PlanInputs(available=GPU)).intra_op_num_threads == 8
-    assert plan_providers(hw, PlanInputs(available=GPU, cpu_threads=3)
-                          ).intra_op_num_threads == 3
+    assert plan_providers(hw, PlanInputs(available=GPU, cpu_threads=3)).intra_op_num_threads == 3
 
 
 def test_cgroup_quota_limits_threads(tmp_path: Path) -> None:

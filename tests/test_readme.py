@@ -16,8 +16,10 @@ from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^(?P<indent> *)```(?P<lang>[A-Za-z0-9_-]*)\n(?P<body>.*?)^(?P=indent)```",
-                   re.MULTILINE | re.DOTALL)
+FENCE = re.compile(
+    r"^(?P<indent> *)```(?P<lang>[A-Za-z0-9_-]*)\n(?P<body>.*?)^(?P=indent)```",
+    re.MULTILINE | re.DOTALL,
+)
 CONFIG_KEYS = set(AgentConfig.model_fields)
 
 
@@ -29,7 +31,7 @@ def yaml_blocks() -> list[tuple[str, str]]:
         for match in FENCE.finditer(text):
             if match.group("lang") not in ("yaml", "yml"):
                 continue
-            line = text[:match.start()].count("\n") + 1
+            line = text[: match.start()].count("\n") + 1
             indent = len(match.group("indent"))
             body = "\n".join(row[indent:] for row in match.group("body").splitlines())
             blocks.append((f"{document.relative_to(REPO)}:{line}", body + "\n"))
@@ -60,13 +62,23 @@ def test_yaml_block_is_valid(where: str, text: str, tmp_path: Path) -> None:
     path = tmp_path / "agent.yaml"
     path.write_text(text)
     if "pipelines" in data:
-        done = subprocess.run([sys.executable, "-m", "agent", "check-config", str(path)],
-                              capture_output=True, text=True, timeout=60, check=False)
+        done = subprocess.run(
+            [sys.executable, "-m", "agent", "check-config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 0, f"{where}:\n{done.stdout}{done.stderr}"
         return
     try:
         load_config(path)
     except ConfigError as exc:
-        real = [str(p) for p in exc.problems if not any(
-            missing in p.message for missing in ("No such file or directory", "file not found"))]
+        real = [
+            str(p)
+            for p in exc.problems
+            if not any(
+                missing in p.message for missing in ("No such file or directory", "file not found")
+            )
+        ]
         assert not real, f"{where}: {real}"

@@ -43,13 +43,27 @@ def make_models(tmp_path: Path) -> tuple[bytes, bytes]:
     return a, b
 
 
-def start(agent_factory: AgentFactory, broker: MosquittoBroker, tmp_path: Path,
-          first: bytes, **pipeline_input: Any) -> AgentProcess:
+def start(
+    agent_factory: AgentFactory,
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    first: bytes,
+    **pipeline_input: Any,
+) -> AgentProcess:
     (tmp_path / "models").mkdir(exist_ok=True)
     (tmp_path / "models" / "lin.onnx").write_bytes(first)
-    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
-        "model": "lin", "input": {"topic": "in/+", "field": "x", **pipeline_input},
-        "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        pipelines={
+            "p": {
+                "model": "lin",
+                "input": {"topic": "in/+", "field": "x", **pipeline_input},
+                "output": {"topic": "out/{1}"},
+            }
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     return agent
@@ -63,8 +77,9 @@ class SteadyStream:
     """Readings ``{"id": i, "x": inputs[i]}`` on ``topic`` at ``rate`` per second, from a
     background thread, until stopped (or until the inputs run out)."""
 
-    def __init__(self, broker: MosquittoBroker, topic: str, inputs: np.ndarray[Any, Any],
-                 rate: float) -> None:
+    def __init__(
+        self, broker: MosquittoBroker, topic: str, inputs: np.ndarray[Any, Any], rate: float
+    ) -> None:
         self._broker, self._topic, self._inputs, self._rate = broker, topic, inputs, rate
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="steady-stream")
@@ -90,8 +105,9 @@ class SteadyStream:
             delay = started + index / self._rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            last = client.publish(self._topic, json.dumps(
-                {"id": index, "x": self._inputs[index].tolist()}), qos=1)
+            last = client.publish(
+                self._topic, json.dumps({"id": index, "x": self._inputs[index].tolist()}), qos=1
+            )
             self.sent = index + 1
         # QoS 1 leaves in order: once the last is out, all are.
         deadline = time.monotonic() + 30
@@ -108,8 +124,11 @@ def wait_until_served(rec: Recorder, version: str, after: int) -> None:
 
 
 def test_results_follow_each_replacement_with_no_lost_reading(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """1,000 readings/s while the model file is replaced 20 times (alternating two models,
     by rename and by rewriting in place): every reading gets exactly one result, each
     result's version is the sha256 of the model that computed it, and in the order results
@@ -151,20 +170,25 @@ def test_results_follow_each_replacement_with_no_lost_reading(
     assert len(ids) == total
     assert sorted(ids) == list(range(total)), "a reading was lost or answered twice"
     for result in results:
-        np.testing.assert_allclose(result["outputs"]["y"], expected[result["version"]][
-            result["id"]], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            result["outputs"]["y"], expected[result["version"]][result["id"]], rtol=1e-5, atol=1e-5
+        )
     versions = [r["version"] for r in results]
     runs = [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
-    short = [v[len("sha256:"):][:8] for v in runs]
+    short = [v[len("sha256:") :][:8] for v in runs]
     assert runs == served, (
         f"versions answered in turn: {short[:40]} ({len(runs)} runs); expected "
-        f"{[v[len('sha256:'):][:8] for v in served]}")
+        f"{[v[len('sha256:') :][:8] for v in served]}"
+    )
     assert agent.process.poll() is None
 
 
-def test_same_bytes_again_is_a_no_op(broker: MosquittoBroker, tmp_path: Path,
-                                     agent_factory: AgentFactory,
-                                     recorder: Callable[..., Recorder]) -> None:
+def test_same_bytes_again_is_a_no_op(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Rewriting the file with identical bytes publishes no LOADING and loads nothing."""
     model_a, _ = make_models(tmp_path)
     agent = start(agent_factory, broker, tmp_path, model_a)
@@ -182,8 +206,12 @@ def test_same_bytes_again_is_a_no_op(broker: MosquittoBroker, tmp_path: Path,
 
 @pytest.mark.parametrize("kind", ["truncated", "random", "incompatible", "empty"])
 def test_bad_file_keeps_the_old_model_serving(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder], kind: str) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+    kind: str,
+) -> None:
     """A truncated file, random bytes, an ONNX model with incompatible inputs or an empty
     file: the load fails and says why, the old model keeps serving, the next good file loads."""
     model_a, model_b = make_models(tmp_path)
@@ -197,17 +225,26 @@ def test_bad_file_keeps_the_old_model_serving(
         "empty": b"",
     }[kind]
     replace_atomically(tmp_path / "models" / "lin.onnx", bad)
-    rec.wait_for(lambda ms: any(m.topic == ERRORS for m in ms) and any(
-        (json.loads(m.payload).get("last_load") or {}).get("state") == "FAILED"
-        for m in ms if m.topic == STATE))
+    rec.wait_for(
+        lambda ms: (
+            any(m.topic == ERRORS for m in ms)
+            and any(
+                (json.loads(m.payload).get("last_load") or {}).get("state") == "FAILED"
+                for m in ms
+                if m.topic == STATE
+            )
+        )
+    )
     state = states(rec)[-1]
     assert state["state"] == "READY"
     assert state["version"] == version_of(model_a)
     assert state["last_load"]["state"] == "FAILED"
-    reason = {"truncated": "not an ONNX model (the file does not parse as an ONNX protobuf)",
-              "random": "not an ONNX model",
-              "incompatible": "input 'x' expects [5] per reading, pipeline 'p' sends [4]",
-              "empty": "model file is empty"}[kind]
+    reason = {
+        "truncated": "not an ONNX model (the file does not parse as an ONNX protobuf)",
+        "random": "not an ONNX model",
+        "incompatible": "input 'x' expects [5] per reading, pipeline 'p' sends [4]",
+        "empty": "model file is empty",
+    }[kind]
     assert reason in state["error"]
     error = json.loads(rec.on(ERRORS)[0].payload)
     assert error["model"] == "lin"
@@ -217,8 +254,12 @@ def test_bad_file_keeps_the_old_model_serving(
     rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))
     assert json.loads(rec.on("out/a")[0].payload)["version"] == version_of(model_a)
     replace_atomically(tmp_path / "models" / "lin.onnx", model_b)
-    rec.wait_for(lambda ms: any(json.loads(m.payload).get("version") == version_of(model_b)
-                                and m.topic == STATE for m in ms))
+    rec.wait_for(
+        lambda ms: any(
+            json.loads(m.payload).get("version") == version_of(model_b) and m.topic == STATE
+            for m in ms
+        )
+    )
     client.publish("in/b", json.dumps({"id": 2, "x": [1, 2, 3, 4]}), qos=1)
     rec.wait_for(lambda ms: any(m.topic == "out/b" for m in ms))
     client.loop_stop()
@@ -228,23 +269,30 @@ def test_bad_file_keeps_the_old_model_serving(
 
 
 def test_slow_write_gives_a_single_reload_after_completion(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A model copied slowly over 3 s (scp over a weak link) is loaded once, complete."""
     model_a, _ = make_models(tmp_path)
     big = build_linear(tmp_path / "build" / "big.onnx", seed=1, pad_bytes=300_000).read_bytes()
     agent = start(agent_factory, broker, tmp_path, model_a)
     rec = recorder(STATE, ERRORS)
     rec.wait_for(lambda ms: len(ms) >= 1)
-    chunks = [big[i:i + len(big) // 15 + 1] for i in range(0, len(big), len(big) // 15 + 1)]
+    chunks = [big[i : i + len(big) // 15 + 1] for i in range(0, len(big), len(big) // 15 + 1)]
     with (tmp_path / "models" / "lin.onnx").open("wb") as handle:
         for chunk in chunks:
             handle.write(chunk)
             handle.flush()
             time.sleep(3.0 / len(chunks))
         done = time.time()
-    rec.wait_for(lambda ms: any(json.loads(m.payload).get("version") == version_of(big)
-                                for m in ms if m.topic == STATE), timeout_s=10)
+    rec.wait_for(
+        lambda ms: any(
+            json.loads(m.payload).get("version") == version_of(big) for m in ms if m.topic == STATE
+        ),
+        timeout_s=10,
+    )
     time.sleep(1.0)
     # The first state is the retained one from start-up; LOADING may be folded into READY
     # (retained topics publish the latest value).
@@ -257,19 +305,31 @@ def test_slow_write_gives_a_single_reload_after_completion(
 
 
 def test_model_missing_at_start_loads_when_the_file_appears(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """FAILED at start-up (no file), then serving as soon as a good file is copied in."""
     make_models(tmp_path)
-    config = base_config(broker, tmp_path, models={"lin": {}}, pipelines={"p": {
-        "model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        pipelines={
+            "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     agent = agent_factory(config)
     agent.wait_for_event("agent_serving")
     rec = recorder(STATE, "out/#")
     rec.wait_for(lambda ms: any(json.loads(m.payload)["state"] == "FAILED" for m in ms))
     shutil.copyfile(tmp_path / "build" / "a.onnx", tmp_path / "models" / "lin.onnx")
-    rec.wait_for(lambda ms: any(json.loads(m.payload).get("state") == "READY"
-                                for m in ms if m.topic == STATE))
+    rec.wait_for(
+        lambda ms: any(
+            json.loads(m.payload).get("state") == "READY" for m in ms if m.topic == STATE
+        )
+    )
     client = publisher(broker)
     client.publish("in/a", b"[1, 2, 3, 4]", qos=1)
     rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))

@@ -28,7 +28,8 @@ class FakeClock:
 
 
 def test_every_error_is_published_but_the_log_is_rate_limited(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Every error is published. A pipeline's log goes quiet after LOG_BURST errors in a
     window while other pipelines still log; the first error of the next window is logged
     again, preceded by ``errors_muted`` counting what the quiet window left out."""
@@ -37,8 +38,9 @@ def test_every_error_is_published_but_the_log_is_rate_limited(
     # ``time`` for one the test moves.
     monkeypatch.setattr(reporting, "time", clock)
     published: list[tuple[str, bytes]] = []
-    reporter = ErrorReporter(lambda topic, payload: published.append((topic, payload)),
-                             "edge/d/errors")
+    reporter = ErrorReporter(
+        lambda topic, payload: published.append((topic, payload)), "edge/d/errors"
+    )
     burst, muted = reporting.LOG_BURST, 5
     with capture_logs() as logs:
         # A logger made now logs into the capture, whatever an earlier test cached.
@@ -47,10 +49,10 @@ def test_every_error_is_published_but_the_log_is_rate_limited(
             reporter.report("p", "s/1", f"bad {index}")
         in_burst = list(logs)
         reporter.report("q", "s/2", "other pipeline")
-        other = logs[len(in_burst):]
+        other = logs[len(in_burst) :]
         clock.now += reporting.LOG_WINDOW_S
         reporter.report("p", "s/1", "next window")
-        next_window = logs[len(in_burst) + len(other):]
+        next_window = logs[len(in_burst) + len(other) :]
 
     assert len(published) == burst + muted + 2
     assert [e["event"] for e in in_burst] == ["input_rejected"] * burst
@@ -68,5 +70,6 @@ def test_every_error_is_published_but_the_log_is_rate_limited(
     assert body["reason"] == "bad 0"
     assert body["ts"] > 0
     assert {topic for topic, _ in published} == {"edge/d/errors"}
-    assert [json.loads(payload)["reason"] for _, payload in published[burst:burst + muted]] \
-        == [f"bad {i}" for i in range(burst, burst + muted)]
+    assert [json.loads(payload)["reason"] for _, payload in published[burst : burst + muted]] == [
+        f"bad {i}" for i in range(burst, burst + muted)
+    ]

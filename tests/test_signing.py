@@ -26,8 +26,9 @@ def keys(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
 
 
 def envelope(payload: bytes, keys: dict[str, tuple[Path, Path]], *names: str) -> bytes:
-    return json.dumps(sign_envelope(payload, [load_private_key(keys[n][0]) for n in names])
-                      ).encode()
+    return json.dumps(
+        sign_envelope(payload, [load_private_key(keys[n][0]) for n in names])
+    ).encode()
 
 
 def trusted(keys: dict[str, tuple[Path, Path]], threshold: int, *names: str) -> TrustedKeys:
@@ -37,7 +38,8 @@ def trusted(keys: dict[str, tuple[Path, Path]], threshold: int, *names: str) -> 
 def test_pae_is_the_dsse_v1_encoding() -> None:
     """PAE matches the DSSE spec's example layout: lengths in ASCII decimal."""
     assert pae("http://example.com/HelloWorld", b"hello world") == (
-        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world")
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
 
 
 def test_threshold_counts_distinct_trusted_keys(keys: dict[str, tuple[Path, Path]]) -> None:
@@ -48,8 +50,7 @@ def test_threshold_counts_distinct_trusted_keys(keys: dict[str, tuple[Path, Path
         trusted(keys, 2, "a", "b").verify(envelope(payload, keys, "a", "a"))
 
 
-def test_untrusted_and_altered_signatures_are_refused(keys: dict[str, tuple[Path, Path]]
-                                                      ) -> None:
+def test_untrusted_and_altered_signatures_are_refused(keys: dict[str, tuple[Path, Path]]) -> None:
     """A key not in the list, and a payload changed after signing, both fail with reasons."""
     verifier = trusted(keys, 1, "a")
     with pytest.raises(SignatureError, match=r"not in updates\.trusted_keys"):
@@ -61,7 +62,8 @@ def test_untrusted_and_altered_signatures_are_refused(keys: dict[str, tuple[Path
 
 
 def test_the_exact_payload_bytes_are_verified_and_returned(
-        keys: dict[str, tuple[Path, Path]]) -> None:
+    keys: dict[str, tuple[Path, Path]],
+) -> None:
     """No re-serialization: odd spacing and key order survive, url-safe base64 is read."""
     payload = b'{ "b":1,   "a" :2 }'
     document = json.loads(envelope(payload, keys, "a"))
@@ -69,25 +71,48 @@ def test_the_exact_payload_bytes_are_verified_and_returned(
     assert trusted(keys, 1, "a").verify(json.dumps(document).encode()) == payload
 
 
-@pytest.mark.parametrize(("data", "words"), [
-    (b"not json", "not valid JSON"),
-    (b"[]", "not a DSSE envelope"),
-    (json.dumps({"payloadType": PAYLOAD_TYPE, "payload": "e30=", "signatures": []}).encode(),
-     "no signatures"),
-    (json.dumps({"payloadType": "text/plain", "payload": "e30=",
-                 "signatures": [{"keyid": "00", "sig": "AA=="}]}).encode(), "payloadType"),
-    (json.dumps({"payloadType": PAYLOAD_TYPE, "payload": "!!!",
-                 "signatures": [{"keyid": "00", "sig": "AA=="}]}).encode(), "not valid base64"),
-])
-def test_malformed_envelopes_are_refused(keys: dict[str, tuple[Path, Path]], data: bytes,
-                                         words: str) -> None:
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"not json", "not valid JSON"),
+        (b"[]", "not a DSSE envelope"),
+        (
+            json.dumps({"payloadType": PAYLOAD_TYPE, "payload": "e30=", "signatures": []}).encode(),
+            "no signatures",
+        ),
+        (
+            json.dumps(
+                {
+                    "payloadType": "text/plain",
+                    "payload": "e30=",
+                    "signatures": [{"keyid": "00", "sig": "AA=="}],
+                }
+            ).encode(),
+            "payloadType",
+        ),
+        (
+            json.dumps(
+                {
+                    "payloadType": PAYLOAD_TYPE,
+                    "payload": "!!!",
+                    "signatures": [{"keyid": "00", "sig": "AA=="}],
+                }
+            ).encode(),
+            "not valid base64",
+        ),
+    ],
+)
+def test_malformed_envelopes_are_refused(
+    keys: dict[str, tuple[Path, Path]], data: bytes, words: str
+) -> None:
     """Each malformed envelope is refused with a reason naming what is wrong."""
     with pytest.raises(SignatureError, match=words):
         trusted(keys, 1, "a").verify(data)
 
 
-def test_key_files_of_the_wrong_kind_are_refused(tmp_path: Path,
-                                                 keys: dict[str, tuple[Path, Path]]) -> None:
+def test_key_files_of_the_wrong_kind_are_refused(
+    tmp_path: Path, keys: dict[str, tuple[Path, Path]]
+) -> None:
     """A private key where a public one belongs, and garbage, give clear errors."""
     with pytest.raises(UpdateKeyError, match="not a PEM public key"):
         load_public_key(keys["a"][0])

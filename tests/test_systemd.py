@@ -66,8 +66,9 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
 
 
 @contextlib.contextmanager
-def systemd_agent(config: dict[str, Any], tmp_path: Path, sock: NotifySocket,
-                  watchdog_usec: int) -> Iterator[subprocess.Popen[bytes]]:
+def systemd_agent(
+    config: dict[str, Any], tmp_path: Path, sock: NotifySocket, watchdog_usec: int
+) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon started as systemd would (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``), its output
     in ``tmp_path/agent.log``. On exit it is killed if still running and always waited for,
     and the log file is closed."""
@@ -79,7 +80,10 @@ def systemd_agent(config: dict[str, Any], tmp_path: Path, sock: NotifySocket,
     with (tmp_path / "agent.log").open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "agent", "run", "--config", str(config_file)],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         try:
             yield process
         finally:
@@ -116,14 +120,21 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
 
 
 @pytest.mark.broker
-def test_notify_sequence_and_watchdog(broker: MosquittoBroker, tmp_path: Path,
-                                      notify_socket: NotifySocket) -> None:
+def test_notify_sequence_and_watchdog(
+    broker: MosquittoBroker, tmp_path: Path, notify_socket: NotifySocket
+) -> None:
     """READY=1 after start-up (EXTEND_TIMEOUT_USEC and STATUS before it), WATCHDOG=1 at half
     the watchdog interval, RELOADING=1 then READY=1 on SIGHUP, STOPPING=1 on SIGTERM."""
     build_linear(tmp_path / "models" / "lin.onnx")
-    config = base_config(broker, tmp_path, models={"lin": {}}, health={"interval_s": 0.5},
-                         pipelines={"p": {"model": "lin", "input": {"topic": "in/+"},
-                                          "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"lin": {}},
+        health={"interval_s": 0.5},
+        pipelines={
+            "p": {"model": "lin", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     with systemd_agent(config, tmp_path, notify_socket, watchdog_usec=1_000_000) as process:
         notify_socket.wait_for("READY=1")
         notify_socket.drain(2.0)
@@ -148,20 +159,27 @@ def test_notify_sequence_and_watchdog(broker: MosquittoBroker, tmp_path: Path,
     assert "MONOTONIC_USEC=" in messages[reloading]
     assert any(m.startswith("READY=1") for m in messages[reloading:])
     assert messages[-1].startswith("STOPPING=1") or any(
-        m.startswith("STOPPING=1") for m in messages[-3:])
+        m.startswith("STOPPING=1") for m in messages[-3:]
+    )
     assert any(m.startswith("STATUS=serving") and "readings/s" in m for m in messages)
 
 
 @pytest.mark.broker
-def test_watchdog_withheld_while_a_worker_is_stuck(broker: MosquittoBroker, tmp_path: Path,
-                                                   notify_socket: NotifySocket) -> None:
+def test_watchdog_withheld_while_a_worker_is_stuck(
+    broker: MosquittoBroker, tmp_path: Path, notify_socket: NotifySocket
+) -> None:
     """A worker stuck in one batch longer than health.stuck_after_s: no more WATCHDOG=1, and
     the log says why (systemd then restarts the service)."""
     build_loop(tmp_path / "models" / "loop.onnx")
-    config = base_config(broker, tmp_path, models={"loop": {}},
-                         health={"interval_s": 0.5, "stuck_after_s": 1.0},
-                         pipelines={"p": {"model": "loop", "input": {"topic": "in/+"},
-                                          "output": {"topic": "out/{1}"}}})
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"loop": {}},
+        health={"interval_s": 0.5, "stuck_after_s": 1.0},
+        pipelines={
+            "p": {"model": "loop", "input": {"topic": "in/+"}, "output": {"topic": "out/{1}"}}
+        },
+    )
     with systemd_agent(config, tmp_path, notify_socket, watchdog_usec=600_000):
         notify_socket.wait_for("WATCHDOG=1")
         client = publisher(broker)
@@ -169,8 +187,9 @@ def test_watchdog_withheld_while_a_worker_is_stuck(broker: MosquittoBroker, tmp_
             client.publish("in/a", json.dumps({"inputs": {"x": [0.1] * 8, "n": 3}}), qos=1)
             notify_socket.drain(1.0)
             hung_at = time.monotonic()
-            client.publish("in/a", json.dumps({"inputs": {"x": [0.1] * 8, "n": 10**10}}),
-                           qos=1).wait_for_publish(timeout=10)
+            client.publish(
+                "in/a", json.dumps({"inputs": {"x": [0.1] * 8, "n": 10**10}}), qos=1
+            ).wait_for_publish(timeout=10)
         finally:
             client.disconnect()
             client.loop_stop()
@@ -194,9 +213,15 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     unit = unit.replace("/opt/edge-agent/bin/edge-agent", str(executable))
     path = tmp_path / "edge-agent.service"
     path.write_text(unit)
-    done = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True,
-                          text=True, timeout=60, check=False)
-    problems = [line for line in (done.stdout + done.stderr).splitlines()
-                if "edge-agent.service" in line]
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    problems = [
+        line for line in (done.stdout + done.stderr).splitlines() if "edge-agent.service" in line
+    ]
     assert done.returncode == 0, done.stderr
     assert problems == [], problems

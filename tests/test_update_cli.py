@@ -25,13 +25,18 @@ AgentFactory = Callable[..., AgentProcess]
 
 
 def edge_agent(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
-                          text=True, timeout=timeout_s, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
-def test_keygen_writes_a_private_key_only_its_owner_can_read(tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]
-                                                             ) -> None:
+def test_keygen_writes_a_private_key_only_its_owner_can_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """keygen: NAME.key mode 0600, NAME.pub, the key id printed; never overwrites."""
     assert main(["keygen", str(tmp_path / "ops")]) == 0
     assert stat.S_IMODE((tmp_path / "ops.key").stat().st_mode) == 0o600
@@ -51,37 +56,68 @@ def test_sign_writes_a_manifest_the_devices_verify(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(linear(tmp_path, 0))
     out = tmp_path / "manifest.json"
-    assert main(["sign", str(model), "--key", str(tmp_path / "a.key"), "--key",
-                 str(tmp_path / "b.key"), "--model", "lin", "--version", "3", "--device",
-                 "gw1", "--group", "line3", "--expires", "12h", "--url",
-                 "https://models.example/m.onnx", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sign",
+                str(model),
+                "--key",
+                str(tmp_path / "a.key"),
+                "--key",
+                str(tmp_path / "b.key"),
+                "--model",
+                "lin",
+                "--version",
+                "3",
+                "--device",
+                "gw1",
+                "--group",
+                "line3",
+                "--expires",
+                "12h",
+                "--url",
+                "https://models.example/m.onnx",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     trusted = TrustedKeys.from_files([str(tmp_path / "a.pub"), str(tmp_path / "b.pub")], 2)
     manifest = parse_payload(trusted.verify(out.read_bytes()))
-    assert (manifest.model, manifest.version, manifest.length) == ("lin", 3,
-                                                                    model.stat().st_size)
+    assert (manifest.model, manifest.version, manifest.length) == ("lin", 3, model.stat().st_size)
     assert manifest.devices == ("gw1",)
     assert manifest.groups == ("line3",)
     assert manifest.source == UrlSource("https://models.example/m.onnx")
     assert 11.9 * 3600 < (manifest.expires - manifest.issued_at).total_seconds() <= 12 * 3600
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["--model", "lin", "--version", "1"], "at least one --device or --group"),
-    (["--model", "../lin", "--version", "1", "--device", "d"], "not a valid name"),
-    (["--model", "lin", "--version", "0", "--device", "d"], "positive integer"),
-    (["--model", "lin", "--version", "1", "--device", "d", "--expires", "soon"],
-     "invalid duration"),
-    (["--model", "lin", "--version", "1", "--device", "d", "--url", "http://x/m"],
-     "must be https"),
-])
-def test_sign_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                    args: list[str], words: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--model", "lin", "--version", "1"], "at least one --device or --group"),
+        (["--model", "../lin", "--version", "1", "--device", "d"], "not a valid name"),
+        (["--model", "lin", "--version", "0", "--device", "d"], "positive integer"),
+        (
+            ["--model", "lin", "--version", "1", "--device", "d", "--expires", "soon"],
+            "invalid duration",
+        ),
+        (
+            ["--model", "lin", "--version", "1", "--device", "d", "--url", "http://x/m"],
+            "must be https",
+        ),
+    ],
+)
+def test_sign_refuses_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], words: str
+) -> None:
     """Usage mistakes exit 2 with the reason, and write nothing."""
     assert main(["keygen", str(tmp_path / "a")]) == 0
     (tmp_path / "m.onnx").write_bytes(b"x")
     out = tmp_path / "manifest.json"
-    code = main(["sign", str(tmp_path / "m.onnx"), "--key", str(tmp_path / "a.key"), *args,
-                 "-o", str(out)])
+    code = main(
+        ["sign", str(tmp_path / "m.onnx"), "--key", str(tmp_path / "a.key"), *args, "-o", str(out)]
+    )
     assert code == 2
     assert words in capsys.readouterr().err
     assert not out.exists()
@@ -89,8 +125,11 @@ def test_sign_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 @pytest.mark.broker
 def test_publish_update_to_a_group_follows_every_device(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Two devices in group line3 trust the old and the new key (rotation): publish-update
     signed with the new key sends the chunks with a progress bar, prints each device's
     statuses and exits 0 once both SUCCEEDED; the same version again exits 1 (REJECTED)."""
@@ -114,10 +153,28 @@ def test_publish_update_to_a_group_follows_every_device(
         agent.wait_for_event("agent_serving")
     wait_subscribed(agents[0])
     rec = recorder("out/#")
-    command = ["publish-update", str(tmp_path / "new.onnx"), "--key", str(keys / "new.key"),
-               "--model", "lin", "--version", "2", "--group", "line3", "--chunk-size", "100",
-               "--host", broker.host, "--port", str(broker.port), "--settle", "2",
-               "--timeout", "60"]
+    command = [
+        "publish-update",
+        str(tmp_path / "new.onnx"),
+        "--key",
+        str(keys / "new.key"),
+        "--model",
+        "lin",
+        "--version",
+        "2",
+        "--group",
+        "line3",
+        "--chunk-size",
+        "100",
+        "--host",
+        broker.host,
+        "--port",
+        str(broker.port),
+        "--settle",
+        "2",
+        "--timeout",
+        "60",
+    ]
     done = edge_agent(*command)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "dev1: SUCCEEDED" in done.stdout
@@ -135,16 +192,26 @@ def test_publish_update_to_a_group_follows_every_device(
 
 
 def test_chunks_stop_once_the_device_has_answered(
-        broker: MosquittoBroker, tmp_path: Path, recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker, tmp_path: Path, recorder: Callable[..., Recorder]
+) -> None:
     """A device that already gave its final word (say REJECTED at the manifest) gets no
     more chunks, and the progress still ends at 100 %."""
     keys = tmp_path / "keys"
     keys.mkdir()
     assert main(["keygen", str(keys / "k")]) == 0
     (tmp_path / "m.onnx").write_bytes(linear(tmp_path, 0))
-    update = sign_update(tmp_path / "m.onnx", [keys / "k.key"], model="lin", version=2,
-                         devices=["devX"], groups=[], expires_in=timedelta(hours=1), url=None,
-                         chunk_size=16, update_id="u-answered")
+    update = sign_update(
+        tmp_path / "m.onnx",
+        [keys / "k.key"],
+        model="lin",
+        version=2,
+        devices=["devX"],
+        groups=[],
+        expires_in=timedelta(hours=1),
+        url=None,
+        chunk_size=16,
+        update_id="u-answered",
+    )
     seen = recorder("edge/devX/updates/#")
     client = publisher(broker)
     progress: list[tuple[int, int]] = []
@@ -155,8 +222,13 @@ def test_chunks_stop_once_the_device_has_answered(
             asked.append(base)
             return len(asked) > 3  # the device answered after three chunks went out
 
-        send_update(client, ["edge/devX"], update, lambda done, total: progress.append(
-            (done, total)), answered=answered)
+        send_update(
+            client,
+            ["edge/devX"],
+            update,
+            lambda done, total: progress.append((done, total)),
+            answered=answered,
+        )
         # the broker keeps one publisher's messages in order: once this marker is in, every
         # chunk that was sent is in too
         client.publish("edge/devX/updates/marker", b"end", qos=1).wait_for_publish()
@@ -186,4 +258,8 @@ def test_progress_bar_lines_and_units() -> None:
     assert "100.0%" in lines[2]
     assert lines[3:] == [""]
     assert [human_bytes(n) for n in (812, 3_400, 12_000_000, 2_500_000_000)] == [
-        "812 B", "3.4 KB", "12.0 MB", "2.5 GB"]
+        "812 B",
+        "3.4 KB",
+        "12.0 MB",
+        "2.5 GB",
+    ]

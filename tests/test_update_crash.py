@@ -60,17 +60,21 @@ class Device:
         assert serving_version(broker, rec, 7) == version_of(serving)
 
 
-def test_kill_during_download(broker: MosquittoBroker, tmp_path: Path,
-                              agent_factory: AgentFactory,
-                              recorder: Callable[..., Recorder]) -> None:
+def test_kill_during_download(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Killed with half the chunks written: after the restart FAILED (downloading), the
     partial file is gone, the old model serves."""
     device = Device(broker, tmp_path, agent_factory)
     rec = recorder(STATUS, "out/#")
     new = linear(tmp_path, 1)
     chunks = chunks_of(new, 32)
-    manifest = envelope(payload_for(new, update_id="d1", version=2, chunk_size=32),
-                        [device.private])
+    manifest = envelope(
+        payload_for(new, update_id="d1", version=2, chunk_size=32), [device.private]
+    )
     send(broker, manifest, chunks[: len(chunks) // 2], update_id="d1")
     wait_for_step(rec, "d1", "downloading")
     staging = device.models / ".edge-agent-staging"
@@ -83,16 +87,23 @@ def test_kill_during_download(broker: MosquittoBroker, tmp_path: Path,
     device.assert_clean(device.old, broker, rec)
 
 
-@pytest.mark.parametrize(("point", "outcome"), [
-    ("verified", "FAILED"),    # bytes checked, nothing installed yet
-    ("accepted", "FAILED"),    # version floor raised, old file still in place
-    ("installed", "FAILED"),   # new file renamed into place, trial not started
-    ("committed", "SUCCEEDED"),  # committed, the status not sent yet
-])
-def test_kill_between_durable_steps(broker: MosquittoBroker, tmp_path: Path,
-                                    agent_factory: AgentFactory,
-                                    recorder: Callable[..., Recorder], point: str,
-                                    outcome: str) -> None:
+@pytest.mark.parametrize(
+    ("point", "outcome"),
+    [
+        ("verified", "FAILED"),  # bytes checked, nothing installed yet
+        ("accepted", "FAILED"),  # version floor raised, old file still in place
+        ("installed", "FAILED"),  # new file renamed into place, trial not started
+        ("committed", "SUCCEEDED"),  # committed, the status not sent yet
+    ],
+)
+def test_kill_between_durable_steps(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+    point: str,
+    outcome: str,
+) -> None:
     """SIGKILL at each point between two durable steps (EDGE_AGENT_FAILPOINTS): after the
     restart an uncommitted update is rolled back and FAILED, a committed one SUCCEEDED."""
     device = Device(broker, tmp_path, agent_factory)
@@ -110,9 +121,12 @@ def test_kill_between_durable_steps(broker: MosquittoBroker, tmp_path: Path,
     device.assert_clean(new if outcome == "SUCCEEDED" else device.old, broker, rec)
 
 
-def test_kill_during_trial(broker: MosquittoBroker, tmp_path: Path,
-                           agent_factory: AgentFactory,
-                           recorder: Callable[..., Recorder]) -> None:
+def test_kill_during_trial(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Killed while the new model warms up: the restart rolls back before any model loads,
     FAILED (trial), and the old model serves; the burnt version is refused afterwards."""
     device = Device(broker, tmp_path, agent_factory)
@@ -121,8 +135,10 @@ def test_kill_during_trial(broker: MosquittoBroker, tmp_path: Path,
     manifest = envelope(payload_for(slow, update_id="t1", version=2), [device.private])
     send(broker, manifest, chunks_of(slow, 4096), update_id="t1")
     wait_for_step(rec, "t1", "trial")
-    assert hashlib.sha256((device.models / "lin.onnx").read_bytes()).hexdigest() == \
-        hashlib.sha256(slow).hexdigest()
+    assert (
+        hashlib.sha256((device.models / "lin.onnx").read_bytes()).hexdigest()
+        == hashlib.sha256(slow).hexdigest()
+    )
     device.agent.kill()
     device.start()
     status = final_status(rec, "t1")
@@ -132,5 +148,3 @@ def test_kill_during_trial(broker: MosquittoBroker, tmp_path: Path,
     again = envelope(payload_for(slow, update_id="t2", version=2), [device.private])
     send(broker, again)
     assert "not newer" in final_status(rec, "t2")["reason"]
-
-

@@ -47,23 +47,39 @@ def version_of(data: bytes) -> str:
 
 
 def linear(folder: Path, seed: int) -> bytes:
-    return build_linear(folder / f"lin-{seed}.onnx", features=4, outputs=2, seed=seed
-                        ).read_bytes()
+    return build_linear(folder / f"lin-{seed}.onnx", features=4, outputs=2, seed=seed).read_bytes()
 
 
-def agent_config(broker: MosquittoBroker, folder: Path, trusted: list[Path],
-                 **updates: Any) -> dict[str, Any]:
-    return base_config(broker, folder, groups=["line3"], models={"lin": {}}, pipelines={"p": {
-        "model": "lin", "input": {"topic": "in/+", "field": "x", "id_field": "id"},
-        "output": {"topic": "out/{1}"}}},
-        updates={"trusted_keys": [str(p) for p in trusted], "chunk_timeout_s": 2.0, **updates})
+def agent_config(
+    broker: MosquittoBroker, folder: Path, trusted: list[Path], **updates: Any
+) -> dict[str, Any]:
+    return base_config(
+        broker,
+        folder,
+        groups=["line3"],
+        models={"lin": {}},
+        pipelines={
+            "p": {
+                "model": "lin",
+                "input": {"topic": "in/+", "field": "x", "id_field": "id"},
+                "output": {"topic": "out/{1}"},
+            }
+        },
+        updates={"trusted_keys": [str(p) for p in trusted], "chunk_timeout_s": 2.0, **updates},
+    )
 
 
 def wait_subscribed(agent: AgentProcess) -> None:
     """Until the daemon has asked for its update topics (and the broker had a moment)."""
-    wait_until(lambda: any(e.get("event") == "mqtt_subscribed"
-                           and "edge/dev1/updates/manifest" in e.get("filters", [])
-                           for e in agent.log_events()), 15, "update subscription")
+    wait_until(
+        lambda: any(
+            e.get("event") == "mqtt_subscribed"
+            and "edge/dev1/updates/manifest" in e.get("filters", [])
+            for e in agent.log_events()
+        ),
+        15,
+        "update subscription",
+    )
     threading.Event().wait(0.3)
 
 
@@ -72,14 +88,18 @@ def serving_version(broker: MosquittoBroker, rec: Recorder, reading_id: int) -> 
     arrive after it was sent count: an earlier reading may have had the same id)."""
     after = len(rec.messages)
     client = publisher(broker)
-    client.publish("in/s1", json.dumps({"id": reading_id, "x": [1, 2, 3, 4]}), qos=1
-                   ).wait_for_publish(5)
+    client.publish(
+        "in/s1", json.dumps({"id": reading_id, "x": [1, 2, 3, 4]}), qos=1
+    ).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()
 
     def answers(messages: list[Any]) -> list[dict[str, Any]]:
-        return [json.loads(m.payload) for m in messages[after:] if m.topic == "out/s1"
-                and json.loads(m.payload)["id"] == reading_id]
+        return [
+            json.loads(m.payload)
+            for m in messages[after:]
+            if m.topic == "out/s1" and json.loads(m.payload)["id"] == reading_id
+        ]
 
     return str(answers(rec.wait_for(lambda ms: bool(answers(ms))))[0]["version"])
 
@@ -89,10 +109,20 @@ def reading_id_of(name: str) -> int:
     return 10**6 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10**6
 
 
-def mqtt_update(broker: MosquittoBroker, data: bytes, keys: list[Path], *, update_id: str,
-                version: int, chunk_size: int = 4096, **fields: Any) -> None:
-    manifest = envelope(payload_for(data, update_id=update_id, version=version,
-                                    chunk_size=chunk_size, **fields), keys)
+def mqtt_update(
+    broker: MosquittoBroker,
+    data: bytes,
+    keys: list[Path],
+    *,
+    update_id: str,
+    version: int,
+    chunk_size: int = 4096,
+    **fields: Any,
+) -> None:
+    manifest = envelope(
+        payload_for(data, update_id=update_id, version=version, chunk_size=chunk_size, **fields),
+        keys,
+    )
     send(broker, manifest, chunks_of(data, chunk_size), update_id=update_id)
 
 
@@ -105,10 +135,10 @@ class Fleet:
     agent: AgentProcess
     rec: Recorder
     folder: Path
-    keys: dict[str, Path]        # name -> private key file
-    model: bytes                 # what serves after the set-up update
-    installed: int               # its version: no test of the module commits another
-    next_version: list[int]      # the last version a test of the module sent
+    keys: dict[str, Path]  # name -> private key file
+    model: bytes  # what serves after the set-up update
+    installed: int  # its version: no test of the module commits another
+    next_version: list[int]  # the last version a test of the module sent
     # The device's version floor: the highest version it installed (its trial may have
     # failed since), which the tests that install raise, in whatever order they run.
     floor: int
@@ -160,8 +190,9 @@ def _foreign_signature_under_trusted_keyid(fleet: Fleet, payload: dict[str, Any]
     document = json.loads(envelope(payload, [fleet.keys["other"]]))
     trusted = load_public_key(fleet.keys["ops"].with_suffix(".pub"))
     document["signatures"][0]["keyid"] = keyid(trusted)
-    document["signatures"].append(json.loads(envelope(payload, [fleet.keys["ops2"]]))
-                                  ["signatures"][0])
+    document["signatures"].append(
+        json.loads(envelope(payload, [fleet.keys["ops2"]]))["signatures"][0]
+    )
     return json.dumps(document).encode()
 
 
@@ -174,63 +205,125 @@ REFUSALS: dict[str, tuple[Callable[[Fleet, dict[str, Any]], bytes], dict[str, An
     # case: (how to sign the payload, payload changes (a callable is given the fleet), the
     # expected words in the reason ("{floor}": the fleet's version floor))
     "signed by an unknown key": (
-        lambda f, p: envelope(p, [f.keys["other"], f.keys["ops"]]), {},
-        "is not in updates.trusted_keys"),
+        lambda f, p: envelope(p, [f.keys["other"], f.keys["ops"]]),
+        {},
+        "is not in updates.trusted_keys",
+    ),
     "a foreign signature claiming a trusted key id": (
-        _foreign_signature_under_trusted_keyid, {}, "does not verify with trusted key"),
+        _foreign_signature_under_trusted_keyid,
+        {},
+        "does not verify with trusted key",
+    ),
     "payload edited after signing": (
-        lambda f, p: tamper(envelope(p, _both(f)), version=99), {}, "does not verify"),
+        lambda f, p: tamper(envelope(p, _both(f)), version=99),
+        {},
+        "does not verify",
+    ),
     "the same key twice for threshold 2": (
-        lambda f, p: envelope(p, [f.keys["ops"], f.keys["ops"]]), {}, "already counted"),
+        lambda f, p: envelope(p, [f.keys["ops"], f.keys["ops"]]),
+        {},
+        "already counted",
+    ),
     "an older version": (
-        lambda f, p: envelope(p, _both(f)), {"version": installed(-1)},
-        "not newer than version {floor}"),
+        lambda f, p: envelope(p, _both(f)),
+        {"version": installed(-1)},
+        "not newer than version {floor}",
+    ),
     "the installed version again": (
-        lambda f, p: envelope(p, _both(f)), {"version": installed()},
-        "not newer than version {floor}"),
+        lambda f, p: envelope(p, _both(f)),
+        {"version": installed()},
+        "not newer than version {floor}",
+    ),
     "an expired manifest": (
-        lambda f, p: envelope(p, _both(f)), {"expires_in_s": -60}, "expired at"),
+        lambda f, p: envelope(p, _both(f)),
+        {"expires_in_s": -60},
+        "expired at",
+    ),
     "another device": (
-        lambda f, p: envelope(p, _both(f)), {"devices": ["dev2"], "groups": ["line9"]},
-        "not for this device"),
+        lambda f, p: envelope(p, _both(f)),
+        {"devices": ["dev2"], "groups": ["line9"]},
+        "not for this device",
+    ),
     "an empty target list": (
-        lambda f, p: envelope(p, _both(f)), {"devices": [], "groups": []},
-        "empty target list"),
+        lambda f, p: envelope(p, _both(f)),
+        {"devices": [], "groups": []},
+        "empty target list",
+    ),
     "../x as model name": (
-        lambda f, p: envelope(p, _both(f)), {"model": "../x"}, "not a valid name"),
+        lambda f, p: envelope(p, _both(f)),
+        {"model": "../x"},
+        "not a valid name",
+    ),
     "/abs as model name": (
-        lambda f, p: envelope(p, _both(f)), {"model": "/abs"}, "not a valid name"),
+        lambda f, p: envelope(p, _both(f)),
+        {"model": "/abs"},
+        "not a valid name",
+    ),
     "a model this device does not have": (
-        lambda f, p: envelope(p, _both(f)), {"model": "cam"}, "not configured"),
+        lambda f, p: envelope(p, _both(f)),
+        {"model": "cam"},
+        "not configured",
+    ),
     "a plain http url": (
-        lambda f, p: envelope(p, _both(f)), {"url": "http://127.0.0.1/m.onnx"}, "not https"),
+        lambda f, p: envelope(p, _both(f)),
+        {"url": "http://127.0.0.1/m.onnx"},
+        "not https",
+    ),
     "not an envelope": (lambda f, p: b"{not json", {}, "not valid JSON"),
     "a deeply nested envelope": (
-        lambda f, p: b"[" * 200_000 + b"]" * 200_000, {}, "nested deeper than 32 levels"),
+        lambda f, p: b"[" * 200_000 + b"]" * 200_000,
+        {},
+        "nested deeper than 32 levels",
+    ),
     "a version over 64 bits": (
-        lambda f, p: envelope(p, _both(f)), {"version": 2**70}, "integer of 22 digits"),
+        lambda f, p: envelope(p, _both(f)),
+        {"version": 2**70},
+        "integer of 22 digits",
+    ),
     "a lone surrogate in a key id": (
         lambda f, p: envelope(p, _both(f)).replace(b'"keyid": "', b'"keyid": "\\ud800', 1),
-        {}, "lone UTF-16 surrogate"),
+        {},
+        "lone UTF-16 surrogate",
+    ),
     "a duplicate key in the signed payload": (
         lambda f, p: envelope(json.dumps(p).encode()[:-1] + b', "model": "cam"}', _both(f)),
-        {}, "key 'model' appears twice in one object"),
+        {},
+        "key 'model' appears twice in one object",
+    ),
     "a duplicate key deep in the signed payload": (
-        lambda f, p: envelope(json.dumps(p).encode().replace(
-            b'"devices": ["dev1"]', b'"devices": ["dev2"], "devices": ["dev1"]'), _both(f)),
-        {}, "key 'devices' appears twice in one object"),
+        lambda f, p: envelope(
+            json.dumps(p)
+            .encode()
+            .replace(b'"devices": ["dev1"]', b'"devices": ["dev2"], "devices": ["dev1"]'),
+            _both(f),
+        ),
+        {},
+        "key 'devices' appears twice in one object",
+    ),
     "a duplicate key in the envelope": (
-        lambda f, p: envelope(p, _both(f))[:-1] + b', "payloadType": "x"}', {},
-        "key 'payloadType' appears twice"),
+        lambda f, p: envelope(p, _both(f))[:-1] + b', "payloadType": "x"}',
+        {},
+        "key 'payloadType' appears twice",
+    ),
 }
 # Refusals of properly signed manifests: their statuses may name the update.
 # Signed, but not well-formed enough to name the update they claim to be.
-SIGNED_UNREADABLE = {"a version over 64 bits", "a duplicate key in the signed payload",
-                     "a duplicate key deep in the signed payload"}
+SIGNED_UNREADABLE = {
+    "a version over 64 bits",
+    "a duplicate key in the signed payload",
+    "a duplicate key deep in the signed payload",
+}
 AUTHENTICATED_REFUSALS = {
-    "an older version", "the installed version again", "an expired manifest", "another device",
-    "an empty target list", "../x as model name", "/abs as model name",
-    "a model this device does not have", "a plain http url"}
+    "an older version",
+    "the installed version again",
+    "an expired manifest",
+    "another device",
+    "an empty target list",
+    "../x as model name",
+    "/abs as model name",
+    "a model this device does not have",
+    "a plain http url",
+}
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
@@ -240,8 +333,10 @@ def test_refused_updates_are_rejected_and_change_nothing(fleet: Fleet, case: str
     sign, changes, words = REFUSALS[case]
     update_id = "r-" + hashlib.sha256(case.encode()).hexdigest()[:10]
     data = linear(fleet.folder, 77)
-    changes = {"version": 50, **{key: value(fleet) if callable(value) else value
-                                 for key, value in changes.items()}}
+    changes = {
+        "version": 50,
+        **{key: value(fleet) if callable(value) else value for key, value in changes.items()},
+    }
     words = words.format(floor=fleet.floor)
     payload = payload_for(data, update_id=update_id, **changes)
     manifest = sign(fleet, payload)
@@ -251,11 +346,15 @@ def test_refused_updates_are_rejected_and_change_nothing(fleet: Fleet, case: str
     assert words in status["reason"], status["reason"]
     assert [s["state"] for s in manifest_statuses(fleet.rec, manifest)] == ["REJECTED"]
     # A status about bytes that did not verify never names the update they claim to be.
-    expected = (update_id, True) if case in AUTHENTICATED_REFUSALS else (
-        None, True) if case in SIGNED_UNREADABLE else (None, False)
+    expected = (
+        (update_id, True)
+        if case in AUTHENTICATED_REFUSALS
+        else (None, True)
+        if case in SIGNED_UNREADABLE
+        else (None, False)
+    )
     assert (status["update_id"], status["authenticated"]) == expected, status
-    assert serving_version(fleet.broker, fleet.rec, reading_id_of(case)) == version_of(
-        fleet.model)
+    assert serving_version(fleet.broker, fleet.rec, reading_id_of(case)) == version_of(fleet.model)
     staging = fleet.folder / "models" / ".edge-agent-staging"
     assert not list(staging.glob("*")), list(staging.glob("*"))
 
@@ -271,8 +370,9 @@ def test_tampered_model_bytes_fail_verification(fleet: Fleet) -> None:
     good = linear(fleet.folder, 11)
     evil = bytearray(good)
     evil[-5] ^= 0xFF
-    manifest = envelope(payload_for(good, update_id="tampered", version=_next_version(fleet)),
-                        _both(fleet))
+    manifest = envelope(
+        payload_for(good, update_id="tampered", version=_next_version(fleet)), _both(fleet)
+    )
     send(fleet.broker, manifest, chunks_of(bytes(evil), 4096), update_id="tampered")
     status = final_status(fleet.rec, "tampered")
     assert (status["state"], status["step"]) == ("FAILED", "verifying")
@@ -283,8 +383,16 @@ def test_tampered_model_bytes_fail_verification(fleet: Fleet) -> None:
 def test_length_larger_than_the_bytes_fails(fleet: Fleet) -> None:
     """A manifest whose length exceeds the real bytes: the short last chunk is refused."""
     data = linear(fleet.folder, 12)
-    manifest = envelope(payload_for(data, update_id="toolong", version=_next_version(fleet),
-                                    length=len(data) + 100, chunk_size=1 << 20), _both(fleet))
+    manifest = envelope(
+        payload_for(
+            data,
+            update_id="toolong",
+            version=_next_version(fleet),
+            length=len(data) + 100,
+            chunk_size=1 << 20,
+        ),
+        _both(fleet),
+    )
     send(fleet.broker, manifest, chunks_of(data, 1 << 20), update_id="toolong")
     status = final_status(fleet.rec, "toolong")
     assert status["state"] == "FAILED"
@@ -296,8 +404,10 @@ def test_a_transfer_that_stops_half_way_times_out(fleet: Fleet) -> None:
     arrived; the staging file is removed."""
     data = linear(fleet.folder, 13)
     chunks = chunks_of(data, 16)
-    manifest = envelope(payload_for(data, update_id="stalled", version=_next_version(fleet),
-                                    chunk_size=16), _both(fleet))
+    manifest = envelope(
+        payload_for(data, update_id="stalled", version=_next_version(fleet), chunk_size=16),
+        _both(fleet),
+    )
     send(fleet.broker, manifest, chunks[: len(chunks) // 2], update_id="stalled")
     status = final_status(fleet.rec, "stalled")
     assert status["state"] == "FAILED"
@@ -309,8 +419,9 @@ def test_a_transfer_that_stops_half_way_times_out(fleet: Fleet) -> None:
 def test_out_of_range_chunk_fails_the_transfer(fleet: Fleet) -> None:
     """A chunk index beyond the announced count ends the transfer with that reason."""
     data = linear(fleet.folder, 14)
-    manifest = envelope(payload_for(data, update_id="range", version=_next_version(fleet)),
-                        _both(fleet))
+    manifest = envelope(
+        payload_for(data, update_id="range", version=_next_version(fleet)), _both(fleet)
+    )
     send(fleet.broker, manifest, [(999).to_bytes(4, "big") + data[:4096]], update_id="range")
     status = final_status(fleet.rec, "range")
     assert status["state"] == "FAILED"
@@ -350,8 +461,11 @@ def test_a_trial_longer_than_the_timeout_is_rolled_back(fleet: Fleet) -> None:
 
 
 def test_update_by_device_over_mqtt_succeeds_and_is_never_downgraded(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A good update: QUEUED, IN_PROGRESS through each step, SUCCEEDED; results carry the
     new version; the old file is kept as .prev. Sent again it is ignored; the same version
     under a new id, and a retained older manifest after a restart, are REJECTED."""
@@ -371,9 +485,14 @@ def test_update_by_device_over_mqtt_succeeds_and_is_never_downgraded(
     status = final_status(rec, "u1")
     assert status["state"] == "SUCCEEDED", status
     steps = [(s["state"], s["step"]) for s in statuses(rec, "u1")]
-    assert steps == [("QUEUED", None), ("IN_PROGRESS", "downloading"),
-                     ("IN_PROGRESS", "verifying"), ("IN_PROGRESS", "installing"),
-                     ("IN_PROGRESS", "trial"), ("SUCCEEDED", None)]
+    assert steps == [
+        ("QUEUED", None),
+        ("IN_PROGRESS", "downloading"),
+        ("IN_PROGRESS", "verifying"),
+        ("IN_PROGRESS", "installing"),
+        ("IN_PROGRESS", "trial"),
+        ("SUCCEEDED", None),
+    ]
     assert status["device_id"] == "dev1"
     assert status["version"] == 2
     assert serving_version(broker, rec, 2) == version_of(new)
@@ -402,8 +521,11 @@ def test_update_by_device_over_mqtt_succeeds_and_is_never_downgraded(
 
 
 def test_update_by_group_with_chunks_shuffled_and_repeated(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """A group-targeted update whose small chunks arrive out of order and some twice."""
     private, public = make_key(tmp_path / "keys", "ops")
     old, new = linear(tmp_path, 0), linear(tmp_path, 2)
@@ -416,8 +538,10 @@ def test_update_by_group_with_chunks_shuffled_and_repeated(
     chunks = chunks_of(new, 64)
     shuffled = chunks + chunks[: len(chunks) // 3]
     random.Random(1).shuffle(shuffled)
-    manifest = envelope(payload_for(new, update_id="g1", version=7, devices=[],
-                                    groups=["line3"], chunk_size=64), [private])
+    manifest = envelope(
+        payload_for(new, update_id="g1", version=7, devices=[], groups=["line3"], chunk_size=64),
+        [private],
+    )
     send(broker, manifest, shuffled, update_id="g1", base="fleet/groups/line3")
     assert final_status(rec, "g1")["state"] == "SUCCEEDED"
     assert serving_version(broker, rec, 1) == version_of(new)
@@ -466,8 +590,12 @@ def https_server(tmp_path: Path) -> Iterator[HttpsServer]:
 
 
 def test_update_over_https(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder], https_server: HttpsServer) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+    https_server: HttpsServer,
+) -> None:
     """An https source: a good download SUCCEEDS; a body bigger than the signed length
     (announced, or found while streaming), a
     redirect to plain http and a body cut short each FAIL with that reason."""
@@ -475,8 +603,9 @@ def test_update_over_https(
     old, new = linear(tmp_path, 0), linear(tmp_path, 3)
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "lin.onnx").write_bytes(old)
-    agent = agent_factory(agent_config(broker, tmp_path, [public],
-                                       ca_file=str(https_server.ca_file)))
+    agent = agent_factory(
+        agent_config(broker, tmp_path, [public], ca_file=str(https_server.ca_file))
+    )
     rec = recorder(STATUS, "out/#")
     agent.wait_for_event("agent_serving")
     wait_subscribed(agent)
@@ -486,25 +615,36 @@ def test_update_over_https(
     routes["/downgrade"] = (302, {"Location": "http://127.0.0.1:9/model.onnx"}, b"")
     routes["/short"] = (200, {}, new[: len(new) // 2])
     routes["/model.onnx"] = (200, {}, new)
-    expected = {"big": "server announces", "big-stream": "larger than the signed length",
-                "downgrade": "non-https", "short": f"ended after {len(new) // 2} of"}
+    expected = {
+        "big": "server announces",
+        "big-stream": "larger than the signed length",
+        "downgrade": "non-https",
+        "short": f"ended after {len(new) // 2} of",
+    }
     for version, (name, words) in enumerate(expected.items(), start=2):
-        manifest = envelope(payload_for(new, update_id=name, version=version,
-                                        url=f"{https_server.url}/{name}"), [private])
+        manifest = envelope(
+            payload_for(new, update_id=name, version=version, url=f"{https_server.url}/{name}"),
+            [private],
+        )
         send(broker, manifest)
         status = final_status(rec, name)
         assert (status["state"], status["step"]) == ("FAILED", "downloading"), status
         assert words in status["reason"], status["reason"]
-    manifest = envelope(payload_for(new, update_id="good", version=20,
-                                    url=f"{https_server.url}/model.onnx"), [private])
+    manifest = envelope(
+        payload_for(new, update_id="good", version=20, url=f"{https_server.url}/model.onnx"),
+        [private],
+    )
     send(broker, manifest)
     assert final_status(rec, "good")["state"] == "SUCCEEDED"
     assert serving_version(broker, rec, 1) == version_of(new)
 
 
 def test_require_signed_files_refuses_hand_dropped_models(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """With updates.require_signed_files a file copied into models_dir does not load, and a
     signed update of the same bytes does."""
     private, public = make_key(tmp_path / "keys", "ops")
@@ -514,8 +654,7 @@ def test_require_signed_files_refuses_hand_dropped_models(
     agent = agent_factory(agent_config(broker, tmp_path, [public], require_signed_files=True))
     rec = recorder(STATUS, MODEL_STATE, "out/#")
     agent.wait_for_event("agent_serving")
-    state = json.loads(rec.wait_for(lambda ms: any(m.topic == MODEL_STATE for m in ms))[-1]
-                       .payload)
+    state = json.loads(rec.wait_for(lambda ms: any(m.topic == MODEL_STATE for m in ms))[-1].payload)
     assert state["state"] == "FAILED"
     assert "not installed by a signed update" in state["error"]
     wait_subscribed(agent)
@@ -525,8 +664,11 @@ def test_require_signed_files_refuses_hand_dropped_models(
 
 
 def test_keys_and_groups_take_effect_on_sighup(
-        broker: MosquittoBroker, tmp_path: Path, agent_factory: AgentFactory,
-        recorder: Callable[..., Recorder]) -> None:
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
     """Without trusted keys updates are REJECTED as disabled; after adding a key and a group
     to the config and SIGHUP, a group update SUCCEEDS."""
     private, public = make_key(tmp_path / "keys", "ops")
@@ -549,8 +691,9 @@ def test_keys_and_groups_take_effect_on_sighup(
     agent.process.send_signal(signal.SIGHUP)
     agent.wait_for_event("config_reloaded")
     threading.Event().wait(0.3)
-    manifest = envelope(payload_for(new, update_id="h2", version=1, devices=[],
-                                    groups=["line7"]), [private])
+    manifest = envelope(
+        payload_for(new, update_id="h2", version=1, devices=[], groups=["line7"]), [private]
+    )
     send(broker, manifest, chunks_of(new, 4096), update_id="h2", base="fleet/groups/line7")
     assert final_status(rec, "h2")["state"] == "SUCCEEDED"
     assert serving_version(broker, rec, 1) == version_of(new)

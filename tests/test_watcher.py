@@ -37,8 +37,7 @@ class Calls:
 
 
 @contextlib.contextmanager
-def running_watcher(tmp_path: Path, calls: Calls, **config: object
-                    ) -> Iterator[ModelFileWatcher]:
+def running_watcher(tmp_path: Path, calls: Calls, **config: object) -> Iterator[ModelFileWatcher]:
     """A started watcher of ``tmp_path/m.onnx`` reporting to ``calls``; stopped on exit."""
     settings = WatchConfig.model_validate({"debounce_ms": 50, "settle_ms": 300, **config})
     watcher = ModelFileWatcher({"m": tmp_path / "m.onnx"}, calls, settings)
@@ -144,10 +143,13 @@ def test_a_dead_observer_is_restarted(tmp_path: Path) -> None:
         calls.wait(1)
 
 
-@pytest.mark.parametrize(("mounts", "expected"), [
-    ("/dev/vda / ext4 rw 0 0\nserver:/models /mnt/models nfs4 rw 0 0\n", "nfs4"),
-    ("/dev/vda / ext4 rw 0 0\n", "ext4"),
-])
+@pytest.mark.parametrize(
+    ("mounts", "expected"),
+    [
+        ("/dev/vda / ext4 rw 0 0\nserver:/models /mnt/models nfs4 rw 0 0\n", "nfs4"),
+        ("/dev/vda / ext4 rw 0 0\n", "ext4"),
+    ],
+)
 def test_filesystem_type_from_mounts(tmp_path: Path, mounts: str, expected: str) -> None:
     """The mount with the longest prefix decides the filesystem type."""
     mounts_file = tmp_path / "mounts"

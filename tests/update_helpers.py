@@ -27,21 +27,37 @@ def make_key(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
-def payload_for(data: bytes, *, update_id: str, version: int, model: str = "lin",
-                devices: Sequence[str] = ("dev1",), groups: Sequence[str] = (),
-                chunk_size: int = 4096, url: str | None = None, length: int | None = None,
-                expires_in_s: float = 3600, **overrides: Any) -> dict[str, Any]:
+def payload_for(
+    data: bytes,
+    *,
+    update_id: str,
+    version: int,
+    model: str = "lin",
+    devices: Sequence[str] = ("dev1",),
+    groups: Sequence[str] = (),
+    chunk_size: int = 4096,
+    url: str | None = None,
+    length: int | None = None,
+    expires_in_s: float = 3600,
+    **overrides: Any,
+) -> dict[str, Any]:
     """An update payload for ``data``; keyword overrides replace any field."""
     length = len(data) if length is None else length
     now = datetime.now(timezone.utc)
-    source: dict[str, Any] = {"url": url} if url else {
-        "mqtt": {"chunk_size": chunk_size, "chunks": math.ceil(length / chunk_size)}}
+    source: dict[str, Any] = (
+        {"url": url}
+        if url
+        else {"mqtt": {"chunk_size": chunk_size, "chunks": math.ceil(length / chunk_size)}}
+    )
     payload = {
-        "update_id": update_id, "model": model, "version": version,
-        "sha256": hashlib.sha256(data).hexdigest(), "length": length,
+        "update_id": update_id,
+        "model": model,
+        "version": version,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "length": length,
         "targets": {"devices": list(devices), "groups": list(groups)},
-        "issued_at": format_time(now), "expires": format_time(now + timedelta(
-            seconds=expires_in_s)),
+        "issued_at": format_time(now),
+        "expires": format_time(now + timedelta(seconds=expires_in_s)),
         "source": source,
     }
     payload.update(overrides)
@@ -57,20 +73,28 @@ def envelope(payload: dict[str, Any] | bytes, keys: Iterable[Path]) -> bytes:
 def chunks_of(data: bytes, chunk_size: int) -> list[bytes]:
     """The chunk messages (4-byte index + bytes) of ``data``."""
     count = max(1, math.ceil(len(data) / chunk_size))
-    return [i.to_bytes(4, "big") + data[i * chunk_size:(i + 1) * chunk_size]
-            for i in range(count)]
+    return [
+        i.to_bytes(4, "big") + data[i * chunk_size : (i + 1) * chunk_size] for i in range(count)
+    ]
 
 
-def send(broker: MosquittoBroker, manifest: bytes, chunks: Sequence[bytes] = (),
-         *, update_id: str = "", base: str = DEVICE_BASE, retain: bool = False) -> None:
+def send(
+    broker: MosquittoBroker,
+    manifest: bytes,
+    chunks: Sequence[bytes] = (),
+    *,
+    update_id: str = "",
+    base: str = DEVICE_BASE,
+    retain: bool = False,
+) -> None:
     """Publish a manifest and then chunk messages, QoS 1, and wait for the broker's acks."""
     client = publisher(broker)
     try:
-        client.publish(f"{base}/updates/manifest", manifest, qos=1,
-                       retain=retain).wait_for_publish(10)
+        client.publish(f"{base}/updates/manifest", manifest, qos=1, retain=retain).wait_for_publish(
+            10
+        )
         for chunk in chunks:
-            client.publish(f"{base}/updates/chunks/{update_id}", chunk,
-                           qos=1).wait_for_publish(10)
+            client.publish(f"{base}/updates/chunks/{update_id}", chunk, qos=1).wait_for_publish(10)
     finally:
         client.disconnect()
         client.loop_stop()
@@ -82,38 +106,58 @@ def statuses(rec: Recorder, update_id: str | None, topic: str = STATUS) -> list[
     return [s for s in found if s.get("update_id") == update_id]
 
 
-def manifest_statuses(rec: Recorder, manifest: bytes, topic: str = STATUS
-                      ) -> list[dict[str, Any]]:
+def manifest_statuses(rec: Recorder, manifest: bytes, topic: str = STATUS) -> list[dict[str, Any]]:
     """Status documents that answer exactly these manifest bytes (``manifest_sha256``)."""
     digest = hashlib.sha256(manifest).hexdigest()
     found = [json.loads(m.payload) for m in rec.on(topic)]
     return [s for s in found if s.get("manifest_sha256") == digest]
 
 
-def final_manifest_status(rec: Recorder, manifest: bytes, timeout_s: float = 20.0
-                          ) -> dict[str, Any]:
+def final_manifest_status(
+    rec: Recorder, manifest: bytes, timeout_s: float = 20.0
+) -> dict[str, Any]:
     """Wait for the final status that answers these manifest bytes."""
-    rec.wait_for(lambda _: any(s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
-                               for s in manifest_statuses(rec, manifest)), timeout_s)
-    return next(s for s in manifest_statuses(rec, manifest)
-                if s["state"] in ("SUCCEEDED", "FAILED", "REJECTED"))
+    rec.wait_for(
+        lambda _: any(
+            s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
+            for s in manifest_statuses(rec, manifest)
+        ),
+        timeout_s,
+    )
+    return next(
+        s
+        for s in manifest_statuses(rec, manifest)
+        if s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
+    )
 
 
-def final_status(rec: Recorder, update_id: str | None, timeout_s: float = 20.0,
-                 topic: str = STATUS) -> dict[str, Any]:
+def final_status(
+    rec: Recorder, update_id: str | None, timeout_s: float = 20.0, topic: str = STATUS
+) -> dict[str, Any]:
     """Wait for the SUCCEEDED/FAILED/REJECTED status of ``update_id``."""
+
     def done(_: Any) -> bool:
-        return any(s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
-                   for s in statuses(rec, update_id, topic))
+        return any(
+            s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
+            for s in statuses(rec, update_id, topic)
+        )
+
     rec.wait_for(done, timeout_s)
-    return next(s for s in statuses(rec, update_id, topic)
-                if s["state"] in ("SUCCEEDED", "FAILED", "REJECTED"))
+    return next(
+        s
+        for s in statuses(rec, update_id, topic)
+        if s["state"] in ("SUCCEEDED", "FAILED", "REJECTED")
+    )
 
 
 def wait_for_step(rec: Recorder, update_id: str, step: str, timeout_s: float = 20.0) -> None:
     """Wait for ``IN_PROGRESS`` with ``step``."""
-    rec.wait_for(lambda _: any(s.get("step") == step and s["state"] == "IN_PROGRESS"
-                               for s in statuses(rec, update_id)), timeout_s)
+    rec.wait_for(
+        lambda _: any(
+            s.get("step") == step and s["state"] == "IN_PROGRESS" for s in statuses(rec, update_id)
+        ),
+        timeout_s,
+    )
 
 
 def tamper(envelope_bytes: bytes, **changes: Any) -> bytes:

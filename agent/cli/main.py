@@ -44,64 +44,99 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     run = commands.add_parser(
-        "run", help="run the daemon",
+        "run",
+        help="run the daemon",
         description="Run the daemon. The config comes from --config, else "
-                    f"${CONFIG_ENV_VAR}, else {DEFAULT_CONFIG_PATH}; when none of these "
-                    "exists the built-in defaults are used.")
+        f"${CONFIG_ENV_VAR}, else {DEFAULT_CONFIG_PATH}; when none of these "
+        "exists the built-in defaults are used.",
+    )
     run.add_argument("--config", metavar="PATH", help="config file (YAML)")
-    run.add_argument("--log-level", choices=LEVELS, default=None,
-                     help="override the config's log_level")
-    run.add_argument("--log-format", choices=("auto", "json", "console"), default="auto",
-                     help="auto: JSON lines unless stdout is a terminal (default)")
+    run.add_argument(
+        "--log-level", choices=LEVELS, default=None, help="override the config's log_level"
+    )
+    run.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="auto: JSON lines unless stdout is a terminal (default)",
+    )
 
     check = commands.add_parser(
-        "check-config", help="validate a config file",
+        "check-config",
+        help="validate a config file",
         description="Validate a config file. Prints one line per problem "
-                    "(FILE:LINE: dotted.key: message) and exits 1, or exits 0 when valid.")
+        "(FILE:LINE: dotted.key: message) and exits 1, or exits 0 when valid.",
+    )
     check.add_argument("path", metavar="PATH", help="config file (YAML)")
 
     detect = commands.add_parser(
-        "detect", help="show the hardware and the execution providers that would be used",
+        "detect",
+        help="show the hardware and the execution providers that would be used",
         description="Print the detected hardware, the execution providers the installed "
-                    "onnxruntime offers, the chosen order with per-provider options and why, "
-                    "and hints.")
+        "onnxruntime offers, the chosen order with per-provider options and why, "
+        "and hints.",
+    )
     detect.add_argument("--json", action="store_true", help="print JSON")
-    detect.add_argument("--config", metavar="PATH",
-                        help="config whose providers/state_dir settings apply (default: the "
-                             "run command's config if it exists)")
-    detect.add_argument("--root", default="/", metavar="PATH",
-                        help="read /proc, /sys, /dev and /etc under PATH (default /)")
-    detect.add_argument("--machine", default=None, metavar="ARCH",
-                        help="CPU architecture to assume (default: this machine's)")
+    detect.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config whose providers/state_dir settings apply (default: the "
+        "run command's config if it exists)",
+    )
+    detect.add_argument(
+        "--root",
+        default="/",
+        metavar="PATH",
+        help="read /proc, /sys, /dev and /etc under PATH (default /)",
+    )
+    detect.add_argument(
+        "--machine",
+        default=None,
+        metavar="ARCH",
+        help="CPU architecture to assume (default: this machine's)",
+    )
 
     status = commands.add_parser(
-        "status", help="show the devices whose retained topics are on a broker",
+        "status",
+        help="show the devices whose retained topics are on a broker",
         description="Read the retained status, health and model topics of one device or of "
-                    "every device under a prefix, and print a table: device, online (yes, NO, "
-                    "STALE: says online but its health is older than 3 health intervals), "
-                    "models and versions, throughput, latency, temperature, outbox, last "
-                    "seen. Devices that are not online show '-' for their figures.")
-    status.add_argument("--config", metavar="PATH",
-                        help="take broker address, credentials and TLS from this config")
+        "every device under a prefix, and print a table: device, online (yes, NO, "
+        "STALE: says online but its health is older than 3 health intervals), "
+        "models and versions, throughput, latency, temperature, outbox, last "
+        "seen. Devices that are not online show '-' for their figures.",
+    )
+    status.add_argument(
+        "--config", metavar="PATH", help="take broker address, credentials and TLS from this config"
+    )
     status.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
     status.add_argument("--port", type=int, help="broker port (default: the config's, else 1883)")
     status.add_argument("--username", help="broker user name")
     status.add_argument("--password-file", metavar="PATH", help="file holding the password")
     status.add_argument("--ca-file", metavar="PATH", help="CA certificate: connect with TLS")
-    status.add_argument("--prefix", default="edge",
-                        help="topics are PREFIX/<device>/... (default: edge)")
+    status.add_argument(
+        "--prefix", default="edge", help="topics are PREFIX/<device>/... (default: edge)"
+    )
     status.add_argument("--device", help="only this device")
-    status.add_argument("--group", metavar="G",
-                        help="only the devices whose health lists group G")
-    status.add_argument("--wait", type=_non_negative_seconds, default=1.5, metavar="SECONDS",
-                        help="how long to collect retained messages before printing "
-                             "(default 1.5; with --watch: before the first table)")
-    status.add_argument("--watch", action="store_true",
-                        help="keep listening and redraw the table every second until Ctrl-C "
-                             "(in place on a terminal; timestamped tables otherwise)")
-    status.add_argument("--json", action="store_true",
-                        help="print JSON instead of a table (with --watch: one line per "
-                             "second)")
+    status.add_argument("--group", metavar="G", help="only the devices whose health lists group G")
+    status.add_argument(
+        "--wait",
+        type=_non_negative_seconds,
+        default=1.5,
+        metavar="SECONDS",
+        help="how long to collect retained messages before printing "
+        "(default 1.5; with --watch: before the first table)",
+    )
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep listening and redraw the table every second until Ctrl-C "
+        "(in place on a terminal; timestamped tables otherwise)",
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of a table (with --watch: one line per second)",
+    )
     add_update_parsers(commands)
     return parser
 
@@ -128,8 +163,10 @@ def _check_config(path: Path) -> int:
             print(problem)
         print(f"{path}: {_count(len(exc.problems), 'problem')}", file=sys.stderr)
         return EXIT_INVALID
-    print(f"{path}: ok (device_id {config.device_id}, {_count(len(config.models), 'model')}, "
-          f"{_count(len(config.pipelines), 'pipeline')})")
+    print(
+        f"{path}: ok (device_id {config.device_id}, {_count(len(config.models), 'model')}, "
+        f"{_count(len(config.pipelines), 'pipeline')})"
+    )
     return EXIT_OK
 
 
@@ -185,8 +222,15 @@ def _status(args: argparse.Namespace) -> int:
     try:
         if args.watch:
             try:
-                return watch(mqtt, prefix, args.device, args.group, args.wait,
-                             password=password, as_json=args.json)
+                return watch(
+                    mqtt,
+                    prefix,
+                    args.device,
+                    args.group,
+                    args.wait,
+                    password=password,
+                    as_json=args.json,
+                )
             except BrokenPipeError:
                 # The reader went away (``| head``): done. Point stdout at /dev/null so that
                 # the interpreter's final flush does not fail on the closed pipe again.
@@ -219,8 +263,9 @@ def _run(args: argparse.Namespace) -> int:
         else:
             config = default_config()
             source = None
-            log.warning("config_not_found", path=str(path),
-                        action="running with the built-in defaults")
+            log.warning(
+                "config_not_found", path=str(path), action="running with the built-in defaults"
+            )
     except ConfigError as exc:
         for problem in exc.problems:
             log.error("config_invalid", problem=str(problem))

@@ -92,8 +92,9 @@ def judge(view: DeviceView, now: float) -> Judgement:
     (unix seconds), and how old its last health is."""
     limit = STALE_INTERVALS * view.interval_s
     seen = (view.health or {}).get("ts")
-    age = now - float(seen) if isinstance(seen, int | float) and not isinstance(
-        seen, bool) else None
+    age = (
+        now - float(seen) if isinstance(seen, int | float) and not isinstance(seen, bool) else None
+    )
     if view.status == "offline":
         state = OFFLINE
     elif view.status != "online":
@@ -120,8 +121,7 @@ class FleetCollector:
         self._devices: dict[str, DeviceView] = {}
 
     # Runs on paho's network thread: must be short and must never raise.
-    def on_message(self, client: paho.Client, userdata: Any,
-                   message: paho.MQTTMessage) -> None:
+    def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         """Record one status, health or model document (an empty payload clears it)."""
         parts = message.topic.split("/")
         if len(parts) < self._levels + 2:
@@ -135,7 +135,7 @@ class FleetCollector:
             elif kind == "health":
                 view.health = _json(payload) if payload else None
             elif kind == "models" and len(parts) > self._levels + 2:
-                model = "/".join(parts[self._levels + 2:])
+                model = "/".join(parts[self._levels + 2 :])
                 if payload:
                     view.models[model] = _json(payload) or {}
                 else:
@@ -146,23 +146,38 @@ class FleetCollector:
     def snapshot(self) -> dict[str, DeviceView]:
         """A copy of the devices seen so far."""
         with self._lock:
-            return {name: DeviceView(view.device, view.status, view.health, dict(view.models))
-                    for name, view in self._devices.items()}
+            return {
+                name: DeviceView(view.device, view.status, view.health, dict(view.models))
+                for name, view in self._devices.items()
+            }
 
 
-def subscribe(mqtt: MqttConfig, prefix: str, device: str | None, collector: FleetCollector,
-              password: str | None = None) -> paho.Client:
+def subscribe(
+    mqtt: MqttConfig,
+    prefix: str,
+    device: str | None,
+    collector: FleetCollector,
+    password: str | None = None,
+) -> paho.Client:
     """Connect and subscribe to the devices' status, health and model topics under
     ``prefix``, feeding ``collector``; returns the connected client (paho's network thread
     runs; stop it with ``disconnect()`` and ``loop_stop()``)."""
     who = device or "+"
-    return connect(mqtt, password, [(f"{prefix}/{who}/status", 1),
-                                    (f"{prefix}/{who}/health", 1),
-                                    (f"{prefix}/{who}/models/+", 1)], collector.on_message)
+    return connect(
+        mqtt,
+        password,
+        [
+            (f"{prefix}/{who}/status", 1),
+            (f"{prefix}/{who}/health", 1),
+            (f"{prefix}/{who}/models/+", 1),
+        ],
+        collector.on_message,
+    )
 
 
-def collect(mqtt: MqttConfig, prefix: str, device: str | None, wait_s: float,
-            password: str | None = None) -> dict[str, DeviceView]:
+def collect(
+    mqtt: MqttConfig, prefix: str, device: str | None, wait_s: float, password: str | None = None
+) -> dict[str, DeviceView]:
     """Subscribe to the devices' retained topics under ``prefix`` and gather them for
     ``wait_s`` seconds."""
     collector = FleetCollector(prefix)
@@ -191,10 +206,15 @@ def report(devices: dict[str, DeviceView], now: float | None = None) -> dict[str
     for name in sorted(devices):
         view = devices[name]
         verdict = judge(view, now)
-        out[name] = {"state": verdict.state, "age_s": verdict.age_s,
-                     "stale_after_s": verdict.stale_after_s, "status": view.status,
-                     "groups": list(view.groups), "health": view.health,
-                     "models": view.models}
+        out[name] = {
+            "state": verdict.state,
+            "age_s": verdict.age_s,
+            "stale_after_s": verdict.stale_after_s,
+            "status": view.status,
+            "groups": list(view.groups),
+            "health": view.health,
+            "models": view.models,
+        }
     return out
 
 
@@ -211,8 +231,19 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
     versions, throughput, latency, temperature, outbox, last seen. Devices that are not
     online show ``-`` for their figures and their model states as ``last``."""
     now = time.time() if now is None else now
-    rows = [("DEVICE", "ONLINE", "MODELS", "READINGS/S", "P50 MS", "P99 MS", "TEMP C",
-             "OUTBOX", "LAST SEEN")]
+    rows = [
+        (
+            "DEVICE",
+            "ONLINE",
+            "MODELS",
+            "READINGS/S",
+            "P50 MS",
+            "P99 MS",
+            "TEMP C",
+            "OUTBOX",
+            "LAST SEEN",
+        )
+    ]
     for name in sorted(devices):
         view = devices[name]
         verdict = judge(view, now)
@@ -220,31 +251,44 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
         health = (view.health or {}) if current else {}
         pipelines = health.get("pipelines") or {}
         throughput = sum(float(p.get("throughput") or 0) for p in pipelines.values())
-        p50 = [p["latency_ms"]["p50"] for p in pipelines.values()
-               if (p.get("latency_ms") or {}).get("p50") is not None]
-        p99 = [p["latency_ms"]["p99"] for p in pipelines.values()
-               if (p.get("latency_ms") or {}).get("p99") is not None]
+        p50 = [
+            p["latency_ms"]["p50"]
+            for p in pipelines.values()
+            if (p.get("latency_ms") or {}).get("p50") is not None
+        ]
+        p99 = [
+            p["latency_ms"]["p99"]
+            for p in pipelines.values()
+            if (p.get("latency_ms") or {}).get("p99") is not None
+        ]
         temperatures = list((health.get("temperatures_c") or {}).values())
         last = "" if current else "last "
-        models = ", ".join(
-            f"{model}:{last}{info.get('state') or '?'}:{_short_version(info.get('version'))}"
-            for model, info in sorted(view.models.items())) or "-"
+        models = (
+            ", ".join(
+                f"{model}:{last}{info.get('state') or '?'}:{_short_version(info.get('version'))}"
+                for model, info in sorted(view.models.items())
+            )
+            or "-"
+        )
         outbox = (health.get("delivery") or {}).get("outbox") or {}
-        rows.append((
-            name,
-            _ONLINE_CELL[verdict.state],
-            models,
-            f"{throughput:.1f}" if health else "-",
-            f"{max(p50):.2f}" if p50 else "-",
-            f"{max(p99):.2f}" if p99 else "-",
-            f"{max(temperatures):.1f}" if temperatures else "-",
-            _outbox_cell(outbox),
-            _ago(verdict.age_s) if verdict.age_s is not None else "never",
-        ))
+        rows.append(
+            (
+                name,
+                _ONLINE_CELL[verdict.state],
+                models,
+                f"{throughput:.1f}" if health else "-",
+                f"{max(p50):.2f}" if p50 else "-",
+                f"{max(p99):.2f}" if p99 else "-",
+                f"{max(temperatures):.1f}" if temperatures else "-",
+                _outbox_cell(outbox),
+                _ago(verdict.age_s) if verdict.age_s is not None else "never",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths,
-                                                                          strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _short_version(version: object) -> str:
@@ -256,8 +300,10 @@ def _short_version(version: object) -> str:
 
 def _outbox_cell(outbox: dict[str, Any]) -> str:
     """Stored results waiting for the broker, and how many were dropped ("-": none)."""
-    depth, dropped = outbox.get("depth") or 0, (outbox.get("dropped") or 0) + (
-        outbox.get("expired") or 0)
+    depth, dropped = (
+        outbox.get("depth") or 0,
+        (outbox.get("dropped") or 0) + (outbox.get("expired") or 0),
+    )
     if not depth and not dropped:
         return "-"
     return f"{depth}" + (f" ({dropped} dropped)" if dropped else "")
@@ -295,8 +341,9 @@ def _stop_on_signals() -> Iterator[_StopFlag]:
     def on_signal(signum: int, frame: FrameType | None) -> None:
         flag.signal = signal.Signals(signum).name
 
-    previous = {signum: signal.signal(signum, on_signal)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield flag
     finally:
@@ -313,9 +360,18 @@ def _sleep_until(deadline: float, flag: _StopFlag) -> None:
         time.sleep(min(remaining, _POLL_S))
 
 
-def watch(mqtt: MqttConfig, prefix: str, device: str | None, group: str | None,
-          wait_s: float, *, password: str | None = None, out: TextIO | None = None,
-          as_json: bool = False, refresh_s: float = REFRESH_S) -> int:
+def watch(
+    mqtt: MqttConfig,
+    prefix: str,
+    device: str | None,
+    group: str | None,
+    wait_s: float,
+    *,
+    password: str | None = None,
+    out: TextIO | None = None,
+    as_json: bool = False,
+    refresh_s: float = REFRESH_S,
+) -> int:
     """Redraw the fleet table every ``refresh_s`` seconds from one subscription until
     SIGINT or SIGTERM; returns the exit code (0).
 
@@ -328,7 +384,8 @@ def watch(mqtt: MqttConfig, prefix: str, device: str | None, group: str | None,
     terminal = out.isatty()
     collector = FleetCollector(prefix)
     where = f"{prefix}/{device or '+'} on {mqtt.host}:{mqtt.port}" + (
-        f", group {group}" if group else "")
+        f", group {group}" if group else ""
+    )
     with _stop_on_signals() as flag:
         client = subscribe(mqtt, prefix, device, collector, password)
         try:
@@ -340,8 +397,9 @@ def watch(mqtt: MqttConfig, prefix: str, device: str | None, group: str | None,
                 if as_json:
                     out.write(json.dumps(report(devices, now), separators=(",", ":")) + "\n")
                 else:
-                    out.write(_frame(devices, now, where, terminal,
-                                     connected=client.is_connected()))
+                    out.write(
+                        _frame(devices, now, where, terminal, connected=client.is_connected())
+                    )
                 out.flush()
                 # Ticks from the previous deadline, not from now: drawing time does not add
                 # up into drift, and a late tick (a suspended terminal) does not cause a burst.
@@ -353,8 +411,9 @@ def watch(mqtt: MqttConfig, prefix: str, device: str | None, group: str | None,
     return 0
 
 
-def _frame(devices: dict[str, DeviceView], now: float, where: str, terminal: bool,
-           connected: bool) -> str:
+def _frame(
+    devices: dict[str, DeviceView], now: float, where: str, terminal: bool, connected: bool
+) -> str:
     """One refresh of ``--watch``: a heading line, a blank line, the table (and, in a
     pipe or file, a blank line that separates it from the next)."""
     stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

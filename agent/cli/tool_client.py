@@ -18,8 +18,12 @@ from agent.errors import EdgeAgentError
 CONNECT_WAIT_S = 10.0
 
 
-def connect(mqtt: MqttConfig, password: str | None, subscriptions: list[tuple[str, int]],
-            on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None]) -> paho.Client:
+def connect(
+    mqtt: MqttConfig,
+    password: str | None,
+    subscriptions: list[tuple[str, int]],
+    on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None],
+) -> paho.Client:
     """Connect, subscribe and start the network thread; returns once the broker accepted
     the connection. ``on_message`` runs on paho's network thread. Stop the client with
     ``disconnect()`` and ``loop_stop()``."""
@@ -28,8 +32,9 @@ def connect(mqtt: MqttConfig, password: str | None, subscriptions: list[tuple[st
     failure: list[str] = []
 
     # Both callbacks run on paho's network thread.
-    def on_connect(client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                   properties: Any) -> None:
+    def on_connect(
+        client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
         if reason.is_failure:
             failure.append(str(reason))
         elif subscriptions:
@@ -38,16 +43,21 @@ def connect(mqtt: MqttConfig, password: str | None, subscriptions: list[tuple[st
             subscribed.set()
         connected.set()
 
-    def on_subscribe(client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
-                     properties: Any) -> None:
+    def on_subscribe(
+        client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
         subscribed.set()
 
     client = paho.Client(CallbackAPIVersion.VERSION2)
     if mqtt.username is not None:
         client.username_pw_set(mqtt.username, password)
     if mqtt.tls.enabled:
-        client.tls_set(ca_certs=mqtt.tls.ca_file, certfile=mqtt.tls.cert_file,
-                       keyfile=mqtt.tls.key_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set(
+            ca_certs=mqtt.tls.ca_file,
+            certfile=mqtt.tls.cert_file,
+            keyfile=mqtt.tls.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
@@ -59,8 +69,10 @@ def connect(mqtt: MqttConfig, password: str | None, subscriptions: list[tuple[st
     if not connected.wait(CONNECT_WAIT_S) or failure or not subscribed.wait(CONNECT_WAIT_S):
         client.disconnect()
         client.loop_stop()
-        raise EdgeAgentError(f"broker {mqtt.host}:{mqtt.port} refused the connection: "
-                             f"{failure[0] if failure else 'no answer'}")
+        raise EdgeAgentError(
+            f"broker {mqtt.host}:{mqtt.port} refused the connection: "
+            f"{failure[0] if failure else 'no answer'}"
+        )
     return client
 
 
@@ -68,17 +80,20 @@ def broker_settings(args: argparse.Namespace) -> tuple[MqttConfig, str | None]:
     """Broker address, credentials and TLS: ``--config``'s ``mqtt`` section (or the
     defaults) with the command-line options on top; and the password read from its file."""
     mqtt = load_config(Path(args.config)).mqtt if args.config else default_config().mqtt
-    overrides = {key: getattr(args, key, None) for key in ("host", "port", "username",
-                                                           "password_file")}
+    overrides = {
+        key: getattr(args, key, None) for key in ("host", "port", "username", "password_file")
+    }
     mqtt = mqtt.model_copy(update={k: v for k, v in overrides.items() if v is not None})
     if getattr(args, "ca_file", None):
-        mqtt = mqtt.model_copy(update={"tls": mqtt.tls.model_copy(
-            update={"ca_file": args.ca_file})})
+        mqtt = mqtt.model_copy(
+            update={"tls": mqtt.tls.model_copy(update={"ca_file": args.ca_file})}
+        )
     password = None
     if mqtt.password_file:
         try:
             password = Path(mqtt.password_file).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
-            raise EdgeAgentError(f"cannot read password file {mqtt.password_file}: "
-                                 f"{exc.strerror}") from exc
+            raise EdgeAgentError(
+                f"cannot read password file {mqtt.password_file}: {exc.strerror}"
+            ) from exc
     return mqtt, password

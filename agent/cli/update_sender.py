@@ -22,7 +22,7 @@ from agent.updates.manifest import build_payload
 from agent.updates.signing import load_private_key, sign_envelope
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED"})
-PUBLISH_WINDOW = 16      # chunks awaiting the broker's PUBACK: bounds the sender's memory
+PUBLISH_WINDOW = 16  # chunks awaiting the broker's PUBACK: bounds the sender's memory
 ACK_TIMEOUT_S = 30.0
 
 
@@ -44,25 +44,47 @@ class SignedUpdate:
         return hashlib.sha256(self.manifest_bytes()).hexdigest()
 
 
-def sign_update(model_file: Path, key_files: Sequence[Path], *, model: str, version: int,
-                devices: Sequence[str], groups: Sequence[str], expires_in: timedelta,
-                url: str | None, chunk_size: int, update_id: str | None = None) -> SignedUpdate:
+def sign_update(
+    model_file: Path,
+    key_files: Sequence[Path],
+    *,
+    model: str,
+    version: int,
+    devices: Sequence[str],
+    groups: Sequence[str],
+    expires_in: timedelta,
+    url: str | None,
+    chunk_size: int,
+    update_id: str | None = None,
+) -> SignedUpdate:
     """Read the model, describe it in a payload, and sign it with every key."""
     data = model_file.read_bytes()
     keys = [load_private_key(path) for path in key_files]
     now = datetime.now(timezone.utc)
     update_id = update_id or f"{model}-v{version}-{uuid.uuid4().hex[:8]}"
-    payload = build_payload(update_id=update_id, model=model, version=version, data=data,
-                            sha256=hashlib.sha256(data).hexdigest(), devices=devices,
-                            groups=groups, issued_at=now, expires=now + expires_in, url=url,
-                            chunk_size=chunk_size)
-    return SignedUpdate(update_id, sign_envelope(payload, keys), data,
-                        None if url else chunk_size)
+    payload = build_payload(
+        update_id=update_id,
+        model=model,
+        version=version,
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        devices=devices,
+        groups=groups,
+        issued_at=now,
+        expires=now + expires_in,
+        url=url,
+        chunk_size=chunk_size,
+    )
+    return SignedUpdate(update_id, sign_envelope(payload, keys), data, None if url else chunk_size)
 
 
-def send_update(client: paho.Client, bases: Sequence[str], update: SignedUpdate,
-                progress: Callable[[int, int], None],
-                answered: Callable[[str], bool] = lambda base: False) -> None:
+def send_update(
+    client: paho.Client,
+    bases: Sequence[str],
+    update: SignedUpdate,
+    progress: Callable[[int, int], None],
+    answered: Callable[[str], bool] = lambda base: False,
+) -> None:
     """Publish the manifest, then the chunks, to each ``BASE/updates/...`` (QoS 1).
 
     At most ``PUBLISH_WINDOW`` chunks wait for the broker at a time, so a large model is
@@ -84,9 +106,10 @@ def send_update(client: paho.Client, bases: Sequence[str], update: SignedUpdate,
         for index in range(chunks):
             if answered(base):
                 break
-            body = update.data[index * chunk_size:(index + 1) * chunk_size]
-            window.append((client.publish(topic, index.to_bytes(4, "big") + body, qos=1),
-                           len(body)))
+            body = update.data[index * chunk_size : (index + 1) * chunk_size]
+            window.append(
+                (client.publish(topic, index.to_bytes(4, "big") + body, qos=1), len(body))
+            )
             if len(window) >= PUBLISH_WINDOW:
                 info, size = window.popleft()
                 _wait(info)
@@ -117,7 +140,7 @@ class StatusFollower:
     read as the device's word on this update."""
 
     update_id: str
-    levels: int                        # topic levels of the prefix: the device is the next
+    levels: int  # topic levels of the prefix: the device is the next
     manifest_sha256: str | None = None  # of the bytes sent; None: match update_id alone
     out: TextIO = sys.stdout
     before_line: Callable[[], None] = lambda: None  # e.g. ProgressBar.interrupt
@@ -163,8 +186,7 @@ class StatusFollower:
         with self._cond:
             return device in self.finals
 
-    def wait(self, devices: Sequence[str], groups: bool, timeout_s: float,
-             settle_s: float) -> bool:
+    def wait(self, devices: Sequence[str], groups: bool, timeout_s: float, settle_s: float) -> bool:
         """Wait until every named device (and, for group targets, every device heard from,
         with no new one for ``settle_s``) has a final status; False on timeout."""
         deadline = time.monotonic() + timeout_s
@@ -205,9 +227,11 @@ class ProgressBar:
             fraction = done / total if total else 1.0
             filled = int(self.WIDTH * fraction)
             rate = done / max(time.monotonic() - self._started, 1e-6)
-            self._out.write(f"\rsending [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
-                            f"{fraction:6.1%} {human_bytes(done)}/{human_bytes(total)} "
-                            f"{human_bytes(rate)}/s")
+            self._out.write(
+                f"\rsending [{'#' * filled}{'.' * (self.WIDTH - filled)}] "
+                f"{fraction:6.1%} {human_bytes(done)}/{human_bytes(total)} "
+                f"{human_bytes(rate)}/s"
+            )
             self._open = True
             if done >= total:
                 self._out.write("\n")

@@ -23,59 +23,101 @@ GROUP_PREFIX = "fleet/groups"
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the three update commands to the ``edge-agent`` parser."""
     keygen = commands.add_parser(
-        "keygen", help="create an Ed25519 signing key pair",
+        "keygen",
+        help="create an Ed25519 signing key pair",
         description="Write NAME.key (private, mode 0600: keep it off the devices) and "
-                    "NAME.pub (list it in the devices' updates.trusted_keys).")
+        "NAME.pub (list it in the devices' updates.trusted_keys).",
+    )
     keygen.add_argument("name", metavar="NAME", help="path stem of the two files")
 
     sign = commands.add_parser(
-        "sign", help="write a signed update manifest",
+        "sign",
+        help="write a signed update manifest",
         description="Sign MODEL.onnx for the named devices and groups; the manifest can be "
-                    "published by any MQTT tool, or used with --url for https delivery.")
+        "published by any MQTT tool, or used with --url for https delivery.",
+    )
     _update_arguments(sign)
-    sign.add_argument("--url", help="devices download the model from this https URL "
-                                    "(default: the bytes come as MQTT chunks)")
-    sign.add_argument("-o", "--output", required=True, metavar="MANIFEST.json",
-                      help="where to write the manifest")
+    sign.add_argument(
+        "--url",
+        help="devices download the model from this https URL "
+        "(default: the bytes come as MQTT chunks)",
+    )
+    sign.add_argument(
+        "-o", "--output", required=True, metavar="MANIFEST.json", help="where to write the manifest"
+    )
 
     publish = commands.add_parser(
-        "publish-update", help="sign and send a model to devices, then follow their status",
+        "publish-update",
+        help="sign and send a model to devices, then follow their status",
         description="Sign MODEL.onnx, publish the manifest and the model in chunks to each "
-                    "target over MQTT, then print the status every targeted device reports "
-                    "until all finished or --timeout. Exit 0 only when all SUCCEEDED.")
+        "target over MQTT, then print the status every targeted device reports "
+        "until all finished or --timeout. Exit 0 only when all SUCCEEDED.",
+    )
     _update_arguments(publish)
-    publish.add_argument("--config", metavar="PATH",
-                         help="take broker address, credentials and TLS from this config")
+    publish.add_argument(
+        "--config", metavar="PATH", help="take broker address, credentials and TLS from this config"
+    )
     publish.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
     publish.add_argument("--port", type=int, help="broker port (default: the config's, else 1883)")
     publish.add_argument("--username", help="broker user name")
     publish.add_argument("--password-file", metavar="PATH", help="file holding the password")
     publish.add_argument("--ca-file", metavar="PATH", help="CA certificate: connect with TLS")
-    publish.add_argument("--prefix", default="edge",
-                         help="device topics are PREFIX/<device>/... (default: edge)")
-    publish.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS",
-                         help="give up waiting for statuses after this long (default 300)")
-    publish.add_argument("--settle", type=float, default=10.0, metavar="SECONDS",
-                         help="group targets: done once no new device has reported for this "
-                              "long and all that reported finished (default 10)")
+    publish.add_argument(
+        "--prefix", default="edge", help="device topics are PREFIX/<device>/... (default: edge)"
+    )
+    publish.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up waiting for statuses after this long (default 300)",
+    )
+    publish.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="group targets: done once no new device has reported for this "
+        "long and all that reported finished (default 10)",
+    )
 
 
 def _update_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model_file", metavar="MODEL.onnx", type=Path)
-    parser.add_argument("--key", action="append", required=True, type=Path, metavar="K",
-                        help="private key (repeat for a threshold of several signatures)")
-    parser.add_argument("--model", required=True, metavar="NAME",
-                        help="model name in the devices' config")
-    parser.add_argument("--version", required=True, type=int, metavar="N",
-                        help="integer version; must be higher than any the devices accepted")
-    parser.add_argument("--device", action="append", default=[], metavar="ID",
-                        help="target device (repeatable)")
-    parser.add_argument("--group", action="append", default=[], metavar="G",
-                        help="target group (repeatable)")
-    parser.add_argument("--expires", default="7d", metavar="DURATION",
-                        help="validity, e.g. 12h, 30d (default 7d)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, metavar="BYTES",
-                        help=f"MQTT chunk size (default {DEFAULT_CHUNK_SIZE})")
+    parser.add_argument(
+        "--key",
+        action="append",
+        required=True,
+        type=Path,
+        metavar="K",
+        help="private key (repeat for a threshold of several signatures)",
+    )
+    parser.add_argument(
+        "--model", required=True, metavar="NAME", help="model name in the devices' config"
+    )
+    parser.add_argument(
+        "--version",
+        required=True,
+        type=int,
+        metavar="N",
+        help="integer version; must be higher than any the devices accepted",
+    )
+    parser.add_argument(
+        "--device", action="append", default=[], metavar="ID", help="target device (repeatable)"
+    )
+    parser.add_argument(
+        "--group", action="append", default=[], metavar="G", help="target group (repeatable)"
+    )
+    parser.add_argument(
+        "--expires", default="7d", metavar="DURATION", help="validity, e.g. 12h, 30d (default 7d)"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="BYTES",
+        help=f"MQTT chunk size (default {DEFAULT_CHUNK_SIZE})",
+    )
     parser.add_argument("--update-id", metavar="ID", help="default: MODEL-vN-<random>")
 
 
@@ -117,12 +159,23 @@ def _check_update_arguments(args: argparse.Namespace) -> str | None:
 
 
 def _sign(args: argparse.Namespace) -> int:
-    update = sign_update(args.model_file, args.key, model=args.model, version=args.version,
-                         devices=args.device, groups=args.group, expires_in=args.expires_in,
-                         url=args.url, chunk_size=args.chunk_size, update_id=args.update_id)
+    update = sign_update(
+        args.model_file,
+        args.key,
+        model=args.model,
+        version=args.version,
+        devices=args.device,
+        groups=args.group,
+        expires_in=args.expires_in,
+        url=args.url,
+        chunk_size=args.chunk_size,
+        update_id=args.update_id,
+    )
     Path(args.output).write_bytes(update.manifest_bytes())
-    print(f"wrote {args.output}: update {update.update_id}, model {args.model} version "
-          f"{args.version}, {len(args.key)} signature(s)")
+    print(
+        f"wrote {args.output}: update {update.update_id}, model {args.model} version "
+        f"{args.version}, {len(args.key)} signature(s)"
+    )
     return EXIT_OK
 
 
@@ -134,28 +187,46 @@ def _publish(args: argparse.Namespace) -> int:
     except (ConfigError, EdgeAgentError) as exc:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    update = sign_update(args.model_file, args.key, model=args.model, version=args.version,
-                         devices=args.device, groups=args.group, expires_in=args.expires_in,
-                         url=None, chunk_size=args.chunk_size, update_id=args.update_id)
+    update = sign_update(
+        args.model_file,
+        args.key,
+        model=args.model,
+        version=args.version,
+        devices=args.device,
+        groups=args.group,
+        expires_in=args.expires_in,
+        url=None,
+        chunk_size=args.chunk_size,
+        update_id=args.update_id,
+    )
     prefix = args.prefix.rstrip("/")
-    follower = StatusFollower(update.update_id, levels=len(prefix.split("/")),
-                              manifest_sha256=update.manifest_sha256())
+    follower = StatusFollower(
+        update.update_id, levels=len(prefix.split("/")), manifest_sha256=update.manifest_sha256()
+    )
     try:
-        client = connect(mqtt, password, [(f"{prefix}/+/updates/status", 1)],
-                         follower.on_message)
+        client = connect(mqtt, password, [(f"{prefix}/+/updates/status", 1)], follower.on_message)
     except EdgeAgentError as exc:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
         return EXIT_FAILED
     bases = [f"{prefix}/{device}" for device in args.device] + [
-        f"{GROUP_PREFIX}/{group}" for group in args.group]
-    print(f"update {update.update_id}: model {args.model} version {args.version}, "
-          f"{len(update.data)} bytes to {', '.join(bases)}", flush=True)
+        f"{GROUP_PREFIX}/{group}" for group in args.group
+    ]
+    print(
+        f"update {update.update_id}: model {args.model} version {args.version}, "
+        f"{len(update.data)} bytes to {', '.join(bases)}",
+        flush=True,
+    )
     bar = ProgressBar(sys.stderr)
     follower.before_line = bar.interrupt
     device_bases = {f"{prefix}/{device}": device for device in args.device}
     try:
-        send_update(client, bases, update, bar,
-                    answered=lambda base: follower.has_final(device_bases.get(base)))
+        send_update(
+            client,
+            bases,
+            update,
+            bar,
+            answered=lambda base: follower.has_final(device_bases.get(base)),
+        )
         finished = follower.wait(args.device, bool(args.group), args.timeout, args.settle)
     except TimeoutError as exc:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
@@ -171,12 +242,16 @@ def _summary(follower: StatusFollower, devices: list[str], finished: bool) -> in
     succeeded = sorted(d for d, s in finals.items() if s.get("state") == "SUCCEEDED")
     unsuccessful = sorted(d for d, s in finals.items() if s.get("state") != "SUCCEEDED")
     silent = sorted((set(devices) | follower.seen) - set(finals))
-    print(f"{len(succeeded)} succeeded, {len(unsuccessful)} failed or rejected"
-          + (f" ({', '.join(unsuccessful)})" if unsuccessful else "")
-          + (f", no final status from {', '.join(silent)}" if silent else "")
-          + ("" if finished or silent else ", timed out"))
+    print(
+        f"{len(succeeded)} succeeded, {len(unsuccessful)} failed or rejected"
+        + (f" ({', '.join(unsuccessful)})" if unsuccessful else "")
+        + (f", no final status from {', '.join(silent)}" if silent else "")
+        + ("" if finished or silent else ", timed out")
+    )
     if not finals and not finished:
-        print("no device reported: check --prefix, the targets and that the devices are "
-              "online", file=sys.stderr)
+        print(
+            "no device reported: check --prefix, the targets and that the devices are online",
+            file=sys.stderr,
+        )
     ok = finished and not unsuccessful and not silent and bool(finals)
     return EXIT_OK if ok else EXIT_FAILED

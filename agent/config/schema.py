@@ -52,8 +52,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _NAMED_PLACEHOLDERS = frozenset({"device_id", "pipeline", "model"})
 
-Dtype = Literal["float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
-                "int64", "bool"]
+Dtype = Literal[
+    "float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool"
+]
 
 
 def _check_name(value: str) -> str:
@@ -78,8 +79,9 @@ def _check_topic_name(value: str) -> str:
     if not value:
         raise ValueError("topic must not be empty")
     if "+" in value or "#" in value:
-        raise ValueError(f"wildcards '+' and '#' are not allowed in a topic to publish to: "
-                         f"{value!r}")
+        raise ValueError(
+            f"wildcards '+' and '#' are not allowed in a topic to publish to: {value!r}"
+        )
     return value
 
 
@@ -125,9 +127,7 @@ TopicName = Annotated[StrictStr, AfterValidator(_check_topic_name)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 QoS = Annotated[StrictInt, Field(ge=0, le=2)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
-Providers = Annotated[
-    Literal["auto"] | tuple[str, ...] | None, BeforeValidator(_check_providers)
-]
+Providers = Annotated[Literal["auto"] | tuple[str, ...] | None, BeforeValidator(_check_providers)]
 
 
 class Section(BaseModel):
@@ -179,24 +179,33 @@ class MqttConfig(Section):
         30.0, description="upper bound of the reconnect backoff (it starts at 1 s and doubles)"
     )
     max_inflight: Annotated[StrictInt, Field(ge=1, le=65535)] = Field(
-        100, description="QoS 1 messages awaiting the broker's acknowledgement at once")
+        100, description="QoS 1 messages awaiting the broker's acknowledgement at once"
+    )
     session_expiry_s: Annotated[StrictInt, Field(ge=0, le=4_294_967_295)] = Field(
-        86_400, description="at_least_once: how long the broker keeps the session (and the "
-        "readings that arrive) while the agent is away")
+        86_400,
+        description="at_least_once: how long the broker keeps the session (and the "
+        "readings that arrive) while the agent is away",
+    )
     receive_maximum: Annotated[StrictInt, Field(ge=1, le=65535)] = Field(
-        100, description="at_least_once, MQTT 5: readings the broker may send before the "
-        "agent acknowledges them; bounds the duplicates after a crash")
-    max_packet_bytes: Annotated[StrictInt, Field(ge=4096, le=MQTT_MAX_PACKET_BYTES)] | None = \
-        Field(None, description="MQTT 5 Maximum Packet Size sent in CONNECT (the broker drops "
-              "larger messages for this client); a larger packet that still arrives is "
-              "skipped unbuffered. Default: the largest input.max_payload_bytes or update "
-              "message (2 MiB), plus 64 KiB")
+        100,
+        description="at_least_once, MQTT 5: readings the broker may send before the "
+        "agent acknowledges them; bounds the duplicates after a crash",
+    )
+    max_packet_bytes: Annotated[StrictInt, Field(ge=4096, le=MQTT_MAX_PACKET_BYTES)] | None = Field(
+        None,
+        description="MQTT 5 Maximum Packet Size sent in CONNECT (the broker drops "
+        "larger messages for this client); a larger packet that still arrives is "
+        "skipped unbuffered. Default: the largest input.max_payload_bytes or update "
+        "message (2 MiB), plus 64 KiB",
+    )
 
     @model_validator(mode="after")
     def _password_needs_user(self) -> MqttConfig:
         if self.password_file is not None and self.username is None:
-            raise ValueError("password_file is set but username is not: the broker is only "
-                             "sent a password together with a user name")
+            raise ValueError(
+                "password_file is set but username is not: the broker is only "
+                "sent a password together with a user name"
+            )
         return self
 
     @field_validator("topic_prefix")
@@ -223,9 +232,7 @@ class PipelineInput(Section):
     field: StrictStr | None = Field(None, description="json: key holding the tensor")
     id_field: StrictStr = Field("id", description="json: key echoed into the result as id")
     tensor: StrictStr | None = Field(None, description="model input name; default its only one")
-    dtype: Dtype = Field(
-        "float32", description="raw: element type, little-endian"
-    )
+    dtype: Dtype = Field("float32", description="raw: element type, little-endian")
     shape: tuple[Annotated[StrictInt, Field(ge=1)], ...] | None = Field(
         None, description="per-item shape, batch axis excluded; default from the model"
     )
@@ -245,7 +252,8 @@ class Postprocess(Section):
     argmax: StrictBool = False
     top_k: Annotated[StrictInt, Field(ge=1)] | None = None
     labels: StrictStr | None = Field(
-        None, description="text file, one label per line; relative to models_dir")
+        None, description="text file, one label per line; relative to models_dir"
+    )
     threshold: StrictFloat | None = None
 
 
@@ -302,11 +310,14 @@ class WatchConfig(Section):
     """How changes to model files are noticed."""
 
     mode: Literal["auto", "inotify", "polling", "off"] = Field(
-        "auto", description="auto: inotify, or polling on network filesystems / no inotify")
+        "auto", description="auto: inotify, or polling on network filesystems / no inotify"
+    )
     debounce_ms: Annotated[StrictFloat, Field(ge=0, le=60_000)] = Field(
-        100.0, description="wait after a file is closed (a rename into place needs none)")
+        100.0, description="wait after a file is closed (a rename into place needs none)"
+    )
     settle_ms: Annotated[StrictFloat, Field(ge=0, le=600_000)] = Field(
-        1000.0, description="without a close event: size and mtime unchanged this long")
+        1000.0, description="without a close event: size and mtime unchanged this long"
+    )
     poll_interval_s: Annotated[StrictFloat, Field(gt=0, le=3600)] = 1.0
 
 
@@ -315,7 +326,8 @@ class HealthConfig(Section):
 
     interval_s: Annotated[StrictFloat, Field(ge=0.2, le=86_400)] = 10.0
     stuck_after_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
-        60.0, description="an inference batch running longer withholds the systemd watchdog")
+        60.0, description="an inference batch running longer withholds the systemd watchdog"
+    )
 
 
 class MetricsConfig(Section):
@@ -331,25 +343,32 @@ class UpdatesConfig(Section):
     threshold: Annotated[StrictInt, Field(ge=1)] = 1
     require_signed_files: StrictBool = False
     ca_file: StrictStr | None = Field(
-        None, description="CA bundle for https update downloads (default: the system's)")
+        None, description="CA bundle for https update downloads (default: the system's)"
+    )
     chunk_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
-        60.0, description="an MQTT chunk transfer with no chunk for this long fails")
+        60.0, description="an MQTT chunk transfer with no chunk for this long fails"
+    )
     connect_timeout_s: Annotated[StrictFloat, Field(gt=0, le=600)] = Field(
-        15.0, description="https: connect and per-read timeout")
+        15.0, description="https: connect and per-read timeout"
+    )
     download_timeout_s: Annotated[StrictFloat, Field(gt=0, le=604_800)] = Field(
-        1800.0, description="https: the whole download must finish within this")
+        1800.0, description="https: the whole download must finish within this"
+    )
     trial_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
-        600.0, description="a new model must load and warm up within this, or is rolled back")
+        600.0, description="a new model must load and warm up within this, or is rolled back"
+    )
 
 
 class OutboxConfig(Section):
     """Durable queue for results that cannot be published yet."""
 
     max_mb: Annotated[StrictFloat, Field(ge=1)] = Field(
-        256.0, description="the outbox file stays under this; the oldest results go first")
+        256.0, description="the outbox file stays under this; the oldest results go first"
+    )
     max_age_s: PositiveFloat = Field(604_800.0, description="older results are dropped")
     flush_rate: Annotated[StrictFloat, Field(gt=0)] = Field(
-        1000.0, description="results per second sent from the outbox after an outage")
+        1000.0, description="results per second sent from the outbox after an outage"
+    )
 
 
 class AgentConfig(Section):
@@ -366,13 +385,17 @@ class AgentConfig(Section):
     pipelines: Mapping[Name, PipelineConfig] = Field(default_factory=dict)
     require_providers: StrictBool = False
     gpu_mem_limit_mb: Annotated[StrictInt, Field(ge=64)] | None = Field(
-        None, description="CUDA arena cap; default on Jetson: half the shared memory")
+        None, description="CUDA arena cap; default on Jetson: half the shared memory"
+    )
     cpu_threads: Annotated[StrictInt, Field(ge=1, le=1024)] | None = Field(
-        None, description="onnxruntime intra-op threads; default: the physical cores")
+        None, description="onnxruntime intra-op threads; default: the physical cores"
+    )
     warmup_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
-        600.0, description="a model's warm-up runs must finish within this after its load "
+        600.0,
+        description="a model's warm-up runs must finish within this after its load "
         "began, or they are stopped and the load fails (the serving model stays); an update's "
-        "trial is bounded by updates.trial_timeout_s instead")
+        "trial is bounded by updates.trial_timeout_s instead",
+    )
     watch: WatchConfig = Field(default_factory=WatchConfig)
     health: HealthConfig = Field(default_factory=HealthConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -380,9 +403,11 @@ class AgentConfig(Section):
     upstream: MqttConfig | None = None
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     delivery: Literal["at_least_once", "at_most_once"] = Field(
-        "at_least_once", description="at_least_once: persistent session, readings "
+        "at_least_once",
+        description="at_least_once: persistent session, readings "
         "acknowledged after their result is delivered or stored; at_most_once: acknowledged "
-        "on arrival")
+        "on arrival",
+    )
 
     @property
     def topic_prefix(self) -> str:
@@ -400,10 +425,13 @@ class AgentConfig(Section):
         (a reading's ``max_payload_bytes`` or an update message) plus room for headers."""
         if mqtt.max_packet_bytes is not None:
             return mqtt.max_packet_bytes
-        largest_reading = max((p.input.max_payload_bytes for p in self.pipelines.values()),
-                              default=0)
-        return min(MQTT_MAX_PACKET_BYTES,
-                   max(largest_reading, UPDATE_MESSAGE_MAX_BYTES) + PACKET_OVERHEAD_BYTES)
+        largest_reading = max(
+            (p.input.max_payload_bytes for p in self.pipelines.values()), default=0
+        )
+        return min(
+            MQTT_MAX_PACKET_BYTES,
+            max(largest_reading, UPDATE_MESSAGE_MAX_BYTES) + PACKET_OVERHEAD_BYTES,
+        )
 
 
 class LoadedConfig(typing.NamedTuple):
@@ -504,8 +532,9 @@ def _fill_defaults(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     results_broker = data["upstream"] if isinstance(data.get("upstream"), dict) else data["mqtt"]
     prefix = results_broker.get("topic_prefix") if isinstance(results_broker, dict) else None
     if isinstance(data.get("pipelines"), dict):
-        data["pipelines"] = {name: filler.pipeline(name, body, prefix)
-                             for name, body in data["pipelines"].items()}
+        data["pipelines"] = {
+            name: filler.pipeline(name, body, prefix) for name, body in data["pipelines"].items()
+        }
     return data
 
 
@@ -591,15 +620,19 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
         model = _mapping(body).get("model")
         if isinstance(model, str) and model not in models:
             known = ", ".join(sorted(str(m) for m in models)) or "none are defined"
-            report(("pipelines", name, "model"),
-                   f"model {model!r} is not defined under models ({known})"
-                   f"{_did_you_mean(model, [str(m) for m in models])}")
+            report(
+                ("pipelines", name, "model"),
+                f"model {model!r} is not defined under models ({known})"
+                f"{_did_you_mean(model, [str(m) for m in models])}",
+            )
         topic = _mapping(_mapping(body).get("output")).get("topic")
         if not isinstance(topic, str):
             continue
         if topic in publishers:
-            report(("pipelines", name, "output", "topic"),
-                   f"pipelines {publishers[topic]!r} and {name!r} both publish to {topic!r}")
+            report(
+                ("pipelines", name, "output", "topic"),
+                f"pipelines {publishers[topic]!r} and {name!r} both publish to {topic!r}",
+            )
         publishers.setdefault(topic, str(name))
         in_topic = _mapping(_mapping(body).get("input")).get("topic")
         for message in _placeholder_problems(topic, in_topic):
@@ -617,14 +650,18 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
         _check_public_key(value, ("updates", "trusted_keys", index), report)
     threshold = updates.get("threshold", 1)
     if isinstance(keys, list) and keys and isinstance(threshold, int) and threshold > len(keys):
-        report(("updates", "threshold"), f"threshold {threshold} is more than the "
-               f"{len(keys)} trusted key(s): no update could ever be accepted")
+        report(
+            ("updates", "threshold"),
+            f"threshold {threshold} is more than the "
+            f"{len(keys)} trusted key(s): no update could ever be accepted",
+        )
     _check_file_exists(updates.get("ca_file"), ("updates", "ca_file"), report)
     return problems
 
 
-def _check_public_key(value: Any, path: KeyPath,
-                      report: typing.Callable[[KeyPath, str], None]) -> None:
+def _check_public_key(
+    value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
+) -> None:
     if not isinstance(value, str):
         return
     from agent.updates.signing import load_public_key  # noqa: PLC0415 - cryptography is heavy
@@ -647,22 +684,28 @@ def _placeholder_problems(topic: str, input_topic: Any) -> list[str]:
         if placeholder in _NAMED_PLACEHOLDERS:
             continue
         if not placeholder.isdigit() or int(placeholder) < 1:
-            problems.append(f"unknown placeholder {{{placeholder}}}: use {{1}}..{{n}}, "
-                            "{device_id}, {pipeline} or {model}")
+            problems.append(
+                f"unknown placeholder {{{placeholder}}}: use {{1}}..{{n}}, "
+                "{device_id}, {pipeline} or {model}"
+            )
         elif wildcards is not None and int(placeholder) > wildcards:
-            problems.append(f"{{{placeholder}}} refers to wildcard {placeholder} but input "
-                            f"topic {input_topic!r} has {wildcards}")
+            problems.append(
+                f"{{{placeholder}}} refers to wildcard {placeholder} but input "
+                f"topic {input_topic!r} has {wildcards}"
+            )
     return problems
 
 
-def _check_file_exists(value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
-                       ) -> None:
+def _check_file_exists(
+    value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
+) -> None:
     if isinstance(value, str) and not os.path.exists(value):
         report(path, f"file not found: {value}")
 
 
-def _check_secret_file(value: Any, path: KeyPath,
-                       report: typing.Callable[[KeyPath, str], None]) -> None:
+def _check_secret_file(
+    value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
+) -> None:
     """A secret anyone may rewrite is refused (they would choose the broker password the
     agent sends); one others may read only draws a warning at start (``secret_file_mode``)."""
     if not isinstance(value, str):
@@ -672,8 +715,11 @@ def _check_secret_file(value: Any, path: KeyPath,
     except OSError:
         return  # reported as missing, or unreadable when the agent reads it
     if mode & stat.S_IWOTH:
-        report(path, f"{value} is writable by every user (mode {stat.filemode(mode)}): "
-               f"anyone could replace the password; run chmod 600 {value}")
+        report(
+            path,
+            f"{value} is writable by every user (mode {stat.filemode(mode)}): "
+            f"anyone could replace the password; run chmod 600 {value}",
+        )
 
 
 def secret_file_warning(path: str) -> str | None:
@@ -683,8 +729,10 @@ def secret_file_warning(path: str) -> str | None:
     except OSError:
         return None
     if mode & (stat.S_IRGRP | stat.S_IROTH):
-        return (f"{path} is readable by other users (mode {stat.filemode(mode)}); "
-                f"run chmod 600 {path} (owner: the agent's user)")
+        return (
+            f"{path} is readable by other users (mode {stat.filemode(mode)}); "
+            f"run chmod 600 {path} (owner: the agent's user)"
+        )
     return None
 
 
@@ -696,8 +744,9 @@ def _count_wildcards(topic_filter: str) -> int:
 # Turning pydantic errors into located, readable problems
 
 
-def _problems_from_pydantic(exc: ValidationError, doc: YamlDocument, file: str
-                            ) -> list[ConfigProblem]:
+def _problems_from_pydantic(
+    exc: ValidationError, doc: YamlDocument, file: str
+) -> list[ConfigProblem]:
     problems = []
     for error in exc.errors(include_url=False):
         loc = tuple(part for part in error["loc"] if part != "[key]")
@@ -708,8 +757,10 @@ def _problems_from_pydantic(exc: ValidationError, doc: YamlDocument, file: str
             known = _fields_at(path[:-1])
             message = f"unknown key {key!r}{_did_you_mean(key, known)}"
             if key == "password" and "password_file" in known:
-                message = ("a password is not accepted in the config file: put it in a file "
-                           "readable only by the agent and set 'password_file' to its path")
+                message = (
+                    "a password is not accepted in the config file: put it in a file "
+                    "readable only by the agent and set 'password_file' to its path"
+                )
         elif kind == "missing":
             message = "required key is missing"
         elif kind in ("tuple_type", "list_type"):

@@ -67,7 +67,9 @@ def parse_yaml(text: str) -> YamlDocument:
         hint = _hint(text.splitlines()[line - 1] if line <= len(text.splitlines()) else "")
         raise YamlSyntaxError(
             f"invalid YAML at column {column}: {problem}" + (f" ({hint})" if hint else ""),
-            line, column) from exc
+            line,
+            column,
+        ) from exc
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"invalid YAML: {exc}", 1) from exc
     finally:

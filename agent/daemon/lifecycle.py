@@ -59,8 +59,9 @@ FIRST_SUBSCRIBE_WAIT_S = 5.0
 class Daemon:
     """Owns the connection, the model registry and the pipelines for one ``run``."""
 
-    def __init__(self, config: AgentConfig, source: Path | None,
-                 log_level_override: str | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, source: Path | None, log_level_override: str | None = None
+    ) -> None:
         self.config = config
         self.source = source
         self._log_level_override = log_level_override
@@ -82,19 +83,23 @@ class Daemon:
         self.connection, self.uplink = _connections(config)
         self.retained = RetainedPublisher(self.uplink)
         self._state_lock = lock_folder(Path(config.state_dir))
-        self.outbox = Outbox(Path(config.state_dir), config.outbox.max_mb,
-                             config.outbox.max_age_s)
+        self.outbox = Outbox(Path(config.state_dir), config.outbox.max_mb, config.outbox.max_age_s)
         self.delivery = self._make_delivery(config)
         self.errors = ErrorReporter(
-            lambda topic, payload: self._publish(topic, payload, 0), f"{prefix}/errors")
+            lambda topic, payload: self._publish(topic, payload, 0), f"{prefix}/errors"
+        )
         self.registry = ModelRegistry(
-            config, self.hardware,
-            lambda name, payload: self.retained.set(f"{self.config.topic_prefix}/models/{name}",
-                                                    payload),
+            config,
+            self.hardware,
+            lambda name, payload: self.retained.set(
+                f"{self.config.topic_prefix}/models/{name}", payload
+            ),
             on_failure=self.errors.report_model_failure,
-            admission=self._admission)
-        self.updates = UpdateManager(config, self.registry,
-                                     lambda topic, payload: self._publish(topic, payload, 1))
+            admission=self._admission,
+        )
+        self.updates = UpdateManager(
+            config, self.registry, lambda topic, payload: self._publish(topic, payload, 1)
+        )
         self.watcher = self._make_watcher(config)
         self.pipelines: dict[str, Pipeline] = {}
         self.health = HealthReporter(self._view())
@@ -115,11 +120,17 @@ class Daemon:
     def run(self) -> int:
         """Serve until asked to stop; returns the process exit code."""
         self._install_signal_handlers()
-        log.info("agent_starting", version=__version__, device_id=self.config.device_id,
-                 machine=platform.machine(), python=platform.python_version(),
-                 onnxruntime=onnxruntime.__version__,
-                 config=str(self.source) if self.source else "built-in defaults",
-                 models=len(self.config.models), pipelines=len(self.config.pipelines))
+        log.info(
+            "agent_starting",
+            version=__version__,
+            device_id=self.config.device_id,
+            machine=platform.machine(),
+            python=platform.python_version(),
+            onnxruntime=onnxruntime.__version__,
+            config=str(self.source) if self.source else "built-in defaults",
+            models=len(self.config.models),
+            pipelines=len(self.config.pipelines),
+        )
         self._log_hardware()
         self._warn_unmet_settings()
         self.notifier.status("starting: loading models")
@@ -222,9 +233,12 @@ class Daemon:
         for pipeline in self.pipelines.values():
             pipeline.stop(max(0.0, deadline - time.monotonic()), final=True)
         if not self.uplink.flush(FLUSH_DEADLINE_S):
-            log.warning("results_not_acknowledged", count=self.uplink.unacked,
-                        reason="the broker did not acknowledge them before the stop deadline; "
-                        "at_least_once: their readings are delivered again after the restart")
+            log.warning(
+                "results_not_acknowledged",
+                count=self.uplink.unacked,
+                reason="the broker did not acknowledge them before the stop deadline; "
+                "at_least_once: their readings are delivered again after the restart",
+            )
         self.delivery.stop()
         if self.metrics is not None:
             self.metrics.stop()
@@ -237,10 +251,16 @@ class Daemon:
 
     def _start_pipeline(self, name: str, config: PipelineConfig) -> None:
         try:
-            pipeline = Pipeline(name, config, self.registry,
-                                deliver=self._deliver, acker=self._ack_token,
-                                seq=SeqCounter(self.outbox, name),
-                                errors=self.errors, models_dir=Path(self.config.models_dir))
+            pipeline = Pipeline(
+                name,
+                config,
+                self.registry,
+                deliver=self._deliver,
+                acker=self._ack_token,
+                seq=SeqCounter(self.outbox, name),
+                errors=self.errors,
+                models_dir=Path(self.config.models_dir),
+            )
         except EdgeAgentError as exc:
             log.error("pipeline_not_started", pipeline=name, error=str(exc))
             self.errors.report(name, config.input.topic, str(exc))
@@ -264,10 +284,13 @@ class Daemon:
             return
         host = listen.rpartition(":")[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning("metrics_exposed", address=listen,
-                        reason="the metrics endpoint has no authentication; listen on "
-                        "127.0.0.1 and scrape through a tunnel or a local Prometheus agent, or "
-                        "firewall the port")
+            log.warning(
+                "metrics_exposed",
+                address=listen,
+                reason="the metrics endpoint has no authentication; listen on "
+                "127.0.0.1 and scrape through a tunnel or a local Prometheus agent, or "
+                "firewall the port",
+            )
         self.metrics = MetricsServer(listen, self._view())
         try:
             self.metrics.start()
@@ -289,15 +312,19 @@ class Daemon:
         now = time.monotonic()
         if not self.connection.loop_alive:
             return "the MQTT network loop is not running"
-        if now - self._main_tick > max(10.0, self.config.health.interval_s * 2) \
-                and not self.registry.loading:  # a reload may legitimately take minutes
+        if (
+            now - self._main_tick > max(10.0, self.config.health.interval_s * 2)
+            and not self.registry.loading
+        ):  # a reload may legitimately take minutes
             return "the main loop is stuck"
         limit = self.config.health.stuck_after_s
         for name, pipeline in self.pipelines.items():
             stuck = pipeline.stuck_for(now)
             if stuck is not None and stuck > limit:
-                return (f"pipeline {name!r} worker has been inside one batch for "
-                        f"{stuck:.0f} s (health.stuck_after_s {limit:g})")
+                return (
+                    f"pipeline {name!r} worker has been inside one batch for "
+                    f"{stuck:.0f} s (health.stuck_after_s {limit:g})"
+                )
         return None
 
     def _publish_health(self) -> None:
@@ -309,12 +336,13 @@ class Daemon:
             log.exception("health_report_failed")
 
     def _status_line(self, health: dict[str, object] | None = None) -> str:
-        ready = sum(1 for name in self.registry.names()
-                    if self.registry.get(name) is not None)
+        ready = sum(1 for name in self.registry.names() if self.registry.get(name) is not None)
         models = len(self.registry.names())
-        line = (f"serving {len(self.pipelines)} pipeline{'' if len(self.pipelines) == 1 else 's'}"
-                f", {ready}/{models} model{'' if models == 1 else 's'} ready, "
-                f"{'connected' if self.connection.connected.is_set() else 'broker down'}")
+        line = (
+            f"serving {len(self.pipelines)} pipeline{'' if len(self.pipelines) == 1 else 's'}"
+            f", {ready}/{models} model{'' if models == 1 else 's'} ready, "
+            f"{'connected' if self.connection.connected.is_set() else 'broker down'}"
+        )
         if health is not None:
             pipelines = health.get("pipelines")
             if isinstance(pipelines, dict):
@@ -341,16 +369,23 @@ class Daemon:
 
     def _make_delivery(self, config: AgentConfig) -> Delivery:
         at_least_once = config.delivery == "at_least_once"
-        return Delivery(lambda: self.uplink, self.outbox if at_least_once else None,
-                        flush_rate=config.outbox.flush_rate,
-                        window=(config.upstream or config.mqtt).max_inflight)
+        return Delivery(
+            lambda: self.uplink,
+            self.outbox if at_least_once else None,
+            flush_rate=config.outbox.flush_rate,
+            window=(config.upstream or config.mqtt).max_inflight,
+        )
 
     def _delivery_health(self) -> dict[str, object]:
         connections = {"local": self.connection.connected.is_set()}
         if self.uplink is not self.connection:
             connections["upstream"] = self.uplink.connected.is_set()
-        return {"mode": self.config.delivery, "connected": connections,
-                "backlog": self.delivery.backlog, "outbox": self.outbox.stats()}
+        return {
+            "mode": self.config.delivery,
+            "connected": connections,
+            "backlog": self.delivery.backlog,
+            "outbox": self.outbox.stats(),
+        }
 
     # -- SIGHUP ------------------------------------------------------------------------------
 
@@ -365,11 +400,14 @@ class Daemon:
                 log.error("config_reload_refused", problem=str(problem))
             # Where, not what: a problem's text may quote the value, and the value may be a
             # secret. The log and `edge-agent check-config` on the device have the details.
-            where = ", ".join(sorted({f"{p.file}:{p.line} {p.key or '(top level)'}"
-                                      for p in exc.problems}))
-            self.errors.report_step(f"config reload refused, still running the previous "
-                                    f"config: {len(exc.problems)} problem(s) at {where}; "
-                                    "run `edge-agent check-config` on the device for details")
+            where = ", ".join(
+                sorted({f"{p.file}:{p.line} {p.key or '(top level)'}" for p in exc.problems})
+            )
+            self.errors.report_step(
+                f"config reload refused, still running the previous "
+                f"config: {len(exc.problems)} problem(s) at {where}; "
+                "run `edge-agent check-config` on the device for details"
+            )
             self.notifier.ready("reload refused (invalid config); " + self._status_line())
             return
         old = self.config
@@ -377,8 +415,7 @@ class Daemon:
             log.info("config_unchanged")
             self.notifier.ready(self._status_line())
             return
-        reconnect = (new.mqtt, new.upstream, new.delivery) != (old.mqtt, old.upstream,
-                                                                old.delivery)
+        reconnect = (new.mqtt, new.upstream, new.delivery) != (old.mqtt, old.upstream, old.delivery)
         self.config = new
         if self._log_level_override is None:
             set_log_level(new.log_level)
@@ -387,27 +424,37 @@ class Daemon:
         self.outbox.set_bounds(new.outbox.max_mb, new.outbox.max_age_s)
         self.delivery.flush_rate = new.outbox.flush_rate
         if new.state_dir != old.state_dir:
-            log.warning("restart_needed", key="state_dir", active=old.state_dir,
-                        reason="the outbox and update state stay where they are until the "
-                        "agent restarts")
+            log.warning(
+                "restart_needed",
+                key="state_dir",
+                active=old.state_dir,
+                reason="the outbox and update state stay where they are until the agent restarts",
+            )
         self._reconfigure_updates(old, new, reconnect)
         removed_models = self.registry.reconfigure(new)
         changed_pipelines = self._diff_pipelines(old, new)
         self._reload_models(old, new, changed_pipelines)
-        if removed_models or {n: m.file for n, m in new.models.items()} != {
-                n: m.file for n, m in old.models.items()} or new.watch != old.watch \
-                or new.models_dir != old.models_dir:
+        if (
+            removed_models
+            or {n: m.file for n, m in new.models.items()}
+            != {n: m.file for n, m in old.models.items()}
+            or new.watch != old.watch
+            or new.models_dir != old.models_dir
+        ):
             self.watcher.stop()
             self.watcher = self._make_watcher(new)
             self.watcher.start()
         self._apply_pipelines(old, new, changed_pipelines)
         self.health.update_view(self._view())
-        log.info("config_reloaded", reconnected=reconnect, removed_models=removed_models,
-                 pipelines=list(self.pipelines))
+        log.info(
+            "config_reloaded",
+            reconnected=reconnect,
+            removed_models=removed_models,
+            pipelines=list(self.pipelines),
+        )
         self.notifier.ready(self._status_line())
 
-    def _reconfigure_updates(self, old: AgentConfig, new: AgentConfig, reconnected: bool
-                             ) -> None:
+    def _reconfigure_updates(self, old: AgentConfig, new: AgentConfig, reconnected: bool) -> None:
         before = self.updates.subscriptions()
         self.updates.reconfigure(new)
         if reconnected:
@@ -421,18 +468,26 @@ class Daemon:
                 self.uplink.subscribe(subscription)
 
     def _diff_pipelines(self, old: AgentConfig, new: AgentConfig) -> set[str]:
-        return {name for name, config in new.pipelines.items()
-                if name in old.pipelines and old.pipelines[name] != config}
+        return {
+            name
+            for name, config in new.pipelines.items()
+            if name in old.pipelines and old.pipelines[name] != config
+        }
 
     def _reload_models(self, old: AgentConfig, new: AgentConfig, changed: set[str]) -> None:
         """Load new models; rebuild those whose settings or users' pipelines changed."""
         users_changed = {new.pipelines[name].model for name in changed} | {
-            config.model for name, config in new.pipelines.items() if name not in old.pipelines}
+            config.model for name, config in new.pipelines.items() if name not in old.pipelines
+        }
         for name, model in new.models.items():
             if name not in old.models:
                 self.registry.load(name)
-            elif model != old.models[name] or name in users_changed or \
-                    new.providers != old.providers or new.models_dir != old.models_dir:
+            elif (
+                model != old.models[name]
+                or name in users_changed
+                or new.providers != old.providers
+                or new.models_dir != old.models_dir
+            ):
                 self.registry.load(name, force=True)
 
     def _apply_pipelines(self, old: AgentConfig, new: AgentConfig, changed: set[str]) -> None:
@@ -446,8 +501,10 @@ class Daemon:
             self._start_pipeline(name, new.pipelines[name])
             if previous is not None:
                 old_filter = previous.subscription().subscribe_filter
-                if name not in self.pipelines or \
-                        self.pipelines[name].subscription().subscribe_filter != old_filter:
+                if (
+                    name not in self.pipelines
+                    or self.pipelines[name].subscription().subscribe_filter != old_filter
+                ):
                     self.connection.unsubscribe(old_filter)
                 previous.stop(DRAIN_DEADLINE_S)
         for name in [n for n in new.pipelines if n not in old.pipelines]:
@@ -456,9 +513,13 @@ class Daemon:
     def _reconnect(self, new: AgentConfig) -> None:
         """Broker or delivery settings changed: say offline, connect anew, subscribe
         everything again."""
-        log.info("mqtt_reconnecting", host=new.mqtt.host, port=new.mqtt.port,
-                 upstream=f"{new.upstream.host}:{new.upstream.port}" if new.upstream else None,
-                 delivery=new.delivery)
+        log.info(
+            "mqtt_reconnecting",
+            host=new.mqtt.host,
+            port=new.mqtt.port,
+            upstream=f"{new.upstream.host}:{new.upstream.port}" if new.upstream else None,
+            delivery=new.delivery,
+        )
         self.retained.stop()
         self.delivery.stop()
         for connection in self._connections():
@@ -477,17 +538,28 @@ class Daemon:
             connection.start()
         self.delivery.start()
         for name in self.registry.names():
-            self.retained.set(f"{new.topic_prefix}/models/{name}",
-                              self.registry.status(name).to_json())
+            self.retained.set(
+                f"{new.topic_prefix}/models/{name}", self.registry.status(name).to_json()
+            )
 
     def _view(self) -> AgentView:
-        return AgentView(self.config.device_id, self.hardware, self.registry,
-                         lambda: self.pipelines, self.config.models_dir, self._delivery_health,
-                         groups=self.config.groups, interval_s=self.config.health.interval_s)
+        return AgentView(
+            self.config.device_id,
+            self.hardware,
+            self.registry,
+            lambda: self.pipelines,
+            self.config.models_dir,
+            self._delivery_health,
+            groups=self.config.groups,
+            interval_s=self.config.health.interval_s,
+        )
 
     def _make_watcher(self, config: AgentConfig) -> ModelFileWatcher:
-        return ModelFileWatcher({name: config.model_path(name) for name in config.models},
-                                self.registry.reload_if_idle, config.watch)
+        return ModelFileWatcher(
+            {name: config.model_path(name) for name in config.models},
+            self.registry.reload_if_idle,
+            config.watch,
+        )
 
     # -- start-up helpers --------------------------------------------------------------------
 
@@ -509,8 +581,12 @@ class Daemon:
 
     def _log_hardware(self) -> None:
         available = onnxruntime.get_available_providers()
-        log.info("hardware_detected", summary=self.hardware.summary(), board=self.hardware.board,
-                 available_providers=available)
+        log.info(
+            "hardware_detected",
+            summary=self.hardware.summary(),
+            board=self.hardware.board,
+            available_providers=available,
+        )
         for hint in hints(self.hardware, available):
             log.warning("provider_hint", hint=hint)
 
@@ -518,12 +594,18 @@ class Daemon:
         """Say loudly which settings cannot do what the config asks for."""
         config = self.config
         if config.delivery == "at_least_once":
-            qos0 = [name for name, p in config.pipelines.items()
-                    if p.input.qos == 0 or p.output.qos == 0]
+            qos0 = [
+                name
+                for name, p in config.pipelines.items()
+                if p.input.qos == 0 or p.output.qos == 0
+            ]
             if qos0:
-                log.warning("delivery_not_guaranteed", pipelines=qos0,
-                            reason="at_least_once needs input.qos and output.qos 1: QoS 0 "
-                            "messages are never redelivered")
+                log.warning(
+                    "delivery_not_guaranteed",
+                    pipelines=qos0,
+                    reason="at_least_once needs input.qos and output.qos 1: QoS 0 "
+                    "messages are never redelivered",
+                )
 
 
 def _connections(config: AgentConfig) -> tuple[MqttConnection, MqttConnection]:
@@ -538,16 +620,32 @@ def _connections(config: AgentConfig) -> tuple[MqttConnection, MqttConnection]:
         return SessionMemory(state / f"session-{role}.json") if durable else None
 
     if config.upstream is None:
-        local = MqttConnection(config.mqtt, status, persistent=durable, manual_ack=durable,
-                               session_memory=memory("local"),
-                               max_packet_bytes=config.max_packet_bytes(config.mqtt))
+        local = MqttConnection(
+            config.mqtt,
+            status,
+            persistent=durable,
+            manual_ack=durable,
+            session_memory=memory("local"),
+            max_packet_bytes=config.max_packet_bytes(config.mqtt),
+        )
         return local, local
-    local = MqttConnection(config.mqtt, None, role="local", persistent=durable,
-                           manual_ack=durable, session_memory=memory("local"),
-                           max_packet_bytes=config.max_packet_bytes(config.mqtt))
-    return local, MqttConnection(config.upstream, status, role="upstream", persistent=durable,
-                                 session_memory=memory("upstream"),
-                                 max_packet_bytes=config.max_packet_bytes(config.upstream))
+    local = MqttConnection(
+        config.mqtt,
+        None,
+        role="local",
+        persistent=durable,
+        manual_ack=durable,
+        session_memory=memory("local"),
+        max_packet_bytes=config.max_packet_bytes(config.mqtt),
+    )
+    return local, MqttConnection(
+        config.upstream,
+        status,
+        role="upstream",
+        persistent=durable,
+        session_memory=memory("upstream"),
+        max_packet_bytes=config.max_packet_bytes(config.upstream),
+    )
 
 
 class _StartupExtender:

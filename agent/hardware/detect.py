@@ -18,9 +18,18 @@ AMD_PCI_VENDOR = "0x1002"
 
 # L4T (Linux for Tegra) release -> JetPack release, from NVIDIA's JetPack archive.
 _JETPACK_BY_L4T = {
-    "36.4": "6.1/6.2", "36.3": "6.0", "36.2": "6.0 DP",
-    "35.6": "5.1.4", "35.5": "5.1.3", "35.4": "5.1.2", "35.3": "5.1.1", "35.2": "5.1",
-    "35.1": "5.0.2", "32.7": "4.6.x", "32.6": "4.6", "32.5": "4.5",
+    "36.4": "6.1/6.2",
+    "36.3": "6.0",
+    "36.2": "6.0 DP",
+    "35.6": "5.1.4",
+    "35.5": "5.1.3",
+    "35.4": "5.1.2",
+    "35.3": "5.1.1",
+    "35.2": "5.1",
+    "35.1": "5.0.2",
+    "32.7": "4.6.x",
+    "32.6": "4.6",
+    "32.5": "4.5",
 }
 
 
@@ -28,10 +37,10 @@ _JETPACK_BY_L4T = {
 class JetsonInfo:
     """An NVIDIA Jetson module and its software release."""
 
-    module: str              # e.g. "NVIDIA Jetson Orin Nano Developer Kit"
-    l4t: str | None          # e.g. "36.3.0"
-    jetpack: str | None      # e.g. "6.0"; None when the L4T release is not in our table
-    soc: str | None          # e.g. "tegra234"
+    module: str  # e.g. "NVIDIA Jetson Orin Nano Developer Kit"
+    l4t: str | None  # e.g. "36.3.0"
+    jetpack: str | None  # e.g. "6.0"; None when the L4T release is not in our table
+    soc: str | None  # e.g. "tegra234"
 
     @property
     def jetpack_major(self) -> int | None:
@@ -45,9 +54,9 @@ class JetsonInfo:
 class RaspberryPiInfo:
     """A Raspberry Pi board."""
 
-    model: str               # e.g. "Raspberry Pi 5 Model B Rev 1.0"
-    revision: str | None     # the revision code from /proc/cpuinfo, e.g. "d04170"
-    generation: int | None   # 3, 4, 5 ...
+    model: str  # e.g. "Raspberry Pi 5 Model B Rev 1.0"
+    revision: str | None  # the revision code from /proc/cpuinfo, e.g. "d04170"
+    generation: int | None  # 3, 4, 5 ...
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class NvidiaGpu:
     """A discrete NVIDIA GPU driven by the proprietary driver."""
 
     driver_version: str | None
-    names: tuple[str, ...]   # e.g. ("NVIDIA H100 80GB HBM3",)
+    names: tuple[str, ...]  # e.g. ("NVIDIA H100 80GB HBM3",)
     device_nodes: tuple[str, ...]
 
 
@@ -63,25 +72,25 @@ class NvidiaGpu:
 class ThermalZone:
     """One /sys/class/thermal zone."""
 
-    name: str                # thermal_zone0
-    kind: str                # its "type": cpu-thermal, CPU-therm, x86_pkg_temp ...
-    temp_path: str           # path relative to root, read for each health report
+    name: str  # thermal_zone0
+    kind: str  # its "type": cpu-thermal, CPU-therm, x86_pkg_temp ...
+    temp_path: str  # path relative to root, read for each health report
 
 
 @dataclass(frozen=True)
 class Hardware:
     """What the agent knows about the machine it runs on."""
 
-    machine: str                         # platform.machine(): x86_64, aarch64, armv7l ...
-    board: str                           # jetson | raspberry-pi | arm-board | x86 | unknown
-    model: str | None                    # device-tree model or DMI product name
-    cpu_vendor: str | None               # GenuineIntel, AuthenticAMD, ARM ...
+    machine: str  # platform.machine(): x86_64, aarch64, armv7l ...
+    board: str  # jetson | raspberry-pi | arm-board | x86 | unknown
+    model: str | None  # device-tree model or DMI product name
+    cpu_vendor: str | None  # GenuineIntel, AuthenticAMD, ARM ...
     cpu_model: str | None
-    cpu_flags: frozenset[str]            # the interesting ones: avx2, avx512f, vnni ...
+    cpu_flags: frozenset[str]  # the interesting ones: avx2, avx512f, vnni ...
     logical_cpus: int
     physical_cores: int
     memory_mb: int | None
-    usable_cpus: int | None = None       # CPUs this process may use (affinity, cgroup quota)
+    usable_cpus: int | None = None  # CPUs this process may use (affinity, cgroup quota)
     jetson: JetsonInfo | None = None
     raspberry_pi: RaspberryPiInfo | None = None
     nvidia_gpu: NvidiaGpu | None = None
@@ -122,21 +131,49 @@ class Hardware:
 
 # (implementer, part) from /proc/cpuinfo -> core name, for the ARM cores edge devices use.
 _ARM_CORES = {
-    ("0x41", "0xd03"): "Cortex-A53", ("0x41", "0xd04"): "Cortex-A35",
-    ("0x41", "0xd05"): "Cortex-A55", ("0x41", "0xd07"): "Cortex-A57",
-    ("0x41", "0xd08"): "Cortex-A72", ("0x41", "0xd09"): "Cortex-A73",
-    ("0x41", "0xd0b"): "Cortex-A76", ("0x41", "0xd0c"): "Neoverse-N1",
-    ("0x41", "0xd40"): "Neoverse-V1", ("0x41", "0xd41"): "Cortex-A78",
-    ("0x41", "0xd42"): "Cortex-A78AE", ("0x41", "0xd44"): "Cortex-X1",
-    ("0x41", "0xd49"): "Neoverse-N2", ("0x41", "0xd4f"): "Neoverse-V2",
+    ("0x41", "0xd03"): "Cortex-A53",
+    ("0x41", "0xd04"): "Cortex-A35",
+    ("0x41", "0xd05"): "Cortex-A55",
+    ("0x41", "0xd07"): "Cortex-A57",
+    ("0x41", "0xd08"): "Cortex-A72",
+    ("0x41", "0xd09"): "Cortex-A73",
+    ("0x41", "0xd0b"): "Cortex-A76",
+    ("0x41", "0xd0c"): "Neoverse-N1",
+    ("0x41", "0xd40"): "Neoverse-V1",
+    ("0x41", "0xd41"): "Cortex-A78",
+    ("0x41", "0xd42"): "Cortex-A78AE",
+    ("0x41", "0xd44"): "Cortex-X1",
+    ("0x41", "0xd49"): "Neoverse-N2",
+    ("0x41", "0xd4f"): "Neoverse-V2",
     ("0x4e", "0x004"): "NVIDIA Carmel",
 }
 
-_FLAGS_OF_INTEREST = frozenset({
-    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-    "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16",  # x86
-    "asimd", "asimdhp", "asimddp", "fphp", "sve", "sve2", "i8mm", "bf16", "neon",  # ARM
-})
+_FLAGS_OF_INTEREST = frozenset(
+    {
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_int8",
+        "amx_bf16",  # x86
+        "asimd",
+        "asimdhp",
+        "asimddp",
+        "fphp",
+        "sve",
+        "sve2",
+        "i8mm",
+        "bf16",
+        "neon",  # ARM
+    }
+)
 
 
 class _Reader:
@@ -174,7 +211,8 @@ def detect(root: str | Path = "/", machine: str | None = None) -> Hardware:
     arch = machine or platform.machine()
     cpuinfo = _parse_cpuinfo(reader.text("/proc/cpuinfo") or "")
     dt_model = _first_line(reader.text("/proc/device-tree/model")) or _first_line(
-        reader.text("/sys/firmware/devicetree/base/model"))
+        reader.text("/sys/firmware/devicetree/base/model")
+    )
     jetson = _detect_jetson(reader, dt_model)
     pi = _detect_raspberry_pi(dt_model, cpuinfo)
     if jetson:
@@ -218,9 +256,17 @@ def _first_line(text: str | None) -> str | None:
 
 
 def _parse_cpuinfo(text: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"processors": [], "vendor": None, "model": None, "flags": set(),
-                            "implementer": None, "part": None, "revision": None, "cores": set(),
-                            "hardware": None}
+    info: dict[str, Any] = {
+        "processors": [],
+        "vendor": None,
+        "model": None,
+        "flags": set(),
+        "implementer": None,
+        "part": None,
+        "revision": None,
+        "cores": set(),
+        "hardware": None,
+    }
     physical_id = "0"
     for line in text.splitlines():
         key, sep, value = line.partition(":")
@@ -293,13 +339,13 @@ def _detect_jetson(reader: _Reader, dt_model: str | None) -> JetsonInfo | None:
         if found:
             l4t = f"{found.group(1)}.{found.group(2)}"
     jetpack = _JETPACK_BY_L4T.get(".".join(l4t.split(".")[:2])) if l4t else None
-    soc = next((c.split(",", 1)[1] for c in compatible.split()
-                if c.startswith("nvidia,tegra")), None)
+    soc = next(
+        (c.split(",", 1)[1] for c in compatible.split() if c.startswith("nvidia,tegra")), None
+    )
     return JetsonInfo(module=dt_model or "NVIDIA Jetson", l4t=l4t, jetpack=jetpack, soc=soc)
 
 
-def _detect_raspberry_pi(dt_model: str | None, cpuinfo: dict[str, Any]
-                         ) -> RaspberryPiInfo | None:
+def _detect_raspberry_pi(dt_model: str | None, cpuinfo: dict[str, Any]) -> RaspberryPiInfo | None:
     model = dt_model if dt_model and dt_model.startswith("Raspberry Pi") else None
     if model is None and (cpuinfo.get("hardware") or "").startswith("BCM"):
         model = "Raspberry Pi"
@@ -343,8 +389,12 @@ def _has_pci_device(reader: _Reader, class_dir: str, pattern: str, vendor: str) 
 
 def _tensorrt_library_version(reader: _Reader) -> str | None:
     versions = []
-    for folder in ("/usr/lib/aarch64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib",
-                   "/usr/local/cuda/lib64"):
+    for folder in (
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib",
+        "/usr/local/cuda/lib64",
+    ):
         for library in reader.glob(folder, "libnvinfer.so.*.*.*"):
             versions.append(library.name.removeprefix("libnvinfer.so."))
     return max(versions, key=_version_key) if versions else None

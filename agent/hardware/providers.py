@@ -43,7 +43,7 @@ class ProviderPlan:
     """The ordered providers for one model, plus CPU threading settings."""
 
     chosen: tuple[ProviderChoice, ...]
-    skipped: tuple[tuple[str, str], ...]   # (provider, why not)
+    skipped: tuple[tuple[str, str], ...]  # (provider, why not)
     intra_op_num_threads: int
     allow_spinning: bool
     hints: tuple[str, ...] = field(default=())
@@ -60,11 +60,14 @@ class ProviderPlan:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly view."""
         return {
-            "chosen": [{"name": c.name, "options": c.options, "reason": c.reason}
-                       for c in self.chosen],
+            "chosen": [
+                {"name": c.name, "options": c.options, "reason": c.reason} for c in self.chosen
+            ],
             "skipped": [{"name": name, "reason": why} for name, why in self.skipped],
-            "session": {"intra_op_num_threads": self.intra_op_num_threads,
-                        "allow_spinning": self.allow_spinning},
+            "session": {
+                "intra_op_num_threads": self.intra_op_num_threads,
+                "allow_spinning": self.allow_spinning,
+            },
         }
 
 
@@ -73,35 +76,48 @@ class PlanInputs:
     """What the plan depends on besides the hardware."""
 
     available: Sequence[str]
-    requested: Sequence[str] | None = None    # None: choose automatically
+    requested: Sequence[str] | None = None  # None: choose automatically
     model_sha256: str = "<model sha256>"
     state_dir: Path = Path("/var/lib/edge-agent/state")
     gpu_mem_limit_mb: int | None = None
     cpu_threads: int | None = None
     ort_version: str = "unknown"
-    trt_version: str | None = None            # None: detect
+    trt_version: str | None = None  # None: detect
 
 
 def plan_providers(hardware: Hardware, inputs: PlanInputs) -> ProviderPlan:
     """The providers to request for one model, best first, always ending with CPU."""
     available = list(inputs.available)
-    candidates, skipped = _automatic(hardware, available) if inputs.requested is None else (
-        _explicit(inputs.requested, available))
-    chosen = [ProviderChoice(name, _options(name, hardware, inputs), reason)
-              for name, reason in candidates if name != CPU]
-    cpu_reason = next((r for n, r in candidates if n == CPU),
-                      "always last: runs every model when nothing faster loads")
+    candidates, skipped = (
+        _automatic(hardware, available)
+        if inputs.requested is None
+        else (_explicit(inputs.requested, available))
+    )
+    chosen = [
+        ProviderChoice(name, _options(name, hardware, inputs), reason)
+        for name, reason in candidates
+        if name != CPU
+    ]
+    cpu_reason = next(
+        (r for n, r in candidates if n == CPU),
+        "always last: runs every model when nothing faster loads",
+    )
     chosen.append(ProviderChoice(CPU, {}, cpu_reason))
-    threads = inputs.cpu_threads or max(1, min(hardware.physical_cores,
-                                                hardware.usable_cpus or hardware.physical_cores))
-    return ProviderPlan(chosen=tuple(chosen), skipped=tuple(skipped),
-                        intra_op_num_threads=threads,
-                        allow_spinning=not hardware.small_board,
-                        hints=tuple(hints(hardware, available)))
+    threads = inputs.cpu_threads or max(
+        1, min(hardware.physical_cores, hardware.usable_cpus or hardware.physical_cores)
+    )
+    return ProviderPlan(
+        chosen=tuple(chosen),
+        skipped=tuple(skipped),
+        intra_op_num_threads=threads,
+        allow_spinning=not hardware.small_board,
+        hints=tuple(hints(hardware, available)),
+    )
 
 
-def _explicit(requested: Sequence[str], available: list[str]
-              ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _explicit(
+    requested: Sequence[str], available: list[str]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     candidates = []
     for name in requested:
         why = "requested in the config"
@@ -111,21 +127,34 @@ def _explicit(requested: Sequence[str], available: list[str]
     return candidates, []
 
 
-def _automatic(hardware: Hardware, available: list[str]
-               ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def _automatic(
+    hardware: Hardware, available: list[str]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     nvidia = hardware.jetson is not None or hardware.nvidia_gpu is not None
-    gpu_name = (hardware.jetson.module if hardware.jetson else
-                ", ".join(hardware.nvidia_gpu.names) if hardware.nvidia_gpu and
-                hardware.nvidia_gpu.names else "an NVIDIA GPU")
+    gpu_name = (
+        hardware.jetson.module
+        if hardware.jetson
+        else ", ".join(hardware.nvidia_gpu.names)
+        if hardware.nvidia_gpu and hardware.nvidia_gpu.names
+        else "an NVIDIA GPU"
+    )
     intel = hardware.intel_gpu or hardware.intel_npu or hardware.cpu_vendor == "GenuineIntel"
     rules: list[tuple[str, bool, str, str]] = [
         (TENSORRT, nvidia, f"{gpu_name}: TensorRT is the fastest path", "no NVIDIA GPU detected"),
-        (CUDA, nvidia, f"{gpu_name}: CUDA, for what TensorRT cannot take",
-         "no NVIDIA GPU detected"),
+        (
+            CUDA,
+            nvidia,
+            f"{gpu_name}: CUDA, for what TensorRT cannot take",
+            "no NVIDIA GPU detected",
+        ),
         (MIGRAPHX, hardware.amd_gpu, "AMD GPU (ROCm) detected", "no AMD GPU with /dev/kfd"),
         (ROCM, hardware.amd_gpu, "AMD GPU (ROCm) detected", "no AMD GPU with /dev/kfd"),
-        (OPENVINO, intel, f"Intel hardware: OpenVINO on {_openvino_device(hardware)}",
-         "no Intel CPU, GPU or NPU detected"),
+        (
+            OPENVINO,
+            intel,
+            f"Intel hardware: OpenVINO on {_openvino_device(hardware)}",
+            "no Intel CPU, GPU or NPU detected",
+        ),
     ]
     candidates, skipped = [], []
     for name, applies, reason, not_applicable in rules:
@@ -174,11 +203,13 @@ def _openvino_device(hardware: Hardware) -> str:
 def tensorrt_cache_dir(hardware: Hardware, inputs: PlanInputs) -> Path:
     """``state_dir/trt-cache/<model sha256>-<ort>-<trt>-<device>``: a new model, ONNX Runtime,
     TensorRT or device never reuses a stale engine (onnxruntime #6455, #22244)."""
-    trt = (inputs.trt_version or tensorrt_version() or hardware.tensorrt_version
-           or "unknown")
+    trt = inputs.trt_version or tensorrt_version() or hardware.tensorrt_version or "unknown"
     sha = inputs.model_sha256.removeprefix("sha256:")
-    return (inputs.state_dir / "trt-cache"
-            / f"{sha}-ort{inputs.ort_version}-trt{trt}-{device_slug(hardware)}")
+    return (
+        inputs.state_dir
+        / "trt-cache"
+        / f"{sha}-ort{inputs.ort_version}-trt{trt}-{device_slug(hardware)}"
+    )
 
 
 def device_slug(hardware: Hardware) -> str:
@@ -207,26 +238,37 @@ def hints(hardware: Hardware, available: Sequence[str]) -> list[str]:
     advice = []
     gpu_providers = {TENSORRT, CUDA}
     if not hardware.is_64bit and hardware.machine.startswith("arm"):
-        advice.append(f"this is a 32-bit ARM userland ({hardware.machine}): onnxruntime "
-                      "publishes no 32-bit ARM wheels; install a 64-bit OS (e.g. Raspberry Pi "
-                      "OS 64-bit)")
+        advice.append(
+            f"this is a 32-bit ARM userland ({hardware.machine}): onnxruntime "
+            "publishes no 32-bit ARM wheels; install a 64-bit OS (e.g. Raspberry Pi "
+            "OS 64-bit)"
+        )
     if hardware.jetson is not None and not gpu_providers & set(available):
         jetpack = hardware.jetson.jetpack_major
         if jetpack is not None and jetpack < 6:
-            advice.append(f"JetPack {hardware.jetson.jetpack} ships Python 3.8, which "
-                          "edge-agent does not support: upgrade to JetPack 6 to use the GPU")
+            advice.append(
+                f"JetPack {hardware.jetson.jetpack} ships Python 3.8, which "
+                "edge-agent does not support: upgrade to JetPack 6 to use the GPU"
+            )
         else:
-            advice.append(f"install NVIDIA's onnxruntime-gpu wheel for JetPack "
-                          f"{hardware.jetson.jetpack or '6'} (not the PyPI one) to use "
-                          "TensorRT/CUDA on this Jetson")
+            advice.append(
+                f"install NVIDIA's onnxruntime-gpu wheel for JetPack "
+                f"{hardware.jetson.jetpack or '6'} (not the PyPI one) to use "
+                "TensorRT/CUDA on this Jetson"
+            )
     if hardware.nvidia_gpu is not None and not gpu_providers & set(available):
-        advice.append("install onnxruntime-gpu (pip install onnxruntime-gpu) instead of "
-                      "onnxruntime to use the NVIDIA GPU with CUDA/TensorRT")
+        advice.append(
+            "install onnxruntime-gpu (pip install onnxruntime-gpu) instead of "
+            "onnxruntime to use the NVIDIA GPU with CUDA/TensorRT"
+        )
     if (hardware.intel_gpu or hardware.intel_npu) and OPENVINO not in available:
         device = "iGPU" if hardware.intel_gpu else "NPU"
-        advice.append(f"install onnxruntime-openvino instead of onnxruntime to use the Intel "
-                      f"{device}")
+        advice.append(
+            f"install onnxruntime-openvino instead of onnxruntime to use the Intel {device}"
+        )
     if hardware.nvidia_gpu is not None and CUDA in available and not hardware.nvidia_gpu.names:
-        advice.append("the NVIDIA driver's GPU list is unreadable: check that the driver is "
-                      "loaded (nvidia-smi)")
+        advice.append(
+            "the NVIDIA driver's GPU list is unreadable: check that the driver is "
+            "loaded (nvidia-smi)"
+        )
     return advice

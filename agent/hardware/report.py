@@ -13,22 +13,29 @@ from agent.hardware.detect import detect
 from agent.hardware.providers import PlanInputs, plan_providers
 
 
-def build_report(config: AgentConfig, root: str = "/", machine: str | None = None
-                 ) -> dict[str, Any]:
+def build_report(
+    config: AgentConfig, root: str = "/", machine: str | None = None
+) -> dict[str, Any]:
     """Everything ``detect`` prints, as JSON-friendly data."""
     hardware = detect(root, machine)
     available = list(ort.get_available_providers())
     setting = config.providers
-    plan = plan_providers(hardware, PlanInputs(
-        available=available,
-        requested=None if setting in (None, "auto") else list(setting),
-        state_dir=Path(config.state_dir),
-        gpu_mem_limit_mb=config.gpu_mem_limit_mb,
-        cpu_threads=config.cpu_threads,
-        ort_version=ort.__version__,
-    ))
-    per_model = {name: list(model.providers) for name, model in config.models.items()
-                 if model.providers is not None and model.providers != "auto"}
+    plan = plan_providers(
+        hardware,
+        PlanInputs(
+            available=available,
+            requested=None if setting in (None, "auto") else list(setting),
+            state_dir=Path(config.state_dir),
+            gpu_mem_limit_mb=config.gpu_mem_limit_mb,
+            cpu_threads=config.cpu_threads,
+            ort_version=ort.__version__,
+        ),
+    )
+    per_model = {
+        name: list(model.providers)
+        for name, model in config.models.items()
+        if model.providers is not None and model.providers != "auto"
+    }
     return {
         "agent_version": __version__,
         "onnxruntime_version": ort.__version__,
@@ -53,18 +60,29 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if hw["jetson"]:
         jetson = hw["jetson"]
-        lines.append(f"  jetson {jetson['module']}, L4T {jetson['l4t'] or '?'}, "
-                     f"JetPack {jetson['jetpack'] or '?'}")
+        lines.append(
+            f"  jetson {jetson['module']}, L4T {jetson['l4t'] or '?'}, "
+            f"JetPack {jetson['jetpack'] or '?'}"
+        )
     if hw["raspberry_pi"]:
-        lines.append(f"  raspberry pi {hw['raspberry_pi']['model']}, revision "
-                     f"{hw['raspberry_pi']['revision'] or '?'}")
+        lines.append(
+            f"  raspberry pi {hw['raspberry_pi']['model']}, revision "
+            f"{hw['raspberry_pi']['revision'] or '?'}"
+        )
     if hw["nvidia_gpu"]:
         gpu = hw["nvidia_gpu"]
-        lines.append(f"  nvidia {', '.join(gpu['names']) or 'GPU'}, driver "
-                     f"{gpu['driver_version'] or '?'}")
-    accelerators = [name for name, present in (("intel iGPU", hw["intel_gpu"]),
-                                              ("intel NPU", hw["intel_npu"]),
-                                              ("AMD GPU", hw["amd_gpu"])) if present]
+        lines.append(
+            f"  nvidia {', '.join(gpu['names']) or 'GPU'}, driver {gpu['driver_version'] or '?'}"
+        )
+    accelerators = [
+        name
+        for name, present in (
+            ("intel iGPU", hw["intel_gpu"]),
+            ("intel NPU", hw["intel_npu"]),
+            ("AMD GPU", hw["amd_gpu"]),
+        )
+        if present
+    ]
     if accelerators:
         lines.append(f"  also {', '.join(accelerators)}")
     lines += [
@@ -77,8 +95,10 @@ def format_report(report: dict[str, Any]) -> str:
         for key, value in choice["options"].items():
             lines.append(f"       {key} = {value}")
     session = report["session"]
-    lines.append(f"  cpu threads {session['intra_op_num_threads']}, spinning "
-                 f"{'on' if session['allow_spinning'] else 'off'}")
+    lines.append(
+        f"  cpu threads {session['intra_op_num_threads']}, spinning "
+        f"{'on' if session['allow_spinning'] else 'off'}"
+    )
     for skipped in report["skipped"]:
         lines.append(f"  skipped {skipped['name']}: {skipped['reason']}")
     for name, providers in report["per_model_overrides"].items():

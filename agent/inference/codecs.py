@@ -59,8 +59,9 @@ class TensorSpec:
 Tensor = npt.NDArray[Any]
 
 
-def decode_payload(payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
-                   ) -> tuple[dict[str, Tensor], Any]:
+def decode_payload(
+    payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
+) -> tuple[dict[str, Tensor], Any]:
     """Decode one reading into ``{input name: item tensor}`` and its echoed id (or None).
 
     ``specs`` are the model inputs the payload must provide (constants and state inputs
@@ -69,17 +70,21 @@ def decode_payload(payload: bytes | bytearray, config: PipelineInput, specs: Seq
     if len(payload) > config.max_payload_bytes:
         raise PayloadError(
             f"payload of {len(payload)} bytes exceeds input.max_payload_bytes "
-            f"({config.max_payload_bytes})")
+            f"({config.max_payload_bytes})"
+        )
     if config.format == "json":
         values, reading_id = _decode_json(payload, config, specs)
-        return {name: _to_tensor(value, _spec(specs, name)) for name, value in values.items()
-                }, reading_id
+        return {
+            name: _to_tensor(value, _spec(specs, name)) for name, value in values.items()
+        }, reading_id
     default = _default_spec(config, specs)
     if config.format == "raw":
         wire = np.dtype(config.dtype).newbyteorder("<")
         if len(payload) % wire.itemsize:
-            raise PayloadError(f"raw payload of {len(payload)} bytes is not a whole number of "
-                               f"{config.dtype} elements ({wire.itemsize} bytes each)")
+            raise PayloadError(
+                f"raw payload of {len(payload)} bytes is not a whole number of "
+                f"{config.dtype} elements ({wire.itemsize} bytes each)"
+            )
         array = np.frombuffer(payload, dtype=wire)
         if config.shape is not None:
             array = _reshape(array, config.shape, "input.shape")
@@ -96,8 +101,10 @@ def _default_spec(config: PipelineInput, specs: Sequence[TensorSpec]) -> TensorS
         return _spec(specs, config.tensor)
     if len(specs) != 1:
         names = ", ".join(s.name for s in specs)
-        raise PayloadError(f"the model takes several inputs ({names}): send "
-                           '{"inputs": {NAME: tensor, ...}} or set input.tensor')
+        raise PayloadError(
+            f"the model takes several inputs ({names}): send "
+            '{"inputs": {NAME: tensor, ...}} or set input.tensor'
+        )
     return specs[0]
 
 
@@ -109,8 +116,9 @@ def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
     raise PayloadError(f"the model has no input {name!r} (it takes: {names})")
 
 
-def _decode_json(payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
-                 ) -> tuple[dict[str, Any], Any]:
+def _decode_json(
+    payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
+) -> tuple[dict[str, Any], Any]:
     document = _loads(payload)
     reading_id = None
     if isinstance(document, dict):
@@ -125,14 +133,17 @@ def _decode_json(payload: bytes | bytearray, config: PipelineInput, specs: Seque
                 raise PayloadError(f"'inputs' has unknown tensors {', '.join(map(repr, extra))}")
             return dict(named), reading_id
         if config.field is None:
-            raise PayloadError("payload is a JSON object but input.field is not set: set it to "
-                               "the key holding the tensor, or send the tensor itself")
+            raise PayloadError(
+                "payload is a JSON object but input.field is not set: set it to "
+                "the key holding the tensor, or send the tensor itself"
+            )
         if config.field not in document:
             raise PayloadError(f"payload has no field {config.field!r}")
         document = document[config.field]
     elif config.field is not None:
-        raise PayloadError(f"expected a JSON object with field {config.field!r}, "
-                           f"got {type(document).__name__}")
+        raise PayloadError(
+            f"expected a JSON object with field {config.field!r}, got {type(document).__name__}"
+        )
     return {_default_spec(config, specs).name: document}, reading_id
 
 
@@ -143,11 +154,16 @@ def _to_tensor(value: Any, spec: TensorSpec) -> Tensor:
     except (ValueError, TypeError) as exc:
         raise PayloadError(f"input {spec.name!r}: not a rectangular array ({exc})") from exc
     if array.dtype == object or array.dtype.kind in "USV":
-        raise PayloadError(f"input {spec.name!r}: expected numbers, got "
-                           f"{'ragged nested lists' if array.dtype == object else 'text'}")
+        raise PayloadError(
+            f"input {spec.name!r}: expected numbers, got "
+            f"{'ragged nested lists' if array.dtype == object else 'text'}"
+        )
     target = spec.dtype
-    if target.kind in "iu" and array.dtype.kind == "f" and (
-            not np.all(np.isfinite(array)) or not np.all(np.mod(array, 1) == 0)):
+    if (
+        target.kind in "iu"
+        and array.dtype.kind == "f"
+        and (not np.all(np.isfinite(array)) or not np.all(np.mod(array, 1) == 0))
+    ):
         raise PayloadError(f"input {spec.name!r} takes {target.name}: got non-integer values")
     if target.kind in "iu" and array.dtype.kind in "iu" and array.size:
         info = np.iinfo(target)
@@ -167,22 +183,26 @@ def _fit_shape(array: Tensor, spec: TensorSpec) -> Tensor:
     expected = math.prod(d for d in shape if d is not None)
     if static and array.size == expected:
         return array.reshape(tuple(d for d in shape if d is not None))
-    raise PayloadError(f"input {spec.name!r} expects shape {spec.describe_shape()} per reading "
-                       f"({expected if static else 'any number of'} elements), got shape "
-                       f"{list(array.shape)} ({array.size} elements)")
+    raise PayloadError(
+        f"input {spec.name!r} expects shape {spec.describe_shape()} per reading "
+        f"({expected if static else 'any number of'} elements), got shape "
+        f"{list(array.shape)} ({array.size} elements)"
+    )
 
 
 def _matches(actual: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
     if actual == expected:  # the common case: a static shape, compared in C
         return True
     return len(actual) == len(expected) and all(
-        e is None or a == e for a, e in zip(actual, expected, strict=True))
+        e is None or a == e for a, e in zip(actual, expected, strict=True)
+    )
 
 
 def _reshape(array: Tensor, shape: tuple[int, ...], where: str) -> Tensor:
     if array.size != math.prod(shape):
-        raise PayloadError(f"payload has {array.size} elements but {where} {list(shape)} needs "
-                           f"{math.prod(shape)}")
+        raise PayloadError(
+            f"payload has {array.size} elements but {where} {list(shape)} needs {math.prod(shape)}"
+        )
     return array.reshape(shape)
 
 

@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass
 
 _STEP = 2 ** (1 / 8)
-BOUNDS_MS: tuple[float, ...] = tuple(0.01 * _STEP ** i for i in range(8 * 26))  # to ~671 s
+BOUNDS_MS: tuple[float, ...] = tuple(0.01 * _STEP**i for i in range(8 * 26))  # to ~671 s
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,10 @@ class LatencySummary:
 
     def to_dict(self) -> dict[str, float | None]:
         """JSON view, rounded to microseconds."""
-        return {name: None if value is None else round(value, 3)
-                for name, value in (("p50", self.p50), ("p95", self.p95), ("p99", self.p99))}
+        return {
+            name: None if value is None else round(value, 3)
+            for name, value in (("p50", self.p50), ("p95", self.p95), ("p99", self.p99))
+        }
 
 
 class LatencyHistogram:

@@ -77,6 +77,7 @@ def topic_fits(topic_filter: str, topic: str) -> bool:
 
 def render_topic(template: str, matches: list[str], *, pipeline: str, model: str) -> str:
     """Fill ``{1}``..``{n}``, ``{pipeline}`` and ``{model}`` (``{device_id}`` is filled at load)."""
+
     def fill(found: re.Match[str]) -> str:
         key = found.group(1)
         if key == "pipeline":
@@ -98,10 +99,10 @@ class Reading:
     reading_id: Any
     received: float  # time.monotonic() on arrival
     output_topic: str
-    stream_key: str | None = None        # stateful pipelines: the stream this reading is in
-    response_topic: str | None = None   # MQTT 5 request/response
+    stream_key: str | None = None  # stateful pipelines: the stream this reading is in
+    response_topic: str | None = None  # MQTT 5 request/response
     correlation: bytes | None = None
-    ack: Ack | None = None               # at-least-once: acknowledge once handed off
+    ack: Ack | None = None  # at-least-once: acknowledge once handed off
 
 
 @dataclass
@@ -131,9 +132,18 @@ class _Stream:
 class Pipeline:
     """Subscribes to one input filter and publishes one result per reading."""
 
-    def __init__(self, name: str, config: PipelineConfig, registry: ModelRegistry, *,
-                 deliver: DeliverFn, errors: ErrorReporter, models_dir: Path,
-                 acker: AckerFn, seq: SeqCounter) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: PipelineConfig,
+        registry: ModelRegistry,
+        *,
+        deliver: DeliverFn,
+        errors: ErrorReporter,
+        models_dir: Path,
+        acker: AckerFn,
+        seq: SeqCounter,
+    ) -> None:
         self.name = name
         self.config = config
         self.counters = PipelineCounters()
@@ -151,7 +161,8 @@ class Pipeline:
         if post is not None and post.labels is not None:
             self._labels = postprocess.load_labels(models_dir / post.labels)
         self._queue: DropOldestQueue[Reading] = DropOldestQueue(
-            config.queue.max, arrival=lambda reading: reading.received)
+            config.queue.max, arrival=lambda reading: reading.received
+        )
         self._worker = threading.Thread(target=self._serve, name=f"pipeline-{name}", daemon=True)
         self._log = log.bind(pipeline=name, model=config.model)
         # The plan for the serving model, rebuilt when the model changes. Read and written by
@@ -172,9 +183,14 @@ class Pipeline:
 
     def subscription(self) -> Subscription:
         """The MQTT subscription feeding this pipeline."""
-        return Subscription(self.config.input.topic, self.config.input.qos, self.on_message,
-                            self.config.input.shared_group, acknowledges=True,
-                            on_too_large=self.on_too_large)
+        return Subscription(
+            self.config.input.topic,
+            self.config.input.qos,
+            self.on_message,
+            self.config.input.shared_group,
+            acknowledges=True,
+            on_too_large=self.on_too_large,
+        )
 
     def start(self) -> None:
         """Start the inference worker."""
@@ -205,20 +221,31 @@ class Pipeline:
                 return
             self._worker.join(timeout=FINAL_BATCH_GRACE_S)
             if self._worker.is_alive():
-                self._log.error("pipeline_batch_still_running", running_s=round(
-                    time.monotonic() - (self.busy_since or time.monotonic()), 1))
+                self._log.error(
+                    "pipeline_batch_still_running",
+                    running_s=round(time.monotonic() - (self.busy_since or time.monotonic()), 1),
+                )
                 return
         # What this run of the pipeline did, for the operator reading the journal after a
         # restart (the last health message may be up to an interval old).
         counters = self.counters
-        self._log.info("pipeline_stopped", received=counters.received,
-                       processed=counters.processed, dropped=counters.dropped,
-                       rejected=counters.rejected, failed=counters.failed, abandoned=abandoned)
+        self._log.info(
+            "pipeline_stopped",
+            received=counters.received,
+            processed=counters.processed,
+            dropped=counters.dropped,
+            rejected=counters.rejected,
+            failed=counters.failed,
+            abandoned=abandoned,
+        )
 
     def stuck_for(self, now: float) -> float | None:
         """Seconds the worker has been inside one batch, or has been dead (None: fine)."""
-        if not self._worker.is_alive() and self._worker.ident is not None \
-                and not self._queue.closed:
+        if (
+            not self._worker.is_alive()
+            and self._worker.ident is not None
+            and not self._queue.closed
+        ):
             return float("inf")
         busy = self.busy_since
         return None if busy is None else now - busy
@@ -253,9 +280,19 @@ class Pipeline:
             self._reject(message.topic, str(exc), ack)
             return
         response_topic, correlation = _response_properties(message)
-        dropped = self._queue.put(Reading(message.topic, tensors, reading_id, received,
-                                          output_topic, stream_key, response_topic,
-                                          correlation, ack))
+        dropped = self._queue.put(
+            Reading(
+                message.topic,
+                tensors,
+                reading_id,
+                received,
+                output_topic,
+                stream_key,
+                response_topic,
+                correlation,
+                ack,
+            )
+        )
         if dropped is not None:
             self._count_drop(dropped.topic)
             if dropped.ack is not None:
@@ -267,9 +304,13 @@ class Pipeline:
         if self._intake_closed:
             return
         self.counters.received += 1
-        self._reject(topic, f"message of {size} bytes is larger than mqtt.max_packet_bytes; "
-                     "dropped unread (input.max_payload_bytes "
-                     f"{self.config.input.max_payload_bytes})", None)
+        self._reject(
+            topic,
+            f"message of {size} bytes is larger than mqtt.max_packet_bytes; "
+            "dropped unread (input.max_payload_bytes "
+            f"{self.config.input.max_payload_bytes})",
+            None,
+        )
 
     def _topics_for(self, topic: str) -> tuple[str, str | None]:
         """The result topic and stream key of a reading on ``topic`` (cached: sensors publish
@@ -286,8 +327,9 @@ class Pipeline:
         """Every placeholder the result topic and stream key use must get a non-empty level
         from ``topic``."""
         if not topic_fits(self.config.input.topic, topic):
-            raise PayloadError(f"topic {topic!r} does not match the pipeline's filter "
-                               f"{self.config.input.topic!r}")
+            raise PayloadError(
+                f"topic {topic!r} does not match the pipeline's filter {self.config.input.topic!r}"
+            )
         matches = wildcard_matches(self.config.input.topic, topic)
         templates = [("output.topic", self.config.output.topic)]
         if self.config.state is not None:
@@ -296,14 +338,17 @@ class Pipeline:
             for number in re.findall(r"\{(\d+)\}", template):
                 index = int(number) - 1
                 if index >= len(matches) or not matches[index]:
-                    raise PayloadError(f"topic {topic!r} has no level for {{{number}}} of "
-                                       f"{where} {template!r}")
-        output = render_topic(self.config.output.topic, matches, pipeline=self.name,
-                              model=self.config.model)
+                    raise PayloadError(
+                        f"topic {topic!r} has no level for {{{number}}} of {where} {template!r}"
+                    )
+        output = render_topic(
+            self.config.output.topic, matches, pipeline=self.name, model=self.config.model
+        )
         key = None
         if self.config.state is not None:
-            key = render_topic(self.config.state.key, matches, pipeline=self.name,
-                               model=self.config.model)
+            key = render_topic(
+                self.config.state.key, matches, pipeline=self.name, model=self.config.model
+            )
         return output, key
 
     def _count_drop(self, topic: str) -> None:
@@ -321,9 +366,12 @@ class Pipeline:
                 return
             self._drops_reported = total
             self._drops_reported_at = time.monotonic()
-        self._errors.report(self.name, topic or self.config.input.topic,
-                            f"queue full ({self.config.queue.max} readings): dropped the "
-                            f"{count} oldest since the last report ({total} in all)")
+        self._errors.report(
+            self.name,
+            topic or self.config.input.topic,
+            f"queue full ({self.config.queue.max} readings): dropped the "
+            f"{count} oldest since the last report ({total} in all)",
+        )
 
     def _reject(self, topic: str, reason: str, ack: Ack | None) -> None:
         self.counters.rejected += 1
@@ -390,8 +438,7 @@ class Pipeline:
                 self._run(model, plan, group)
 
     def _run(self, model: LoadedModel, plan: RunPlan, group: list[Reading]) -> None:
-        outputs = self._session_run(model, plan, feeds_for(plan, [r.tensors for r in group]),
-                                    group)
+        outputs = self._session_run(model, plan, feeds_for(plan, [r.tensors for r in group]), group)
         if outputs is None:
             return
         problem = _non_finite(plan, outputs)
@@ -401,8 +448,10 @@ class Pipeline:
             return
         size = len(group)
         for index, reading in enumerate(group):
-            values = {name: split_output(outputs[name], index, size, plan.stacked)
-                      for name in plan.published}
+            values = {
+                name: split_output(outputs[name], index, size, plan.stacked)
+                for name in plan.published
+            }
             self._publish_result(model, plan, reading, values)
 
     def _run_stateful(self, model: LoadedModel, plan: RunPlan, reading: Reading) -> None:
@@ -419,10 +468,11 @@ class Pipeline:
             self._fail(reading, problem)
             return
         by_name = {spec.name: spec for spec in model.inputs}
-        stream.state = {name: np.asarray(outputs[source], dtype=by_name[name].dtype)
-                        for name, source in plan.state.items()}
-        values = {name: split_output(outputs[name], 0, 1, plan.stacked)
-                  for name in plan.published}
+        stream.state = {
+            name: np.asarray(outputs[source], dtype=by_name[name].dtype)
+            for name, source in plan.state.items()
+        }
+        values = {name: split_output(outputs[name], 0, 1, plan.stacked) for name in plan.published}
         self._publish_result(model, plan, reading, values)
 
     def _stream(self, key: str, model: LoadedModel, plan: RunPlan, now: float) -> _Stream:
@@ -430,7 +480,8 @@ class Pipeline:
         stream = self._streams.get(key)
         stale = stream is not None and (
             now - stream.last_seen > self.config.state.reset_after_s
-            or stream.version != model.version)
+            or stream.version != model.version
+        )
         if stream is None or stale:
             stream = _Stream(model.version, plan.zero_state(model.inputs), now)
             self._streams[key] = stream
@@ -440,8 +491,9 @@ class Pipeline:
         self._streams.move_to_end(key)
         return stream
 
-    def _session_run(self, model: LoadedModel, plan: RunPlan, feeds: dict[str, Any],
-                     group: list[Reading]) -> dict[str, Any] | None:
+    def _session_run(
+        self, model: LoadedModel, plan: RunPlan, feeds: dict[str, Any], group: list[Reading]
+    ) -> dict[str, Any] | None:
         try:
             values = model.session.run(list(plan.fetch), feeds)
         except Exception as exc:  # onnxruntime's own error types
@@ -451,8 +503,9 @@ class Pipeline:
             return None
         return dict(zip(plan.fetch, values, strict=True))
 
-    def _publish_result(self, model: LoadedModel, plan: RunPlan, reading: Reading,
-                        values: dict[str, Any]) -> None:
+    def _publish_result(
+        self, model: LoadedModel, plan: RunPlan, reading: Reading, values: dict[str, Any]
+    ) -> None:
         result: dict[str, Any] = {
             "id": reading.reading_id,
             "seq": self._seq.take(),
@@ -480,8 +533,10 @@ class Pipeline:
             done = _after_both(done)
         self._deliver(PendingResult(self.name, reading.output_topic, payload, qos), done)
         if reading.response_topic is not None:
-            self._deliver(PendingResult(self.name, reading.response_topic, payload, qos,
-                                        reading.correlation), done)
+            self._deliver(
+                PendingResult(self.name, reading.response_topic, payload, qos, reading.correlation),
+                done,
+            )
         self.counters.processed += 1
         self.latency.record(latency_ms)
 

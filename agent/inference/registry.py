@@ -83,18 +83,20 @@ class ModelStatus:
 
     def to_json(self) -> bytes:
         """The retained ``P/models/NAME`` payload."""
-        return encode_json({
-            "name": self.name,
-            "state": self.state.value,
-            "version": self.version,
-            "file": self.file,
-            "providers": list(self.providers),
-            "requested_providers": list(self.requested),
-            "degraded": self.degraded,
-            "loaded_at": self.loaded_at,
-            "error": self.error,
-            "last_load": self.last_load,
-        })
+        return encode_json(
+            {
+                "name": self.name,
+                "state": self.state.value,
+                "version": self.version,
+                "file": self.file,
+                "providers": list(self.providers),
+                "requested_providers": list(self.requested),
+                "degraded": self.degraded,
+                "loaded_at": self.loaded_at,
+                "error": self.error,
+                "last_load": self.last_load,
+            }
+        )
 
 
 StatePublisher = Callable[[str, bytes], None]
@@ -106,15 +108,20 @@ Admission = Callable[[str, str], "str | None"]
 class ModelRegistry:
     """The named models of the config, their current sessions and published states."""
 
-    def __init__(self, config: AgentConfig, hardware: Hardware, publish_state: StatePublisher,
-                 on_failure: FailureReporter | None = None,
-                 admission: Admission | None = None) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        hardware: Hardware,
+        publish_state: StatePublisher,
+        on_failure: FailureReporter | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self._config = config
         self._admission = admission
         self._hardware = hardware
         self._publish_state = publish_state
         self._on_failure = on_failure
-        self._lock = threading.Lock()        # guards _status, _load_locks, _active_loads
+        self._lock = threading.Lock()  # guards _status, _load_locks, _active_loads
         # name -> the lock its loads take: one load per model at a time, any thread. Re-entrant:
         # an update holds it across install, trial and rollback (``hold``) and loads inside.
         self._load_locks: dict[str, threading.RLock] = {}
@@ -188,8 +195,9 @@ class ModelRegistry:
             self._publish_state(name, b"")  # an empty retained message deletes it
         return removed
 
-    def load(self, name: str, force: bool = False,
-             max_seconds: float | None = None) -> LoadedModel | None:
+    def load(
+        self, name: str, force: bool = False, max_seconds: float | None = None
+    ) -> LoadedModel | None:
         """(Re)load ``name`` from its file: read it once, build, check and warm up a new session
         while the current one keeps serving, then swap the reference.
 
@@ -216,8 +224,9 @@ class ModelRegistry:
             lock.release()
         return True
 
-    def _counted_load(self, name: str, force: bool,
-                      max_seconds: float | None) -> LoadedModel | None:
+    def _counted_load(
+        self, name: str, force: bool, max_seconds: float | None
+    ) -> LoadedModel | None:
         with self._lock:
             self._active_loads += 1
         try:
@@ -226,8 +235,7 @@ class ModelRegistry:
             with self._lock:
                 self._active_loads -= 1
 
-    def _load_locked(self, name: str, force: bool,
-                     max_seconds: float | None) -> LoadedModel | None:
+    def _load_locked(self, name: str, force: bool, max_seconds: float | None) -> LoadedModel | None:
         config = self._config
         if name not in config.models:
             return None  # removed by a config reload meanwhile
@@ -239,15 +247,17 @@ class ModelRegistry:
             return current
         data, version = fresh
         now = time.time()
-        attempt = {"state": ModelState.LOADING.value, "version": version, "started": now,
-                   "ts": now}
-        self._set_status(name, last_load=attempt,
-                         state=ModelState.READY if current else ModelState.LOADING)
-        limit = _WarmupLimit(max_seconds, "updates.trial_timeout_s") if max_seconds \
-            is not None else _WarmupLimit(config.warmup_timeout_s, "warmup_timeout_s")
+        attempt = {"state": ModelState.LOADING.value, "version": version, "started": now, "ts": now}
+        self._set_status(
+            name, last_load=attempt, state=ModelState.READY if current else ModelState.LOADING
+        )
+        limit = (
+            _WarmupLimit(max_seconds, "updates.trial_timeout_s")
+            if max_seconds is not None
+            else _WarmupLimit(config.warmup_timeout_s, "warmup_timeout_s")
+        )
         try:
-            model = self._build_within(name, path, data, version, started=started,
-                                       limit=limit)
+            model = self._build_within(name, path, data, version, started=started, limit=limit)
             _check_time(started, max_seconds)
         except ModelLoadError as exc:
             self._failed(name, path, version, exc, started=now)
@@ -257,26 +267,56 @@ class ModelRegistry:
             if name not in self._status:
                 return None  # removed by a config reload while it loaded
             self._models[name] = model  # the swap: in-flight batches keep the old one
-        self._set_status(name, state=ModelState.READY, version=model.version,
-                         providers=model.providers, requested=model.requested,
-                         degraded=model.degraded, loaded_at=model.loaded_at, error=None,
-                         last_load={**attempt, "state": ModelState.READY.value,
-                                    "ts": time.time()})
-        log.info("model_ready", model=name, version=model.version,
-                 previous=current.version if current else None, providers=model.providers,
-                 load_ms=round((time.monotonic() - started) * 1000, 1))
+        self._set_status(
+            name,
+            state=ModelState.READY,
+            version=model.version,
+            providers=model.providers,
+            requested=model.requested,
+            degraded=model.degraded,
+            loaded_at=model.loaded_at,
+            error=None,
+            last_load={**attempt, "state": ModelState.READY.value, "ts": time.time()},
+        )
+        log.info(
+            "model_ready",
+            model=name,
+            version=model.version,
+            previous=current.version if current else None,
+            providers=model.providers,
+            load_ms=round((time.monotonic() - started) * 1000, 1),
+        )
         return model
 
-    def _failed(self, name: str, path: Path, version: str | None, exc: ModelLoadError,
-                started: float | None = None) -> None:
+    def _failed(
+        self,
+        name: str,
+        path: Path,
+        version: str | None,
+        exc: ModelLoadError,
+        started: float | None = None,
+    ) -> None:
         serving = self._models.get(name)
-        log.error("model_load_failed", model=name, file=str(path), version=version,
-                  error=str(exc), still_serving=serving.version if serving else None)
-        self._set_status(name, state=ModelState.READY if serving else ModelState.FAILED,
-                         error=str(exc), last_load={"state": ModelState.FAILED.value,
-                                                    "version": version, "error": str(exc),
-                                                    "started": started or time.time(),
-                                                    "ts": time.time()})
+        log.error(
+            "model_load_failed",
+            model=name,
+            file=str(path),
+            version=version,
+            error=str(exc),
+            still_serving=serving.version if serving else None,
+        )
+        self._set_status(
+            name,
+            state=ModelState.READY if serving else ModelState.FAILED,
+            error=str(exc),
+            last_load={
+                "state": ModelState.FAILED.value,
+                "version": version,
+                "error": str(exc),
+                "started": started or time.time(),
+                "ts": time.time(),
+            },
+        )
         if self._on_failure is not None:
             self._on_failure(name, str(path), str(exc))
 
@@ -290,8 +330,9 @@ class ModelRegistry:
             payload = status.to_json()
         self._publish_state(name, payload)
 
-    def _new_bytes(self, name: str, path: Path, current: LoadedModel | None,
-                   force: bool) -> tuple[bytes, str] | None:
+    def _new_bytes(
+        self, name: str, path: Path, current: LoadedModel | None, force: bool
+    ) -> tuple[bytes, str] | None:
         """The file's bytes and version when they are to be loaded; None when they are the
         serving model's (unless ``force``) or cannot or may not load (reported)."""
         try:
@@ -309,69 +350,100 @@ class ModelRegistry:
             return None
         return data, version
 
-    def _build_within(self, name: str, path: Path, data: bytes, version: str, *,
-                      started: float, limit: _WarmupLimit) -> LoadedModel:
+    def _build_within(
+        self,
+        name: str,
+        path: Path,
+        data: bytes,
+        version: str,
+        *,
+        started: float,
+        limit: _WarmupLimit,
+    ) -> LoadedModel:
         try:
             return self._build(name, path, data, version, limit.deadline(started))
         except _WarmupStopped as stop:
-            raise ModelLoadError(limit.explain(started) if stop.timed_out else
-                                 "warm-up stopped: the agent is stopping") from None
+            raise ModelLoadError(
+                limit.explain(started)
+                if stop.timed_out
+                else "warm-up stopped: the agent is stopping"
+            ) from None
 
-    def _build(self, name: str, path: Path, data: bytes, version: str,
-               deadline: float) -> LoadedModel:
+    def _build(
+        self, name: str, path: Path, data: bytes, version: str, deadline: float
+    ) -> LoadedModel:
         plan = self.plan(name, version)
         requested = plan.names
         try:
             with _SESSION_CREATION:
-                session = ort.InferenceSession(data, sess_options=session_options(plan),
-                                               providers=plan.for_session())
+                session = ort.InferenceSession(
+                    data, sess_options=session_options(plan), providers=plan.for_session()
+                )
         except Exception as exc:  # ORT raises its own exception types, not importable stably
             raise ModelLoadError(_explain_load_error(exc)) from exc
         loaded = tuple(session.get_providers())
         missing = [p for p in requested if p not in loaded]
         if missing:
-            log.warning("providers_not_loaded", model=name, requested=requested,
-                        loaded=list(loaded), missing=missing,
-                        reason="onnxruntime fell back without an error: the provider is not "
-                        "installed or its libraries (CUDA, cuDNN, TensorRT) failed to load; "
-                        "run `edge-agent detect`")
+            log.warning(
+                "providers_not_loaded",
+                model=name,
+                requested=requested,
+                loaded=list(loaded),
+                missing=missing,
+                reason="onnxruntime fell back without an error: the provider is not "
+                "installed or its libraries (CUDA, cuDNN, TensorRT) failed to load; "
+                "run `edge-agent detect`",
+            )
             if self._config.require_providers:
                 raise ModelLoadError(
                     f"requested providers {missing} did not load (loaded: {list(loaded)}) and "
-                    "require_providers is true")
+                    "require_providers is true"
+                )
         inputs = _describe_inputs(session)
         outputs = tuple(o.name for o in session.get_outputs())
         users = {p: c for p, c in self._config.pipelines.items() if c.model == name}
         problems = pipeline_problems(ModelView(inputs, outputs), users)
         if problems:
             raise ModelLoadError("; ".join(problems))
-        model = LoadedModel(name=name, version=version, path=path, session=session,
-                            inputs=inputs, outputs=outputs, providers=loaded,
-                            requested=tuple(requested),
-                            degraded=bool(missing),
-                            loaded_at=time.time())
+        model = LoadedModel(
+            name=name,
+            version=version,
+            path=path,
+            session=session,
+            inputs=inputs,
+            outputs=outputs,
+            providers=loaded,
+            requested=tuple(requested),
+            degraded=bool(missing),
+            loaded_at=time.time(),
+        )
         _warm_up(model, users, lambda feeds: self._warmups.run(model.session, feeds, deadline))
         return model
 
     def plan(self, name: str, version: str) -> ProviderPlan:
         """The execution providers for model ``name`` (per-model setting, else global)."""
         setting = self._config.models[name].providers or self._config.providers
-        return plan_providers(self._hardware, PlanInputs(
-            available=ort.get_available_providers(),
-            requested=None if setting in (None, "auto") else list(setting),
-            model_sha256=version,
-            state_dir=Path(self._config.state_dir),
-            gpu_mem_limit_mb=self._config.gpu_mem_limit_mb,
-            cpu_threads=self._config.cpu_threads,
-            ort_version=ort.__version__,
-        ))
+        return plan_providers(
+            self._hardware,
+            PlanInputs(
+                available=ort.get_available_providers(),
+                requested=None if setting in (None, "auto") else list(setting),
+                model_sha256=version,
+                state_dir=Path(self._config.state_dir),
+                gpu_mem_limit_mb=self._config.gpu_mem_limit_mb,
+                cpu_threads=self._config.cpu_threads,
+                ort_version=ort.__version__,
+            ),
+        )
 
 
 def _check_time(started: float, max_seconds: float | None) -> None:
     took = time.monotonic() - started
     if max_seconds is not None and took > max_seconds:
-        raise ModelLoadError(f"loading and warming up took {took:.1f} s, more than the "
-                             f"{max_seconds:g} s allowed (updates.trial_timeout_s)")
+        raise ModelLoadError(
+            f"loading and warming up took {took:.1f} s, more than the "
+            f"{max_seconds:g} s allowed (updates.trial_timeout_s)"
+        )
 
 
 def session_options(plan: ProviderPlan) -> ort.SessionOptions:
@@ -381,8 +453,9 @@ def session_options(plan: ProviderPlan) -> ort.SessionOptions:
     options.intra_op_num_threads = plan.intra_op_num_threads
     # Spinning threads burn a core waiting for work: wasteful on small boards that mostly
     # idle between readings, and it heats the SoC.
-    options.add_session_config_entry("session.intra_op.allow_spinning",
-                                     "1" if plan.allow_spinning else "0")
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if plan.allow_spinning else "0"
+    )
     return options
 
 
@@ -415,9 +488,15 @@ def _describe_inputs(session: ort.InferenceSession) -> tuple[TensorSpec, ...]:
         dynamic_first = len(shape) >= 1 and shape[0] is None
         fixed_one = len(shape) >= 2 and shape[0] == 1
         batched = dynamic_first or fixed_one
-        specs.append(TensorSpec(name=item.name, dtype=np.dtype(ONNX_TO_NUMPY[item.type]),
-                                item_shape=shape[1:] if batched else shape, batched=batched,
-                                max_batch=None if dynamic_first else 1 if fixed_one else None))
+        specs.append(
+            TensorSpec(
+                name=item.name,
+                dtype=np.dtype(ONNX_TO_NUMPY[item.type]),
+                item_shape=shape[1:] if batched else shape,
+                batched=batched,
+                max_batch=None if dynamic_first else 1 if fixed_one else None,
+            )
+        )
     return tuple(specs)
 
 
@@ -440,9 +519,11 @@ class _WarmupLimit:
         return started + self.seconds
 
     def explain(self, started: float) -> str:
-        return (f"warm-up did not finish within {self.seconds:g} s ({self.setting}): stopped "
-                f"after {time.monotonic() - started:.1f} s; a model whose run never ends "
-                "(a Loop without a bound, say) cannot serve")
+        return (
+            f"warm-up did not finish within {self.seconds:g} s ({self.setting}): stopped "
+            f"after {time.monotonic() - started:.1f} s; a model whose run never ends "
+            "(a Loop without a bound, say) cannot serve"
+        )
 
 
 class _WarmupRuns:
@@ -460,8 +541,7 @@ class _WarmupRuns:
             for options in self._running.values():
                 options.terminate = True
 
-    def run(self, session: ort.InferenceSession, feeds: dict[str, Any],
-            deadline: float) -> None:
+    def run(self, session: ort.InferenceSession, feeds: dict[str, Any], deadline: float) -> None:
         """``session.run(None, feeds)``, ended at ``deadline`` (``_WarmupStopped``)."""
         options = ort.RunOptions()
         options.log_severity_level = 4  # the terminated run's error is ours to report
@@ -493,8 +573,11 @@ class _WarmupRuns:
             options.terminate = True
 
 
-def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig],
-             run: Callable[[dict[str, Any]], None]) -> None:
+def _warm_up(
+    model: LoadedModel,
+    pipelines: Mapping[str, PipelineConfig],
+    run: Callable[[dict[str, Any]], None],
+) -> None:
     """Run once before serving: the first run allocates and optimizes and is much slower.
 
     Uses each pipeline's constants, state and ``input.shape``, so the warm-up looks like real
@@ -518,7 +601,8 @@ def _warm_up(model: LoadedModel, pipelines: Mapping[str, PipelineConfig],
             first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
             raise ModelLoadError(
                 f"warm-up inference failed: {first_line} (set the pipeline's input.shape and "
-                "constants so the warm-up uses realistic inputs)") from exc
+                "constants so the warm-up uses realistic inputs)"
+            ) from exc
 
 
 def _explain_load_error(exc: Exception) -> str:

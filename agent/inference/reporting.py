@@ -36,17 +36,30 @@ class ErrorReporter:
 
     def report_step(self, reason: str, **fields: object) -> None:
         """Publish a failed step that is not about one reading (e.g. a refused reload)."""
-        self._publish(self._topic, encode_json(
-            {"pipeline": None, "topic": None, **fields, "reason": reason, "ts": time.time()}))
+        self._publish(
+            self._topic,
+            encode_json(
+                {"pipeline": None, "topic": None, **fields, "reason": reason, "ts": time.time()}
+            ),
+        )
 
     def report(self, pipeline: str, topic: str, reason: str) -> None:
         """Publish ``{"pipeline", "topic", "reason", "ts"}`` and log it (rate-limited)."""
-        self._publish(self._topic, encode_json(
-            {"pipeline": pipeline, "topic": topic, "reason": reason, "ts": time.time()}))
+        self._publish(
+            self._topic,
+            encode_json(
+                {"pipeline": pipeline, "topic": topic, "reason": reason, "ts": time.time()}
+            ),
+        )
         log_this, muted = self._take_budget(pipeline)
         if muted:
-            log.warning("errors_muted", pipeline=pipeline, muted=muted, window_s=LOG_WINDOW_S,
-                        hint=f"every error is on {self._topic}")
+            log.warning(
+                "errors_muted",
+                pipeline=pipeline,
+                muted=muted,
+                window_s=LOG_WINDOW_S,
+                hint=f"every error is on {self._topic}",
+            )
         if log_this:
             log.warning("input_rejected", pipeline=pipeline, topic=topic, reason=reason)
 

@@ -35,10 +35,24 @@ from agent.config.schema import WatchConfig
 
 log = structlog.get_logger(__name__)
 
-NETWORK_FILESYSTEMS = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "ceph", "glusterfs",
-    "fuse.s3fs", "davfs", "fuse.rclone", "virtiofs", "fuse.gcsfuse",
-})
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "fuse.sshfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "fuse.s3fs",
+        "davfs",
+        "fuse.rclone",
+        "virtiofs",
+        "fuse.gcsfuse",
+    }
+)
 TEMP_SUFFIXES = (".tmp", ".part", ".swp", ".partial", "~")
 # A model whose load is in progress (an update trial) is looked at again this much later.
 BUSY_RETRY_S = 1.0
@@ -72,7 +86,7 @@ def filesystem_type(path: Path, mounts_file: Path = Path("/proc/mounts")) -> str
 @dataclass
 class _Pending:
     due: float
-    settle: bool                        # True: wait for size/mtime to stop changing
+    settle: bool  # True: wait for size/mtime to stop changing
     stat: tuple[int, int] | None = None
 
 
@@ -83,8 +97,9 @@ class ModelFileWatcher:
     False (that model is loading already) the file is looked at again a moment later.
     """
 
-    def __init__(self, models: Mapping[str, Path], on_ready: Callable[[str], Any],
-                 config: WatchConfig) -> None:
+    def __init__(
+        self, models: Mapping[str, Path], on_ready: Callable[[str], Any], config: WatchConfig
+    ) -> None:
         self._files = {name: Path(path).absolute() for name, path in models.items()}
         self._paths: dict[Path, list[str]] = {}
         for name, path in self._files.items():
@@ -101,8 +116,10 @@ class ModelFileWatcher:
     def start(self) -> None:
         """Start watching (and the reload thread)."""
         if self._config.mode == "off" or not self._paths:
-            log.info("model_watch_off", reason="watch.mode is off" if self._paths else
-                     "no models configured")
+            log.info(
+                "model_watch_off",
+                reason="watch.mode is off" if self._paths else "no models configured",
+            )
             return
         self._start_observer()
         self._thread.start()
@@ -135,16 +152,18 @@ class ModelFileWatcher:
                 self._note(name, complete, now, stat, renamed)
             self._cond.notify()
 
-    def _note(self, name: str, complete: bool, now: float, stat: tuple[int, int] | None,
-              renamed: bool) -> None:
+    def _note(
+        self, name: str, complete: bool, now: float, stat: tuple[int, int] | None, renamed: bool
+    ) -> None:
         if complete:
             delay = 0.0 if renamed else self._config.debounce_ms / 1000
             self._pending[name] = _Pending(due=now + delay, settle=False)
             return
         existing = self._pending.get(name)
         if existing is None or existing.settle:
-            self._pending[name] = _Pending(due=now + self._config.settle_ms / 1000,
-                                           settle=True, stat=stat)
+            self._pending[name] = _Pending(
+                due=now + self._config.settle_ms / 1000, settle=True, stat=stat
+            )
         else:  # a close is already pending; more writes push it back a little
             existing.due = max(existing.due, now + self._config.debounce_ms / 1000)
 
@@ -156,8 +175,12 @@ class ModelFileWatcher:
         for folder in self._folders():
             fs_type = filesystem_type(folder)
             if fs_type in NETWORK_FILESYSTEMS:
-                log.info("model_watch_polling", folder=str(folder), filesystem=fs_type,
-                         reason="inotify does not see changes made by other hosts")
+                log.info(
+                    "model_watch_polling",
+                    folder=str(folder),
+                    filesystem=fs_type,
+                    reason="inotify does not see changes made by other hosts",
+                )
                 return "polling"
         return "inotify"
 
@@ -173,16 +196,21 @@ class ModelFileWatcher:
         except OSError as exc:  # inotify instance or watch limits reached, or unsupported
             if mode == "polling":
                 raise
-            log.warning("model_watch_inotify_failed", error=str(exc),
-                        action="falling back to polling")
+            log.warning(
+                "model_watch_inotify_failed", error=str(exc), action="falling back to polling"
+            )
             mode = "polling"
             observer = self._make_observer(mode)
             self._schedule(observer)
             observer.start()
         self._observer = observer
         self.mode = mode
-        log.info("model_watch_started", mode=mode, folders=[str(f) for f in self._folders()],
-                 files=len(self._paths))
+        log.info(
+            "model_watch_started",
+            mode=mode,
+            folders=[str(f) for f in self._folders()],
+            files=len(self._paths),
+        )
 
     def _make_observer(self, mode: str) -> BaseObserver:
         if mode == "polling":
@@ -217,8 +245,9 @@ class ModelFileWatcher:
                 continue
             if done is False:  # that model is loading already (an update's trial): later
                 with self._cond:
-                    self._pending.setdefault(name, _Pending(due=time.monotonic() + BUSY_RETRY_S,
-                                                            settle=False))
+                    self._pending.setdefault(
+                        name, _Pending(due=time.monotonic() + BUSY_RETRY_S, settle=False)
+                    )
 
     def _next_due(self) -> str | None:
         """Block until a model is due for loading (None: stopped)."""

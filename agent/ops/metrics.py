@@ -34,21 +34,29 @@ LATENCY_BUCKET_STRIDE = 8
 
 # Per-pipeline counters: PipelineCounters attribute -> (metric name, help text).
 READING_COUNTERS = {
-    "received": ("edge_agent_readings_received_total",
-                 "Readings received from the pipeline's input topic."),
-    "processed": ("edge_agent_readings_processed_total",
-                  "Readings answered with a result."),
-    "dropped": ("edge_agent_readings_dropped_total",
-                "Readings dropped unprocessed because the pipeline's queue was full "
-                "(the oldest waiting one goes)."),
-    "errors": ("edge_agent_readings_errors_total",
-               "Readings answered with an error instead of a result "
-               "(rejected + failed)."),
-    "rejected": ("edge_agent_readings_rejected_total",
-                 "Readings refused on arrival: payload not decodable, not fitting the "
-                 "model input or too large, or the model not serving."),
-    "failed": ("edge_agent_readings_failed_total",
-               "Readings whose inference or result step failed."),
+    "received": (
+        "edge_agent_readings_received_total",
+        "Readings received from the pipeline's input topic.",
+    ),
+    "processed": ("edge_agent_readings_processed_total", "Readings answered with a result."),
+    "dropped": (
+        "edge_agent_readings_dropped_total",
+        "Readings dropped unprocessed because the pipeline's queue was full "
+        "(the oldest waiting one goes).",
+    ),
+    "errors": (
+        "edge_agent_readings_errors_total",
+        "Readings answered with an error instead of a result (rejected + failed).",
+    ),
+    "rejected": (
+        "edge_agent_readings_rejected_total",
+        "Readings refused on arrival: payload not decodable, not fitting the "
+        "model input or too large, or the model not serving.",
+    ),
+    "failed": (
+        "edge_agent_readings_failed_total",
+        "Readings whose inference or result step failed.",
+    ),
 }
 
 
@@ -68,8 +76,9 @@ class MetricsServer:
         host, _, port = self._listen.rpartition(":")
         registry = prometheus_client.CollectorRegistry()
         registry.register(_Collector(self._view))
-        self._server, _ = prometheus_client.start_http_server(int(port), host.strip("[]"),
-                                                              registry=registry)
+        self._server, _ = prometheus_client.start_http_server(
+            int(port), host.strip("[]"), registry=registry
+        )
         log.info("metrics_listening", address=self._listen)
 
     def stop(self) -> None:
@@ -101,8 +110,11 @@ class _Collector:
 
         # The info-metric pattern: labels that describe the target, value always 1, so that
         # dashboards can pick a device by its id rather than by its scrape address.
-        info = GaugeMetricFamily("edge_agent_info", "The agent's device id and version; "
-                                 "always 1.", labels=["device_id", "version"])
+        info = GaugeMetricFamily(
+            "edge_agent_info",
+            "The agent's device id and version; always 1.",
+            labels=["device_id", "version"],
+        )
         info.add_metric([self._view.device_id, __version__], 1.0)
         yield info
 
@@ -120,18 +132,24 @@ class _Collector:
             for pipeline_name, pipeline in pipelines.items():
                 family.add_metric([pipeline_name], getattr(pipeline.counters, key))
             yield family
-        depth = GaugeMetricFamily("edge_agent_queue_depth",
-                                  "Readings waiting in the pipeline's queue for inference.",
-                                  labels=["pipeline"])
+        depth = GaugeMetricFamily(
+            "edge_agent_queue_depth",
+            "Readings waiting in the pipeline's queue for inference.",
+            labels=["pipeline"],
+        )
         latency = HistogramMetricFamily(
             "edge_agent_latency_seconds",
-            "Time from receiving a reading to publishing its result.", labels=["pipeline"])
+            "Time from receiving a reading to publishing its result.",
+            labels=["pipeline"],
+        )
         for pipeline_name, pipeline in pipelines.items():
             depth.add_metric([pipeline_name], pipeline.queue_depth)
             buckets, count, total_ms = pipeline.latency.cumulative()
-            kept = [(f"{bound / 1000:.6g}", cumulative)
-                    for index, (bound, cumulative) in enumerate(buckets)
-                    if index % LATENCY_BUCKET_STRIDE == LATENCY_BUCKET_STRIDE - 1]
+            kept = [
+                (f"{bound / 1000:.6g}", cumulative)
+                for index, (bound, cumulative) in enumerate(buckets)
+                if index % LATENCY_BUCKET_STRIDE == LATENCY_BUCKET_STRIDE - 1
+            ]
             latency.add_metric([pipeline_name], [*kept, ("+Inf", count)], total_ms / 1000)
         yield depth
         yield latency
@@ -143,21 +161,25 @@ class _Collector:
         state = GaugeMetricFamily(
             "edge_agent_model_state",
             "1 for the model's current state (LOADING, READY, FAILED), 0 for the others.",
-            labels=["model", "state"])
-        ready = GaugeMetricFamily("edge_agent_model_ready",
-                                  "1 when the model serves, 0 otherwise.",
-                                  labels=["model", "version"])
+            labels=["model", "state"],
+        )
+        ready = GaugeMetricFamily(
+            "edge_agent_model_ready",
+            "1 when the model serves, 0 otherwise.",
+            labels=["model", "version"],
+        )
         degraded = GaugeMetricFamily(
             "edge_agent_model_degraded",
             "1 when some requested execution providers did not load for the model.",
-            labels=["model"])
+            labels=["model"],
+        )
         for name in registry.names():
             status = registry.status(name)
             for candidate in ModelState:
-                state.add_metric([name, candidate.value],
-                                 1.0 if status.state is candidate else 0.0)
-            ready.add_metric([name, status.version or ""],
-                             1.0 if status.state is ModelState.READY else 0.0)
+                state.add_metric([name, candidate.value], 1.0 if status.state is candidate else 0.0)
+            ready.add_metric(
+                [name, status.version or ""], 1.0 if status.state is ModelState.READY else 0.0
+            )
             degraded.add_metric([name], 1.0 if status.degraded else 0.0)
         yield state
         yield ready
@@ -175,28 +197,48 @@ class _Collector:
         connected = GaugeMetricFamily(
             "edge_agent_broker_connected",
             "1 while the MQTT connection is up: local (readings) and, when configured, "
-            "upstream (results, telemetry).", labels=["connection"])
+            "upstream (results, telemetry).",
+            labels=["connection"],
+        )
         for connection, up in report.get("connected", {}).items():
             connected.add_metric([connection], 1.0 if up else 0.0)
         yield connected
         outbox: Mapping[str, Any] = report.get("outbox") or {}
         families = (
-            (GaugeMetricFamily, "edge_agent_outbox_depth", "depth",
-             "Results stored in the outbox, waiting to be published."),
-            (GaugeMetricFamily, "edge_agent_outbox_bytes", "bytes",
-             "Bytes of the results stored in the outbox."),
-            (CounterMetricFamily, "edge_agent_outbox_dropped_total", "dropped",
-             "Results dropped from the outbox because it reached outbox.max_mb."),
-            (CounterMetricFamily, "edge_agent_outbox_expired_total", "expired",
-             "Results dropped from the outbox because they outlived outbox.max_age_s."),
+            (
+                GaugeMetricFamily,
+                "edge_agent_outbox_depth",
+                "depth",
+                "Results stored in the outbox, waiting to be published.",
+            ),
+            (
+                GaugeMetricFamily,
+                "edge_agent_outbox_bytes",
+                "bytes",
+                "Bytes of the results stored in the outbox.",
+            ),
+            (
+                CounterMetricFamily,
+                "edge_agent_outbox_dropped_total",
+                "dropped",
+                "Results dropped from the outbox because it reached outbox.max_mb.",
+            ),
+            (
+                CounterMetricFamily,
+                "edge_agent_outbox_expired_total",
+                "expired",
+                "Results dropped from the outbox because they outlived outbox.max_age_s.",
+            ),
         )
         for family_type, name, key, help_text in families:
             family = family_type(name, help_text)
             if key in outbox:
                 family.add_metric([], float(outbox[key]))
             yield family
-        age = GaugeMetricFamily("edge_agent_outbox_oldest_age_seconds",
-                                "Age of the oldest result in the outbox; 0 when it is empty.")
+        age = GaugeMetricFamily(
+            "edge_agent_outbox_oldest_age_seconds",
+            "Age of the oldest result in the outbox; 0 when it is empty.",
+        )
         if outbox:
             # 0 rather than no sample when empty: an alert on "age > X" then sees a value.
             age.add_metric([], float(outbox.get("oldest_age_s") or 0.0))
@@ -209,23 +251,30 @@ class _Collector:
         )
 
         view = self._view
-        yield CounterMetricFamily("edge_agent_cpu_seconds_total",
-                                  "User and system CPU time of the agent process.",
-                                  value=process_cpu_seconds())
-        memory = GaugeMetricFamily("edge_agent_resident_memory_bytes",
-                                   "Resident memory (RSS) of the agent process.")
+        yield CounterMetricFamily(
+            "edge_agent_cpu_seconds_total",
+            "User and system CPU time of the agent process.",
+            value=process_cpu_seconds(),
+        )
+        memory = GaugeMetricFamily(
+            "edge_agent_resident_memory_bytes", "Resident memory (RSS) of the agent process."
+        )
         resident = rss_mb()
         if resident is not None:  # no sample rather than a false 0 when /proc is unreadable
             memory.add_metric([], resident * MIB)
         yield memory
-        temperature = GaugeMetricFamily("edge_agent_temperature_celsius",
-                                        "Temperature of each thermal zone of the device.",
-                                        labels=["zone"])
+        temperature = GaugeMetricFamily(
+            "edge_agent_temperature_celsius",
+            "Temperature of each thermal zone of the device.",
+            labels=["zone"],
+        )
         for zone, celsius in read_temperatures(view.hardware).items():
             temperature.add_metric([zone], celsius)
         yield temperature
-        disk = GaugeMetricFamily("edge_agent_models_disk_free_bytes",
-                                 "Free disk space on the file system holding models_dir.")
+        disk = GaugeMetricFamily(
+            "edge_agent_models_disk_free_bytes",
+            "Free disk space on the file system holding models_dir.",
+        )
         free = disk_free_mb(view.models_dir)
         if free is not None:
             disk.add_metric([], free * MIB)

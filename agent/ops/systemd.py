@@ -98,8 +98,9 @@ class Watchdog:
     loop then stops the pings and systemd restarts the service (``WatchdogSec=``).
     """
 
-    def __init__(self, notifier: SdNotifier, interval_s: float,
-                 check: Callable[[], str | None]) -> None:
+    def __init__(
+        self, notifier: SdNotifier, interval_s: float, check: Callable[[], str | None]
+    ) -> None:
         self._notifier = notifier
         self._interval = interval_s
         self._check = check
@@ -128,6 +129,9 @@ class Watchdog:
                     self._withheld = None
                 self._notifier.watchdog()
             elif problem != self._withheld:
-                log.error("watchdog_withheld", reason=problem,
-                          effect="systemd will restart the service when WatchdogSec passes")
+                log.error(
+                    "watchdog_withheld",
+                    reason=problem,
+                    effect="systemd will restart the service when WatchdogSec passes",
+                )
                 self._withheld = problem

@@ -23,8 +23,8 @@ from agent.inference.registry import ModelRegistry
 JETSON_GPU_LOAD_FILES = (
     "/sys/devices/gpu.0/load",
     "/sys/devices/platform/gpu.0/load",
-    "/sys/devices/platform/17000000.ga10b/load",   # Orin
-    "/sys/devices/platform/17000000.gv11b/load",   # Xavier
+    "/sys/devices/platform/17000000.ga10b/load",  # Orin
+    "/sys/devices/platform/17000000.gv11b/load",  # Xavier
     "/sys/devices/17000000.ga10b/load",
     "/sys/devices/17000000.gv11b/load",
 )
@@ -136,9 +136,13 @@ class HealthReporter:
         models = {}
         for name in view.registry.names():
             status = view.registry.status(name)
-            models[name] = {"state": status.state.value, "version": status.version,
-                            "providers": list(status.providers), "degraded": status.degraded,
-                            "error": status.error}
+            models[name] = {
+                "state": status.state.value,
+                "version": status.version,
+                "providers": list(status.providers),
+                "degraded": status.degraded,
+                "error": status.error,
+            }
         document: dict[str, Any] = {
             "device_id": view.device_id,
             "ts": round(time.time(), 3),

@@ -19,8 +19,9 @@ class ShortConnectionStreak:
     the thread that runs the MQTT callbacks.
     """
 
-    def __init__(self, short_s: float = SHORT_CONNECTION_S,
-                 report_at: int = STREAK_TO_REPORT) -> None:
+    def __init__(
+        self, short_s: float = SHORT_CONNECTION_S, report_at: int = STREAK_TO_REPORT
+    ) -> None:
         self._short_s = short_s
         self._report_at = report_at
         self._connected_at: float | None = None

@@ -40,8 +40,14 @@ IDLE_WAIT_S = 0.2
 class Delivery:
     """Hands results to the broker connection or the outbox, in order."""
 
-    def __init__(self, connection: Callable[[], MqttConnection], outbox: Outbox | None, *,
-                 flush_rate: float, window: int) -> None:
+    def __init__(
+        self,
+        connection: Callable[[], MqttConnection],
+        outbox: Outbox | None,
+        *,
+        flush_rate: float,
+        window: int,
+    ) -> None:
         """``connection()`` returns the connection results go to now (it is replaced when
         the broker settings change); ``outbox`` None means at-most-once."""
         self._connection = connection
@@ -50,12 +56,12 @@ class Delivery:
         self._window = window
         self._lock = threading.Lock()  # orders submit against the switch back to direct
         self._backlog = outbox is not None and len(outbox) > 0
-        self._cursor = 0              # flusher: highest outbox id handed to paho
+        self._cursor = 0  # flusher: highest outbox id handed to paho
         self._flushed_on: MqttConnection | None = None
-        self._ready_generation = -1   # flusher: connection generation cleared for flushing
+        self._ready_generation = -1  # flusher: connection generation cleared for flushing
         self._acked_lock = threading.Lock()
-        self._in_flight: set[int] = set()   # outbox ids sent, awaiting the broker's ack
-        self._acked: list[int] = []         # outbox ids acknowledged, to delete
+        self._in_flight: set[int] = set()  # outbox ids sent, awaiting the broker's ack
+        self._acked: list[int] = []  # outbox ids acknowledged, to delete
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self.published_from_outbox = 0
@@ -86,8 +92,12 @@ class Delivery:
         outbox = self._outbox
         if outbox is None:
             connection = self._connection()
-            connection.publish(result.topic, result.payload, qos=result.qos,
-                               properties=_properties(result.correlation))
+            connection.publish(
+                result.topic,
+                result.payload,
+                qos=result.qos,
+                properties=_properties(result.correlation),
+            )
             if done is not None:
                 done()
             return
@@ -96,9 +106,13 @@ class Delivery:
             if not self._backlog and connection.connected.is_set():
                 # Under the lock so that the flusher cannot switch modes in between; paho's
                 # publish never waits for the network.
-                connection.publish(result.topic, result.payload, qos=result.qos,
-                                   properties=_properties(result.correlation),
-                                   on_acked=done if result.qos > 0 else None)
+                connection.publish(
+                    result.topic,
+                    result.payload,
+                    qos=result.qos,
+                    properties=_properties(result.correlation),
+                    on_acked=done if result.qos > 0 else None,
+                )
                 stored = False
             else:
                 outbox.append([result])
@@ -181,8 +195,13 @@ class Delivery:
                 self._in_flight.discard(row_id)
                 self._acked.append(row_id)
 
-        connection.publish(row.topic, row.payload, qos=row.qos,
-                           properties=_properties(row.correlation), on_acked=acked)
+        connection.publish(
+            row.topic,
+            row.payload,
+            qos=row.qos,
+            properties=_properties(row.correlation),
+            on_acked=acked,
+        )
         self._cursor = row.id
         self.published_from_outbox += 1
 

@@ -75,10 +75,17 @@ class MqttConnection:
     """Owns one paho client: connect with backoff, ``online``/``offline`` status, and
     per-filter message routing that survives reconnects."""
 
-    def __init__(self, config: MqttConfig, status_topic: str | None, *, role: str = "local",
-                 persistent: bool = False, manual_ack: bool = False,
-                 session_memory: SessionMemory | None = None,
-                 max_packet_bytes: int) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        status_topic: str | None,
+        *,
+        role: str = "local",
+        persistent: bool = False,
+        manual_ack: bool = False,
+        session_memory: SessionMemory | None = None,
+        max_packet_bytes: int,
+    ) -> None:
         """``status_topic``: where ``online``/``offline`` (and the last will) go, or None.
         ``persistent``: keep the broker session across disconnects and restarts (MQTT 5
         clean_start false with a session expiry; MQTT 3.1.1 clean_session false).
@@ -95,14 +102,14 @@ class MqttConnection:
         self._session_memory = session_memory
         self._max_packet_bytes = max_packet_bytes
         self._log = log.bind(broker=f"{config.host}:{config.port}", role=role)
-        protocol = (MQTTProtocolVersion.MQTTv5 if config.protocol == "5"
-                    else MQTTProtocolVersion.MQTTv311)
+        protocol = (
+            MQTTProtocolVersion.MQTTv5 if config.protocol == "5" else MQTTProtocolVersion.MQTTv311
+        )
         self._client = BoundedClient(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             protocol=protocol,
-            clean_session=(not persistent) if protocol == MQTTProtocolVersion.MQTTv311
-            else None,
+            clean_session=(not persistent) if protocol == MQTTProtocolVersion.MQTTv311 else None,
             manual_ack=manual_ack,
             max_packet_bytes=max_packet_bytes,
         )
@@ -230,10 +237,14 @@ class MqttConnection:
 
     def start(self) -> None:
         """Connect in the background; failures are retried with backoff, never raised."""
-        self._log.info("mqtt_connecting", client_id=self._config.client_id,
-                       protocol=self._config.protocol, tls=self._config.tls.enabled,
-                       persistent_session=self._persistent,
-                       max_packet_bytes=self._max_packet_bytes)
+        self._log.info(
+            "mqtt_connecting",
+            client_id=self._config.client_id,
+            protocol=self._config.protocol,
+            tls=self._config.tls.enabled,
+            persistent_session=self._persistent,
+            max_packet_bytes=self._max_packet_bytes,
+        )
         if self.protocol_is_v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.ReceiveMaximum = self._config.receive_maximum
@@ -244,18 +255,29 @@ class MqttConnection:
             # Never a clean start when persistent, not even the first connect of a process:
             # the session holds the readings that arrived while the agent was restarting.
             self._client.connect_async(
-                self._config.host, self._config.port, keepalive=self._config.keepalive_s,
+                self._config.host,
+                self._config.port,
+                keepalive=self._config.keepalive_s,
                 clean_start=False if self._persistent else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=properties)
+                properties=properties,
+            )
         else:
-            self._client.connect_async(self._config.host, self._config.port,
-                                       keepalive=self._config.keepalive_s)
+            self._client.connect_async(
+                self._config.host, self._config.port, keepalive=self._config.keepalive_s
+            )
         self._client.loop_start()
         self._started = True
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 0, retain: bool = False, *,
-                properties: Properties | None = None,
-                on_acked: Callable[[], None] | None = None) -> paho.MQTTMessageInfo:
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 0,
+        retain: bool = False,
+        *,
+        properties: Properties | None = None,
+        on_acked: Callable[[], None] | None = None,
+    ) -> paho.MQTTMessageInfo:
         """Queue a message for sending; thread-safe. QoS 1/2 messages are kept while
         disconnected and sent after the next connect.
 
@@ -264,10 +286,8 @@ class MqttConnection:
         not block and must not publish. Never called for a QoS 0 message that could not be
         sent.
         """
-        info = self._client.publish(topic, payload, qos=qos, retain=retain,
-                                    properties=properties)
-        queued = info.rc == paho.MQTT_ERR_SUCCESS or (
-            qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        queued = info.rc == paho.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN)
         if queued:
             with self._ack_lock:
                 acked_already = info.mid in self._early
@@ -335,8 +355,14 @@ class MqttConnection:
         except Exception as exc:  # not a TCP socket (unix transport)
             self._log.debug("tcp_nodelay_not_set", error=str(exc))
 
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any,
-                    reason_code: ReasonCode, properties: Properties | None) -> None:
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         try:
             if reason_code.is_failure:
                 self._log.warning("mqtt_connect_refused", reason=str(reason_code))
@@ -350,9 +376,11 @@ class MqttConnection:
             if self._session_memory is not None:
                 stale = self._session_memory.stale({s.subscribe_filter for s in subscriptions})
                 if stale:
-                    self._log.info("mqtt_stale_unsubscribed", filters=stale,
-                                   reason="the persistent session held them from an earlier "
-                                          "config")
+                    self._log.info(
+                        "mqtt_stale_unsubscribed",
+                        filters=stale,
+                        reason="the persistent session held them from an earlier config",
+                    )
                     client.unsubscribe(stale)
             if subscriptions:
                 self._send_subscribe(subscriptions)
@@ -365,8 +393,14 @@ class MqttConnection:
         except Exception:
             self._log.exception("mqtt_on_connect_failed")
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
-                       reason_code: ReasonCode, properties: Properties | None) -> None:
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         try:
             was_connected = self.connected.is_set()
             self.connected.clear()
@@ -387,21 +421,34 @@ class MqttConnection:
             if getattr(reason_code, "value", None) == _SESSION_TAKEN_OVER:
                 # Another client connected with our client id: with the default ids that is
                 # two devices sharing one device_id, which an operator has to fix.
-                self._log.error("mqtt_session_taken_over", client_id=self._config.client_id,
-                                action="another client uses this client id: give each device "
-                                       "its own device_id (or host name)")
+                self._log.error(
+                    "mqtt_session_taken_over",
+                    client_id=self._config.client_id,
+                    action="another client uses this client id: give each device "
+                    "its own device_id (or host name)",
+                )
             elif streak is not None:
-                self._log.error("mqtt_connection_keeps_dropping", client_id=self._config.client_id,
-                                connections=streak, within_s=SHORT_CONNECTION_S,
-                                action="the broker closes each connection soon after accepting "
-                                       "it: most often another client uses this client id (two "
-                                       "devices with one device_id or host name); else check "
-                                       "the broker's log")
+                self._log.error(
+                    "mqtt_connection_keeps_dropping",
+                    client_id=self._config.client_id,
+                    connections=streak,
+                    within_s=SHORT_CONNECTION_S,
+                    action="the broker closes each connection soon after accepting "
+                    "it: most often another client uses this client id (two "
+                    "devices with one device_id or host name); else check "
+                    "the broker's log",
+                )
         except Exception:
             self._log.exception("mqtt_on_disconnect_failed")
 
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode,
-                    properties: Properties | None) -> None:
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         try:
             with self._ack_lock:
                 if mid in self._on_acked:
@@ -417,22 +464,26 @@ class MqttConnection:
         except Exception:
             self._log.exception("mqtt_on_publish_failed")
 
-    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
-                      properties: Any) -> None:
+    def _on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
         self._subscribed.set()
 
-    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any,
-                        properties: Any) -> None:
+    def _on_unsubscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any
+    ) -> None:
         if mid == self._unsubscribe_mid:
             self._unsubscribed.set()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         with contextlib.suppress(Exception):
-            self._log.warning("mqtt_connect_failed", reason="broker unreachable",
-                              retry_max_s=self._config.reconnect_max_s)
+            self._log.warning(
+                "mqtt_connect_failed",
+                reason="broker unreachable",
+                retry_max_s=self._config.reconnect_max_s,
+            )
 
-    def _on_message(self, client: paho.Client, userdata: Any,
-                    message: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         size = self._client.oversized(message)
         if size is not None:
             self._on_too_large(message, size)
@@ -463,13 +514,21 @@ class MqttConnection:
             topic = "<topic not UTF-8>"
         discarded = self._client.discarded
         if discarded <= 10 or discarded % 100 == 0:  # a flood must not flood the log too
-            self._log.warning("mqtt_message_too_large", topic=topic, bytes=size,
-                              limit=self._max_packet_bytes, discarded=discarded,
-                              hint="mqtt.max_packet_bytes; the broker's max_packet_size / "
-                                   "message_size_limit stops such messages earlier")
+            self._log.warning(
+                "mqtt_message_too_large",
+                topic=topic,
+                bytes=size,
+                limit=self._max_packet_bytes,
+                discarded=discarded,
+                hint="mqtt.max_packet_bytes; the broker's max_packet_size / "
+                "message_size_limit stops such messages earlier",
+            )
         with self._lock:
-            matching = [s for s in self._subscriptions.values()
-                        if paho.topic_matches_sub(s.topic_filter, topic)]
+            matching = [
+                s
+                for s in self._subscriptions.values()
+                if paho.topic_matches_sub(s.topic_filter, topic)
+            ]
         for subscription in matching:
             if subscription.on_too_large is None:
                 continue
@@ -483,8 +542,11 @@ class MqttConnection:
 
     def _route(self, topic: str) -> tuple[tuple[MessageHandler, ...], bool]:
         with self._lock:
-            matching = [s for s in self._subscriptions.values()
-                        if paho.topic_matches_sub(s.topic_filter, topic)]
+            matching = [
+                s
+                for s in self._subscriptions.values()
+                if paho.topic_matches_sub(s.topic_filter, topic)
+            ]
             route = (tuple(s.handler for s in matching), any(s.acknowledges for s in matching))
             if len(self._routes) >= ROUTE_CACHE_SIZE:
                 self._routes = {}

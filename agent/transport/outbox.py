@@ -26,12 +26,12 @@ from agent.errors import EdgeAgentError
 log = structlog.get_logger(__name__)
 
 DB_FILE = "outbox.sqlite3"
-DB_SHARE = 0.7          # of max_mb for the database file, less the WAL's share
-WAL_SHARE = 0.1         # of max_mb for the write-ahead log (checkpointed and truncated at it)
-ROW_OVERHEAD = 48       # bytes per row besides topic and payload (ids, times), for stats
+DB_SHARE = 0.7  # of max_mb for the database file, less the WAL's share
+WAL_SHARE = 0.1  # of max_mb for the write-ahead log (checkpointed and truncated at it)
+ROW_OVERHEAD = 48  # bytes per row besides topic and payload (ids, times), for stats
 PAGE_SIZE = 4096
 FULL_LOG_EVERY_S = 10.0
-SEQ_BLOCK = 1000        # seq numbers reserved per write: a restart skips at most this many
+SEQ_BLOCK = 1000  # seq numbers reserved per write: a restart skips at most this many
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -83,23 +83,29 @@ class Outbox:
         self._full_logged = 0.0
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False,
-                                       isolation_level=None, timeout=10.0)
+            self._db = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=10.0
+            )
             self._configure()
-            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) "
-                                   "FROM outbox").fetchone()
+            row = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM outbox"
+            ).fetchone()
         except sqlite3.Error as exc:
             raise EdgeAgentError(f"cannot open the outbox {self.path}: {exc}") from exc
         self._count, self._bytes = int(row[0]), int(row[1])
-        self.dropped = 0      # dropped for the size bound since start, never sent
-        self.expired = 0      # dropped for the age bound since start
+        self.dropped = 0  # dropped for the size bound since start, never sent
+        self.expired = 0  # dropped for the age bound since start
         # The highest id the flusher has taken to send: a row at or below it that the size
         # bound deletes is still on its way (in the flusher's hands or paho's) and is not a
         # drop. Written by the flusher, read by the appending workers, under ``_lock``.
         self._handed_through = 0
         if self._count:
-            log.info("outbox_resumed", results=self._count, bytes=self._bytes,
-                     oldest_age_s=round(time.time() - float(row[2]), 1))
+            log.info(
+                "outbox_resumed",
+                results=self._count,
+                bytes=self._bytes,
+                oldest_age_s=round(time.time() - float(row[2]), 1),
+            )
 
     def set_bounds(self, max_mb: float, max_age_s: float) -> None:
         """Adopt ``outbox.max_mb`` and ``max_age_s`` (at start and on a config reload; the
@@ -129,15 +135,27 @@ class Outbox:
     def append(self, results: list[PendingResult]) -> None:
         """Store results durably (one transaction), dropping the oldest beyond the bound."""
         now = time.time()
-        rows = [(r.pipeline, r.topic, r.payload, r.qos, r.correlation, now,
-                 len(r.payload) + len(r.topic) + ROW_OVERHEAD) for r in results]
+        rows = [
+            (
+                r.pipeline,
+                r.topic,
+                r.payload,
+                r.qos,
+                r.correlation,
+                now,
+                len(r.payload) + len(r.topic) + ROW_OVERHEAD,
+            )
+            for r in results
+        ]
         added = sum(row[-1] for row in rows)
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
                     "INSERT INTO outbox (pipeline, topic, payload, qos, correlation, created, "
-                    "size) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    "size) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
                 self._count += len(rows)
                 self._bytes += added
                 dropped = self._drop_oldest_beyond_budget()
@@ -151,8 +169,12 @@ class Outbox:
             self.dropped += dropped
             if time.monotonic() - self._full_logged >= FULL_LOG_EVERY_S:
                 self._full_logged = time.monotonic()
-                log.warning("outbox_full", dropped_total=self.dropped, kept=self._count,
-                            reason="outbox.max_mb reached: the oldest results are dropped")
+                log.warning(
+                    "outbox_full",
+                    dropped_total=self.dropped,
+                    kept=self._count,
+                    reason="outbox.max_mb reached: the oldest results are dropped",
+                )
 
     def _drop_oldest_beyond_budget(self) -> int:
         dropped = 0
@@ -165,7 +187,9 @@ class Outbox:
             cut = min(self._count, max(1, -(-(used - self._budget) // per_row)))
             last_id, freed, never_sent = self._db.execute(
                 "SELECT MAX(id), SUM(size), SUM(id > ?) FROM (SELECT id, size FROM outbox "
-                "ORDER BY id LIMIT ?)", (self._handed_through, cut)).fetchone()
+                "ORDER BY id LIMIT ?)",
+                (self._handed_through, cut),
+            ).fetchone()
             self._db.execute("DELETE FROM outbox WHERE id <= ?", (last_id,))
             self._count -= cut
             self._bytes -= int(freed)
@@ -210,7 +234,9 @@ class Outbox:
     def _rows_after(self, last_id: int, limit: int) -> list[OutboxRow]:
         rows = self._db.execute(
             "SELECT id, pipeline, topic, payload, qos, correlation, created FROM outbox "
-            "WHERE id > ? ORDER BY id LIMIT ?", (last_id, limit)).fetchall()
+            "WHERE id > ? ORDER BY id LIMIT ?",
+            (last_id, limit),
+        ).fetchall()
         return [OutboxRow(*row) for row in rows]
 
     def delete(self, ids: list[int]) -> None:
@@ -222,11 +248,16 @@ class Outbox:
             self._db.execute("BEGIN")
             try:
                 # Acknowledged ids are nearly contiguous: one range scan finds their sizes.
-                found = [(row_id, size) for row_id, size in self._db.execute(
-                    "SELECT id, size FROM outbox WHERE id BETWEEN ? AND ?",
-                    (min(ids), max(ids))) if row_id in wanted]
-                self._db.executemany("DELETE FROM outbox WHERE id = ?",
-                                     [(row_id,) for row_id, _ in found])
+                found = [
+                    (row_id, size)
+                    for row_id, size in self._db.execute(
+                        "SELECT id, size FROM outbox WHERE id BETWEEN ? AND ?", (min(ids), max(ids))
+                    )
+                    if row_id in wanted
+                ]
+                self._db.executemany(
+                    "DELETE FROM outbox WHERE id = ?", [(row_id,) for row_id, _ in found]
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -272,12 +303,15 @@ class Outbox:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT next FROM seq WHERE pipeline = ?",
-                                       (pipeline,)).fetchone()
+                row = self._db.execute(
+                    "SELECT next FROM seq WHERE pipeline = ?", (pipeline,)
+                ).fetchone()
                 start = int(row[0]) if row else 1
-                self._db.execute("INSERT INTO seq (pipeline, next) VALUES (?, ?) ON CONFLICT"
-                                 "(pipeline) DO UPDATE SET next = excluded.next",
-                                 (pipeline, start + SEQ_BLOCK))
+                self._db.execute(
+                    "INSERT INTO seq (pipeline, next) VALUES (?, ?) ON CONFLICT"
+                    "(pipeline) DO UPDATE SET next = excluded.next",
+                    (pipeline, start + SEQ_BLOCK),
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

@@ -22,7 +22,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
-RECV_SLICE = 64 * 1024            # bytes asked of the socket at a time
+RECV_SLICE = 64 * 1024  # bytes asked of the socket at a time
 HEAD_BYTES = 2 + 65_535 + 2 + 16 * 1024  # topic length, topic, packet id, some properties
 
 
@@ -73,7 +73,7 @@ class BoundedClient(paho.Client):
             head.append(0)
         topic = bytes(head[2:topic_end]).decode("utf-8", "replace")
         if qos == 2:
-            mid = int.from_bytes(head[topic_end:topic_end + 2], "big")
+            mid = int.from_bytes(head[topic_end : topic_end + 2], "big")
             self._too_large_qos2[mid] = size
             return super()._handle_publish()
         self.too_large = (topic, size)

@@ -58,8 +58,9 @@ class RetainedPublisher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and not (self._dirty and self._connection.connected
-                                                 .is_set()):
+                while not self._stopped and not (
+                    self._dirty and self._connection.connected.is_set()
+                ):
                     self._cond.wait(timeout=1.0)
                 if self._stopped and not (self._dirty and self._connection.connected.is_set()):
                     return

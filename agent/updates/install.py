@@ -65,8 +65,10 @@ def verify_staged(staged: Path, length: int, sha256: str) -> None:
         raise UpdateFailedError(f"received {size} bytes, the manifest signs {length}")
     actual = file_sha256(staged)
     if actual != sha256:
-        raise UpdateFailedError(f"sha256 of the received bytes is {actual}, the manifest signs "
-                           f"{sha256}: the model bytes were altered or corrupted")
+        raise UpdateFailedError(
+            f"sha256 of the received bytes is {actual}, the manifest signs "
+            f"{sha256}: the model bytes were altered or corrupted"
+        )
 
 
 def install(staged: Path, target: Path) -> None:

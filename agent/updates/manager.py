@@ -111,8 +111,13 @@ class _Active:
 def _unauthenticated(digest: str | None) -> dict[str, Any]:
     """The summary of a manifest that is not (yet) known to be signed: no claimed id, model
     or version, only the digest of its bytes."""
-    return {"update_id": None, "model": None, "version": None, "authenticated": False,
-            "manifest_sha256": digest}
+    return {
+        "update_id": None,
+        "model": None,
+        "version": None,
+        "authenticated": False,
+        "manifest_sha256": digest,
+    }
 
 
 def _authenticated(manifest: UpdateManifest, digest: str) -> dict[str, Any]:
@@ -122,8 +127,9 @@ def _authenticated(manifest: UpdateManifest, digest: str) -> dict[str, Any]:
 class UpdateManager:
     """Receives signed updates for this device and carries each to a final status."""
 
-    def __init__(self, config: AgentConfig, registry: ModelRegistry,
-                 publish: StatusPublisher) -> None:
+    def __init__(
+        self, config: AgentConfig, registry: ModelRegistry, publish: StatusPublisher
+    ) -> None:
         self._config = config
         self._registry = registry
         self._publish = publish
@@ -131,11 +137,11 @@ class UpdateManager:
         self._keys, self._key_problem = _load_keys(config)
         self._inbox: queue.Queue[tuple[str, Any, Any] | None] = queue.Queue()
         self._inbox_bytes = 0
-        self._inbox_lock = threading.Lock()   # guards the counters of what waits in _inbox
+        self._inbox_lock = threading.Lock()  # guards the counters of what waits in _inbox
         self._overflowed: set[str] = set()  # update ids whose chunks were dropped
         self._manifests_waiting = 0
         self._manifest_bytes_waiting = 0
-        self._manifests_dropped = 0   # since the last status that reported drops
+        self._manifests_dropped = 0  # since the last status that reported drops
         self._installs: queue.Queue[_Active | None] = queue.Queue()
         self._active: dict[str, _Active] = {}
         # (update id, manifest digest) of updates installed lately: the same manifest arriving
@@ -144,21 +150,35 @@ class UpdateManager:
         self._recent: deque[tuple[str, str]] = deque(maxlen=RECENT_IDS)
         self._stopped = threading.Event()
         self._intake = threading.Thread(target=self._run_intake, name="updates", daemon=True)
-        self._installer = threading.Thread(target=self._run_installs, name="updates-install",
-                                           daemon=True)
+        self._installer = threading.Thread(
+            target=self._run_installs, name="updates-install", daemon=True
+        )
 
     # -- lifecycle (main thread) -------------------------------------------------------------
 
     def subscriptions(self) -> list[Subscription]:
         """Manifest and chunk topics of this device and of each of its groups."""
-        bases = [self._config.topic_prefix] + [f"{GROUP_PREFIX}/{group}"
-                                               for group in self._config.groups]
+        bases = [self._config.topic_prefix] + [
+            f"{GROUP_PREFIX}/{group}" for group in self._config.groups
+        ]
         subs = []
         for base in bases:
-            subs.append(Subscription(f"{base}/updates/manifest", 1, self.on_manifest,
-                                     on_too_large=self.on_manifest_too_large))
-            subs.append(Subscription(f"{base}/updates/chunks/+", 1, self.on_chunk,
-                                     on_too_large=self.on_chunk_too_large))
+            subs.append(
+                Subscription(
+                    f"{base}/updates/manifest",
+                    1,
+                    self.on_manifest,
+                    on_too_large=self.on_manifest_too_large,
+                )
+            )
+            subs.append(
+                Subscription(
+                    f"{base}/updates/chunks/+",
+                    1,
+                    self.on_chunk,
+                    on_too_large=self.on_chunk_too_large,
+                )
+            )
         return subs
 
     def start(self) -> None:
@@ -207,27 +227,39 @@ class UpdateManager:
             log.error("update_state_unreadable", reason=self._store.problem)
             return
         for entry in self._store.journal():
-            summary = {"update_id": entry.update_id, "model": entry.model,
-                       "version": entry.version, "authenticated": True,
-                       "manifest_sha256": entry.manifest_sha256}
+            summary = {
+                "update_id": entry.update_id,
+                "model": entry.model,
+                "version": entry.version,
+                "authenticated": True,
+                "manifest_sha256": entry.manifest_sha256,
+            }
             if entry.step == "committed":
                 self._status(summary, SUCCEEDED, reason="committed before the agent stopped")
             elif entry.step == "downloading":
                 with contextlib.suppress(FileNotFoundError):
                     Path(entry.staged).unlink()
-                self._status(summary, FAILED, step="downloading",
-                             reason="the agent stopped during the download (restart, crash "
-                                    "or power loss); nothing was installed; send the update "
-                                    "again")
+                self._status(
+                    summary,
+                    FAILED,
+                    step="downloading",
+                    reason="the agent stopped during the download (restart, crash "
+                    "or power loss); nothing was installed; send the update "
+                    "again",
+                )
             else:
                 try:
                     done = restore_previous(Path(entry.target), entry.previous_sha256)
                 except (UpdateFailedError, OSError) as exc:
                     done = f"rollback failed: {exc}"
-                self._status(summary, FAILED, step=entry.step,
-                             reason=f"the agent stopped during the {entry.step} step, before "
-                                    f"the new model was committed; {done}; version "
-                                    f"{entry.version} is now burnt: publish a higher one")
+                self._status(
+                    summary,
+                    FAILED,
+                    step=entry.step,
+                    reason=f"the agent stopped during the {entry.step} step, before "
+                    f"the new model was committed; {done}; version "
+                    f"{entry.version} is now burnt: publish a higher one",
+                )
             self._store.finish(entry.update_id)
         for name in self._config.models:
             folder = staging_dir(self._config.model_path(name))
@@ -246,10 +278,12 @@ class UpdateManager:
             return None
         if self._store.may_load(name, version.removeprefix("sha256:")):
             return None
-        return ("not installed by a signed update as the version committed last, and "
-                "updates.require_signed_files is true: only that version, or a newer one sent "
-                "with `edge-agent publish-update`, may load (an older signed file, such as "
-                "NAME.onnx.prev copied back, would be a rollback)")
+        return (
+            "not installed by a signed update as the version committed last, and "
+            "updates.require_signed_files is true: only that version, or a newer one sent "
+            "with `edge-agent publish-update`, may load (an older signed file, such as "
+            "NAME.onnx.prev copied back, would be a rollback)"
+        )
 
     # -- paho's network thread: enqueue only ---------------------------------------------------
 
@@ -261,12 +295,16 @@ class UpdateManager:
         if not size:
             return
         if size > MAX_MANIFEST_BYTES:
-            self._refuse_unread(f"manifest of {size} bytes is larger than the "
-                                f"{MAX_MANIFEST_BYTES} bytes a manifest may have; not read")
+            self._refuse_unread(
+                f"manifest of {size} bytes is larger than the "
+                f"{MAX_MANIFEST_BYTES} bytes a manifest may have; not read"
+            )
             return
         with self._inbox_lock:
-            if self._manifests_waiting >= MANIFESTS_WAITING_MAX or \
-                    self._manifest_bytes_waiting + size > MANIFESTS_WAITING_MAX_BYTES:
+            if (
+                self._manifests_waiting >= MANIFESTS_WAITING_MAX
+                or self._manifest_bytes_waiting + size > MANIFESTS_WAITING_MAX_BYTES
+            ):
                 self._manifests_dropped += 1
                 return
             self._manifests_waiting += 1
@@ -275,8 +313,9 @@ class UpdateManager:
 
     def on_manifest_too_large(self, topic: str, size: int) -> None:
         """A message over ``mqtt.max_packet_bytes`` on a manifest topic (paho's thread)."""
-        self._refuse_unread(f"manifest message of {size} bytes is larger than "
-                            "mqtt.max_packet_bytes; not read")
+        self._refuse_unread(
+            f"manifest message of {size} bytes is larger than mqtt.max_packet_bytes; not read"
+        )
 
     def on_chunk_too_large(self, topic: str, size: int) -> None:
         """A message over ``mqtt.max_packet_bytes`` on a chunk topic (paho's thread): no
@@ -339,8 +378,10 @@ class UpdateManager:
         elif kind == "chunk_too_large":
             active = self._active.get(first)
             if active is not None and active.transfer is not None:
-                self._fail_transfer(active, f"a chunk message of {second} bytes arrived, "
-                                    "larger than mqtt.max_packet_bytes")
+                self._fail_transfer(
+                    active,
+                    f"a chunk message of {second} bytes arrived, larger than mqtt.max_packet_bytes",
+                )
         elif kind == "chunk":
             with self._inbox_lock:
                 self._inbox_bytes -= len(second)
@@ -363,15 +404,18 @@ class UpdateManager:
         with self._inbox_lock:
             dropped, self._manifests_dropped = self._manifests_dropped, 0
         if dropped:
-            self._status(_unauthenticated(None), REJECTED, dropped=dropped,
-                         reason=f"{dropped} manifest(s) dropped unread: more than "
-                                f"{MANIFESTS_WAITING_MAX} (or {MANIFESTS_WAITING_MAX_BYTES} "
-                                "bytes) were waiting to be verified; send again")
+            self._status(
+                _unauthenticated(None),
+                REJECTED,
+                dropped=dropped,
+                reason=f"{dropped} manifest(s) dropped unread: more than "
+                f"{MANIFESTS_WAITING_MAX} (or {MANIFESTS_WAITING_MAX_BYTES} "
+                "bytes) were waiting to be verified; send again",
+            )
 
     def _on_manifest(self, topic: str, data: bytes) -> None:
         digest = hashlib.sha256(data).hexdigest()
-        log.info("update_manifest_received", topic=topic, bytes=len(data),
-                 manifest_sha256=digest)
+        log.info("update_manifest_received", topic=topic, bytes=len(data), manifest_sha256=digest)
         summary = _unauthenticated(digest)
         try:
             payload = self._verified_payload(data)
@@ -402,16 +446,21 @@ class UpdateManager:
     def _is_repeat(self, manifest: UpdateManifest, digest: str) -> bool:
         """The same bytes again (an echo: ignored), or ``UpdateRejectedError`` when the id of
         an update in progress or installed lately comes with other bytes."""
-        seen = [a.summary["manifest_sha256"] for a in self._active.values()
-                if a.manifest.update_id == manifest.update_id]
+        seen = [
+            a.summary["manifest_sha256"]
+            for a in self._active.values()
+            if a.manifest.update_id == manifest.update_id
+        ]
         seen += [d for update_id, d in self._recent if update_id == manifest.update_id]
         if not seen:
             return False
         if digest in seen:
             log.debug("update_manifest_repeated", update_id=manifest.update_id)
             return True
-        raise UpdateRejectedError(f"update_id {manifest.update_id!r} was already used by "
-                                  "another manifest on this device; give each update its own id")
+        raise UpdateRejectedError(
+            f"update_id {manifest.update_id!r} was already used by "
+            "another manifest on this device; give each update its own id"
+        )
 
     def _verified_payload(self, data: bytes) -> bytes:
         if self._keys is None:
@@ -420,18 +469,23 @@ class UpdateManager:
 
     def _check_acceptable(self, manifest: UpdateManifest) -> None:
         config = self._config
-        problem = applicability_problem(manifest, config.device_id, config.groups,
-                                        datetime.now(timezone.utc))
+        problem = applicability_problem(
+            manifest, config.device_id, config.groups, datetime.now(timezone.utc)
+        )
         if problem:
             raise UpdateRejectedError(problem)
         if manifest.model not in config.models:
-            raise UpdateRejectedError(f"model {manifest.model!r} is not configured on this device "
-                                 f"(models: {sorted(config.models)})")
+            raise UpdateRejectedError(
+                f"model {manifest.model!r} is not configured on this device "
+                f"(models: {sorted(config.models)})"
+            )
         highest = self._store.highest_version(manifest.model)
         if manifest.version <= highest:
-            raise UpdateRejectedError(f"version {manifest.version} is not newer than version "
-                                 f"{highest}, the highest this device accepted for "
-                                 f"{manifest.model!r} (rollback or replay)")
+            raise UpdateRejectedError(
+                f"version {manifest.version} is not newer than version "
+                f"{highest}, the highest this device accepted for "
+                f"{manifest.model!r} (rollback or replay)"
+            )
         if isinstance(manifest.source, ChunkSource):
             limit = config.max_packet_bytes(config.upstream or config.mqtt)
             largest = limit - PACKET_OVERHEAD_BYTES
@@ -439,34 +493,52 @@ class UpdateManager:
                 raise UpdateRejectedError(
                     f"chunk_size {manifest.source.chunk_size} is larger than this device takes "
                     f"({largest} bytes, from mqtt.max_packet_bytes {limit}): send it with "
-                    f"--chunk-size {largest} or less")
+                    f"--chunk-size {largest} or less"
+                )
         for other in self._active.values():
             if other.manifest.model == manifest.model:
-                raise UpdateRejectedError(f"update {other.manifest.update_id} (version "
-                                     f"{other.manifest.version}) of {manifest.model!r} is in "
-                                     "progress; send this one when it has finished")
+                raise UpdateRejectedError(
+                    f"update {other.manifest.update_id} (version "
+                    f"{other.manifest.version}) of {manifest.model!r} is in "
+                    "progress; send this one when it has finished"
+                )
         folder = config.model_path(manifest.model).parent
         folder.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(folder).free
         if manifest.length + DISK_MARGIN_BYTES > free:
             # Where and how much is free is for the device's log, not for the fleet.
-            log.warning("update_disk_space_low", folder=str(folder), free_mb=free / 1e6,
-                        needed_mb=(manifest.length + DISK_MARGIN_BYTES) / 1e6)
+            log.warning(
+                "update_disk_space_low",
+                folder=str(folder),
+                free_mb=free / 1e6,
+                needed_mb=(manifest.length + DISK_MARGIN_BYTES) / 1e6,
+            )
             raise UpdateRejectedError(
                 f"not enough disk space for the model: it needs {manifest.length / 1e6:.1f} MB "
-                f"plus a {DISK_MARGIN_BYTES // 2**20} MB margin")
+                f"plus a {DISK_MARGIN_BYTES // 2**20} MB margin"
+            )
 
     def _begin(self, manifest: UpdateManifest, summary: dict[str, Any]) -> None:
         target = self._config.model_path(manifest.model)
         folder = make_staging_dir(target)
         staged = folder / f"{manifest.update_id}.part"
-        entry = JournalEntry(update_id=manifest.update_id, model=manifest.model,
-                             version=manifest.version, sha256=manifest.sha256,
-                             step="downloading", target=str(target), staged=str(staged),
-                             manifest_sha256=summary["manifest_sha256"])
+        entry = JournalEntry(
+            update_id=manifest.update_id,
+            model=manifest.model,
+            version=manifest.version,
+            sha256=manifest.sha256,
+            step="downloading",
+            target=str(target),
+            staged=str(staged),
+            manifest_sha256=summary["manifest_sha256"],
+        )
         self._store.begin(entry)
-        log.info("update_accepted", **summary, length=manifest.length,
-                 source=type(manifest.source).__name__)
+        log.info(
+            "update_accepted",
+            **summary,
+            length=manifest.length,
+            source=type(manifest.source).__name__,
+        )
         self._status(summary, QUEUED)
         active = _Active(manifest, entry, summary)
         self._active[manifest.update_id] = active
@@ -478,10 +550,15 @@ class UpdateManager:
         url, cancel, updates = manifest.source.url, active.cancel, self._config.updates
         DownloadThread(
             f"update-download-{manifest.update_id}",
-            lambda: download(url, staged, manifest.length, ca_file=updates.ca_file,
-                             connect_timeout_s=updates.connect_timeout_s,
-                             deadline_s=updates.download_timeout_s,
-                             cancelled=lambda: cancel.is_set() or self._stopped.is_set()),
+            lambda: download(
+                url,
+                staged,
+                manifest.length,
+                ca_file=updates.ca_file,
+                connect_timeout_s=updates.connect_timeout_s,
+                deadline_s=updates.download_timeout_s,
+                cancelled=lambda: cancel.is_set() or self._stopped.is_set(),
+            ),
             # Runs on the download thread: hand the outcome to the intake thread.
             lambda error: self._inbox.put(("downloaded", manifest.update_id, error)),
         ).start()
@@ -489,8 +566,11 @@ class UpdateManager:
     def _on_chunk(self, update_id: str, data: bytes) -> None:
         active = self._active.get(update_id)
         if active is None or active.transfer is None:
-            log.debug("update_chunk_ignored", update_id=update_id,
-                      reason="no transfer in progress with this id")
+            log.debug(
+                "update_chunk_ignored",
+                update_id=update_id,
+                reason="no transfer in progress with this id",
+            )
             return
         transfer = active.transfer
         try:
@@ -501,8 +581,12 @@ class UpdateManager:
         if transfer.complete:
             transfer.close()
             active.transfer = None
-            log.info("update_transfer_complete", update_id=update_id,
-                     chunks=transfer.source.chunks, duplicates=transfer.duplicates)
+            log.info(
+                "update_transfer_complete",
+                update_id=update_id,
+                chunks=transfer.source.chunks,
+                duplicates=transfer.duplicates,
+            )
             self._installs.put(active)
 
     def _on_downloaded(self, update_id: str, error: UpdateFailedError | None) -> None:
@@ -517,8 +601,10 @@ class UpdateManager:
 
     def _public(self, reason: str) -> str:
         """``reason`` as the fleet sees it: bounded, and without the device's paths."""
-        for folder, setting in ((self._config.models_dir, "<models_dir>"),
-                                (self._config.state_dir, "<state_dir>")):
+        for folder, setting in (
+            (self._config.models_dir, "<models_dir>"),
+            (self._config.state_dir, "<state_dir>"),
+        ):
             reason = reason.replace(str(Path(folder)), setting)
         return _bounded(reason)
 
@@ -532,12 +618,18 @@ class UpdateManager:
             if transfer is None:
                 continue
             if active.manifest.update_id in overflowed:
-                self._fail_transfer(active, "chunks arrived faster than they could be written "
-                                    f"(more than {INBOX_MAX_BYTES // 2**20} MiB waiting); "
-                                    f"{transfer.progress()}")
+                self._fail_transfer(
+                    active,
+                    "chunks arrived faster than they could be written "
+                    f"(more than {INBOX_MAX_BYTES // 2**20} MiB waiting); "
+                    f"{transfer.progress()}",
+                )
             elif now - transfer.last_activity > limit:
-                self._fail_transfer(active, f"transfer stalled: no chunk for {limit:g} s "
-                                    f"(updates.chunk_timeout_s); {transfer.progress()}")
+                self._fail_transfer(
+                    active,
+                    f"transfer stalled: no chunk for {limit:g} s "
+                    f"(updates.chunk_timeout_s); {transfer.progress()}",
+                )
 
     def _fail_transfer(self, active: _Active, reason: str) -> None:
         if active.transfer is not None:
@@ -579,8 +671,9 @@ class UpdateManager:
             return False
         failpoint("verified")
         previous = file_sha256(target)
-        self._store.accept(manifest.update_id, manifest.model, manifest.version,
-                           manifest.sha256, previous)
+        self._store.accept(
+            manifest.update_id, manifest.model, manifest.version, manifest.sha256, previous
+        )
         failpoint("accepted")
         self._status(summary, IN_PROGRESS, step="installing")
         # Held from the install to the commit or rollback: the folder watcher sees the new
@@ -610,8 +703,9 @@ class UpdateManager:
     def _undo(self, active: _Active) -> str:
         """After an unexpected error (disk full, I/O error): put the previous file back if
         the new one may have been installed, as a restart would."""
-        entry = next((e for e in self._store.journal()
-                      if e.update_id == active.manifest.update_id), None)
+        entry = next(
+            (e for e in self._store.journal() if e.update_id == active.manifest.update_id), None
+        )
         Path(active.entry.staged).unlink(missing_ok=True)
         if entry is None or entry.step not in ("installing", "trial"):
             return "nothing was installed"
@@ -625,8 +719,9 @@ class UpdateManager:
     def _trial(self, manifest: UpdateManifest) -> str | None:
         """Load the installed file through the registry (checks, warm-up, swap) within
         ``updates.trial_timeout_s``; why it failed, or None."""
-        model = self._registry.load(manifest.model,
-                                    max_seconds=self._config.updates.trial_timeout_s)
+        model = self._registry.load(
+            manifest.model, max_seconds=self._config.updates.trial_timeout_s
+        )
         if model is None or model.version != "sha256:" + manifest.sha256:
             status = self._registry.status(manifest.model)
             return f"the new model did not load: {status.error or 'no error recorded'}"
@@ -634,17 +729,35 @@ class UpdateManager:
 
     # -- status ------------------------------------------------------------------------------
 
-    def _status(self, summary: dict[str, Any], state: str, step: str | None = None,
-                reason: str | None = None, **extra: Any) -> None:
+    def _status(
+        self,
+        summary: dict[str, Any],
+        state: str,
+        step: str | None = None,
+        reason: str | None = None,
+        **extra: Any,
+    ) -> None:
         """Log and publish on ``P/updates/status`` (QoS 1; paho keeps it while disconnected):
         the one place every update state change is reported. The log gets the whole reason;
         the status a bounded one, with the device's folders named by their settings."""
         level = log.warning if state in (FAILED, REJECTED) else log.info
-        level("update_status", **summary, state=state, step=step,
-              reason=_encodable(reason) if reason else reason, **extra)
-        document = {**summary, "device_id": self._config.device_id, "state": state,
-                    "step": step, "reason": self._public(reason) if reason else reason,
-                    **extra, "ts": round(time.time(), 3)}
+        level(
+            "update_status",
+            **summary,
+            state=state,
+            step=step,
+            reason=_encodable(reason) if reason else reason,
+            **extra,
+        )
+        document = {
+            **summary,
+            "device_id": self._config.device_id,
+            "state": state,
+            "step": step,
+            "reason": self._public(reason) if reason else reason,
+            **extra,
+            "ts": round(time.time(), 3),
+        }
         try:
             self._publish(f"{self._config.topic_prefix}/updates/status", encode_json(document))
         except Exception:  # a status that cannot be sent must not break the update itself
@@ -689,5 +802,5 @@ def _encodable(text: str) -> str:
 def _bounded(text: str) -> str:
     """At most ``REASON_MAX_CHARS``, and encodable as UTF-8 whatever a sender put in it."""
     if len(text) > REASON_MAX_CHARS:
-        text = text[:REASON_MAX_CHARS - 1] + "\u2026"
+        text = text[: REASON_MAX_CHARS - 1] + "\u2026"
     return _encodable(text)

@@ -104,32 +104,54 @@ def parse_payload(payload: bytes) -> UpdateManifest:
     )
 
 
-def applicability_problem(manifest: UpdateManifest, device_id: str, groups: Sequence[str],
-                          now: datetime) -> str | None:
+def applicability_problem(
+    manifest: UpdateManifest, device_id: str, groups: Sequence[str], now: datetime
+) -> str | None:
     """Why the manifest does not apply to this device now, or None when it does."""
     if now >= manifest.expires:
-        return (f"expired at {manifest.expires.isoformat()} (device clock "
-                f"{now.isoformat(timespec='seconds')})")
+        return (
+            f"expired at {manifest.expires.isoformat()} (device clock "
+            f"{now.isoformat(timespec='seconds')})"
+        )
     if device_id in manifest.devices or set(groups) & set(manifest.groups):
         return None
-    return (f"not for this device: targets devices {list(manifest.devices)} and groups "
-            f"{list(manifest.groups)}; this is {device_id!r} in groups {list(groups)}")
+    return (
+        f"not for this device: targets devices {list(manifest.devices)} and groups "
+        f"{list(manifest.groups)}; this is {device_id!r} in groups {list(groups)}"
+    )
 
 
-def build_payload(*, update_id: str, model: str, version: int, data: bytes, sha256: str,
-                  devices: Sequence[str], groups: Sequence[str], issued_at: datetime,
-                  expires: datetime, url: str | None, chunk_size: int) -> bytes:
+def build_payload(
+    *,
+    update_id: str,
+    model: str,
+    version: int,
+    data: bytes,
+    sha256: str,
+    devices: Sequence[str],
+    groups: Sequence[str],
+    issued_at: datetime,
+    expires: datetime,
+    url: str | None,
+    chunk_size: int,
+) -> bytes:
     """The payload JSON the ``sign`` command signs (the inverse of ``parse_payload``)."""
     source: dict[str, Any]
     if url is not None:
         source = {"url": url}
     else:
-        source = {"mqtt": {"chunk_size": chunk_size,
-                           "chunks": max(1, math.ceil(len(data) / chunk_size))}}
+        source = {
+            "mqtt": {"chunk_size": chunk_size, "chunks": max(1, math.ceil(len(data) / chunk_size))}
+        }
     document = {
-        "update_id": update_id, "model": model, "version": version, "sha256": sha256,
-        "length": len(data), "targets": {"devices": list(devices), "groups": list(groups)},
-        "issued_at": format_time(issued_at), "expires": format_time(expires),
+        "update_id": update_id,
+        "model": model,
+        "version": version,
+        "sha256": sha256,
+        "length": len(data),
+        "targets": {"devices": list(devices), "groups": list(groups)},
+        "issued_at": format_time(issued_at),
+        "expires": format_time(expires),
         "source": source,
     }
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
@@ -165,8 +187,9 @@ def parse_time(value: Any, key: str) -> datetime:
 def _name(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value) or value in (".", ".."):
-        raise UpdateRejectedError(f"{key} {value!r} is not a valid name: use 1-64 of "
-                             "A-Z a-z 0-9 . _ - (no paths)")
+        raise UpdateRejectedError(
+            f"{key} {value!r} is not a valid name: use 1-64 of A-Z a-z 0-9 . _ - (no paths)"
+        )
     return value
 
 
@@ -187,8 +210,9 @@ def _positive_int(data: dict[str, Any], key: str) -> int:
 def _source(data: dict[str, Any], length: int) -> ChunkSource | UrlSource:
     source = data.get("source")
     if not isinstance(source, dict):
-        raise UpdateRejectedError('source must be {"mqtt": {"chunk_size", "chunks"}} or '
-                             '{"url": "https://..."}')
+        raise UpdateRejectedError(
+            'source must be {"mqtt": {"chunk_size", "chunks"}} or {"url": "https://..."}'
+        )
     if "url" in source:
         url = source["url"]
         if not isinstance(url, str) or not url.lower().startswith("https://"):
@@ -202,6 +226,8 @@ def _source(data: dict[str, Any], length: int) -> ChunkSource | UrlSource:
     if chunk_size > MAX_CHUNK_SIZE:
         raise UpdateRejectedError(f"chunk_size {chunk_size} exceeds {MAX_CHUNK_SIZE}")
     if chunks != math.ceil(length / chunk_size):
-        raise UpdateRejectedError(f"{chunks} chunks of {chunk_size} bytes cannot carry length "
-                             f"{length} (needs {math.ceil(length / chunk_size)})")
+        raise UpdateRejectedError(
+            f"{chunks} chunks of {chunk_size} bytes cannot carry length "
+            f"{length} (needs {math.ceil(length / chunk_size)})"
+        )
     return ChunkSource(chunk_size, chunks)

@@ -47,15 +47,19 @@ def generate_keypair(stem: Path) -> tuple[Path, Path, str]:
         if path.exists():
             raise UpdateKeyError(f"{path} exists; not overwriting a key")
     private = Ed25519PrivateKey.generate()
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     # Created 0600 from the start: a chmod after writing leaves a window where it is readable.
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
     public = private.public_key()
-    public_path.write_bytes(public.public_bytes(serialization.Encoding.PEM,
-                                                serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_path.write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return private_path, public_path, keyid(public)
 
 
@@ -85,15 +89,18 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def sign_envelope(payload: bytes, keys: Sequence[Ed25519PrivateKey],
-                  payload_type: str = PAYLOAD_TYPE) -> dict[str, object]:
+def sign_envelope(
+    payload: bytes, keys: Sequence[Ed25519PrivateKey], payload_type: str = PAYLOAD_TYPE
+) -> dict[str, object]:
     """A DSSE envelope over ``payload`` with one signature per key."""
     message = pae(payload_type, payload)
     return {
         "payloadType": payload_type,
         "payload": base64.b64encode(payload).decode(),
-        "signatures": [{"keyid": keyid(key.public_key()),
-                        "sig": base64.b64encode(key.sign(message)).decode()} for key in keys],
+        "signatures": [
+            {"keyid": keyid(key.public_key()), "sig": base64.b64encode(key.sign(message)).decode()}
+            for key in keys
+        ],
     }
 
 
@@ -117,8 +124,9 @@ class TrustedKeys:
         """The payload bytes of a DSSE envelope signed by at least ``threshold`` distinct
         trusted keys; ``SignatureError`` says what was wrong otherwise."""
         if not self.keys:
-            raise SignatureError("signed updates are disabled on this device "
-                                 "(updates.trusted_keys is empty)")
+            raise SignatureError(
+                "signed updates are disabled on this device (updates.trusted_keys is empty)"
+            )
         envelope = _parse_envelope(envelope_bytes)
         payload_type, payload, signatures = envelope
         if payload_type != PAYLOAD_TYPE:
@@ -135,8 +143,10 @@ class TrustedKeys:
             try:
                 key.verify(signature, message)
             except InvalidSignature:
-                notes.append(f"signature {index}: does not verify with trusted key {short} "
-                             "(payload altered after signing, or signed by another key)")
+                notes.append(
+                    f"signature {index}: does not verify with trusted key {short} "
+                    "(payload altered after signing, or signed by another key)"
+                )
                 continue
             if key_id in valid:
                 notes.append(f"signature {index}: key {short} already counted")
@@ -145,7 +155,8 @@ class TrustedKeys:
             detail = "; ".join(notes) if notes else "no signatures"
             raise SignatureError(
                 f"needs {self.threshold} valid signature(s) from distinct trusted keys, "
-                f"got {len(valid)}: {detail}")
+                f"got {len(valid)}: {detail}"
+            )
         return payload
 
 
@@ -160,17 +171,22 @@ def _parse_envelope(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
     payload_b64 = envelope.get("payload")
     signatures = envelope.get("signatures")
     if not isinstance(payload_type, str) or not isinstance(payload_b64, str):
-        raise SignatureError("manifest is not a DSSE envelope: payloadType and payload must "
-                             "be strings")
+        raise SignatureError(
+            "manifest is not a DSSE envelope: payloadType and payload must be strings"
+        )
     if not isinstance(signatures, list) or not signatures:
         raise SignatureError("manifest has no signatures")
     if len(signatures) > MAX_SIGNATURES:
-        raise SignatureError(f"manifest has {len(signatures)} signatures; at most "
-                             f"{MAX_SIGNATURES} are read")
+        raise SignatureError(
+            f"manifest has {len(signatures)} signatures; at most {MAX_SIGNATURES} are read"
+        )
     parsed = []
     for index, item in enumerate(signatures):
-        if not isinstance(item, dict) or not isinstance(item.get("keyid"), str) \
-                or not isinstance(item.get("sig"), str):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("keyid"), str)
+            or not isinstance(item.get("sig"), str)
+        ):
             raise SignatureError(f"signature {index} needs string keyid and sig")
         parsed.append((item["keyid"].lower(), _b64(item["sig"], f"signature {index} sig")))
     return payload_type, _b64(payload_b64, "payload"), parsed

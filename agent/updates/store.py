@@ -31,9 +31,9 @@ class JournalEntry:
     model: str
     version: int
     sha256: str
-    step: str                  # downloading | installing | trial | committed
-    target: str                # the model file the update replaces
-    staged: str                # the staging file the bytes are written to
+    step: str  # downloading | installing | trial | committed
+    target: str  # the model file the update replaces
+    staged: str  # the staging file the bytes are written to
     previous_sha256: str | None = None
     started: float = field(default_factory=time.time)
     manifest_sha256: str | None = None  # of the manifest's bytes, named in every status
@@ -43,7 +43,7 @@ class JournalEntry:
 class ModelRecord:
     """The update history of one model."""
 
-    version: int = 0           # highest version ever accepted for install
+    version: int = 0  # highest version ever accepted for install
     # sha256 of files installed by updates, newest last. Kept for state written before
     # ``committed`` existed: until that model's next commit, any of them may load.
     signed: list[str] = field(default_factory=list)
@@ -80,8 +80,10 @@ class UpdateStore:
         rollback past the version floor."""
         with self._lock:
             record = self._models.get(model, ModelRecord())
-            if any(e.model == model and e.sha256 == sha256 and e.step in ("installing", "trial")
-                   for e in self._journal.values()):
+            if any(
+                e.model == model and e.sha256 == sha256 and e.step in ("installing", "trial")
+                for e in self._journal.values()
+            ):
                 return True
             if record.committed is None:  # state from before commits were recorded
                 return sha256 in record.signed
@@ -107,8 +109,9 @@ class UpdateStore:
                 setattr(entry, key, value)
             self._save()
 
-    def accept(self, update_id: str, model: str, version: int, sha256: str,
-               previous_sha256: str | None) -> None:
+    def accept(
+        self, update_id: str, model: str, version: int, sha256: str, previous_sha256: str | None
+    ) -> None:
         """Raise the model's version floor, trust its digest, and mark the update as
         installing over a file with digest ``previous_sha256``: one atomic write, so a crash
         leaves all of it or none."""
@@ -156,14 +159,18 @@ class UpdateStore:
             return
         try:
             data = json.loads(text)
-            self._models = {name: ModelRecord(**record)
-                            for name, record in data.get("models", {}).items()}
-            self._journal = {entry["update_id"]: JournalEntry(**entry)
-                             for entry in data.get("journal", [])}
+            self._models = {
+                name: ModelRecord(**record) for name, record in data.get("models", {}).items()
+            }
+            self._journal = {
+                entry["update_id"]: JournalEntry(**entry) for entry in data.get("journal", [])
+            }
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            self._problem = (f"update state {self.path} is corrupt ({exc}); updates are "
-                             "refused until it is repaired or removed, because it holds the "
-                             "version floor that stops downgrades")
+            self._problem = (
+                f"update state {self.path} is corrupt ({exc}); updates are "
+                "refused until it is repaired or removed, because it holds the "
+                "version floor that stops downgrades"
+            )
 
     def _save(self) -> None:
         own_folder(self.folder)

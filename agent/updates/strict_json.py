@@ -13,8 +13,8 @@ import json
 import re
 from typing import Any
 
-MAX_DEPTH = 32           # the update documents nest 4 levels; room for extensions
-MAX_INT_DIGITS = 19      # 2**63 - 1 has 19 digits: larger values are never meaningful here
+MAX_DEPTH = 32  # the update documents nest 4 levels; room for extensions
+MAX_INT_DIGITS = 19  # 2**63 - 1 has 19 digits: larger values are never meaningful here
 INT64_MAX = 2**63 - 1
 _STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
@@ -44,8 +44,9 @@ def loads(data: bytes | str) -> Any:
         try:
             json.dumps(document, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff "
-                             "escape without its pair)") from exc
+            raise ValueError(
+                "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff escape without its pair)"
+            ) from exc
     return document
 
 
@@ -75,8 +76,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _bounded_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"integer of {len(text.lstrip('-'))} digits is out of range "
-                         f"(at most {INT64_MAX})")
+        raise ValueError(
+            f"integer of {len(text.lstrip('-'))} digits is out of range (at most {INT64_MAX})"
+        )
     value = int(text)
     if not -INT64_MAX - 1 <= value <= INT64_MAX:
         raise ValueError(f"integer {value} is out of range (at most {INT64_MAX})")

@@ -60,17 +60,22 @@ class ChunkTransfer:
         """
         self.last_activity = time.monotonic()
         if len(message) < INDEX_BYTES:
-            raise UpdateFailedError(f"chunk message of {len(message)} bytes is shorter than its "
-                               "4-byte index")
+            raise UpdateFailedError(
+                f"chunk message of {len(message)} bytes is shorter than its 4-byte index"
+            )
         index = int.from_bytes(message[:INDEX_BYTES], "big")
         if index >= self.source.chunks:
-            raise UpdateFailedError(f"chunk index {index} is out of range: the manifest announces "
-                               f"{self.source.chunks} chunks (0..{self.source.chunks - 1})")
+            raise UpdateFailedError(
+                f"chunk index {index} is out of range: the manifest announces "
+                f"{self.source.chunks} chunks (0..{self.source.chunks - 1})"
+            )
         expected = self.source.expected_size(index, self.length)
         size = len(message) - INDEX_BYTES
         if size != expected:
-            raise UpdateFailedError(f"chunk {index} carries {size} bytes, expected {expected} "
-                               f"(chunk_size {self.source.chunk_size}, length {self.length})")
+            raise UpdateFailedError(
+                f"chunk {index} carries {size} bytes, expected {expected} "
+                f"(chunk_size {self.source.chunk_size}, length {self.length})"
+            )
         if self._have[index]:
             self.duplicates += 1
             return
@@ -81,8 +86,10 @@ class ChunkTransfer:
 
     def progress(self) -> str:
         """``received k of M chunks (X of Y bytes)``, for status reasons."""
-        return (f"received {self.received} of {self.source.chunks} chunks "
-                f"({self.bytes_written} of {self.length} bytes)")
+        return (
+            f"received {self.received} of {self.source.chunks} chunks "
+            f"({self.bytes_written} of {self.length} bytes)"
+        )
 
     def close(self) -> None:
         """Flush to disk and close the staging file."""
@@ -103,8 +110,14 @@ class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
     bytes (they would fail the sha256 check, but should not be fetched at all)."""
 
     def redirect_request(  # noqa: PLR0917 - urllib's signature
-            self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
-                         headers: HTTPMessage, newurl: str) -> urllib.request.Request | None:
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
         if not newurl.lower().startswith("https://"):
             raise UpdateFailedError(f"refused a redirect from {req.full_url} to non-https {newurl}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -185,9 +198,16 @@ class _HttpsDeadlineHandler(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)
 
 
-def download(url: str, staged: Path, length: int, *, ca_file: str | None,
-             connect_timeout_s: float, deadline_s: float,
-             cancelled: Callable[[], bool] = lambda: False) -> None:
+def download(
+    url: str,
+    staged: Path,
+    length: int,
+    *,
+    ca_file: str | None,
+    connect_timeout_s: float,
+    deadline_s: float,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> None:
     """Stream ``url`` into ``staged``: at most ``length`` bytes (one more is a failure), no
     socket operation longer than ``connect_timeout_s``, the whole (connect, handshake,
     headers, body) within ``deadline_s``, enforced by a timer, not between reads.
@@ -198,11 +218,18 @@ def download(url: str, staged: Path, length: int, *, ca_file: str | None,
         raise UpdateFailedError(f"refusing to download from non-https {url}")
     context = ssl.create_default_context(cafile=ca_file)
     with _Deadline(deadline_s) as deadline:
-        opener = urllib.request.build_opener(_HttpsDeadlineHandler(context, deadline),
-                                             _HttpsOnlyRedirects())
+        opener = urllib.request.build_opener(
+            _HttpsDeadlineHandler(context, deadline), _HttpsOnlyRedirects()
+        )
         try:
-            _fetch(opener, url, staged, length, connect_timeout_s=connect_timeout_s,
-                   cancelled=cancelled)
+            _fetch(
+                opener,
+                url,
+                staged,
+                length,
+                connect_timeout_s=connect_timeout_s,
+                cancelled=cancelled,
+            )
         except UpdateFailedError as exc:
             if deadline.expired:  # the failure is the deadline's doing: say so
                 raise UpdateFailedError(_too_slow(deadline_s, staged, length)) from exc
@@ -214,12 +241,21 @@ def _too_slow(deadline_s: float, staged: Path, length: int) -> str:
         received = staged.stat().st_size
     except OSError:
         received = 0
-    return (f"download took longer than {deadline_s:g} s (updates.download_timeout_s): "
-            f"{received} of {length} bytes")
+    return (
+        f"download took longer than {deadline_s:g} s (updates.download_timeout_s): "
+        f"{received} of {length} bytes"
+    )
 
 
-def _fetch(opener: urllib.request.OpenerDirector, url: str, staged: Path, length: int, *,
-           connect_timeout_s: float, cancelled: Callable[[], bool]) -> None:
+def _fetch(
+    opener: urllib.request.OpenerDirector,
+    url: str,
+    staged: Path,
+    length: int,
+    *,
+    connect_timeout_s: float,
+    cancelled: Callable[[], bool],
+) -> None:
     # The scheme is checked by the caller: https only, never file: or ftp:.
     request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})  # noqa: S310
     try:
@@ -238,8 +274,9 @@ def _fetch(opener: urllib.request.OpenerDirector, url: str, staged: Path, length
     with response, os.fdopen(fd, "wb") as out:
         announced = response.headers.get("Content-Length")
         if announced is not None and announced.isdigit() and int(announced) > length:
-            raise UpdateFailedError(f"server announces {announced} bytes, more than the signed "
-                               f"length {length}")
+            raise UpdateFailedError(
+                f"server announces {announced} bytes, more than the signed length {length}"
+            )
         total = 0
         while True:
             if cancelled():
@@ -247,8 +284,9 @@ def _fetch(opener: urllib.request.OpenerDirector, url: str, staged: Path, length
             try:
                 block = response.read(min(READ_SIZE, length + 1 - total))
             except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
-                raise UpdateFailedError(f"download broke off after {total} of {length} bytes: "
-                                   f"{exc!r}") from exc
+                raise UpdateFailedError(
+                    f"download broke off after {total} of {length} bytes: {exc!r}"
+                ) from exc
             if not block:
                 break
             total += len(block)
@@ -265,8 +303,12 @@ class DownloadThread(threading.Thread):
     """Runs ``download`` and reports the outcome with ``on_done(error_or_None)``, which is
     called on this thread."""
 
-    def __init__(self, name: str, work: Callable[[], None],
-                 on_done: Callable[[UpdateFailedError | None], None]) -> None:
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[], None],
+        on_done: Callable[[UpdateFailedError | None], None],
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self._work = work
         self._on_done = on_done
