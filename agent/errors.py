@@ -1,4 +1,4 @@
-"""Every exception the agent raises on purpose, in one place."""
+"""Every exception the agent raises on purpose, in one place, and how one is described."""
 
 from __future__ import annotations
 
@@ -61,3 +61,10 @@ class UpdateFailedError(EdgeAgentError):
 
 class UnsafePathError(EdgeAgentError):
     """A path the agent owns (staging, state, lock files) is a symlink or not what it made."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (onnxruntime's run the whole graph dump after it),
+    or its repr when the message is empty."""
+    text = str(exc)
+    return text.splitlines()[0] if text else repr(exc)

@@ -35,8 +35,10 @@ from pydantic import (
     model_validator,
 )
 
+from agent import topics
 from agent.config.yaml_source import KeyPath, YamlDocument, YamlSyntaxError, parse_yaml
 from agent.errors import ConfigError, ConfigProblem, UpdateKeyError
+from agent.strenum import StrEnum
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
 CONFIG_ENV_VAR = "EDGE_AGENT_CONFIG"
@@ -49,8 +51,14 @@ PACKET_OVERHEAD_BYTES = 64 * 1024
 MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_NAMED_PLACEHOLDERS = frozenset({"device_id", "pipeline", "model"})
+
+
+class DeliveryMode(StrEnum):
+    """When a reading is acknowledged to its broker (the ``delivery`` key)."""
+
+    AT_LEAST_ONCE = "at_least_once"  # after its result is delivered or stored
+    AT_MOST_ONCE = "at_most_once"  # on arrival
+
 
 Dtype = Literal[
     "float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool"
@@ -60,28 +68,6 @@ Dtype = Literal[
 def _check_name(value: str) -> str:
     if not NAME_PATTERN.match(value):
         raise ValueError(f"{value!r} is not a valid name: use 1-64 of A-Z a-z 0-9 . _ -")
-    return value
-
-
-def _check_topic_filter(value: str) -> str:
-    if not value:
-        raise ValueError("topic must not be empty")
-    levels = value.split("/")
-    for index, level in enumerate(levels):
-        if "#" in level and (level != "#" or index != len(levels) - 1):
-            raise ValueError(f"'#' must be a whole level and the last one in {value!r}")
-        if "+" in level and level != "+":
-            raise ValueError(f"'+' must be a whole level in {value!r}")
-    return value
-
-
-def _check_topic_name(value: str) -> str:
-    if not value:
-        raise ValueError("topic must not be empty")
-    if "+" in value or "#" in value:
-        raise ValueError(
-            f"wildcards '+' and '#' are not allowed in a topic to publish to: {value!r}"
-        )
     return value
 
 
@@ -122,8 +108,8 @@ def _known_providers() -> list[str]:
 
 
 Name = Annotated[StrictStr, AfterValidator(_check_name)]
-TopicFilter = Annotated[StrictStr, AfterValidator(_check_topic_filter)]
-TopicName = Annotated[StrictStr, AfterValidator(_check_topic_name)]
+TopicFilter = Annotated[StrictStr, AfterValidator(topics.check_filter)]
+TopicName = Annotated[StrictStr, AfterValidator(topics.check_name)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 QoS = Annotated[StrictInt, Field(ge=0, le=2)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
@@ -402,8 +388,8 @@ class AgentConfig(Section):
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     upstream: MqttConfig | None = None
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
-    delivery: Literal["at_least_once", "at_most_once"] = Field(
-        "at_least_once",
+    delivery: DeliveryMode = Field(
+        DeliveryMode.AT_LEAST_ONCE,
         description="at_least_once: persistent session, readings "
         "acknowledged after their result is delivered or stored; at_most_once: acknowledged "
         "on arrival",
@@ -635,7 +621,7 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
             )
         publishers.setdefault(topic, str(name))
         in_topic = _mapping(_mapping(body).get("input")).get("topic")
-        for message in _placeholder_problems(topic, in_topic):
+        for message in topics.placeholder_problems(topic, in_topic):
             report(("pipelines", name, "output", "topic"), message)
 
     for section in ("mqtt", "upstream"):
@@ -677,25 +663,6 @@ def _mapping(value: Any) -> dict[Any, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _placeholder_problems(topic: str, input_topic: Any) -> list[str]:
-    wildcards = _count_wildcards(input_topic) if isinstance(input_topic, str) else None
-    problems = []
-    for placeholder in _PLACEHOLDER.findall(topic):
-        if placeholder in _NAMED_PLACEHOLDERS:
-            continue
-        if not placeholder.isdigit() or int(placeholder) < 1:
-            problems.append(
-                f"unknown placeholder {{{placeholder}}}: use {{1}}..{{n}}, "
-                "{device_id}, {pipeline} or {model}"
-            )
-        elif wildcards is not None and int(placeholder) > wildcards:
-            problems.append(
-                f"{{{placeholder}}} refers to wildcard {placeholder} but input "
-                f"topic {input_topic!r} has {wildcards}"
-            )
-    return problems
-
-
 def _check_file_exists(
     value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
 ) -> None:
@@ -734,10 +701,6 @@ def secret_file_warning(path: str) -> str | None:
             f"run chmod 600 {path} (owner: the agent's user)"
         )
     return None
-
-
-def _count_wildcards(topic_filter: str) -> int:
-    return sum(1 for level in topic_filter.split("/") if level in ("+", "#"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,13 @@ import paho.mqtt.client as paho
 import structlog
 
 from agent import __version__
-from agent.config.schema import AgentConfig, PipelineConfig, default_config, load_config
+from agent.config.schema import (
+    AgentConfig,
+    DeliveryMode,
+    PipelineConfig,
+    default_config,
+    load_config,
+)
 from agent.durable import lock_folder
 from agent.errors import ConfigError, EdgeAgentError
 from agent.hardware.detect import detect as detect_hardware
@@ -141,7 +147,7 @@ class Daemon:
             # At-least-once: the readings' broker is connected only once the pipelines can
             # take them. Its persistent session delivers what waited at once, and readings
             # nobody routes, or that arrive before the model serves, would be lost.
-            connect_late = self.config.delivery == "at_least_once"
+            connect_late = self.config.delivery is DeliveryMode.AT_LEAST_ONCE
             if self.uplink is not self.connection:
                 self.uplink.start()
             if not connect_late:
@@ -216,7 +222,7 @@ class Daemon:
         started = time.monotonic()
         log.info("agent_stopping")
         self.notifier.stopping()
-        if self.config.delivery == "at_least_once":
+        if self.config.delivery is DeliveryMode.AT_LEAST_ONCE:
             # Keep the subscriptions: the persistent session collects what arrives until
             # the next start. What comes meanwhile is left unacknowledged, so it comes again.
             for pipeline in self.pipelines.values():
@@ -368,7 +374,7 @@ class Daemon:
         return [self.connection, self.uplink]
 
     def _make_delivery(self, config: AgentConfig) -> Delivery:
-        at_least_once = config.delivery == "at_least_once"
+        at_least_once = config.delivery is DeliveryMode.AT_LEAST_ONCE
         return Delivery(
             lambda: self.uplink,
             self.outbox if at_least_once else None,
@@ -593,7 +599,7 @@ class Daemon:
     def _warn_unmet_settings(self) -> None:
         """Say loudly which settings cannot do what the config asks for."""
         config = self.config
-        if config.delivery == "at_least_once":
+        if config.delivery is DeliveryMode.AT_LEAST_ONCE:
             qos0 = [
                 name
                 for name, p in config.pipelines.items()
@@ -612,7 +618,7 @@ def _connections(config: AgentConfig) -> tuple[MqttConnection, MqttConnection]:
     """(the readings' connection, the results' and telemetry's connection): one and the
     same unless ``upstream`` is set. At-least-once makes both sessions persistent and the
     readings' acknowledgements manual."""
-    durable = config.delivery == "at_least_once"
+    durable = config.delivery is DeliveryMode.AT_LEAST_ONCE
     status = f"{config.topic_prefix}/status"
     state = Path(config.state_dir)
 

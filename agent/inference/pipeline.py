@@ -21,8 +21,9 @@ import orjson
 import paho.mqtt.client as paho
 import structlog
 
+from agent import topics
 from agent.config.schema import PipelineConfig
-from agent.errors import PayloadError, PipelineFitError
+from agent.errors import PayloadError, PipelineFitError, first_line
 from agent.inference import postprocess
 from agent.inference.batching import DropOldestQueue
 from agent.inference.codecs import Tensor, TensorSpec, all_finite, decode_payload, encode_json
@@ -35,7 +36,6 @@ from agent.transport.outbox import PendingResult, SeqCounter
 
 log = structlog.get_logger(__name__)
 
-_PLACEHOLDER = re.compile(r"\{(\d+|pipeline|model)\}")
 MAX_STREAMS = 10_000  # stateful streams kept; the least recently seen is forgotten first
 DROP_REPORT_INTERVAL_S = 1.0
 TOPIC_CACHE_SIZE = 4096
@@ -49,45 +49,6 @@ DeliverFn = Callable[[PendingResult, "Ack | None"], None]
 Ack = Callable[[], None]
 # The acknowledgement of a message (None: nothing to acknowledge); called on paho's thread.
 AckerFn = Callable[[paho.MQTTMessage], "Ack | None"]
-
-
-def wildcard_matches(topic_filter: str, topic: str) -> list[str]:
-    """The parts of ``topic`` matched by each ``+`` or ``#`` of ``topic_filter``, in order."""
-    matches = []
-    levels = topic.split("/")
-    for index, level in enumerate(topic_filter.split("/")):
-        if level == "#":
-            matches.append("/".join(levels[index:]))
-            break
-        if level == "+" and index < len(levels):
-            matches.append(levels[index])
-    return matches
-
-
-def topic_fits(topic_filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` level by level."""
-    wanted, levels = topic_filter.split("/"), topic.split("/")
-    for index, level in enumerate(wanted):
-        if level == "#":
-            return True
-        if index >= len(levels) or (level != "+" and level != levels[index]):
-            return False
-    return len(levels) == len(wanted)
-
-
-def render_topic(template: str, matches: list[str], *, pipeline: str, model: str) -> str:
-    """Fill ``{1}``..``{n}``, ``{pipeline}`` and ``{model}`` (``{device_id}`` is filled at load)."""
-
-    def fill(found: re.Match[str]) -> str:
-        key = found.group(1)
-        if key == "pipeline":
-            return pipeline
-        if key == "model":
-            return model
-        index = int(key) - 1
-        return matches[index] if index < len(matches) else ""
-
-    return _PLACEHOLDER.sub(fill, template)
 
 
 @dataclass(slots=True)
@@ -326,11 +287,11 @@ class Pipeline:
     def _render_topics(self, topic: str) -> tuple[str, str | None]:
         """Every placeholder the result topic and stream key use must get a non-empty level
         from ``topic``."""
-        if not topic_fits(self.config.input.topic, topic):
+        if not topics.matches(self.config.input.topic, topic):
             raise PayloadError(
                 f"topic {topic!r} does not match the pipeline's filter {self.config.input.topic!r}"
             )
-        matches = wildcard_matches(self.config.input.topic, topic)
+        matches = topics.wildcard_values(self.config.input.topic, topic)
         templates = [("output.topic", self.config.output.topic)]
         if self.config.state is not None:
             templates.append(("state.key", self.config.state.key))
@@ -341,12 +302,12 @@ class Pipeline:
                     raise PayloadError(
                         f"topic {topic!r} has no level for {{{number}}} of {where} {template!r}"
                     )
-        output = render_topic(
+        output = topics.render(
             self.config.output.topic, matches, pipeline=self.name, model=self.config.model
         )
         key = None
         if self.config.state is not None:
-            key = render_topic(
+            key = topics.render(
                 self.config.state.key, matches, pipeline=self.name, model=self.config.model
             )
         return output, key
@@ -497,9 +458,8 @@ class Pipeline:
         try:
             values = model.session.run(list(plan.fetch), feeds)
         except Exception as exc:  # onnxruntime's own error types
-            first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
             for reading in group:
-                self._fail(reading, f"inference failed: {first_line}")
+                self._fail(reading, f"inference failed: {first_line(exc)}")
             return None
         return dict(zip(plan.fetch, values, strict=True))
 

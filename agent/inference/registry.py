@@ -25,7 +25,7 @@ import onnxruntime as ort
 import structlog
 
 from agent.config.schema import AgentConfig, PipelineConfig
-from agent.errors import ModelLoadError, PipelineFitError
+from agent.errors import ModelLoadError, PipelineFitError, first_line
 from agent.hardware.detect import Hardware
 from agent.hardware.providers import PlanInputs, ProviderPlan, plan_providers
 from agent.inference.codecs import ONNX_TO_NUMPY, TensorSpec, encode_json
@@ -598,9 +598,8 @@ def _warm_up(
         except _WarmupStopped:
             raise
         except Exception as exc:
-            first_line = str(exc).splitlines()[0] if str(exc) else repr(exc)
             raise ModelLoadError(
-                f"warm-up inference failed: {first_line} (set the pipeline's input.shape and "
+                f"warm-up inference failed: {first_line(exc)} (set the pipeline's input.shape and "
                 "constants so the warm-up uses realistic inputs)"
             ) from exc
 
@@ -609,4 +608,4 @@ def _explain_load_error(exc: Exception) -> str:
     text = str(exc)
     if "INVALID_PROTOBUF" in text or "Protobuf parsing failed" in text:
         return "not an ONNX model (the file does not parse as an ONNX protobuf)"
-    return f"onnxruntime could not load the model: {text.splitlines()[0] if text else exc!r}"
+    return f"onnxruntime could not load the model: {first_line(exc)}"

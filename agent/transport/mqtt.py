@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from agent import topics
 from agent.config.schema import MqttConfig, secret_file_warning
 from agent.errors import EdgeAgentError
 from agent.transport.churn import SHORT_CONNECTION_S, ShortConnectionStreak
@@ -525,9 +526,7 @@ class MqttConnection:
             )
         with self._lock:
             matching = [
-                s
-                for s in self._subscriptions.values()
-                if paho.topic_matches_sub(s.topic_filter, topic)
+                s for s in self._subscriptions.values() if topics.matches(s.topic_filter, topic)
             ]
         for subscription in matching:
             if subscription.on_too_large is None:
@@ -543,9 +542,7 @@ class MqttConnection:
     def _route(self, topic: str) -> tuple[tuple[MessageHandler, ...], bool]:
         with self._lock:
             matching = [
-                s
-                for s in self._subscriptions.values()
-                if paho.topic_matches_sub(s.topic_filter, topic)
+                s for s in self._subscriptions.values() if topics.matches(s.topic_filter, topic)
             ]
             route = (tuple(s.handler for s in matching), any(s.acknowledges for s in matching))
             if len(self._routes) >= ROUTE_CACHE_SIZE:
