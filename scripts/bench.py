@@ -4,7 +4,7 @@ One command, one run, same models and readings for everyone:
 
     .venv/bin/python scripts/bench.py [--readings 4000] [--models iforest,mlp,cnn]
 
-It starts a private Mosquitto (set_tcp_nodelay, as DESIGN.md recommends), builds three real
+It starts a private Mosquitto (set_tcp_nodelay, or Nagle stalls QoS 1 at ~60/s), builds three real
 models (an IsolationForest over 64 features via skl2onnx, a small MLP, a 1-D CNN over 1024
 samples) and measures for each:
 

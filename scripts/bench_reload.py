@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_run import describe_run  # noqa: E402
 
-from agent.config.schema import config_from_document  # noqa: E402
+from agent.config.loader import config_from_document  # noqa: E402
 from agent.config.yaml_source import YamlDocument  # noqa: E402
 from agent.hardware.detect import detect  # noqa: E402
 from agent.inference.registry import ModelRegistry  # noqa: E402

@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO))
 
 # tests/onnx_builders.py needs only numpy and onnx, both in the demo's venv, which has no test
 # tooling (tests/test_demo.py checks that the demo imports none).
-from agent.config.schema import AgentConfig, load_config  # noqa: E402
+from agent.config.loader import load_config  # noqa: E402
+from agent.config.schema import AgentConfig  # noqa: E402
 from tests.onnx_builders import build_vibration_scorer  # noqa: E402
 
 TEMPLATE = REPO / "config" / "demo.yaml"

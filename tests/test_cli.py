@@ -113,7 +113,7 @@ def test_run_without_any_config_uses_defaults(
     """No --config, no $EDGE_AGENT_CONFIG, no default file: built-in defaults, said in the log."""
     monkeypatch.delenv("EDGE_AGENT_CONFIG", raising=False)
     monkeypatch.setattr(cli, "DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
-    monkeypatch.setattr("agent.config.schema.DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
+    monkeypatch.setattr("agent.config.loader.DEFAULT_CONFIG_PATH", tmp_path / "absent.yaml")
     started: list[object] = []
 
     def fake_run(self: agent.daemon.lifecycle.Daemon) -> int:

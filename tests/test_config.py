@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.config.schema import (
-    AgentConfig,
+from agent.config.loader import (
     default_config,
     load_config,
     resolve_config_path,
     secret_file_warning,
 )
+from agent.config.schema import AgentConfig
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from agent.errors import EdgeAgentError
-from agent.transport.outbox import SEQ_BLOCK, Outbox, PendingResult, SeqCounter
+from agent.transport.outbox import SEQ_BLOCK, Outbox
+from agent.transport.results import PendingResult, SeqCounter
 
 
 def result(index: int, size: int = 100) -> PendingResult:

@@ -14,7 +14,7 @@ import pytest
 
 from agent.hardware.detect import detect
 from agent.hardware.providers import PlanInputs, plan_providers
-from agent.inference.registry import session_options
+from agent.inference.session import session_options
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, linear_weights

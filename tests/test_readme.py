@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.config.schema import AgentConfig, load_config
+from agent.config.loader import load_config
+from agent.config.schema import AgentConfig
 from agent.config.yaml_source import parse_yaml
 from agent.errors import ConfigError
 

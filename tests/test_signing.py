@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.config.keys import load_public_key
 from agent.errors import SignatureError, UpdateKeyError
 from agent.updates.signing import (
     PAYLOAD_TYPE,
     TrustedKeys,
     generate_keypair,
     load_private_key,
-    load_public_key,
     pae,
     sign_envelope,
 )

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.updates.signing import keyid, load_public_key
+from agent.config.keys import load_public_key
+from agent.updates.signing import keyid
 from tests.broker import MosquittoBroker, Recorder, make_tls_files, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, build_slow_warmup

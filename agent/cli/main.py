@@ -15,14 +15,14 @@ import structlog
 from agent import __version__
 from agent.cli.updates import add_parsers as add_update_parsers
 from agent.cli.updates import run as run_update_command
-from agent.config.schema import (
+from agent.config.loader import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
-    AgentConfig,
     default_config,
     load_config,
     resolve_config_path,
 )
+from agent.config.schema import AgentConfig
 from agent.errors import ConfigError, EdgeAgentError
 from agent.logs import LEVELS, configure_logging
 

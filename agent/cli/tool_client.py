@@ -12,7 +12,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config.schema import MqttConfig, default_config, load_config
+from agent.config.loader import default_config, load_config
+from agent.config.schema import MqttConfig
 from agent.errors import EdgeAgentError
 
 CONNECT_WAIT_S = 10.0

@@ -1,21 +1,19 @@
-"""Typed, immutable configuration and the YAML loader that explains every mistake.
+"""The configuration's schema: typed, immutable sections, one pydantic model each.
 
-The schema is the contract of ``DESIGN.md`` Part 1 (plus a few documented extensions).
-Validation uses pydantic v2: ``extra="forbid"`` catches misspelt keys, strict scalar types stop
-YAML's guesses (``port: "1883"``, ``qos: yes``) from passing unnoticed, and every error carries
-a location that is mapped back to the file's line. Problems are collected and reported together.
+The schema is a contract with the config files already written on devices: the README's
+Configuration reference and ``config/agent.example.yaml`` document every key, and a key
+renamed or removed would make an upgraded agent refuse a file that worked
+(``test_schema_is_the_contract`` pins the top-level keys).
+
+Validation uses pydantic v2: ``extra="forbid"`` catches misspelt keys, strict scalar types
+stop YAML's guesses (``port: "1883"``, ``qos: yes``) from passing unnoticed, and every error
+carries a location that ``agent.config.diagnostics`` maps back to the file's line. Reading the
+file and the checks that span keys live in ``agent.config.loader``.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import os
 import re
-import socket
-import stat
-import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,18 +28,13 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     StrictStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from agent import topics
-from agent.config.yaml_source import KeyPath, YamlDocument, YamlSyntaxError, parse_yaml
-from agent.errors import ConfigError, ConfigProblem, UpdateKeyError
+from agent.config.diagnostics import did_you_mean
 from agent.strenum import StrEnum
-
-DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
-CONFIG_ENV_VAR = "EDGE_AGENT_CONFIG"
 
 # The largest update message this agent takes: a manifest (a few KB, plus an optional inline
 # golden set of at most 1 MiB npz, base64 twice: 1.78 MiB) or one update chunk.
@@ -95,7 +88,7 @@ def _check_providers(value: Any) -> Any:
     known = _known_providers()
     for name in value:
         if name not in known:
-            hint = _did_you_mean(name, known)
+            hint = did_you_mean(name, known)
             raise ValueError(f"unknown execution provider {name!r}{hint}")
     return tuple(value)
 
@@ -418,396 +411,3 @@ class AgentConfig(Section):
             MQTT_MAX_PACKET_BYTES,
             max(largest_reading, UPDATE_MESSAGE_MAX_BYTES) + PACKET_OVERHEAD_BYTES,
         )
-
-
-class LoadedConfig(typing.NamedTuple):
-    """A validated config and where it came from (``None``: built-in defaults)."""
-
-    config: AgentConfig
-    source: Path | None
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def resolve_config_path(explicit: str | None) -> Path:
-    """The config path ``run`` uses: ``--config``, else ``$EDGE_AGENT_CONFIG``, else the default."""
-    if explicit:
-        return Path(explicit)
-    from_env = os.environ.get(CONFIG_ENV_VAR)
-    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
-
-
-def load_config(path: Path) -> AgentConfig:
-    """Read and validate ``path``; raise ``ConfigError`` listing every problem found."""
-    name = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        problem = ConfigProblem(name, 1, "", f"cannot read file: {exc.strerror}")
-        raise ConfigError([problem]) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError([ConfigProblem(name, 1, "", "file is not UTF-8 text")]) from exc
-    try:
-        doc = parse_yaml(text)
-    except YamlSyntaxError as exc:
-        raise ConfigError([ConfigProblem(name, exc.line, "", str(exc))]) from exc
-    return config_from_document(doc, name, base_dir=path.resolve().parent)
-
-
-def default_config() -> AgentConfig:
-    """The built-in defaults, as used by ``run`` when no config file exists."""
-    return config_from_document(YamlDocument(data={}), "<defaults>", base_dir=Path("/"))
-
-
-def config_from_document(doc: YamlDocument, file: str, base_dir: Path) -> AgentConfig:
-    """Validate parsed YAML; relative paths are taken relative to ``base_dir``."""
-    problems = [
-        ConfigProblem(file, second, _dotted(path), f"duplicate key (first defined on line {first})")
-        for path, first, second in doc.duplicates
-    ]
-    data = doc.data if doc.data is not None else {}
-    if not isinstance(data, dict):
-        problems.append(ConfigProblem(file, 1, "", "the config must be a mapping of keys"))
-        raise ConfigError(problems)
-    data = _fill_defaults(data, base_dir)
-    config: AgentConfig | None = None
-    try:
-        config = AgentConfig.model_validate(data)
-    except ValidationError as exc:
-        problems.extend(_problems_from_pydantic(exc, doc, file))
-    problems.extend(_cross_check(data, doc, file))
-    if problems:
-        problems.sort(key=lambda p: (p.line, p.key))
-        raise ConfigError(_unique(problems))
-    assert config is not None
-    return config
-
-
-def _unique(problems: list[ConfigProblem]) -> list[ConfigProblem]:
-    return list(dict.fromkeys(problems))
-
-
-def _fill_defaults(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """Fill the defaults that depend on other keys, expand ``{device_id}``, resolve paths.
-
-    Works on the raw data before validation, so it must tolerate any types: values of the
-    wrong type are left alone for the validator to report.
-    """
-    data = dict(raw)
-    if data.get("device_id") is None:
-        data["device_id"] = _hostname()
-    filler = _Filler(data["device_id"], base_dir)
-    for section in ("mqtt", "upstream"):
-        if section == "mqtt" or data.get(section) is not None:
-            data[section] = filler.mqtt(data.get(section))
-    for key in ("models_dir", "state_dir"):
-        if key in data:
-            data[key] = filler.resolve(data[key])
-    updates = data.get("updates")
-    if isinstance(updates, dict):
-        updates = dict(updates)
-        if isinstance(updates.get("trusted_keys"), list):
-            updates["trusted_keys"] = [filler.resolve(k) for k in updates["trusted_keys"]]
-        if "ca_file" in updates:
-            updates["ca_file"] = filler.resolve(updates["ca_file"])
-        data["updates"] = updates
-    if isinstance(data.get("models"), dict):
-        data["models"] = {name: _fill_model(name, body) for name, body in data["models"].items()}
-    results_broker = data["upstream"] if isinstance(data.get("upstream"), dict) else data["mqtt"]
-    prefix = results_broker.get("topic_prefix") if isinstance(results_broker, dict) else None
-    if isinstance(data.get("pipelines"), dict):
-        data["pipelines"] = {
-            name: filler.pipeline(name, body, prefix) for name, body in data["pipelines"].items()
-        }
-    return data
-
-
-class _Filler:
-    """Default-filling helpers bound to one device id and config directory."""
-
-    def __init__(self, device_id: Any, base_dir: Path) -> None:
-        self.device_id = device_id if isinstance(device_id, str) else "{device_id}"
-        self.base_dir = base_dir
-
-    def expand(self, value: Any) -> Any:
-        """Replace ``{device_id}`` in a string value."""
-        return value.replace("{device_id}", self.device_id) if isinstance(value, str) else value
-
-    def resolve(self, value: Any) -> Any:
-        """Make a relative path relative to the config file's folder."""
-        if isinstance(value, str) and value and not os.path.isabs(value):
-            return str(self.base_dir / value)
-        return value
-
-    def mqtt(self, section: Any) -> Any:
-        """Defaults of an ``mqtt``/``upstream`` section."""
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            return section
-        mqtt = dict(section)
-        # An explicit null means "the default" as much as leaving the key out does.
-        if mqtt.get("client_id") is None:
-            mqtt["client_id"] = "edge-agent-{device_id}"
-        if mqtt.get("topic_prefix") is None:
-            mqtt["topic_prefix"] = "edge/{device_id}"
-        mqtt["client_id"] = self.expand(mqtt["client_id"])
-        mqtt["topic_prefix"] = self.expand(mqtt["topic_prefix"])
-        if "password_file" in mqtt:
-            mqtt["password_file"] = self.resolve(mqtt["password_file"])
-        if isinstance(mqtt.get("tls"), dict):
-            mqtt["tls"] = {key: self.resolve(value) for key, value in mqtt["tls"].items()}
-        return mqtt
-
-    def pipeline(self, name: Any, body: Any, prefix: Any) -> Any:
-        """Defaults of one pipeline: the output topic, ``{device_id}`` in topics."""
-        if not isinstance(body, dict):
-            return body
-        body = dict(body)
-        if isinstance(body.get("input"), dict) and "topic" in body["input"]:
-            body["input"] = {**body["input"], "topic": self.expand(body["input"]["topic"])}
-        out = {} if body.get("output") is None else body["output"]
-        if isinstance(out, dict):
-            out = dict(out)
-            if out.get("topic") is None and isinstance(prefix, str):
-                out["topic"] = f"{prefix}/results/{name}"
-            if "topic" in out:
-                out["topic"] = self.expand(out["topic"])
-        body["output"] = out
-        return body
-
-
-def _fill_model(name: Any, body: Any) -> Any:
-    if body is None:
-        body = {}
-    if isinstance(body, dict) and "file" not in body:
-        return {**body, "file": f"{name}.onnx"}
-    return body
-
-
-def _hostname() -> str:
-    host = socket.gethostname().split(".")[0]
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", host)[:64]
-    return cleaned or "edge-device"
-
-
-def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[ConfigProblem]:
-    """Checks that span keys: references between sections, topic clashes, files that must exist."""
-    problems: list[ConfigProblem] = []
-
-    def report(path: KeyPath, message: str) -> None:
-        problems.append(ConfigProblem(file, doc.line_of(path), _dotted(path), message))
-
-    models = _mapping(data.get("models"))
-    publishers: dict[str, str] = {}
-    for name, body in _mapping(data.get("pipelines")).items():
-        model = _mapping(body).get("model")
-        if isinstance(model, str) and model not in models:
-            known = ", ".join(sorted(str(m) for m in models)) or "none are defined"
-            report(
-                ("pipelines", name, "model"),
-                f"model {model!r} is not defined under models ({known})"
-                f"{_did_you_mean(model, [str(m) for m in models])}",
-            )
-        topic = _mapping(_mapping(body).get("output")).get("topic")
-        if not isinstance(topic, str):
-            continue
-        if topic in publishers:
-            report(
-                ("pipelines", name, "output", "topic"),
-                f"pipelines {publishers[topic]!r} and {name!r} both publish to {topic!r}",
-            )
-        publishers.setdefault(topic, str(name))
-        in_topic = _mapping(_mapping(body).get("input")).get("topic")
-        for message in topics.placeholder_problems(topic, in_topic):
-            report(("pipelines", name, "output", "topic"), message)
-
-    for section in ("mqtt", "upstream"):
-        mqtt = _mapping(data.get(section))
-        _check_file_exists(mqtt.get("password_file"), (section, "password_file"), report)
-        _check_secret_file(mqtt.get("password_file"), (section, "password_file"), report)
-        for key, value in _mapping(mqtt.get("tls")).items():
-            _check_file_exists(value, (section, "tls", key), report)
-    updates = _mapping(data.get("updates"))
-    keys = updates.get("trusted_keys")
-    for index, value in enumerate(keys if isinstance(keys, list) else []):
-        _check_public_key(value, ("updates", "trusted_keys", index), report)
-    threshold = updates.get("threshold", 1)
-    if isinstance(keys, list) and keys and isinstance(threshold, int) and threshold > len(keys):
-        report(
-            ("updates", "threshold"),
-            f"threshold {threshold} is more than the "
-            f"{len(keys)} trusted key(s): no update could ever be accepted",
-        )
-    _check_file_exists(updates.get("ca_file"), ("updates", "ca_file"), report)
-    return problems
-
-
-def _check_public_key(
-    value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
-) -> None:
-    if not isinstance(value, str):
-        return
-    from agent.updates.signing import load_public_key  # noqa: PLC0415 - cryptography is heavy
-
-    try:
-        load_public_key(Path(value))
-    except UpdateKeyError as exc:
-        report(path, str(exc))
-
-
-def _mapping(value: Any) -> dict[Any, Any]:
-    """``value`` when it is a mapping, else an empty one (the validator reports the type)."""
-    return value if isinstance(value, dict) else {}
-
-
-def _check_file_exists(
-    value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
-) -> None:
-    if isinstance(value, str) and not os.path.exists(value):
-        report(path, f"file not found: {value}")
-
-
-def _check_secret_file(
-    value: Any, path: KeyPath, report: typing.Callable[[KeyPath, str], None]
-) -> None:
-    """A secret anyone may rewrite is refused (they would choose the broker password the
-    agent sends); one others may read only draws a warning at start (``secret_file_mode``)."""
-    if not isinstance(value, str):
-        return
-    try:
-        mode = os.stat(value).st_mode
-    except OSError:
-        return  # reported as missing, or unreadable when the agent reads it
-    if mode & stat.S_IWOTH:
-        report(
-            path,
-            f"{value} is writable by every user (mode {stat.filemode(mode)}): "
-            f"anyone could replace the password; run chmod 600 {value}",
-        )
-
-
-def secret_file_warning(path: str) -> str | None:
-    """What is wrong with a secret file others may read, or None (logged as a warning)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
-    if mode & (stat.S_IRGRP | stat.S_IROTH):
-        return (
-            f"{path} is readable by other users (mode {stat.filemode(mode)}); "
-            f"run chmod 600 {path} (owner: the agent's user)"
-        )
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Turning pydantic errors into located, readable problems
-
-
-def _problems_from_pydantic(
-    exc: ValidationError, doc: YamlDocument, file: str
-) -> list[ConfigProblem]:
-    problems = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(part for part in error["loc"] if part != "[key]")
-        path: KeyPath = tuple(part for part in loc if isinstance(part, str | int))
-        kind = error["type"]
-        if kind == "extra_forbidden":
-            key = str(path[-1])
-            known = _fields_at(path[:-1])
-            message = f"unknown key {key!r}{_did_you_mean(key, known)}"
-            if key == "password" and "password_file" in known:
-                message = (
-                    "a password is not accepted in the config file: put it in a file "
-                    "readable only by the agent and set 'password_file' to its path"
-                )
-        elif kind == "missing":
-            message = "required key is missing"
-        elif kind in ("tuple_type", "list_type"):
-            message = f"expected a list, got {_describe(error.get('input'))}"
-        elif kind in ("model_type", "dict_type", "model_attributes_type"):
-            message = f"expected a mapping of keys to values, got {_describe(error.get('input'))}"
-        else:
-            message = str(error["msg"]).removeprefix("Value error, ")
-            value = error.get("input")
-            if kind != "value_error" and not isinstance(value, dict | list):
-                message += f" (got {_describe(value)})"
-        if "[key]" in error["loc"]:
-            message = f"invalid key: {message}"
-        problems.append(ConfigProblem(file, doc.line_of(path), _dotted(path), message))
-    return problems
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value)
-
-
-def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
-    matches = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f", did you mean {matches[0]!r}?" if matches else ""
-
-
-def _dotted(path: KeyPath) -> str:
-    text = ""
-    for part in path:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
-
-
-def _fields_at(path: KeyPath) -> list[str]:
-    """Names of the keys allowed at ``path`` (for "did you mean"), following the schema."""
-    current: Any = AgentConfig
-    for part in path:
-        current = _child_type(current, part)
-        if current is None:
-            return []
-    if _is_model(current):
-        return list(current.model_fields)
-    return []
-
-
-def _is_model(tp: Any) -> bool:
-    # On Python 3.10 isinstance(Mapping[str, X], type) is True; issubclass would then raise.
-    return isinstance(tp, type) and typing.get_origin(tp) is None and issubclass(tp, BaseModel)
-
-
-def _child_type(tp: Any, part: str | int) -> Any:
-    if _is_model(tp):
-        field = tp.model_fields.get(str(part))
-        return _unwrap(field.annotation) if field is not None else None
-    origin = typing.get_origin(tp)
-    if origin in (dict, Mapping, typing.Mapping):
-        return _unwrap(typing.get_args(tp)[1])
-    if origin in (tuple, list):
-        return _unwrap(typing.get_args(tp)[0])
-    return None
-
-
-def _unwrap(tp: Any) -> Any:
-    """Strip Annotated and Optional to reach the model or container type underneath."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif origin in (typing.Union, types.UnionType):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            structured = [a for a in args if typing.get_origin(_unwrap(a)) is not Literal]
-            tp = structured[0] if structured else args[0]
-        else:
-            return tp

@@ -2,7 +2,8 @@
 
 Uses the official client library, imported only when the endpoint is enabled (it costs
 ~12 MB of RSS). Values are collected at scrape time from the counters the pipelines, the
-model registry and the outbox keep anyway, so serving pays nothing per reading for metrics.
+model registry and the outbox keep anyway, so serving pays nothing per reading for metrics:
+each scrape reads one ``HealthSnapshot``, the same reading the ``P/health`` document is made of.
 
 Names follow the Prometheus conventions (checked with ``promtool check metrics`` in the
 tests): base units in the name (``_seconds``, ``_bytes``, ``_celsius``), ``_total`` on
@@ -17,10 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent import __version__
-from agent.hardware.detect import read_temperatures
 from agent.inference.registry import ModelState
-from agent.ops.telemetry import AgentView, disk_free_mb, process_cpu_seconds, rss_mb
+from agent.ops.telemetry import AgentView, HealthSnapshot, read_snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
@@ -89,193 +88,198 @@ class MetricsServer:
 
 
 class _Collector:
-    """Reads the daemon's counters when Prometheus scrapes (on the HTTP server's thread).
-
-    Every family is yielded on every scrape, also when it has no samples (no thermal zone,
-    no model configured), so that the endpoint always declares the same names."""
+    """Reads the daemon's counters when Prometheus scrapes (on the HTTP server's thread)."""
 
     def __init__(self, view: AgentView) -> None:
         self._view = view
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families (called by the client library on each scrape)."""
-        yield from self._info()
-        yield from self._pipelines()
-        yield from self._models()
-        yield from self._delivery()
-        yield from self._process()
+        yield from snapshot_metrics(read_snapshot(self._view, take_interval=False))
 
-    def _info(self) -> Iterator[Metric]:
-        from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
 
-        # The info-metric pattern: labels that describe the target, value always 1, so that
-        # dashboards can pick a device by its id rather than by its scrape address.
-        info = GaugeMetricFamily(
-            "edge_agent_info",
-            "The agent's device id and version; always 1.",
-            labels=["device_id", "version"],
-        )
-        info.add_metric([self._view.device_id, __version__], 1.0)
-        yield info
+def snapshot_metrics(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    """The metric families of ``snapshot``.
 
-    def _pipelines(self) -> Iterator[Metric]:
-        from prometheus_client.core import (  # noqa: PLC0415
-            CounterMetricFamily,
-            GaugeMetricFamily,
-            HistogramMetricFamily,
-        )
+    Every family is yielded every time, also when it has no samples (no thermal zone, no
+    model configured), so that the endpoint always declares the same names."""
+    yield from _info(snapshot)
+    yield from _pipelines(snapshot)
+    yield from _models(snapshot)
+    yield from _delivery(snapshot)
+    yield from _process(snapshot)
 
-        # One snapshot of the mapping: a config reload may replace it during the scrape.
-        pipelines = dict(self._view.pipelines())
-        for key, (name, help_text) in READING_COUNTERS.items():
-            family = CounterMetricFamily(name, help_text, labels=["pipeline"])
-            for pipeline_name, pipeline in pipelines.items():
-                family.add_metric([pipeline_name], getattr(pipeline.counters, key))
-            yield family
-        depth = GaugeMetricFamily(
-            "edge_agent_queue_depth",
-            "Readings waiting in the pipeline's queue for inference.",
-            labels=["pipeline"],
-        )
-        latency = HistogramMetricFamily(
-            "edge_agent_latency_seconds",
-            "Time from receiving a reading to publishing its result.",
-            labels=["pipeline"],
-        )
+
+def _info(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+    # The info-metric pattern: labels that describe the target, value always 1, so that
+    # dashboards can pick a device by its id rather than by its scrape address.
+    info = GaugeMetricFamily(
+        "edge_agent_info",
+        "The agent's device id and version; always 1.",
+        labels=["device_id", "version"],
+    )
+    info.add_metric([snapshot.device_id, snapshot.agent_version], 1.0)
+    yield info
+
+
+def _pipelines(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    from prometheus_client.core import (  # noqa: PLC0415
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    pipelines = snapshot.pipelines
+    for key, (name, help_text) in READING_COUNTERS.items():
+        family = CounterMetricFamily(name, help_text, labels=["pipeline"])
         for pipeline_name, pipeline in pipelines.items():
-            depth.add_metric([pipeline_name], pipeline.queue_depth)
-            buckets, count, total_ms = pipeline.latency.cumulative()
-            kept = [
-                (f"{bound / 1000:.6g}", cumulative)
-                for index, (bound, cumulative) in enumerate(buckets)
-                if index % LATENCY_BUCKET_STRIDE == LATENCY_BUCKET_STRIDE - 1
-            ]
-            latency.add_metric([pipeline_name], [*kept, ("+Inf", count)], total_ms / 1000)
-        yield depth
-        yield latency
-
-    def _models(self) -> Iterator[Metric]:
-        from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
-
-        registry = self._view.registry
-        state = GaugeMetricFamily(
-            "edge_agent_model_state",
-            "1 for the model's current state (LOADING, READY, FAILED), 0 for the others.",
-            labels=["model", "state"],
+            family.add_metric([pipeline_name], getattr(pipeline, key))
+        yield family
+    depth = GaugeMetricFamily(
+        "edge_agent_queue_depth",
+        "Readings waiting in the pipeline's queue for inference.",
+        labels=["pipeline"],
+    )
+    latency = HistogramMetricFamily(
+        "edge_agent_latency_seconds",
+        "Time from receiving a reading to publishing its result.",
+        labels=["pipeline"],
+    )
+    for pipeline_name, pipeline in pipelines.items():
+        depth.add_metric([pipeline_name], pipeline.queue_depth)
+        kept = [
+            (f"{bound / 1000:.6g}", cumulative)
+            for index, (bound, cumulative) in enumerate(pipeline.latency_buckets)
+            if index % LATENCY_BUCKET_STRIDE == LATENCY_BUCKET_STRIDE - 1
+        ]
+        latency.add_metric(
+            [pipeline_name],
+            [*kept, ("+Inf", pipeline.latency_count)],
+            pipeline.latency_sum_ms / 1000,
         )
-        ready = GaugeMetricFamily(
-            "edge_agent_model_ready",
-            "1 when the model serves, 0 otherwise.",
-            labels=["model", "version"],
-        )
-        degraded = GaugeMetricFamily(
-            "edge_agent_model_degraded",
-            "1 when some requested execution providers did not load for the model.",
-            labels=["model"],
-        )
-        for name in registry.names():
-            status = registry.status(name)
-            for candidate in ModelState:
-                state.add_metric([name, candidate.value], 1.0 if status.state is candidate else 0.0)
-            ready.add_metric(
-                [name, status.version or ""], 1.0 if status.state is ModelState.READY else 0.0
-            )
-            degraded.add_metric([name], 1.0 if status.degraded else 0.0)
-        yield state
-        yield ready
-        yield degraded
+    yield depth
+    yield latency
 
-    def _delivery(self) -> Iterator[Metric]:
-        from prometheus_client.core import (  # noqa: PLC0415
-            CounterMetricFamily,
+
+def _models(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+    state = GaugeMetricFamily(
+        "edge_agent_model_state",
+        f"1 for the model's current state ({', '.join(ModelState)}), 0 for the others.",
+        labels=["model", "state"],
+    )
+    ready = GaugeMetricFamily(
+        "edge_agent_model_ready",
+        "1 when the model serves, 0 otherwise.",
+        labels=["model", "version"],
+    )
+    degraded = GaugeMetricFamily(
+        "edge_agent_model_degraded",
+        "1 when some requested execution providers did not load for the model.",
+        labels=["model"],
+    )
+    for name, model in snapshot.models.items():
+        for candidate in ModelState:
+            state.add_metric([name, candidate.value], 1.0 if model.state is candidate else 0.0)
+        ready.add_metric(
+            [name, model.version or ""], 1.0 if model.state is ModelState.READY else 0.0
+        )
+        degraded.add_metric([name], 1.0 if model.degraded else 0.0)
+    yield state
+    yield ready
+    yield degraded
+
+
+def _delivery(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    from prometheus_client.core import (  # noqa: PLC0415
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    report: Mapping[str, Any] = snapshot.delivery or {}
+    connected = GaugeMetricFamily(
+        "edge_agent_broker_connected",
+        "1 while the MQTT connection is up: local (readings) and, when configured, "
+        "upstream (results, telemetry).",
+        labels=["connection"],
+    )
+    for connection, up in report.get("connected", {}).items():
+        connected.add_metric([connection], 1.0 if up else 0.0)
+    yield connected
+    outbox: Mapping[str, Any] = report.get("outbox") or {}
+    families = (
+        (
             GaugeMetricFamily,
-        )
-
-        report: Mapping[str, Any] = {}
-        if self._view.delivery is not None:
-            report = self._view.delivery()
-        connected = GaugeMetricFamily(
-            "edge_agent_broker_connected",
-            "1 while the MQTT connection is up: local (readings) and, when configured, "
-            "upstream (results, telemetry).",
-            labels=["connection"],
-        )
-        for connection, up in report.get("connected", {}).items():
-            connected.add_metric([connection], 1.0 if up else 0.0)
-        yield connected
-        outbox: Mapping[str, Any] = report.get("outbox") or {}
-        families = (
-            (
-                GaugeMetricFamily,
-                "edge_agent_outbox_depth",
-                "depth",
-                "Results stored in the outbox, waiting to be published.",
-            ),
-            (
-                GaugeMetricFamily,
-                "edge_agent_outbox_bytes",
-                "bytes",
-                "Bytes of the results stored in the outbox.",
-            ),
-            (
-                CounterMetricFamily,
-                "edge_agent_outbox_dropped_total",
-                "dropped",
-                "Results dropped from the outbox because it reached outbox.max_mb.",
-            ),
-            (
-                CounterMetricFamily,
-                "edge_agent_outbox_expired_total",
-                "expired",
-                "Results dropped from the outbox because they outlived outbox.max_age_s.",
-            ),
-        )
-        for family_type, name, key, help_text in families:
-            family = family_type(name, help_text)
-            if key in outbox:
-                family.add_metric([], float(outbox[key]))
-            yield family
-        age = GaugeMetricFamily(
-            "edge_agent_outbox_oldest_age_seconds",
-            "Age of the oldest result in the outbox; 0 when it is empty.",
-        )
-        if outbox:
-            # 0 rather than no sample when empty: an alert on "age > X" then sees a value.
-            age.add_metric([], float(outbox.get("oldest_age_s") or 0.0))
-        yield age
-
-    def _process(self) -> Iterator[Metric]:
-        from prometheus_client.core import (  # noqa: PLC0415
-            CounterMetricFamily,
+            "edge_agent_outbox_depth",
+            "depth",
+            "Results stored in the outbox, waiting to be published.",
+        ),
+        (
             GaugeMetricFamily,
-        )
+            "edge_agent_outbox_bytes",
+            "bytes",
+            "Bytes of the results stored in the outbox.",
+        ),
+        (
+            CounterMetricFamily,
+            "edge_agent_outbox_dropped_total",
+            "dropped",
+            "Results dropped from the outbox because it reached outbox.max_mb.",
+        ),
+        (
+            CounterMetricFamily,
+            "edge_agent_outbox_expired_total",
+            "expired",
+            "Results dropped from the outbox because they outlived outbox.max_age_s.",
+        ),
+    )
+    for family_type, name, key, help_text in families:
+        family = family_type(name, help_text)
+        if key in outbox:
+            family.add_metric([], float(outbox[key]))
+        yield family
+    age = GaugeMetricFamily(
+        "edge_agent_outbox_oldest_age_seconds",
+        "Age of the oldest result in the outbox; 0 when it is empty.",
+    )
+    if outbox:
+        # 0 rather than no sample when empty: an alert on "age > X" then sees a value.
+        age.add_metric([], float(outbox.get("oldest_age_s") or 0.0))
+    yield age
 
-        view = self._view
-        yield CounterMetricFamily(
-            "edge_agent_cpu_seconds_total",
-            "User and system CPU time of the agent process.",
-            value=process_cpu_seconds(),
-        )
-        memory = GaugeMetricFamily(
-            "edge_agent_resident_memory_bytes", "Resident memory (RSS) of the agent process."
-        )
-        resident = rss_mb()
-        if resident is not None:  # no sample rather than a false 0 when /proc is unreadable
-            memory.add_metric([], resident * MIB)
-        yield memory
-        temperature = GaugeMetricFamily(
-            "edge_agent_temperature_celsius",
-            "Temperature of each thermal zone of the device.",
-            labels=["zone"],
-        )
-        for zone, celsius in read_temperatures(view.hardware).items():
-            temperature.add_metric([zone], celsius)
-        yield temperature
-        disk = GaugeMetricFamily(
-            "edge_agent_models_disk_free_bytes",
-            "Free disk space on the file system holding models_dir.",
-        )
-        free = disk_free_mb(view.models_dir)
-        if free is not None:
-            disk.add_metric([], free * MIB)
-        yield disk
+
+def _process(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    from prometheus_client.core import (  # noqa: PLC0415
+        CounterMetricFamily,
+        GaugeMetricFamily,
+    )
+
+    yield CounterMetricFamily(
+        "edge_agent_cpu_seconds_total",
+        "User and system CPU time of the agent process.",
+        value=snapshot.cpu_s,
+    )
+    memory = GaugeMetricFamily(
+        "edge_agent_resident_memory_bytes", "Resident memory (RSS) of the agent process."
+    )
+    if snapshot.rss_mb is not None:  # no sample rather than a false 0 when /proc is unreadable
+        memory.add_metric([], snapshot.rss_mb * MIB)
+    yield memory
+    temperature = GaugeMetricFamily(
+        "edge_agent_temperature_celsius",
+        "Temperature of each thermal zone of the device.",
+        labels=["zone"],
+    )
+    for zone, celsius in snapshot.temperatures_c.items():
+        temperature.add_metric([zone], celsius)
+    yield temperature
+    disk = GaugeMetricFamily(
+        "edge_agent_models_disk_free_bytes",
+        "Free disk space on the file system holding models_dir.",
+    )
+    if snapshot.disk_free_mb is not None:
+        disk.add_metric([], snapshot.disk_free_mb * MIB)
+    yield disk

@@ -16,6 +16,11 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+# While starting (model loads, waiting for the broker) ask systemd for this much more time,
+# this often, so a slow TensorRT build or a broker down at boot is not a failed start.
+EXTEND_TIMEOUT_S = 30.0
+EXTEND_EVERY_S = 10.0
+
 
 class SdNotifier:
     """Sends sd_notify messages; thread-safe (one datagram per call)."""
@@ -135,3 +140,30 @@ class Watchdog:
                     effect="systemd will restart the service when WatchdogSec passes",
                 )
                 self._withheld = problem
+
+
+class StartupExtender:
+    """Sends EXTEND_TIMEOUT_USEC while the daemon starts, so systemd's start timeout does not
+    kill a device that is building TensorRT engines or waiting for its broker."""
+
+    def __init__(self, notifier: SdNotifier) -> None:
+        self._notifier = notifier
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sd-extend", daemon=True)
+
+    def start(self) -> None:
+        """Start asking for more time (nothing outside systemd)."""
+        if self._notifier.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop asking: the daemon is serving, or stopping."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while True:
+            self._notifier.extend_timeout(EXTEND_TIMEOUT_S)
+            if self._stop.wait(EXTEND_EVERY_S):
+                return

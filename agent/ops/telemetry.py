@@ -1,7 +1,9 @@
 """Health telemetry: the JSON on ``P/health``, built every ``health.interval_s``.
 
 Everything is read from counters other threads own (ints, read atomically) and from /proc,
-/sys and the disk; nothing here blocks serving.
+/sys and the disk; nothing here blocks serving. One reading of all that is a
+``HealthSnapshot``: the JSON document and the Prometheus endpoint (``agent.ops.metrics``)
+are both views of it, so a new health figure is read in one place.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any
 
 from agent import __version__
 from agent.hardware.detect import Hardware, read_temperatures
+from agent.inference.latency import LatencySummary
 from agent.inference.pipeline import Pipeline
-from agent.inference.registry import ModelRegistry
+from agent.inference.registry import ModelRegistry, ModelState
 
 # Where Jetson kernels expose the integrated GPU's load, in tenths of a percent.
 JETSON_GPU_LOAD_FILES = (
@@ -90,13 +93,183 @@ class AgentView:
     interval_s: float = 10.0
 
 
-@dataclass
-class _Previous:
-    """Counter values at the previous report, for per-interval rates."""
+@dataclass(frozen=True)
+class PipelineFigures:
+    """One pipeline's counters, queue and latency at one reading."""
 
-    when: float
+    model: str
+    received: int
+    processed: int
+    dropped: int
+    rejected: int
+    failed: int
+    queue_depth: int
+    # Since start: (upper bound ms, cumulative count) per bucket, the count and the sum.
+    latency_buckets: tuple[tuple[float, int], ...]
+    latency_count: int
+    latency_sum_ms: float
+    # Since the previous health report; None in a reading that did not take the interval
+    # (a scrape must not steal the health report's interval).
+    latency_interval: LatencySummary | None = None
+
+    @property
+    def errors(self) -> int:
+        """Readings that got an error instead of a result."""
+        return self.rejected + self.failed
+
+    def to_dict(self, throughput: float) -> dict[str, Any]:
+        """The pipeline's entry in the health document."""
+        return {
+            "model": self.model,
+            "received": self.received,
+            "processed": self.processed,
+            "dropped": self.dropped,
+            "errors": self.errors,
+            "queue_depth": self.queue_depth,
+            "latency_ms": (self.latency_interval or _NO_LATENCY).to_dict(),
+            "throughput": throughput,
+        }
+
+
+_NO_LATENCY = LatencySummary(0, None, None, None)
+
+
+@dataclass(frozen=True)
+class ModelFigures:
+    """One model's published status at one reading."""
+
+    state: ModelState
+    version: str | None
+    providers: tuple[str, ...]
+    degraded: bool
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model's entry in the health document."""
+        return {
+            "state": self.state.value,
+            "version": self.version,
+            "providers": list(self.providers),
+            "degraded": self.degraded,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Counter values at the previous health report, for per-interval rates."""
+
+    when: float  # time.monotonic()
     cpu_s: float
-    processed: dict[str, int] = field(default_factory=dict)
+    processed: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HealthSnapshot:
+    """Every health figure of the agent at one reading (``read_snapshot``): the source of
+    both the ``P/health`` document (``to_document``) and the Prometheus metrics."""
+
+    device_id: str
+    agent_version: str
+    groups: tuple[str, ...]
+    interval_s: float
+    hardware: str  # Hardware.summary()
+    taken_at: float  # time.monotonic()
+    ts: float  # time.time()
+    pipelines: Mapping[str, PipelineFigures]
+    models: Mapping[str, ModelFigures]
+    cpu_s: float
+    rss_mb: float | None
+    temperatures_c: Mapping[str, float]
+    disk_free_mb: float | None
+    delivery: Mapping[str, Any] | None = None
+    gpu_load_percent: float | None = None
+
+    def baseline(self) -> Baseline:
+        """This reading as the start of the next report's interval."""
+        return Baseline(
+            self.taken_at, self.cpu_s, {name: p.processed for name, p in self.pipelines.items()}
+        )
+
+    def to_document(self, previous: Baseline, started: float) -> dict[str, Any]:
+        """The health document: rates over the interval since ``previous``, uptime since
+        ``started`` (both ``time.monotonic()``)."""
+        elapsed = max(self.taken_at - previous.when, 1e-6)
+        pipelines = {}
+        for name, figures in self.pipelines.items():
+            done = figures.processed - previous.processed.get(name, 0)
+            pipelines[name] = figures.to_dict(throughput=round(max(done, 0) / elapsed, 2))
+        document: dict[str, Any] = {
+            "device_id": self.device_id,
+            "ts": round(self.ts, 3),
+            "interval_s": self.interval_s,
+            "groups": list(self.groups),
+            "uptime_s": round(self.taken_at - started, 1),
+            "agent_version": self.agent_version,
+            "hardware": self.hardware,
+            "models": {name: figures.to_dict() for name, figures in self.models.items()},
+            "pipelines": pipelines,
+            "cpu_percent": round((self.cpu_s - previous.cpu_s) / elapsed * 100, 1),
+            "rss_mb": self.rss_mb,
+            "temperatures_c": dict(self.temperatures_c),
+            "disk_free_mb": self.disk_free_mb,
+        }
+        if self.delivery is not None:
+            document["delivery"] = dict(self.delivery)
+        if self.gpu_load_percent is not None:
+            document["gpu_load_percent"] = self.gpu_load_percent
+        return document
+
+
+def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
+    """Read every health figure once. ``take_interval``: also take each pipeline's latency
+    interval, which starts a new one (the health report's, never a scrape's)."""
+    taken_at = time.monotonic()
+    cpu_s = process_cpu_seconds()
+    pipelines = {}
+    for name, pipeline in view.pipelines().items():
+        counters = pipeline.counters
+        buckets, count, sum_ms = pipeline.latency.cumulative()
+        pipelines[name] = PipelineFigures(
+            model=pipeline.config.model,
+            received=counters.received,
+            processed=counters.processed,
+            dropped=counters.dropped,
+            rejected=counters.rejected,
+            failed=counters.failed,
+            queue_depth=pipeline.queue_depth,
+            latency_buckets=tuple(buckets),
+            latency_count=count,
+            latency_sum_ms=sum_ms,
+            latency_interval=pipeline.latency.take_interval() if take_interval else None,
+        )
+    models = {}
+    for name in view.registry.names():
+        status = view.registry.status(name)
+        models[name] = ModelFigures(
+            state=status.state,
+            version=status.version,
+            providers=tuple(status.providers),
+            degraded=status.degraded,
+            error=status.error,
+        )
+    return HealthSnapshot(
+        device_id=view.device_id,
+        agent_version=__version__,
+        groups=tuple(view.groups),
+        interval_s=view.interval_s,
+        hardware=view.hardware.summary(),
+        taken_at=taken_at,
+        ts=time.time(),
+        pipelines=pipelines,
+        models=models,
+        cpu_s=cpu_s,
+        rss_mb=rss_mb(),
+        temperatures_c=read_temperatures(view.hardware),
+        disk_free_mb=disk_free_mb(view.models_dir),
+        delivery=view.delivery() if view.delivery is not None else None,
+        gpu_load_percent=gpu_load_percent(),
+    )
 
 
 class HealthReporter:
@@ -105,7 +278,7 @@ class HealthReporter:
     def __init__(self, view: AgentView) -> None:
         self._view = view
         self._started = time.monotonic()
-        self._previous = _Previous(time.monotonic(), process_cpu_seconds())
+        self._previous = Baseline(time.monotonic(), process_cpu_seconds())
 
     def update_view(self, view: AgentView) -> None:
         """Read from ``view`` from now on (config reloaded); uptime and rates carry on."""
@@ -113,55 +286,7 @@ class HealthReporter:
 
     def report(self) -> dict[str, Any]:
         """The health document for the interval since the previous call."""
-        now = time.monotonic()
-        elapsed = max(now - self._previous.when, 1e-6)
-        cpu_s = process_cpu_seconds()
-        pipelines = {}
-        processed_now = {}
-        view = self._view
-        for name, pipeline in view.pipelines().items():
-            counters = pipeline.counters
-            processed_now[name] = counters.processed
-            done = counters.processed - self._previous.processed.get(name, 0)
-            pipelines[name] = {
-                "model": pipeline.config.model,
-                "received": counters.received,
-                "processed": counters.processed,
-                "dropped": counters.dropped,
-                "errors": counters.errors,
-                "queue_depth": pipeline.queue_depth,
-                "latency_ms": pipeline.latency.take_interval().to_dict(),
-                "throughput": round(max(done, 0) / elapsed, 2),
-            }
-        models = {}
-        for name in view.registry.names():
-            status = view.registry.status(name)
-            models[name] = {
-                "state": status.state.value,
-                "version": status.version,
-                "providers": list(status.providers),
-                "degraded": status.degraded,
-                "error": status.error,
-            }
-        document: dict[str, Any] = {
-            "device_id": view.device_id,
-            "ts": round(time.time(), 3),
-            "interval_s": view.interval_s,
-            "groups": list(view.groups),
-            "uptime_s": round(now - self._started, 1),
-            "agent_version": __version__,
-            "hardware": view.hardware.summary(),
-            "models": models,
-            "pipelines": pipelines,
-            "cpu_percent": round((cpu_s - self._previous.cpu_s) / elapsed * 100, 1),
-            "rss_mb": rss_mb(),
-            "temperatures_c": read_temperatures(view.hardware),
-            "disk_free_mb": disk_free_mb(view.models_dir),
-        }
-        if view.delivery is not None:
-            document["delivery"] = view.delivery()
-        load = gpu_load_percent()
-        if load is not None:
-            document["gpu_load_percent"] = load
-        self._previous = _Previous(now, cpu_s, processed_now)
+        snapshot = read_snapshot(self._view, take_interval=True)
+        document = snapshot.to_document(self._previous, self._started)
+        self._previous = snapshot.baseline()
         return document

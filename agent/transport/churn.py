@@ -8,8 +8,18 @@ sign is connections that keep ending within seconds of being accepted.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.reasoncodes import ReasonCode
+
 SHORT_CONNECTION_S = 10.0
 STREAK_TO_REPORT = 3
+# MQTT 5 DISCONNECT reason "Session taken over": a newer connection with our client id.
+SESSION_TAKEN_OVER = 0x8E
 
 
 class ShortConnectionStreak:
@@ -43,3 +53,63 @@ class ShortConnectionStreak:
             return None
         self._streak += 1
         return self._streak if self._streak == self._report_at else None
+
+
+class ConnectionLog:
+    """Logs the end of each connection and each failed connect attempt, and says so when
+    the drops look like a client id clash.
+
+    Called only by the thread that runs the MQTT callbacks (paho's network thread).
+    """
+
+    def __init__(
+        self, log: structlog.stdlib.BoundLogger, client_id: str, reconnect_max_s: float
+    ) -> None:
+        self._log = log
+        self._client_id = client_id
+        self._reconnect_max_s = reconnect_max_s
+        self._short_connections = ShortConnectionStreak()
+
+    def connected(self) -> None:
+        """The broker accepted a connection."""
+        self._short_connections.connected(time.monotonic())
+
+    def dropped(self, reason_code: ReasonCode, *, was_connected: bool, ours: bool) -> None:
+        """A connection (``was_connected``) or a connect attempt ended; ``ours``: we asked."""
+        if ours:
+            self._log.info("mqtt_disconnected", reason=str(reason_code))
+            return
+        if was_connected:
+            self._log.warning("mqtt_disconnected", reason=str(reason_code))
+        else:
+            self._log.warning("mqtt_connect_failed", reason=str(reason_code))
+        streak = self._short_connections.dropped(time.monotonic())
+        if getattr(reason_code, "value", None) == SESSION_TAKEN_OVER:
+            # Another client connected with our client id: with the default ids that is
+            # two devices sharing one device_id, which an operator has to fix.
+            self._log.error(
+                "mqtt_session_taken_over",
+                client_id=self._client_id,
+                action="another client uses this client id: give each device "
+                "its own device_id (or host name)",
+            )
+        elif streak is not None:
+            self._log.error(
+                "mqtt_connection_keeps_dropping",
+                client_id=self._client_id,
+                connections=streak,
+                within_s=SHORT_CONNECTION_S,
+                action="the broker closes each connection soon after accepting "
+                "it: most often another client uses this client id (two "
+                "devices with one device_id or host name); else check "
+                "the broker's log",
+            )
+
+    def on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        """paho's callback: the broker could not be reached (paho retries with backoff)."""
+        with contextlib.suppress(Exception):
+            self._log.warning(
+                "mqtt_connect_failed",
+                reason="broker unreachable",
+                retry_max_s=self._reconnect_max_s,
+            )

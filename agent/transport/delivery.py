@@ -27,7 +27,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.transport.mqtt import MqttConnection
-from agent.transport.outbox import Outbox, OutboxRow, PendingResult
+from agent.transport.outbox import Outbox, OutboxRow
+from agent.transport.results import PendingResult
 
 log = structlog.get_logger(__name__)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import structlog
 
 from agent.errors import EdgeAgentError
+from agent.transport.results import PendingResult
 
 log = structlog.get_logger(__name__)
 
@@ -61,17 +62,6 @@ class OutboxRow:
     created: float
 
 
-@dataclass(frozen=True)
-class PendingResult:
-    """A result to store: where it goes and what it says."""
-
-    pipeline: str
-    topic: str
-    payload: bytes
-    qos: int
-    correlation: bytes | None = None
-
-
 class Outbox:
     """A bounded, durable FIFO of results in one SQLite file."""
 
@@ -83,10 +73,7 @@ class Outbox:
         self._full_logged = 0.0
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10.0
-            )
-            self._configure()
+            self._db = _open(self.path, self._wal_bytes)
             row = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM outbox"
             ).fetchone()
@@ -113,19 +100,7 @@ class Outbox:
         with self._lock:
             self._wal_bytes, self._budget = _bounds(max_mb)
             self._max_age_s = max_age_s
-            self._db.execute(f"PRAGMA wal_autocheckpoint = {self._wal_bytes // PAGE_SIZE}")
-            self._db.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
-
-    def _configure(self) -> None:
-        db = self._db
-        db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-        db.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode: a commit survives the process being killed; only a power cut
-        # may lose the last commits. FULL would fsync every commit (slow on SD cards).
-        db.execute("PRAGMA synchronous = NORMAL")
-        db.execute(f"PRAGMA wal_autocheckpoint = {self._wal_bytes // PAGE_SIZE}")
-        db.execute(f"PRAGMA journal_size_limit = {self._wal_bytes}")
-        db.executescript(_SCHEMA)
+            _limit_journal(self._db, self._wal_bytes)
 
     # -- results -------------------------------------------------------------------------------
 
@@ -327,25 +302,27 @@ class Outbox:
                 self._db.close()
 
 
+def _open(path: Path, wal_bytes: int) -> sqlite3.Connection:
+    """The outbox database, in WAL mode, its tables created (raises ``sqlite3.Error``)."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+    db.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    db.execute("PRAGMA journal_mode = WAL")
+    # NORMAL in WAL mode: a commit survives the process being killed; only a power cut
+    # may lose the last commits. FULL would fsync every commit (slow on SD cards).
+    db.execute("PRAGMA synchronous = NORMAL")
+    _limit_journal(db, wal_bytes)
+    db.executescript(_SCHEMA)
+    return db
+
+
+def _limit_journal(db: sqlite3.Connection, wal_bytes: int) -> None:
+    """Checkpoint the write-ahead log at ``wal_bytes`` and truncate it back to that size."""
+    db.execute(f"PRAGMA wal_autocheckpoint = {wal_bytes // PAGE_SIZE}")
+    db.execute(f"PRAGMA journal_size_limit = {wal_bytes}")
+
+
 def _bounds(max_mb: float) -> tuple[int, int]:
     """(the write-ahead log's share, the database's budget) of ``max_mb``, in bytes."""
     max_bytes = int(max_mb * 1024 * 1024)
     wal = min(4 * 1024 * 1024, max(64 * 1024, int(max_bytes * WAL_SHARE)))
     return wal, int(max_bytes * DB_SHARE) - wal
-
-
-class SeqCounter:
-    """Monotonic result numbers of one pipeline; used by that pipeline's worker only."""
-
-    def __init__(self, outbox: Outbox, pipeline: str) -> None:
-        self._outbox = outbox
-        self._pipeline = pipeline
-        self._next, self._end = 0, 0
-
-    def take(self) -> int:
-        """The next seq (a database write once per ``SEQ_BLOCK`` results)."""
-        if self._next >= self._end:
-            self._next, self._end = self._outbox.reserve_seq(self._pipeline)
-        value = self._next
-        self._next += 1
-        return value

@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from agent.config.keys import load_public_key
 from agent.errors import SignatureError, UpdateKeyError
 from agent.updates import strict_json
 
@@ -73,19 +74,6 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise UpdateKeyError(f"{path} is not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise UpdateKeyError(f"{path} is not an Ed25519 private key")
-    return key
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from a PEM file (``NAME.pub``)."""
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except OSError as exc:
-        raise UpdateKeyError(f"cannot read public key {path}: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise UpdateKeyError(f"{path} is not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise UpdateKeyError(f"{path} is not an Ed25519 public key")
     return key
 
 

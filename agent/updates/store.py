@@ -18,6 +18,7 @@ from typing import Any
 
 from agent.durable import own_folder, refuse_symlink, write_atomically
 from agent.errors import UnsafePathError, UpdateRejectedError
+from agent.updates.states import UpdateStep
 
 STATE_FILE = "state.json"
 SIGNED_HISTORY = 8  # digests kept per model: the installed file, its .prev and a few before
@@ -31,7 +32,9 @@ class JournalEntry:
     model: str
     version: int
     sha256: str
-    step: str  # downloading | installing | trial | committed
+    # downloading | installing | trial | committed (``JOURNAL_STEPS``) when this agent wrote
+    # it; a str, because a state file left by another version may hold a step this one lacks.
+    step: str
     target: str  # the model file the update replaces
     staged: str  # the staging file the bytes are written to
     previous_sha256: str | None = None
@@ -81,7 +84,9 @@ class UpdateStore:
         with self._lock:
             record = self._models.get(model, ModelRecord())
             if any(
-                e.model == model and e.sha256 == sha256 and e.step in ("installing", "trial")
+                e.model == model
+                and e.sha256 == sha256
+                and e.step in (UpdateStep.INSTALLING, UpdateStep.TRIAL)
                 for e in self._journal.values()
             ):
                 return True
@@ -100,7 +105,7 @@ class UpdateStore:
             self._journal[entry.update_id] = entry
             self._save()
 
-    def set_step(self, update_id: str, step: str, **changes: Any) -> None:
+    def set_step(self, update_id: str, step: UpdateStep, **changes: Any) -> None:
         """Move a journalled update to ``step`` (durably, before the step's effects)."""
         with self._lock:
             entry = self._journal[update_id]
@@ -122,7 +127,7 @@ class UpdateStore:
                 record.signed.remove(sha256)
             record.signed = [*record.signed, sha256][-SIGNED_HISTORY:]
             entry = self._journal[update_id]
-            entry.step = "installing"
+            entry.step = UpdateStep.INSTALLING
             entry.previous_sha256 = previous_sha256
             self._save()
 
@@ -130,7 +135,7 @@ class UpdateStore:
         """The trial succeeded: the update's bytes become the model's committed version."""
         with self._lock:
             entry = self._journal[update_id]
-            entry.step = "committed"
+            entry.step = UpdateStep.COMMITTED
             self._models.setdefault(entry.model, ModelRecord()).committed = entry.sha256
             self._save()
 

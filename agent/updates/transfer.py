@@ -52,7 +52,7 @@ class ChunkTransfer:
         """Whether every chunk has been written."""
         return self.received == self.source.chunks
 
-    def add(self, message: bytes) -> None:
+    def add(self, message: bytes | bytearray) -> None:
         """Write one chunk (4-byte big-endian index + bytes); a duplicate is ignored.
 
         ``UpdateFailedError`` when the chunk cannot belong to this update: the transfer is then

@@ -1,0 +1,150 @@
+"""The install thread ("updates-install"): verify the staged bytes, install, trial, commit or
+roll back. One install at a time.
+
+The trial goes through the model registry, the same load path as a file dropped by hand.
+Every step is journalled in ``UpdateStore`` before its effects, so start-up recovery can
+finish what a crash or power cut interrupted.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from agent.config.schema import AgentConfig
+from agent.errors import UpdateFailedError
+from agent.inference.registry import ModelRegistry
+from agent.updates.failpoints import failpoint
+from agent.updates.inbox import Finished, Inbox
+from agent.updates.inflight import ActiveUpdate, FinalStatus
+from agent.updates.install import file_sha256, install, restore_previous, verify_staged
+from agent.updates.manifest import UpdateManifest
+from agent.updates.states import UpdateState, UpdateStep
+from agent.updates.status import StatusReporter
+from agent.updates.store import UpdateStore
+
+log = structlog.get_logger(__name__)
+
+
+class Installer:
+    """Runs the install thread: takes complete transfers and carries each to its final
+    status, which it hands back to the intake thread through the inbox."""
+
+    def __init__(
+        self,
+        config: Callable[[], AgentConfig],
+        registry: ModelRegistry,
+        store: UpdateStore,
+        reporter: StatusReporter,
+        *,
+        inbox: Inbox,
+        stopped: threading.Event,
+    ) -> None:
+        self._config = config  # the current config: it changes on reload
+        self._registry = registry
+        self._store = store
+        self._reporter = reporter
+        self._inbox = inbox
+        self._stopped = stopped
+        self._installs: queue.Queue[ActiveUpdate | None] = queue.Queue()  # None: stop
+
+    def submit(self, active: ActiveUpdate) -> None:
+        """Queue an update whose bytes are all staged (intake thread)."""
+        self._installs.put(active)
+
+    def close(self) -> None:
+        """Make the install thread return once its install in progress ends."""
+        self._installs.put(None)
+
+    def run(self) -> None:
+        """The install thread's loop."""
+        while True:
+            active = self._installs.get()
+            if active is None or self._stopped.is_set():
+                return
+            accepted = False
+            try:
+                accepted = self._install(active)
+            except Exception as exc:  # whatever happens, the update gets a final status
+                log.exception("update_install_crashed", update_id=active.manifest.update_id)
+                active.final = FinalStatus(
+                    UpdateState.FAILED, None, f"{exc!r}; {self._undo(active)}"
+                )
+            finally:
+                self._inbox.put(Finished(active.manifest.update_id, accepted))
+
+    def _install(self, active: ActiveUpdate) -> bool:
+        """Verify, install, trial, commit or roll back; whether the version floor was raised.
+        Sets ``active.final`` unless stopped mid-trial."""
+        manifest, summary = active.manifest, active.summary
+        target, staged = Path(active.entry.target), Path(active.entry.staged)
+        self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep.VERIFYING)
+        try:
+            verify_staged(staged, manifest.length, manifest.sha256)
+        except UpdateFailedError as exc:
+            staged.unlink(missing_ok=True)
+            active.final = FinalStatus(UpdateState.FAILED, UpdateStep.VERIFYING, str(exc))
+            return False
+        failpoint("verified")
+        previous = file_sha256(target)
+        self._store.accept(
+            manifest.update_id, manifest.model, manifest.version, manifest.sha256, previous
+        )
+        failpoint("accepted")
+        self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep.INSTALLING)
+        # Held from the install to the commit or rollback: the folder watcher sees the new
+        # file appear (and the old one come back) and must not load it meanwhile, outside
+        # the trial's deadline.
+        with self._registry.hold(manifest.model):
+            install(staged, target)
+            failpoint("installed")
+            self._store.set_step(manifest.update_id, UpdateStep.TRIAL)
+            self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep.TRIAL)
+            problem = self._trial(manifest)
+            if self._stopped.is_set():
+                # Stopped mid-trial (its warm-up was cancelled): the journal still says
+                # "trial", so the next start rolls back before any model loads and reports.
+                log.info("update_trial_interrupted", **summary)
+                return True
+            if problem is None:
+                self._store.commit(manifest.update_id)
+                failpoint("committed")
+                active.final = FinalStatus(UpdateState.SUCCEEDED)
+            else:
+                done = restore_previous(target, previous)
+                self._registry.load(manifest.model)
+                active.final = FinalStatus(
+                    UpdateState.FAILED, UpdateStep.TRIAL, f"{problem}; rolled back: {done}"
+                )
+        return True
+
+    def _undo(self, active: ActiveUpdate) -> str:
+        """After an unexpected error (disk full, I/O error): put the previous file back if
+        the new one may have been installed, as a restart would."""
+        entry = next(
+            (e for e in self._store.journal() if e.update_id == active.manifest.update_id), None
+        )
+        Path(active.entry.staged).unlink(missing_ok=True)
+        if entry is None or entry.step not in (UpdateStep.INSTALLING, UpdateStep.TRIAL):
+            return "nothing was installed"
+        try:
+            done = restore_previous(Path(entry.target), entry.previous_sha256)
+        except (UpdateFailedError, OSError) as exc:
+            return f"rollback failed: {exc}"
+        self._registry.load(entry.model)
+        return f"rolled back: {done}"
+
+    def _trial(self, manifest: UpdateManifest) -> str | None:
+        """Load the installed file through the registry (checks, warm-up, swap) within
+        ``updates.trial_timeout_s``; why it failed, or None."""
+        model = self._registry.load(
+            manifest.model, max_seconds=self._config().updates.trial_timeout_s
+        )
+        if model is None or model.version != "sha256:" + manifest.sha256:
+            status = self._registry.status(manifest.model)
+            return f"the new model did not load: {status.error or 'no error recorded'}"
+        return None
