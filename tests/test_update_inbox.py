@@ -27,7 +27,7 @@ from agent.updates.inbox import (
     Tick,
 )
 from agent.updates.inflight import ActiveUpdate, FinalStatus
-from agent.updates.manager import Intake
+from agent.updates.manager import UpdateIntake
 from agent.updates.recovery import recover
 from agent.updates.states import UpdateState, UpdateStep
 from agent.updates.status import StatusReporter
@@ -55,7 +55,7 @@ class Device:
         self.store = UpdateStore(tmp_path / "state" / "updates")
         self.inbox = Inbox()
         self.reporter = StatusReporter(lambda: self.config, self._publish)
-        self.intake = Intake(
+        self.intake = UpdateIntake(
             lambda: self.config,
             self.store,
             self.inbox,

@@ -30,13 +30,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.yaml")
 CONFIG_ENV_VAR = "EDGE_AGENT_CONFIG"
 
 
-class LoadedConfig(typing.NamedTuple):
-    """A validated config and where it came from (``None``: built-in defaults)."""
-
-    config: AgentConfig
-    source: Path | None
-
-
 def resolve_config_path(explicit: str | None) -> Path:
     """The config path ``run`` uses: ``--config``, else ``$EDGE_AGENT_CONFIG``, else the default."""
     if explicit:

@@ -41,7 +41,8 @@ FIRST_SUBSCRIBE_WAIT_S = 5.0
 
 
 class Daemon:
-    """Owns the connection, the model registry and the pipelines for one ``run``.
+    """Runs the agent: builds its ``Parts`` (connections, registry, pipelines, ...) in
+    ``run``, serves until SIGTERM, applies SIGHUP reloads, and stops everything in order.
 
     Constructing one does no I/O (the CLI and tests may build one and never run it): ``run``
     scans the hardware, locks the state folder, opens the outbox and builds the other parts.
@@ -233,8 +234,10 @@ class Daemon:
 
     def progress_problem(self) -> str | None:
         """Why the daemon is not making progress, or None (the systemd watchdog's check,
-        on its thread)."""
-        return _progress_problem(self.parts, self._main_tick)
+        on its thread); None before ``run`` has built the parts."""
+        if self._parts is None:
+            return None
+        return _progress_problem(self._parts, self._main_tick)
 
     def _publish_health(self, parts: Parts) -> None:
         try:
@@ -343,7 +346,8 @@ def _progress_problem(parts: Parts, main_tick: float) -> str | None:
     ):  # a reload may legitimately take minutes
         return "the main loop is stuck"
     limit = config.health.stuck_after_s
-    for name, pipeline in parts.pipelines.items():
+    # A copy: this runs on the watchdog thread while a reload changes the pipelines.
+    for name, pipeline in dict(parts.pipelines).items():
         stuck = pipeline.stuck_for(now)
         if stuck is not None and stuck > limit:
             return (

@@ -36,9 +36,10 @@ log = structlog.get_logger(__name__)
 class Parts:
     """Everything one ``run`` serves with, built in dependency order from the config.
 
-    Mutable: a reload replaces the config, the connections, the delivery, the watcher and
-    pipelines. So the callbacks handed to long-lived parts go through this object's methods,
-    which read the current part, never bound methods of a part that may be replaced.
+    Mutable: a reload replaces the config, the connections, the retained publisher, the
+    delivery, the watcher and pipelines. So the callbacks handed to long-lived parts go
+    through this object's methods, which read the current part, never bound methods of a
+    part that may be replaced.
     """
 
     def __init__(self, config: AgentConfig) -> None:

@@ -51,7 +51,12 @@ DeliverFn = Callable[[PendingResult, "Ack | None"], None]
 
 
 class Pipeline:
-    """Subscribes to one input filter and publishes one result per reading."""
+    """Subscribes to one input filter and publishes one result per reading.
+
+    Built, started and stopped on the main thread; ``stuck_for`` is read on the watchdog
+    thread and ``queue_depth`` on the main (health) and metrics threads. Its intake runs on paho's
+    network thread and its worker on its own.
+    """
 
     def __init__(
         self,

@@ -47,9 +47,6 @@ class StreamTable:
         self._max_streams = max_streams
         self._streams: OrderedDict[str, Stream] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._streams)
-
     def get(
         self,
         key: str,

@@ -227,7 +227,8 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
     taken_at = time.monotonic()
     cpu_s = process_cpu_seconds()
     pipelines = {}
-    for name, pipeline in view.pipelines().items():
+    # A copy: a scrape runs on the metrics thread while a reload changes the pipelines.
+    for name, pipeline in dict(view.pipelines()).items():
         counters = pipeline.counters
         buckets, count, sum_ms = pipeline.latency.cumulative()
         pipelines[name] = PipelineFigures(

@@ -2,7 +2,7 @@
 
 Threads and what they own:
 - paho's network thread calls ``on_manifest`` and ``on_chunk``: they only enqueue (``Inbox``).
-- the intake thread ("updates", ``Intake``) owns the updates being transferred
+- the intake thread ("updates", ``UpdateIntake``) owns the updates being transferred
   (``inflight.InFlight``): it verifies manifests, writes chunks into staging files, watches
   for stalls and hands complete transfers on.
 - download threads stream https sources and report back through the intake queue.
@@ -85,7 +85,7 @@ class UpdateManager:
             inbox=self._inbox,
             stopped=self._stopped,
         )
-        self._intake = Intake(
+        self._intake = UpdateIntake(
             lambda: self._config,
             self._store,
             self._inbox,
@@ -224,7 +224,7 @@ class UpdateManager:
         self._inbox.offer_chunk(message.topic.rsplit("/", 1)[-1], message.payload)
 
 
-class Intake:
+class UpdateIntake:
     """The intake thread ("updates"): takes the inbox's messages one at a time, decides on
     each manifest and hands the accepted ones to ``InFlight``."""
 
