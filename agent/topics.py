@@ -15,6 +15,7 @@ import paho.mqtt.client as paho
 _ANY_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 # What a pipeline fills per reading; {device_id} was filled when the config was loaded.
 _READING_PLACEHOLDER = re.compile(r"\{(\d+|pipeline|model)\}")
+_WILDCARD_PLACEHOLDER = re.compile(r"\{(\d+)\}")
 NAMED_PLACEHOLDERS = frozenset({"device_id", "pipeline", "model"})
 
 
@@ -84,6 +85,17 @@ def wildcard_values(topic_filter: str, topic: str) -> list[str]:
         if level == "+" and index < len(levels):
             values.append(levels[index])
     return values
+
+
+def unfilled(template: str, wildcards: list[str]) -> list[str]:
+    """The ``{n}`` placeholders of ``template`` (their numbers, in order) that ``wildcards``
+    leaves empty: no such wildcard, or an empty level matched."""
+    missing = []
+    for number in _WILDCARD_PLACEHOLDER.findall(template):
+        index = int(number) - 1
+        if index >= len(wildcards) or not wildcards[index]:
+            missing.append(number)
+    return missing
 
 
 def render(template: str, wildcards: list[str], *, pipeline: str, model: str) -> str:

@@ -123,6 +123,14 @@ def test_wildcard_values(topic_filter: str, topic: str, expected: list[str]) -> 
     assert topics.wildcard_values(topic_filter, topic) == expected
 
 
+def test_unfilled_names_the_wildcards_a_topic_leaves_empty() -> None:
+    """A result topic needs a non-empty level for each ``{n}``: missing or empty ones are
+    named in order; named placeholders are not wildcards."""
+    assert topics.unfilled("out/{1}/{2}/{pipeline}", ["a", "b"]) == []
+    assert topics.unfilled("out/{1}/{3}/{2}", ["a", ""]) == ["3", "2"]
+    assert topics.unfilled("out/{model}", []) == []
+
+
 def test_render_fills_reading_placeholders() -> None:
     """``{n}``, ``{pipeline}`` and ``{model}`` are filled per reading."""
     rendered = topics.render("r/{1}/{pipeline}/{model}/{2}", ["a", "b/c"], pipeline="p", model="m")

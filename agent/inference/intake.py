@@ -7,7 +7,6 @@ checks and enqueues; inference is the worker's (``agent.inference.pipeline``).
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -156,12 +155,11 @@ class ReadingTopics:
         if config.state is not None:
             templates.append(("state.key", config.state.key))
         for where, template in templates:
-            for number in re.findall(r"\{(\d+)\}", template):
-                index = int(number) - 1
-                if index >= len(matches) or not matches[index]:
-                    raise PayloadError(
-                        f"topic {topic!r} has no level for {{{number}}} of {where} {template!r}"
-                    )
+            missing = topics.unfilled(template, matches)
+            if missing:
+                raise PayloadError(
+                    f"topic {topic!r} has no level for {{{missing[0]}}} of {where} {template!r}"
+                )
         output = topics.render(
             config.output.topic, matches, pipeline=self._name, model=config.model
         )
