@@ -28,40 +28,28 @@ class ModelLoad(NamedTuple):
 
 @dataclass(frozen=True)
 class ReloadPlan:
-    """What a reload from one config to another does, in the order it does it."""
+    """What a reload from one config to another does, in the order it does it.
+
+    Any change also makes the update manager re-read its keys (their files may have changed)
+    and, without a reconnect, swap the topics it listens to (the groups may differ); models
+    removed from the config are the registry's to drop (``ModelRegistry.reconfigure``).
+    """
 
     changed: bool  # False: the configs are equal and nothing is done
-    reconnect: bool  # broker or delivery settings changed: new connections and delivery
-    state_dir_moved: bool  # said, not done: the outbox and update state stay until a restart
-    # The update manager re-reads its keys on any change (their files may have changed);
-    # without a reconnect it also swaps the topics it listens to (the groups may differ).
-    reconfigure_updates: bool
-    resubscribe_updates: bool
-    removed_models: tuple[str, ...]
-    load_models: tuple[ModelLoad, ...]  # new models, and those whose settings or users changed
-    rewatch: bool  # the watched files or the watch settings changed
-    stop_pipelines: tuple[str, ...]  # removed from the config
-    restart_pipelines: tuple[str, ...]  # their settings changed
-    start_pipelines: tuple[str, ...]  # added to the config
+    reconnect: bool = False  # broker or delivery settings changed: new connections, delivery
+    state_dir_moved: bool = False  # said, not done: outbox and update state stay until restart
+    load_models: tuple[ModelLoad, ...] = ()  # new models, and those whose settings/users changed
+    rewatch: bool = False  # the watched files or the watch settings changed
+    stop_pipelines: tuple[str, ...] = ()  # removed from the config
+    restart_pipelines: tuple[str, ...] = ()  # their settings changed
+    start_pipelines: tuple[str, ...] = ()  # added to the config
 
 
 def plan_reload(old: AgentConfig, new: AgentConfig) -> ReloadPlan:
     """What replacing the running ``old`` config by ``new`` takes; no side effects."""
     changed = new != old
     if not changed:
-        return ReloadPlan(
-            changed=False,
-            reconnect=False,
-            state_dir_moved=False,
-            reconfigure_updates=False,
-            resubscribe_updates=False,
-            removed_models=(),
-            load_models=(),
-            rewatch=False,
-            stop_pipelines=(),
-            restart_pipelines=(),
-            start_pipelines=(),
-        )
+        return ReloadPlan(changed=False)
     reconnect = (new.mqtt, new.upstream, new.delivery) != (old.mqtt, old.upstream, old.delivery)
     restarted = tuple(
         name
@@ -73,9 +61,6 @@ def plan_reload(old: AgentConfig, new: AgentConfig) -> ReloadPlan:
         changed=True,
         reconnect=reconnect,
         state_dir_moved=new.state_dir != old.state_dir,
-        reconfigure_updates=True,
-        resubscribe_updates=not reconnect,
-        removed_models=tuple(name for name in old.models if name not in new.models),
         load_models=_model_loads(old, new, restarted + started),
         rewatch=(
             {n: m.file for n, m in new.models.items()} != {n: m.file for n, m in old.models.items()}
@@ -123,8 +108,8 @@ def apply_plan(parts: Parts, plan: ReloadPlan, new: AgentConfig) -> list[str]:
             active=old.state_dir,
             reason="the outbox and update state stay where they are until the agent restarts",
         )
-    if plan.reconfigure_updates:
-        _reconfigure_updates(parts, new, plan.resubscribe_updates)
+    if not plan.reconnect:  # else _reconnect gave the update manager the new config already
+        _reconfigure_updates(parts, new)
     removed_models = parts.registry.reconfigure(new)
     for load in plan.load_models:
         parts.registry.load(load.name, force=load.force)
@@ -137,11 +122,11 @@ def apply_plan(parts: Parts, plan: ReloadPlan, new: AgentConfig) -> list[str]:
     return removed_models
 
 
-def _reconfigure_updates(parts: Parts, new: AgentConfig, resubscribe: bool) -> None:
+def _reconfigure_updates(parts: Parts, new: AgentConfig) -> None:
+    """The update manager adopts ``new`` (keys, groups) on the same connection: subscribe
+    the update topics it gained, unsubscribe those it lost."""
     before = parts.updates.subscriptions()
     parts.updates.reconfigure(new)
-    if not resubscribe:
-        return  # the new connection subscribed to the new topics already
     after = {s.subscribe_filter for s in parts.updates.subscriptions()}
     for subscription in before:
         if subscription.subscribe_filter not in after:
