@@ -8,16 +8,22 @@ from pathlib import Path
 
 from agent.cli.update_sender import (
     ProgressBar,
+    SignedUpdate,
     StatusFollower,
     send_update,
     sign_update,
 )
 from agent.errors import ConfigError, EdgeAgentError, UpdateKeyError
-from agent.updates.manifest import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, NAME_PATTERN, parse_duration
+from agent.updates.manifest import (
+    DEFAULT_CHUNK_SIZE,
+    GROUP_PREFIX,
+    MAX_CHUNK_SIZE,
+    NAME_PATTERN,
+    parse_duration,
+)
 from agent.updates.signing import generate_keypair
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-GROUP_PREFIX = "fleet/groups"
 
 
 def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -158,8 +164,10 @@ def _check_update_arguments(args: argparse.Namespace) -> str | None:
     return next((message for failed, message in checks if failed), None)
 
 
-def _sign(args: argparse.Namespace) -> int:
-    update = sign_update(
+def _signed(args: argparse.Namespace, url: str | None) -> SignedUpdate:
+    """The update the ``sign`` and ``publish-update`` options describe, signed; ``url``: its
+    https source (None: sent in MQTT chunks)."""
+    return sign_update(
         args.model_file,
         args.key,
         model=args.model,
@@ -167,10 +175,14 @@ def _sign(args: argparse.Namespace) -> int:
         devices=args.device,
         groups=args.group,
         expires_in=args.expires_in,
-        url=args.url,
+        url=url,
         chunk_size=args.chunk_size,
         update_id=args.update_id,
     )
+
+
+def _sign(args: argparse.Namespace) -> int:
+    update = _signed(args, args.url)
     Path(args.output).write_bytes(update.manifest_bytes())
     print(
         f"wrote {args.output}: update {update.update_id}, model {args.model} version "
@@ -187,18 +199,7 @@ def _publish(args: argparse.Namespace) -> int:
     except (ConfigError, EdgeAgentError) as exc:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    update = sign_update(
-        args.model_file,
-        args.key,
-        model=args.model,
-        version=args.version,
-        devices=args.device,
-        groups=args.group,
-        expires_in=args.expires_in,
-        url=None,
-        chunk_size=args.chunk_size,
-        update_id=args.update_id,
-    )
+    update = _signed(args, url=None)
     prefix = args.prefix.rstrip("/")
     follower = StatusFollower(
         update.update_id, levels=len(prefix.split("/")), manifest_sha256=update.manifest_sha256()

@@ -49,7 +49,7 @@ from agent.updates.inbox import (
     Tick,
 )
 from agent.updates.inflight import ActiveUpdate, InFlight
-from agent.updates.manifest import MAX_MANIFEST_BYTES, UpdateManifest, parse_payload
+from agent.updates.manifest import GROUP_PREFIX, MAX_MANIFEST_BYTES, UpdateManifest, parse_payload
 from agent.updates.states import UpdateState
 from agent.updates.status import StatusPublisher, StatusReporter, authenticated, unauthenticated
 from agent.updates.store import UpdateStore
@@ -61,7 +61,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.5
-GROUP_PREFIX = "fleet/groups"
 RECENT_IDS = 64
 
 

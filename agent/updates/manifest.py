@@ -25,6 +25,8 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024  # well under Mosquitto's default message size
 # payload and base64 again in the envelope (1.78 MiB). Larger ones are refused unread.
 MAX_MANIFEST_BYTES = 2 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 128 * 1024
+# Where a manifest for a group goes: GROUP_PREFIX/<group>/updates/manifest (and its chunks).
+GROUP_PREFIX = "fleet/groups"
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 
