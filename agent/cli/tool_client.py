@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ssl
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config.loader import default_config, load_config
 from agent.config.schema import MqttConfig
 from agent.errors import EdgeAgentError
+from agent.transport.mqtt import set_credentials
 
 CONNECT_WAIT_S = 10.0
 
@@ -50,15 +50,7 @@ def connect(
         subscribed.set()
 
     client = paho.Client(CallbackAPIVersion.VERSION2)
-    if mqtt.username is not None:
-        client.username_pw_set(mqtt.username, password)
-    if mqtt.tls.enabled:
-        client.tls_set(
-            ca_certs=mqtt.tls.ca_file,
-            certfile=mqtt.tls.cert_file,
-            keyfile=mqtt.tls.key_file,
-            cert_reqs=ssl.CERT_REQUIRED,
-        )
+    set_credentials(client, mqtt, password)
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message

@@ -323,8 +323,16 @@ def _make_client(
     client.max_inflight_messages_set(config.max_inflight)
     if status_topic is not None:
         client.will_set(status_topic, STATUS_OFFLINE, qos=1, retain=True)
+    password = _read_password(config.password_file) if config.username is not None else None
+    set_credentials(client, config, password)
+    return client
+
+
+def set_credentials(client: paho.Client, config: MqttConfig, password: str | None) -> None:
+    """``config``'s username (with ``password``) and TLS settings on ``client``, before it
+    connects; the daemon and the operator commands connect alike."""
     if config.username is not None:
-        client.username_pw_set(config.username, _read_password(config.password_file))
+        client.username_pw_set(config.username, password)
     if config.tls.enabled:
         client.tls_set(
             ca_certs=config.tls.ca_file,
@@ -332,7 +340,6 @@ def _make_client(
             keyfile=config.tls.key_file,
             cert_reqs=ssl.CERT_REQUIRED,
         )
-    return client
 
 
 def _connect_async(
