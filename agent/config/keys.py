@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """An Ed25519 public key from a PEM file (``NAME.pub``)."""
     # Imported here: cryptography costs ~40 ms to import, every command (status, detect,
-    # validate...) imports agent.config, and only a config naming trusted keys needs it.
+    # check-config, ...) imports agent.config, and only a config naming trusted keys needs it.
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (  # noqa: PLC0415
         Ed25519PublicKey,
