@@ -35,6 +35,21 @@ class ModelLoadError(EdgeAgentError):
     """A model file could not be turned into a serving ONNX Runtime session."""
 
 
+class GoldenSetError(EdgeAgentError):
+    """A golden set (``.npz`` of inputs and expected outputs) cannot be read or is malformed."""
+
+
+class GoldenMismatchError(ModelLoadError):
+    """A model's outputs on its golden set are out of tolerance: it must not serve.
+
+    ``report`` is the ``ValidationReport`` of the failed check (figures for the operator).
+    """
+
+    def __init__(self, message: str, report: object) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 class PayloadError(EdgeAgentError):
     """A reading could not be decoded or does not fit the model input it is meant for."""
 
@@ -61,6 +76,11 @@ class UpdateFailedError(EdgeAgentError):
 
 class UnsafePathError(EdgeAgentError):
     """A path the agent owns (staging, state, lock files) is a symlink or not what it made."""
+
+
+class ModelToolError(EdgeAgentError):
+    """An ``edge-agent model`` tool cannot do what it was asked (unreadable sample inputs,
+    a reference model that does not match, a quantizer that is not installed)."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.ops.telemetry import rss_mb
+from agent.procfs import rss_mb
 from agent.transport.delivery import FLUSH_BATCH
 from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
 from tests.conftest import AgentProcess, base_config

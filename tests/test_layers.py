@@ -2,9 +2,9 @@
 with ``ast``, so a new import that climbs a layer or closes a cycle fails here, not in review.
 
 Layers, bottom to top: the bottom modules -> config -> hardware, transport -> inference ->
-updates, ops -> daemon -> cli. A module may import its own layer's package and any lower
-layer; siblings on one layer (hardware and transport, updates and ops) may not import each
-other. Imports inside functions count: a lazy import is still a dependency.
+updates, ops, modeltools -> daemon -> cli. A module may import its own layer's package and
+any lower layer; siblings on one layer (hardware and transport; updates, ops and modeltools)
+may not import each other. Imports inside functions count: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
@@ -16,7 +16,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "agent"
 
-BOTTOM = ("agent", "agent.errors", "agent.logs", "agent.durable", "agent.topics", "agent.strenum")
+BOTTOM = (
+    "agent",
+    "agent.errors",
+    "agent.logs",
+    "agent.durable",
+    "agent.topics",
+    "agent.strenum",
+    "agent.procfs",
+)
 LAYERS: dict[str, int] = {
     **dict.fromkeys(BOTTOM, 0),
     "agent.config": 1,
@@ -25,6 +33,7 @@ LAYERS: dict[str, int] = {
     "agent.inference": 3,
     "agent.updates": 4,
     "agent.ops": 4,
+    "agent.modeltools": 4,
     "agent.daemon": 5,
     "agent.cli": 6,
 }

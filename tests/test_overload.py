@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.ops.telemetry import rss_mb
+from agent.procfs import rss_mb
 from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_slow

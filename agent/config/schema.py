@@ -93,6 +93,13 @@ def _check_providers(value: Any) -> Any:
     return tuple(value)
 
 
+def _check_require_providers(value: Any) -> Any:
+    # One clear error for a wrong value, not one per member of the union.
+    if isinstance(value, bool) or value == "all_nodes":
+        return value
+    raise ValueError(f"expected true, false or all_nodes, got {value!r}")
+
+
 def _known_providers() -> list[str]:
     # Imported here: loading onnxruntime costs ~0.2 s and most configs never name providers.
     import onnxruntime  # noqa: PLC0415
@@ -334,7 +341,14 @@ class UpdatesConfig(Section):
         1800.0, description="https: the whole download must finish within this"
     )
     trial_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
-        600.0, description="a new model must load and warm up within this, or is rolled back"
+        600.0,
+        description="a new model must load, warm up and pass its golden set within this, "
+        "or is rolled back",
+    )
+    engine_build_timeout_s: Annotated[StrictFloat, Field(gt=0, le=86_400)] = Field(
+        3600.0,
+        description="the bound instead of trial_timeout_s (and warmup_timeout_s) on a load "
+        "that builds a TensorRT engine for the first time: minutes on a Jetson",
     )
 
 
@@ -362,7 +376,13 @@ class AgentConfig(Section):
     providers: Providers = "auto"
     models: Mapping[Name, ModelConfig] = Field(default_factory=dict)
     pipelines: Mapping[Name, PipelineConfig] = Field(default_factory=dict)
-    require_providers: StrictBool = False
+    require_providers: Annotated[
+        StrictBool | Literal["all_nodes"], BeforeValidator(_check_require_providers)
+    ] = Field(
+        False,
+        description="true: a model whose requested providers did not load does not serve; "
+        "all_nodes: nor one any node of which fell back to the CPU",
+    )
     gpu_mem_limit_mb: Annotated[StrictInt, Field(ge=64)] | None = Field(
         None, description="CUDA arena cap; default on Jetson: half the shared memory"
     )

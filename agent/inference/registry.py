@@ -11,6 +11,7 @@ whole, so a batch that already holds a model finishes on it.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import threading
 import time
@@ -22,11 +23,12 @@ from typing import Any
 import structlog
 
 from agent.config.schema import AgentConfig
-from agent.errors import ModelLoadError
+from agent.errors import GoldenMismatchError, GoldenSetError, ModelLoadError
 from agent.hardware.detect import Hardware
 from agent.hardware.providers import ProviderPlan
 from agent.inference.codecs import encode_json
-from agent.inference.session import LoadedModel, SessionFactory, WarmupLimit
+from agent.inference.golden import GoldenSet, golden_path_for, read_golden_file
+from agent.inference.session import LoadedModel, Progress, SessionFactory, WarmupLimit
 from agent.strenum import StrEnum
 
 log = structlog.get_logger(__name__)
@@ -55,6 +57,8 @@ class ModelStatus:
     loaded_at: float | None = None
     error: str | None = None
     last_load: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
+    validation: dict[str, Any] | None = None
 
     def to_json(self) -> bytes:
         """The retained ``P/models/NAME`` payload."""
@@ -70,8 +74,16 @@ class ModelStatus:
                 "loaded_at": self.loaded_at,
                 "error": self.error,
                 "last_load": self.last_load,
+                "placement": self.placement,
+                "validation": self.validation,
             }
         )
+
+
+class GoldenFrom(enum.Enum):
+    """Where a load takes its golden set when not handed one."""
+
+    BESIDE_FILE = "beside"  # NAME.golden.npz beside the model file, if there is one
 
 
 StatePublisher = Callable[[str, bytes], None]
@@ -145,24 +157,37 @@ class _StatusBoard:
             degraded=model.degraded,
             loaded_at=model.loaded_at,
             error=None,
+            placement=model.placement.to_dict() if model.placement else None,
+            validation=model.validation.to_dict() if model.validation else None,
             last_load={**attempt, "state": ModelState.READY.value, "ts": time.time()},
         )
 
     def failed(
-        self, name: str, version: str | None, error: str, serving: bool, started: float | None
+        self,
+        name: str,
+        version: str | None,
+        exc: ModelLoadError,
+        serving: bool,
+        started: float | None,
     ) -> None:
-        """Publish that a load of ``name`` failed (still READY while an older one serves)."""
+        """Publish that a load of ``name`` failed (still READY while an older one serves);
+        a failed golden set check names step ``validating`` and carries its figures."""
+        record: dict[str, Any] = {
+            "state": ModelState.FAILED.value,
+            "version": version,
+            "error": str(exc),
+            "step": "validating" if isinstance(exc, GoldenMismatchError) else "loading",
+            "started": started or time.time(),
+            "ts": time.time(),
+        }
+        report = getattr(exc, "report", None)
+        if report is not None:
+            record["validation"] = report.to_dict()
         self.update(
             name,
             state=ModelState.READY if serving else ModelState.FAILED,
-            error=error,
-            last_load={
-                "state": ModelState.FAILED.value,
-                "version": version,
-                "error": error,
-                "started": started or time.time(),
-                "ts": time.time(),
-            },
+            error=str(exc),
+            last_load=record,
         )
 
     def update(self, name: str, **changes: Any) -> None:
@@ -259,7 +284,13 @@ class ModelRegistry:
         return removed
 
     def load(
-        self, name: str, force: bool = False, max_seconds: float | None = None
+        self,
+        name: str,
+        force: bool = False,
+        max_seconds: float | None = None,
+        *,
+        golden: GoldenSet | GoldenFrom | None = GoldenFrom.BESIDE_FILE,
+        progress: Progress | None = None,
     ) -> LoadedModel | None:
         """(Re)load ``name`` from its file: read it once, build, check and warm up a new session
         while the current one keeps serving, then swap the reference.
@@ -270,9 +301,13 @@ class ModelRegistry:
         deadline; without one, warm-up is bounded by ``warmup_timeout_s``. On failure the
         serving model (if any) stays, and the failure is published. Runs on the caller's
         thread; loads of one model are serialized. Returns the serving model afterwards.
+
+        ``golden``: the set the new session must pass before it swaps in (an update's), None
+        for none, or by default the ``NAME.golden.npz`` beside the model file if present.
+        ``progress`` hears the long steps (``building_engine``, ``validating``).
         """
         with self._load_lock(name):
-            return self._counted_load(name, force, max_seconds)
+            return self._counted_load(name, force, max_seconds, golden, progress)
 
     def reload_if_idle(self, name: str) -> bool:
         """Load ``name`` now unless a load of it is in progress (False: nothing was done, ask
@@ -282,23 +317,35 @@ class ModelRegistry:
         if not lock.acquire(blocking=False):
             return False
         try:
-            self._counted_load(name, False, None)
+            self._counted_load(name, False, None, GoldenFrom.BESIDE_FILE, None)
         finally:
             lock.release()
         return True
 
     def _counted_load(
-        self, name: str, force: bool, max_seconds: float | None
+        self,
+        name: str,
+        force: bool,
+        max_seconds: float | None,
+        golden: GoldenSet | GoldenFrom | None,
+        progress: Progress | None,
     ) -> LoadedModel | None:
         with self._lock:
             self._active_loads += 1
         try:
-            return self._load_locked(name, force, max_seconds)
+            return self._load_locked(name, force, max_seconds, golden, progress)
         finally:
             with self._lock:
                 self._active_loads -= 1
 
-    def _load_locked(self, name: str, force: bool, max_seconds: float | None) -> LoadedModel | None:
+    def _load_locked(
+        self,
+        name: str,
+        force: bool,
+        max_seconds: float | None,
+        golden: GoldenSet | GoldenFrom | None,
+        progress: Progress | None,
+    ) -> LoadedModel | None:
         config = self._config
         if name not in config.models:
             return None  # removed by a config reload meanwhile
@@ -311,15 +358,27 @@ class ModelRegistry:
         data, version = fresh
         attempt = self._statuses.loading(name, version, serving=current is not None)
         limit = (
-            WarmupLimit(max_seconds, "updates.trial_timeout_s")
+            WarmupLimit(max_seconds, "updates.trial_timeout_s", whole_load=True)
             if max_seconds is not None
             else WarmupLimit(config.warmup_timeout_s, "warmup_timeout_s")
         )
         try:
+            golden_set = _golden_for(path, golden)
             model = self._sessions.build(
-                self._config, name, path, data, version, started=started, limit=limit
+                self._config,
+                name,
+                path,
+                data,
+                version,
+                started=started,
+                limit=limit,
+                golden=golden_set,
+                progress=progress,
             )
-            _check_time(started, max_seconds)
+        except GoldenSetError as exc:  # the check cannot run: the model must not serve
+            refusal = GoldenMismatchError(str(exc), None)
+            self._failed(name, path, version, refusal, started=attempt["started"])
+            return current
         except ModelLoadError as exc:
             self._failed(name, path, version, exc, started=attempt["started"])
             return current
@@ -356,7 +415,7 @@ class ModelRegistry:
             error=str(exc),
             still_serving=serving.version if serving else None,
         )
-        self._statuses.failed(name, version, str(exc), serving is not None, started)
+        self._statuses.failed(name, version, exc, serving is not None, started)
         if self._on_failure is not None:
             self._on_failure(name, str(path), str(exc))
 
@@ -385,13 +444,18 @@ class ModelRegistry:
         return self._sessions.plan(self._config, name, version)
 
 
-def _check_time(started: float, max_seconds: float | None) -> None:
-    took = time.monotonic() - started
-    if max_seconds is not None and took > max_seconds:
-        raise ModelLoadError(
-            f"loading and warming up took {took:.1f} s, more than the "
-            f"{max_seconds:g} s allowed (updates.trial_timeout_s)"
-        )
+def _golden_for(path: Path, golden: GoldenSet | GoldenFrom | None) -> GoldenSet | None:
+    """The golden set a load of ``path`` must pass; ``GoldenSetError`` when the file beside
+    the model exists but cannot be used (the model must not serve unchecked)."""
+    if not isinstance(golden, GoldenFrom):
+        return golden
+    beside = golden_path_for(path)
+    if not beside.exists() and not beside.is_symlink():
+        return None
+    try:
+        return read_golden_file(beside)
+    except GoldenSetError as exc:
+        raise GoldenSetError(f"the golden set beside the model cannot be used: {exc}") from exc
 
 
 def _read_model_file(path: Path) -> bytes:

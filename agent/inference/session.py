@@ -9,10 +9,11 @@ run ends by a deadline: onnxruntime's ``RunOptions.terminate`` stops it from a t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,21 @@ from agent.hardware.detect import Hardware
 from agent.hardware.providers import PlanInputs, ProviderPlan, plan_providers
 from agent.inference.codecs import ONNX_TO_NUMPY, TensorSpec
 from agent.inference.compat import pipeline_problems
+from agent.inference.engine_build import BuildHeartbeat, first_engine_build
+from agent.inference.golden import GoldenSet
+from agent.inference.placement import Placement, ProfiledRun, cpu_only, placement_refusal
 from agent.inference.runplan import ModelView, build_plan, warmup_feeds, zeros
+from agent.inference.validation import (
+    Feeds,
+    SampleRunError,
+    ValidationReport,
+    require_pass,
+    validate,
+)
+
+# Called on the loading thread with the step a long load is at: "building_engine" (a first
+# TensorRT engine build), "validating" (its golden set runs).
+Progress = Callable[[str], None]
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +63,9 @@ class LoadedModel:
     requested: tuple[str, ...]
     degraded: bool
     loaded_at: float
+    placement: Placement | None = None  # None: unknown (``placement_problem`` says why)
+    placement_problem: str | None = None
+    validation: ValidationReport | None = None  # its golden set's verdict, when it had one
 
     def input(self, name: str) -> TensorSpec | None:
         """The input called ``name``, if the model has one."""
@@ -56,10 +74,31 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class WarmupLimit:
-    """How long a load may take, and the setting that says so (for the error)."""
+    """How long a load may take, and the setting that says so (for the error). With
+    ``whole_load`` (an update's trial) the load, warm-up and golden check together must fit;
+    otherwise the bound stops the warm-up runs."""
 
     seconds: float
     setting: str
+    whole_load: bool = False
+
+    def for_engine_build(self, seconds: float) -> WarmupLimit:
+        """The limit of a load that builds a TensorRT engine first."""
+        if seconds <= self.seconds:
+            return self
+        return replace(
+            self, seconds=seconds, setting="updates.engine_build_timeout_s: a first engine build"
+        )
+
+    def overrun(self, started: float) -> str | None:
+        """Why a whole load begun at ``started`` took too long, or None."""
+        took = time.monotonic() - started
+        if not self.whole_load or took <= self.seconds:
+            return None
+        return (
+            f"loading, warming up and checking took {took:.1f} s, more than the "
+            f"{self.seconds:g} s allowed ({self.setting})"
+        )
 
     def deadline(self, started: float) -> float:
         """The monotonic time by which a load begun at ``started`` must be warmed up."""
@@ -112,76 +151,183 @@ class SessionFactory:
         *,
         started: float,
         limit: WarmupLimit,
+        golden: GoldenSet | None = None,
+        progress: Progress | None = None,
+        measure_placement: bool | None = None,
     ) -> LoadedModel:
-        """A session for ``data`` (model ``name`` at ``version``), its providers checked, fit
-        to the pipelines of ``config`` that use it, and warmed up by ``limit``'s deadline
-        counted from ``started``. Raises ``ModelLoadError``. Runs on the caller's thread."""
+        """A session for ``data`` (model ``name`` at ``version``), its providers and node
+        placement checked against ``require_providers``, fit to the pipelines of ``config``
+        that use it, warmed up, and its ``golden`` set passed, by ``limit``'s deadline counted
+        from ``started``. Raises ``ModelLoadError`` (``GoldenMismatchError`` when the golden
+        set fails). Runs on the caller's thread.
+
+        Node placement is measured (the warm-up profiled) when ``measure_placement``, or by
+        default when a provider other than the CPU is requested."""
+        plan = self.plan(config, name, version)
+        engine_cache = first_engine_build(plan, ort.get_available_providers())
+        if engine_cache is not None:
+            limit = limit.for_engine_build(config.updates.engine_build_timeout_s)
+            if progress is not None:
+                progress("building_engine")
+        heartbeat = (
+            BuildHeartbeat(name, engine_cache)
+            if engine_cache is not None
+            else contextlib.nullcontext()
+        )
         try:
-            return self._build(config, name, path, data, version, deadline=limit.deadline(started))
+            with heartbeat:
+                model = self._build(
+                    config,
+                    plan,
+                    measure=not cpu_only(plan.names)
+                    if measure_placement is None
+                    else measure_placement,
+                    name=name,
+                    path=path,
+                    data=data,
+                    version=version,
+                    deadline=limit.deadline(started),
+                )
+            if golden is not None:
+                if progress is not None:
+                    progress("validating")
+                model = self._validate(model, golden, deadline=limit.deadline(started))
         except _WarmupStopped as stop:
             raise ModelLoadError(
                 limit.explain(started)
                 if stop.timed_out
                 else "warm-up stopped: the agent is stopping"
             ) from None
+        overrun = limit.overrun(started)
+        if overrun is not None:
+            raise ModelLoadError(overrun)
+        return model
+
+    def _validate(self, model: LoadedModel, golden: GoldenSet, *, deadline: float) -> LoadedModel:
+        """Run the golden set with the serving providers; ``GoldenMismatchError`` if off."""
+
+        def run_many(feeds: Sequence[Feeds]) -> list[tuple[list[Any], float]]:
+            return self._warmups.run_many(model.session, feeds, deadline)
+
+        report = validate(golden, model.inputs, model.outputs, model.providers, run_many)
+        log.info(
+            "golden_set_checked",
+            model=model.name,
+            version=model.version,
+            passed=report.passed,
+            samples=report.comparison.samples,
+            max_abs_err=report.comparison.max_abs_err,
+            p50_ms=report.latency_p50_ms,
+        )
+        require_pass(report)
+        return replace(model, validation=report)
 
     def _build(
         self,
         config: AgentConfig,
+        plan: ProviderPlan,
+        *,
+        measure: bool,
         name: str,
         path: Path,
         data: bytes,
         version: str,
-        *,
         deadline: float,
     ) -> LoadedModel:
-        plan = self.plan(config, name, version)
         requested = plan.names
+        options = session_options(plan)
+        profile = ProfiledRun()
+        if measure:
+            profile.configure(options)
+        else:
+            profile.problem = "not measured: only the CPU was requested, nothing can fall back"
+        session: ort.InferenceSession | None = None
         try:
-            with _SESSION_CREATION:
-                session = ort.InferenceSession(
-                    data, sess_options=session_options(plan), providers=plan.for_session()
-                )
-        except Exception as exc:  # ORT raises its own exception types, not importable stably
-            raise ModelLoadError(_explain_load_error(exc)) from exc
-        loaded = tuple(session.get_providers())
-        missing = [p for p in requested if p not in loaded]
-        if missing:
+            try:
+                with _SESSION_CREATION:
+                    session = ort.InferenceSession(
+                        data, sess_options=options, providers=plan.for_session()
+                    )
+            except Exception as exc:  # ORT raises its own exception types, not importable
+                raise ModelLoadError(_explain_load_error(exc)) from exc
+            model, users = _checked(
+                config, session, requested, name=name, path=path, version=version
+            )
+            _warm_up(model, users, lambda feeds: self._warmups.run(model.session, feeds, deadline))
+        finally:
+            # Profiling ends here on every path (a refused or failed load too), and its
+            # folder goes with it.
+            placement = profile.finish(session, requested)
+        model = replace(model, placement=placement, placement_problem=profile.problem)
+        if placement is not None and placement.fallback:
             log.warning(
-                "providers_not_loaded",
+                "nodes_fell_back_to_cpu",
                 model=name,
                 requested=requested,
-                loaded=list(loaded),
-                missing=missing,
-                reason="onnxruntime fell back without an error: the provider is not "
-                "installed or its libraries (CUDA, cuDNN, TensorRT) failed to load; "
-                "run `edge-agent detect`",
+                count=len(placement.fallback),
+                nodes=placement.describe_fallback(),
             )
-            if config.require_providers:
-                raise ModelLoadError(
-                    f"requested providers {missing} did not load (loaded: {list(loaded)}) and "
-                    "require_providers is true"
-                )
-        inputs = _describe_inputs(session)
-        outputs = tuple(o.name for o in session.get_outputs())
-        users = {p: c for p, c in config.pipelines.items() if c.model == name}
-        problems = pipeline_problems(ModelView(inputs, outputs), users)
-        if problems:
-            raise ModelLoadError("; ".join(problems))
-        model = LoadedModel(
-            name=name,
-            version=version,
-            path=path,
-            session=session,
-            inputs=inputs,
-            outputs=outputs,
-            providers=loaded,
-            requested=tuple(requested),
-            degraded=bool(missing),
-            loaded_at=time.time(),
+        missing = [p for p in requested if p not in model.providers]
+        refusal = placement_refusal(
+            config.require_providers,
+            missing,
+            model.providers,
+            # Only the CPU asked for: nothing can have fallen back, whether measured or not.
+            Placement({}, ()) if cpu_only(requested) and placement is None else placement,
+            profile.problem,
         )
-        _warm_up(model, users, lambda feeds: self._warmups.run(model.session, feeds, deadline))
+        if refusal is not None:
+            raise ModelLoadError(refusal)
         return model
+
+
+def _checked(
+    config: AgentConfig,
+    session: ort.InferenceSession,
+    requested: Sequence[str],
+    *,
+    name: str,
+    path: Path,
+    version: str,
+) -> tuple[LoadedModel, dict[str, PipelineConfig]]:
+    """The model ``session`` serves, once ``require_providers`` (the requested providers
+    loaded) and the pipelines that use it accept it, and those pipelines; else
+    ``ModelLoadError``."""
+    loaded = tuple(session.get_providers())
+    missing = [p for p in requested if p not in loaded]
+    if missing:
+        log.warning(
+            "providers_not_loaded",
+            model=name,
+            requested=list(requested),
+            loaded=list(loaded),
+            missing=missing,
+            reason="onnxruntime fell back without an error: the provider is not "
+            "installed or its libraries (CUDA, cuDNN, TensorRT) failed to load; "
+            "run `edge-agent detect`",
+        )
+        refusal = placement_refusal(config.require_providers, missing, loaded, None, None)
+        if refusal is not None:
+            raise ModelLoadError(refusal)
+    inputs = describe_inputs(session)
+    outputs = tuple(o.name for o in session.get_outputs())
+    users = {p: c for p, c in config.pipelines.items() if c.model == name}
+    problems = pipeline_problems(ModelView(inputs, outputs), users)
+    if problems:
+        raise ModelLoadError("; ".join(problems))
+    model = LoadedModel(
+        name=name,
+        version=version,
+        path=path,
+        session=session,
+        inputs=inputs,
+        outputs=outputs,
+        providers=loaded,
+        requested=tuple(requested),
+        degraded=bool(missing),
+        loaded_at=time.time(),
+    )
+    return model, users
 
 
 def session_options(plan: ProviderPlan) -> ort.SessionOptions:
@@ -197,7 +343,7 @@ def session_options(plan: ProviderPlan) -> ort.SessionOptions:
     return options
 
 
-def _describe_inputs(session: ort.InferenceSession) -> tuple[TensorSpec, ...]:
+def describe_inputs(session: ort.InferenceSession) -> tuple[TensorSpec, ...]:
     """Per-reading input specs.
 
     An input has a batch axis when its first axis is dynamic, or fixed at 1 with more axes
@@ -249,6 +395,31 @@ class _WarmupRuns:
 
     def run(self, session: ort.InferenceSession, feeds: dict[str, Any], deadline: float) -> None:
         """``session.run(None, feeds)``, ended at ``deadline`` (``_WarmupStopped``)."""
+        with self._bounded(deadline) as options:
+            session.run(None, feeds, options)
+
+    def run_many(
+        self, session: ort.InferenceSession, feeds: Sequence[Feeds], deadline: float
+    ) -> list[tuple[list[Any], float]]:
+        """Each of ``feeds`` once, with its outputs and seconds, all ended at ``deadline``
+        (``_WarmupStopped``); a run onnxruntime refuses raises ``SampleRunError``."""
+        results = []
+        with self._bounded(deadline) as options:
+            for one in feeds:
+                began = time.perf_counter()
+                try:
+                    outputs = session.run(None, one, options)
+                except Exception as exc:
+                    if options.terminate:
+                        raise  # the deadline or a stop: _bounded says which
+                    raise SampleRunError(first_line(exc)) from exc
+                results.append((outputs, time.perf_counter() - began))
+        return results
+
+    @contextlib.contextmanager
+    def _bounded(self, deadline: float) -> Iterator[ort.RunOptions]:
+        """RunOptions whose ``terminate`` a timer sets at ``deadline`` and ``cancel`` sets
+        at once; a run ended by either raises ``_WarmupStopped`` out of the block."""
         options = ort.RunOptions()
         options.log_severity_level = 4  # the terminated run's error is ours to report
         remaining = deadline - time.monotonic()
@@ -262,7 +433,9 @@ class _WarmupRuns:
             self._running[id(options)] = options
         timer.start()
         try:
-            session.run(None, feeds, options)
+            yield options
+        except SampleRunError:
+            raise
         except Exception:
             with self._lock:
                 stopped, cancelled = options.terminate, self._cancelled

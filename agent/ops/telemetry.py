@@ -21,6 +21,7 @@ from agent.hardware.detect import Hardware, read_temperatures
 from agent.inference.latency import LatencySummary
 from agent.inference.pipeline import Pipeline
 from agent.inference.registry import ModelRegistry, ModelState
+from agent.procfs import rss_mb
 
 # Where Jetson kernels expose the integrated GPU's load, in tenths of a percent.
 JETSON_GPU_LOAD_FILES = (
@@ -41,17 +42,6 @@ def process_cpu_seconds(stat_file: Path = Path("/proc/self/stat")) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def rss_mb(pid: int | str = "self") -> float | None:
-    """Resident memory of process ``pid`` (default: this one) in MB; None when unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
 
 
 def gpu_load_percent(root: Path = Path("/")) -> float | None:
