@@ -13,6 +13,8 @@ from pathlib import Path
 import structlog
 
 from agent import __version__
+from agent.cli.model import add_parser as add_model_parser
+from agent.cli.model import run as run_model_command
 from agent.cli.updates import add_parsers as add_update_parsers
 from agent.cli.updates import run as run_update_command
 from agent.config.loader import (
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print JSON instead of a table (with --watch: one line per second)",
     )
     add_update_parsers(commands)
+    add_model_parser(commands)
     return parser
 
 
@@ -152,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command in ("keygen", "sign", "publish-update"):
         return run_update_command(args)
+    if args.command == "model":
+        return run_model_command(args)
     return _run(args)
 
 
