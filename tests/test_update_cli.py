@@ -11,10 +11,18 @@ from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
+import paho.mqtt.client as paho
 import pytest
 
 from agent.cli.main import main
-from agent.cli.update_sender import ProgressBar, human_bytes, send_update, sign_update
+from agent.cli.update_sender import (
+    ProgressBar,
+    StatusFollower,
+    human_bytes,
+    send_update,
+    sign_update,
+    validation_line,
+)
 from agent.updates.manifest import UrlSource, parse_payload
 from agent.updates.signing import TrustedKeys
 from tests.broker import MosquittoBroker, Recorder, publisher
@@ -263,3 +271,32 @@ def test_progress_bar_lines_and_units() -> None:
         "12.0 MB",
         "2.5 GB",
     ]
+
+
+def test_a_succeeded_status_with_validation_prints_its_figures() -> None:
+    """publish-update prints a device's golden set figures under its SUCCEEDED line (top-1
+    only for a classifier's set); fields a device sent oddly show as ``?``, never a crash."""
+    out = io.StringIO()
+    follower = StatusFollower("u1", levels=1, out=out)
+    figures = {
+        "samples": 50,
+        "max_abs_err": 1.2e-06,
+        "max_rel_err": 3.1e-05,
+        "top1_agreement": 1.0,
+        "latency_ms": {"p50": 0.21, "p99": 0.4},
+        "providers": ["CPUExecutionProvider"],
+    }
+    for device, validation in (("dev1", figures), ("dev2", {"samples": "many"})):
+        status = {"update_id": "u1", "device_id": device, "state": "SUCCEEDED"}
+        message = paho.MQTTMessage(topic=f"edge/{device}/updates/status".encode())
+        message.payload = json.dumps({**status, "validation": validation}).encode()
+        follower.on_message(None, None, message)  # type: ignore[arg-type]
+    assert out.getvalue().splitlines() == [
+        "dev1: SUCCEEDED",
+        "  validation: 50 samples, max abs err 1.2e-06, max rel err 3.1e-05, top-1 1.000, "
+        "latency p50 0.21 ms p99 0.40 ms, CPUExecutionProvider",
+        "dev2: SUCCEEDED",
+        "  validation: ? samples, max abs err ?, max rel err ?, latency p50 ? ms p99 ? ms",
+    ]
+    assert validation_line({**figures, "top1_agreement": None}).count("top-1") == 0
+    assert "p50 0.0041 ms" in validation_line({"latency_ms": {"p50": 0.0041}})

@@ -105,6 +105,8 @@ def test_states_and_steps_are_their_strings_in_json_and_text() -> None:
         "verifying",
         "installing",
         "trial",
+        "building_engine",
+        "validating",
         "committed",
     ]
     for member in [*UpdateState, *UpdateStep]:

@@ -12,6 +12,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
+
+from agent.inference.golden import GoldenSet, Tolerances
 from agent.updates.manifest import format_time
 from agent.updates.signing import generate_keypair, load_private_key, sign_envelope
 from tests.broker import MosquittoBroker, Recorder, publisher
@@ -176,3 +180,24 @@ def wait_until(predicate: Any, timeout_s: float = 10.0, what: str = "condition")
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout_s} s")
         time.sleep(0.05)
+
+
+def golden_for(model_file: Path, inputs: np.ndarray, **tolerances: float) -> GoldenSet:
+    """A golden set of ``model_file`` (one input ``x``): ``inputs`` run through it on the CPU,
+    its outputs the expected ones; ``tolerances``: rtol, atol, top1_agreement."""
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    outputs = session.run(None, {"x": inputs})
+    expected = {name: np.asarray(value) for name, value in zip(names, outputs, strict=True)}
+    return GoldenSet({"x": inputs}, expected, Tolerances(**tolerances))
+
+
+def validation_for(golden: GoldenSet, **changes: Any) -> dict[str, Any]:
+    """The ``validation`` payload field that carries ``golden``, then ``changes``."""
+    npz = golden.to_bytes()
+    return {
+        "npz": base64.b64encode(npz).decode(),
+        "sha256": hashlib.sha256(npz).hexdigest(),
+        **golden.tolerances.to_dict(),
+        **changes,
+    }

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import paho.mqtt.client as paho
 
+from agent.inference.golden import GoldenSet
 from agent.updates.manifest import build_payload
 from agent.updates.signing import load_private_key, sign_envelope
 
@@ -56,8 +57,10 @@ def sign_update(
     url: str | None,
     chunk_size: int,
     update_id: str | None = None,
+    golden: GoldenSet | None = None,
 ) -> SignedUpdate:
-    """Read the model, describe it in a payload, and sign it with every key."""
+    """Read the model, describe it in a payload, and sign it with every key; ``golden``
+    travels in the payload (``validation``) and the devices check it during the trial."""
     data = model_file.read_bytes()
     keys = [load_private_key(path) for path in key_files]
     now = datetime.now(timezone.utc)
@@ -74,6 +77,7 @@ def sign_update(
         expires=now + expires_in,
         url=url,
         chunk_size=chunk_size,
+        validation=golden,
     )
     return SignedUpdate(update_id, sign_envelope(payload, keys), data, None if url else chunk_size)
 
@@ -177,6 +181,9 @@ class StatusFollower:
                 line += f": {status['reason']}"
             self.before_line()
             print(line, file=self.out, flush=True)
+            validation = status.get("validation")
+            if state == "SUCCEEDED" and isinstance(validation, dict):
+                print(f"  validation: {validation_line(validation)}", file=self.out, flush=True)
             if state in TERMINAL:
                 self.finals[device] = status
             self._cond.notify_all()
@@ -201,6 +208,44 @@ class StatusFollower:
                 if now >= deadline:
                     return False
                 self._cond.wait(timeout=min(0.2, deadline - now))
+
+
+def validation_line(validation: dict[str, Any]) -> str:
+    """A device's golden set figures on one line: samples, errors, top-1 (a classifier's),
+    latency and providers. Written by the device, so any field may be missing or odd."""
+    latency = validation.get("latency_ms")
+    latency = latency if isinstance(latency, dict) else {}
+    providers = validation.get("providers")
+    parts = [
+        f"{_figure(validation.get('samples'), 'd')} samples",
+        f"max abs err {_figure(validation.get('max_abs_err'), '.2g')}",
+        f"max rel err {_figure(validation.get('max_rel_err'), '.2g')}",
+    ]
+    if validation.get("top1_agreement") is not None:
+        parts.append(f"top-1 {_figure(validation.get('top1_agreement'), '.3f')}")
+    parts.append(
+        f"latency p50 {_milliseconds(latency.get('p50'))} ms "
+        f"p99 {_milliseconds(latency.get('p99'))} ms"
+    )
+    if isinstance(providers, list) and providers:
+        parts.append(", ".join(str(p)[:64] for p in providers[:8]))
+    return ", ".join(parts)
+
+
+def _milliseconds(value: Any) -> str:
+    """0.21, 12.50; a small model's 0.0041 keeps its digits instead of showing 0.00."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 0.1:
+        return _figure(value, ".2g")
+    return _figure(value, ".2f")
+
+
+def _figure(value: Any, spec: str) -> str:
+    """``value`` formatted by ``spec`` when it is a number, else ``?``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "?"
+    if spec == "d":
+        return str(int(value))
+    return format(value, spec)
 
 
 class ProgressBar:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.cli.model import add_tolerance_arguments
 from agent.cli.update_sender import (
     ProgressBar,
     SignedUpdate,
@@ -13,7 +14,8 @@ from agent.cli.update_sender import (
     send_update,
     sign_update,
 )
-from agent.errors import ConfigError, EdgeAgentError, UpdateKeyError
+from agent.errors import ConfigError, EdgeAgentError, GoldenSetError, UpdateKeyError
+from agent.inference.golden import GoldenSet, Tolerances, read_golden_file
 from agent.updates.manifest import (
     DEFAULT_CHUNK_SIZE,
     GROUP_PREFIX,
@@ -125,6 +127,15 @@ def _update_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"MQTT chunk size (default {DEFAULT_CHUNK_SIZE})",
     )
     parser.add_argument("--update-id", metavar="ID", help="default: MODEL-vN-<random>")
+    parser.add_argument(
+        "--golden",
+        type=Path,
+        metavar="GOLDEN.npz",
+        help="golden set (`edge-agent model golden`) that travels in the signed manifest: "
+        "each device runs it through the new model during the trial, and fails the update "
+        "when the outputs are out of tolerance",
+    )
+    add_tolerance_arguments(parser)  # --rtol/--atol/--top1: override the golden set's own
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,10 +149,11 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"edge-agent {args.command}: {problem}", file=sys.stderr)
             return EXIT_USAGE
+        args.golden_set = _golden(args)
         if args.command == "sign":
             return _sign(args)
         return _publish(args)
-    except (UpdateKeyError, OSError) as exc:
+    except (UpdateKeyError, GoldenSetError, OSError) as exc:
         print(f"edge-agent {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
 
@@ -160,8 +172,27 @@ def _check_update_arguments(args: argparse.Namespace) -> str | None:
         (args.version < 1, "--version must be a positive integer"),
         (not 1 <= args.chunk_size <= MAX_CHUNK_SIZE, f"--chunk-size must be 1..{MAX_CHUNK_SIZE}"),
         (bool(url) and not str(url).lower().startswith("https://"), "--url must be https://"),
+        (
+            args.golden is None and (args.rtol, args.atol, args.top1) != (None, None, None),
+            "--rtol, --atol and --top1 are the tolerances of a golden set: add --golden",
+        ),
     ]
     return next((message for failed, message in checks if failed), None)
+
+
+def _golden(args: argparse.Namespace) -> GoldenSet | None:
+    """The ``--golden`` set judged by its own tolerances, but those given on the command
+    line; ``GoldenSetError`` when the file cannot be used."""
+    if args.golden is None:
+        return None
+    golden = read_golden_file(args.golden)
+    own = golden.tolerances
+    tolerances = Tolerances(
+        rtol=own.rtol if args.rtol is None else args.rtol,
+        atol=own.atol if args.atol is None else args.atol,
+        top1_agreement=own.top1_agreement if args.top1 is None else args.top1,
+    )
+    return golden.with_tolerances(tolerances)
 
 
 def _signed(args: argparse.Namespace, url: str | None) -> SignedUpdate:
@@ -178,15 +209,18 @@ def _signed(args: argparse.Namespace, url: str | None) -> SignedUpdate:
         url=url,
         chunk_size=args.chunk_size,
         update_id=args.update_id,
+        golden=args.golden_set,
     )
 
 
 def _sign(args: argparse.Namespace) -> int:
     update = _signed(args, args.url)
     Path(args.output).write_bytes(update.manifest_bytes())
+    golden = args.golden_set
+    carries = f", golden set of {golden.samples} samples" if golden is not None else ""
     print(
         f"wrote {args.output}: update {update.update_id}, model {args.model} version "
-        f"{args.version}, {len(args.key)} signature(s)"
+        f"{args.version}, {len(args.key)} signature(s){carries}"
     )
     return EXIT_OK
 
@@ -212,9 +246,11 @@ def _publish(args: argparse.Namespace) -> int:
     bases = [f"{prefix}/{device}" for device in args.device] + [
         f"{GROUP_PREFIX}/{group}" for group in args.group
     ]
+    golden = args.golden_set
+    carries = f" with a golden set of {golden.samples} samples" if golden is not None else ""
     print(
         f"update {update.update_id}: model {args.model} version {args.version}, "
-        f"{len(update.data)} bytes to {', '.join(bases)}",
+        f"{len(update.data)} bytes{carries} to {', '.join(bases)}",
         flush=True,
     )
     bar = ProgressBar(sys.stderr)

@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +33,13 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class FinalStatus:
-    """The last status of an update: its state, and where and why it failed."""
+    """The last status of an update: its state, where and why it failed, and the fields
+    only some final statuses carry (``extra``: a SUCCEEDED trial's ``validation``)."""
 
     state: UpdateState
     step: UpdateStep | None = None
     reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

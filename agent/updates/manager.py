@@ -290,7 +290,9 @@ class UpdateIntake:
             self._recent.append((update_id, active.summary["manifest_sha256"]))
         if active.final is not None:  # None: stopped mid-trial, the next start reports
             final = active.final
-            self._reporter.report(active.summary, final.state, step=final.step, reason=final.reason)
+            self._reporter.report(
+                active.summary, final.state, step=final.step, reason=final.reason, **final.extra
+            )
             self._store.finish(update_id)
 
     def _report_dropped(self) -> None:

@@ -2,11 +2,16 @@
 
 Everything here is pure: the payload bytes have already passed signature verification
 (``agent.signing``), the decisions that need state (versions, disk space) are the update
-manager's.
+manager's. The optional ``validation`` (a golden set the trial checks the new model
+against) is signed with the rest, but a signer's mistake must still be refused cleanly, so
+it is bounded before it is decoded and checked against its own sha256.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
 import math
 import re
@@ -15,7 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from agent.errors import UpdateRejectedError
+from agent.errors import GoldenSetError, UpdateRejectedError
+from agent.inference.golden import MAX_GOLDEN_BYTES, GoldenSet, Tolerances, parse_golden
 from agent.updates import strict_json
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -29,6 +35,10 @@ DEFAULT_CHUNK_SIZE = 128 * 1024
 GROUP_PREFIX = "fleet/groups"
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+# ``validation``: the golden set's npz in base64 (at most what MAX_GOLDEN_BYTES encodes to,
+# checked before decoding), its sha256 and the tolerances it is judged by.
+VALIDATION_KEYS = ("npz", "sha256", "rtol", "atol", "top1_agreement")
+MAX_GOLDEN_BASE64_CHARS = 4 * math.ceil(MAX_GOLDEN_BYTES / 3)
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,8 @@ class UpdateManifest:
     issued_at: datetime
     expires: datetime
     source: ChunkSource | UrlSource
+    # The golden set the trial must pass (its tolerances are the manifest's), or None.
+    validation: GoldenSet | None = None
 
     def summary(self) -> dict[str, Any]:
         """The fields every status message names."""
@@ -103,6 +115,7 @@ def parse_payload(payload: bytes) -> UpdateManifest:
         issued_at=parse_time(data.get("issued_at"), "issued_at"),
         expires=parse_time(data.get("expires"), "expires"),
         source=_source(data, length),
+        validation=_validation(data),
     )
 
 
@@ -136,8 +149,11 @@ def build_payload(
     expires: datetime,
     url: str | None,
     chunk_size: int,
+    validation: GoldenSet | None = None,
 ) -> bytes:
-    """The payload JSON the ``sign`` command signs (the inverse of ``parse_payload``)."""
+    """The payload JSON the ``sign`` command signs (the inverse of ``parse_payload``);
+    ``validation``: a golden set to travel with it, judged by its own tolerances
+    (``GoldenSetError`` when its npz is larger than a manifest may carry)."""
     source: dict[str, Any]
     if url is not None:
         source = {"url": url}
@@ -156,6 +172,18 @@ def build_payload(
         "expires": format_time(expires),
         "source": source,
     }
+    if validation is not None:
+        npz = validation.to_bytes()
+        if len(npz) > MAX_GOLDEN_BYTES:  # the devices would refuse it: say so here
+            raise GoldenSetError(
+                f"the golden set is {len(npz)} bytes as npz, more than {MAX_GOLDEN_BYTES} "
+                "(1 MiB) a manifest may carry: use fewer samples"
+            )
+        document["validation"] = {
+            "npz": base64.b64encode(npz).decode("ascii"),
+            "sha256": hashlib.sha256(npz).hexdigest(),
+            **validation.tolerances.to_dict(),
+        }
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -233,3 +261,69 @@ def _source(data: dict[str, Any], length: int) -> ChunkSource | UrlSource:
             f"{length} (needs {math.ceil(length / chunk_size)})"
         )
     return ChunkSource(chunk_size, chunks)
+
+
+def _validation(data: dict[str, Any]) -> GoldenSet | None:
+    """The payload's golden set, or None without one; every check names its field."""
+    if "validation" not in data:
+        return None
+    value = data["validation"]
+    if not isinstance(value, dict):
+        raise UpdateRejectedError(
+            "validation must be an object with npz, sha256, rtol, atol (and top1_agreement)"
+        )
+    unknown = sorted(key for key in value if key not in VALIDATION_KEYS)
+    if unknown:
+        raise UpdateRejectedError(
+            f"validation has unknown key {unknown[0][:64]!r}: it holds {', '.join(VALIDATION_KEYS)}"
+        )
+    npz = value.get("npz")
+    if not isinstance(npz, str):
+        raise UpdateRejectedError("validation.npz must be a base64 string (the golden .npz)")
+    # Bounded before decoding: the payload may be up to MAX_MANIFEST_BYTES of base64.
+    if len(npz) > MAX_GOLDEN_BASE64_CHARS:
+        raise UpdateRejectedError(
+            f"validation.npz is {len(npz)} characters of base64, more than the "
+            f"{MAX_GOLDEN_BASE64_CHARS} that a {MAX_GOLDEN_BYTES}-byte (1 MiB) golden set "
+            "encodes to"
+        )
+    try:
+        golden_bytes = base64.b64decode(npz, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise UpdateRejectedError(f"validation.npz is not valid base64: {exc}") from exc
+    if len(golden_bytes) > MAX_GOLDEN_BYTES:
+        raise UpdateRejectedError(
+            f"validation.npz decodes to {len(golden_bytes)} bytes, more than "
+            f"{MAX_GOLDEN_BYTES} (1 MiB)"
+        )
+    sha = value.get("sha256")
+    if not isinstance(sha, str) or not SHA256_PATTERN.fullmatch(sha.lower()):
+        raise UpdateRejectedError("validation.sha256 must be 64 hex digits")
+    actual = hashlib.sha256(golden_bytes).hexdigest()
+    if actual != sha.lower():
+        raise UpdateRejectedError(
+            f"validation.sha256 {sha.lower()[:16]}... does not match validation.npz, whose "
+            f"bytes hash to {actual[:16]}..."
+        )
+    tolerances = Tolerances(
+        rtol=_number(value, "rtol"),
+        atol=_number(value, "atol"),
+        top1_agreement=_number(value, "top1_agreement") if "top1_agreement" in value else None,
+    )
+    problem = tolerances.problem()
+    if problem is not None:
+        raise UpdateRejectedError(f"validation.{problem}")
+    try:
+        golden = parse_golden(golden_bytes, "validation.npz")
+    except GoldenSetError as exc:
+        raise UpdateRejectedError(str(exc)) from exc
+    return golden.with_tolerances(tolerances)
+
+
+def _number(data: dict[str, Any], key: str) -> float:
+    if key not in data:
+        raise UpdateRejectedError(f"validation.{key} is missing (a number)")
+    value = data[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UpdateRejectedError(f"validation.{key} must be a number, got {repr(value)[:64]}")
+    return float(value)

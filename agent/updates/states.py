@@ -25,13 +25,18 @@ class UpdateStep(StrEnum):
 
     The journal records downloading, installing, trial and committed (each written before
     its effects); verifying is only reported, as the journal stays at downloading until the
-    verified bytes are accepted.
+    verified bytes are accepted. Building_engine (a first TensorRT engine build) and
+    validating (the manifest's golden set runs through the new model) are parts of the
+    trial: reported in ``IN_PROGRESS`` statuses, and validating also as the step of a
+    ``FAILED`` one whose golden set check failed, while the journal stays at trial.
     """
 
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
     INSTALLING = "installing"
     TRIAL = "trial"
+    BUILDING_ENGINE = "building_engine"
+    VALIDATING = "validating"
     COMMITTED = "committed"
 
 

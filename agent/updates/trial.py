@@ -1,22 +1,27 @@
 """The install thread ("updates-install"): verify the staged bytes, install, trial, commit or
 roll back. One install at a time.
 
-The trial goes through the model registry, the same load path as a file dropped by hand.
+The trial goes through the model registry, the same load path as a file dropped by hand,
+with the manifest's golden set (``validation``) as the one the new model must pass.
 Every step is journalled in ``UpdateStore`` before its effects, so start-up recovery can
 finish what a crash or power cut interrupted.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from agent.config.schema import AgentConfig
 from agent.errors import UpdateFailedError
+from agent.inference.golden import golden_path_for
 from agent.inference.registry import ModelRegistry
 from agent.updates.failpoints import failpoint
 from agent.updates.inbox import Finished, Inbox
@@ -28,6 +33,20 @@ from agent.updates.status import StatusReporter
 from agent.updates.store import UpdateStore
 
 log = structlog.get_logger(__name__)
+
+# The steps of a load the registry reports through ``progress`` that a status may name.
+_LOAD_STEPS = {UpdateStep.BUILDING_ENGINE.value, UpdateStep.VALIDATING.value}
+SUPERSEDED_SUFFIX = ".superseded"
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial ended: why it failed and at which step (None: it passed), and the
+    fields its SUCCEEDED status carries (``validation``)."""
+
+    problem: str | None = None
+    step: UpdateStep = UpdateStep.TRIAL
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Installer:
@@ -104,21 +123,24 @@ class Installer:
             failpoint("installed")
             self._store.set_step(manifest.update_id, UpdateStep.TRIAL)
             self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep.TRIAL)
-            problem = self._trial(manifest)
+            outcome = self._trial(manifest, summary)
             if self._stopped.is_set():
                 # Stopped mid-trial (its warm-up was cancelled): the journal still says
                 # "trial", so the next start rolls back before any model loads and reports.
                 log.info("update_trial_interrupted", **summary)
                 return True
-            if problem is None:
+            if outcome.problem is None:
+                outcome = _supersede_golden(target, summary) or outcome
+            if outcome.problem is None:
                 self._store.commit(manifest.update_id)
                 failpoint("committed")
-                active.final = FinalStatus(UpdateState.SUCCEEDED)
+                active.final = FinalStatus(UpdateState.SUCCEEDED, extra=outcome.extra)
             else:
                 done = restore_previous(target, previous)
+                # The old model back, judged by its own golden set beside it, if any.
                 self._registry.load(manifest.model)
                 active.final = FinalStatus(
-                    UpdateState.FAILED, UpdateStep.TRIAL, f"{problem}; rolled back: {done}"
+                    UpdateState.FAILED, outcome.step, f"{outcome.problem}; rolled back: {done}"
                 )
         return True
 
@@ -138,13 +160,53 @@ class Installer:
         self._registry.load(entry.model)
         return f"rolled back: {done}"
 
-    def _trial(self, manifest: UpdateManifest) -> str | None:
-        """Load the installed file through the registry (checks, warm-up, swap) within
-        ``updates.trial_timeout_s``; why it failed, or None."""
+    def _trial(self, manifest: UpdateManifest, summary: dict[str, Any]) -> TrialOutcome:
+        """Load the installed file through the registry (checks, warm-up, the manifest's
+        golden set, swap) within ``updates.trial_timeout_s``."""
+
+        def progress(step: str) -> None:  # on this thread, from inside the load
+            if step in _LOAD_STEPS:
+                self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep(step))
+
+        version = "sha256:" + manifest.sha256
         model = self._registry.load(
-            manifest.model, max_seconds=self._config().updates.trial_timeout_s
+            manifest.model,
+            max_seconds=self._config().updates.trial_timeout_s,
+            # Only the manifest's golden set judges the new model: a NAME.golden.npz beside
+            # the file describes the old one (None when the manifest has none).
+            golden=manifest.validation,
+            progress=progress,
         )
-        if model is None or model.version != "sha256:" + manifest.sha256:
+        if model is None or model.version != version:
             status = self._registry.status(manifest.model)
-            return f"the new model did not load: {status.error or 'no error recorded'}"
+            last = status.last_load or {}
+            error = status.error or "no error recorded"
+            if last.get("step") == UpdateStep.VALIDATING and last.get("version") == version:
+                return TrialOutcome(error, UpdateStep.VALIDATING)
+            return TrialOutcome(f"the new model did not load: {error}")
+        if model.validation is None:
+            return TrialOutcome()
+        return TrialOutcome(extra={"validation": model.validation.to_dict()})
+
+
+def _supersede_golden(target: Path, summary: dict[str, Any]) -> TrialOutcome | None:
+    """Move the ``NAME.golden.npz`` beside ``target`` aside (``.superseded``) before the
+    commit: it describes the model being replaced, and would refuse the new one at its next
+    load (a restart, a hot reload). Before, not after, the commit: a crash in between rolls
+    back to the old model, which then loads unchecked (safe), never to the new model refused
+    by a stale set. None when done (or nothing to do), else why the update must fail."""
+    golden = golden_path_for(target)
+    if not os.path.lexists(golden):
         return None
+    aside = golden.with_name(golden.name + SUPERSEDED_SUFFIX)
+    try:
+        os.replace(golden, aside)  # renames a symlink itself, never what it points to
+    except OSError as exc:
+        return TrialOutcome(
+            f"the trial passed, but {golden.name} (the golden set of the model being "
+            f"replaced) cannot be moved aside to {aside.name}: {exc.strerror}; it would "
+            "refuse the new model at its next load"
+        )
+    log.info("golden_set_superseded", **summary, golden=str(golden), moved_to=str(aside))
+    failpoint("golden_superseded")
+    return None
