@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from bench_run import describe_run  # noqa: E402
 
-from agent.ops.telemetry import rss_mb  # noqa: E402
+from agent.procfs import rss_mb  # noqa: E402
 from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
 from tests.onnx_builders import IR_VERSION  # noqa: E402
 

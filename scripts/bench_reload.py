@@ -31,7 +31,7 @@ from agent.hardware.detect import detect  # noqa: E402
 from agent.inference.registry import ModelRegistry  # noqa: E402
 from agent.inference.watcher import ModelFileWatcher  # noqa: E402
 from agent.logs import configure_logging  # noqa: E402
-from agent.ops.telemetry import rss_mb  # noqa: E402
+from agent.procfs import rss_mb  # noqa: E402
 from tests.onnx_builders import build_linear  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from bench_run import describe_run  # noqa: E402
 from agent.cli.tool_client import connect  # noqa: E402
 from agent.cli.update_sender import send_update, sign_update  # noqa: E402
 from agent.config.loader import default_config  # noqa: E402
-from agent.ops.telemetry import rss_mb  # noqa: E402
+from agent.procfs import rss_mb  # noqa: E402
 from agent.updates.signing import generate_keypair  # noqa: E402
 from tests.broker import MosquittoBroker  # noqa: E402
 from tests.onnx_builders import build_linear  # noqa: E402
