@@ -70,6 +70,11 @@ class SignatureError(UpdateRejectedError):
     """A manifest's DSSE envelope is malformed or lacks enough trusted signatures."""
 
 
+class KeySetError(EdgeAgentError):
+    """A key set (``fleet/keys``, ``P/keys``: the root-signed update keys) is refused, or the
+    stored one cannot be used; the message says what was wrong."""
+
+
 class UpdateFailedError(EdgeAgentError):
     """An accepted update did not work: transfer, verification, install or trial (``FAILED``)."""
 

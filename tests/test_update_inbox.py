@@ -32,6 +32,7 @@ from agent.updates.recovery import recover
 from agent.updates.states import UpdateState, UpdateStep
 from agent.updates.status import StatusReporter
 from agent.updates.store import JournalEntry, UpdateStore
+from agent.updates.trust import UpdateTrust
 from tests.update_helpers import chunks_of, payload_for
 
 MODEL = b"model bytes " * 100
@@ -61,6 +62,7 @@ class Device:
             self.inbox,
             self.reporter,
             verify=verify or (lambda data: data),  # unsigned: the bytes are the payload
+            trust=UpdateTrust(self.config),
             submit=self.installs.append,
             stopped=threading.Event(),
         )

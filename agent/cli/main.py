@@ -13,6 +13,8 @@ from pathlib import Path
 import structlog
 
 from agent import __version__
+from agent.cli.keys import add_parser as add_keys_parser
+from agent.cli.keys import run as run_keys_command
 from agent.cli.model import add_parser as add_model_parser
 from agent.cli.model import run as run_model_command
 from agent.cli.updates import add_parsers as add_update_parsers
@@ -140,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print JSON instead of a table (with --watch: one line per second)",
     )
     add_update_parsers(commands)
+    add_keys_parser(commands)
     add_model_parser(commands)
     return parser
 
@@ -155,8 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command in ("keygen", "sign", "publish-update"):
         return run_update_command(args)
-    if args.command == "model":
-        return run_model_command(args)
+    tools = {"model": run_model_command, "keys": run_keys_command}
+    if args.command in tools:
+        return tools[args.command](args)
     return _run(args)
 
 

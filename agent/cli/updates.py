@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from agent.cli.broker_options import add_broker_arguments
 from agent.cli.model import add_tolerance_arguments
 from agent.cli.update_sender import (
     ProgressBar,
@@ -62,14 +63,7 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "until all finished or --timeout. Exit 0 only when all SUCCEEDED.",
     )
     _update_arguments(publish)
-    publish.add_argument(
-        "--config", metavar="PATH", help="take broker address, credentials and TLS from this config"
-    )
-    publish.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
-    publish.add_argument("--port", type=int, help="broker port (default: the config's, else 1883)")
-    publish.add_argument("--username", help="broker user name")
-    publish.add_argument("--password-file", metavar="PATH", help="file holding the password")
-    publish.add_argument("--ca-file", metavar="PATH", help="CA certificate: connect with TLS")
+    add_broker_arguments(publish)
     publish.add_argument(
         "--prefix", default="edge", help="device topics are PREFIX/<device>/... (default: edge)"
     )

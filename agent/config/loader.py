@@ -107,8 +107,9 @@ def _fill_defaults(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     updates = data.get("updates")
     if isinstance(updates, dict):
         updates = dict(updates)
-        if isinstance(updates.get("trusted_keys"), list):
-            updates["trusted_keys"] = [filler.resolve(k) for k in updates["trusted_keys"]]
+        for key in ("trusted_keys", "root_keys"):
+            if isinstance(updates.get(key), list):
+                updates[key] = [filler.resolve(k) for k in updates[key]]
         if "ca_file" in updates:
             updates["ca_file"] = filler.resolve(updates["ca_file"])
         data["updates"] = updates
@@ -239,6 +240,21 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
             ("updates", "threshold"),
             f"threshold {threshold} is more than the "
             f"{len(keys)} trusted key(s): no update could ever be accepted",
+        )
+    roots = updates.get("root_keys")
+    for index, value in enumerate(roots if isinstance(roots, list) else []):
+        _check_public_key(value, ("updates", "root_keys", index), report)
+    root_threshold = updates.get("root_threshold", 1)
+    if (
+        isinstance(roots, list)
+        and roots
+        and isinstance(root_threshold, int)
+        and root_threshold > len(roots)
+    ):
+        report(
+            ("updates", "root_threshold"),
+            f"root_threshold {root_threshold} is more than the "
+            f"{len(roots)} root key(s): no key set could ever be accepted",
         )
     _check_file_exists(updates.get("ca_file"), ("updates", "ca_file"), report)
     return problems

@@ -327,6 +327,15 @@ class UpdatesConfig(Section):
 
     trusted_keys: tuple[StrictStr, ...] = Field((), description="Ed25519 public key files")
     threshold: Annotated[StrictInt, Field(ge=1)] = 1
+    root_keys: tuple[StrictStr, ...] = Field(
+        (),
+        description="Ed25519 public key files of the offline root keys that sign key sets "
+        "(fleet/keys); once a key set is accepted, manifests are verified against its keys "
+        "instead of trusted_keys",
+    )
+    root_threshold: Annotated[StrictInt, Field(ge=1)] = Field(
+        1, description="distinct root signatures a key set needs"
+    )
     require_signed_files: StrictBool = False
     ca_file: StrictStr | None = Field(
         None, description="CA bundle for https update downloads (default: the system's)"

@@ -134,6 +134,7 @@ class Parts:
             self._delivery_health,
             groups=self.config.groups,
             interval_s=self.config.health.interval_s,
+            update_keys=self.updates.key_status,
         )
 
     def _admission(self, name: str, version: str) -> str | None:

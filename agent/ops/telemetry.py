@@ -81,6 +81,9 @@ class AgentView:
     # staleness (a health older than a few intervals) without the device's config.
     groups: tuple[str, ...] = ()
     interval_s: float = 10.0
+    # Where the update keys come from (a key set's version and expiry, or trusted_keys), so
+    # a fleet operator sees which devices took a rotation or revocation.
+    update_keys: Callable[[], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ class HealthSnapshot:
     disk_free_mb: float | None
     delivery: Mapping[str, Any] | None = None
     gpu_load_percent: float | None = None
+    update_keys: Mapping[str, Any] | None = None
 
     def baseline(self) -> Baseline:
         """This reading as the start of the next report's interval."""
@@ -208,6 +212,8 @@ class HealthSnapshot:
             document["delivery"] = dict(self.delivery)
         if self.gpu_load_percent is not None:
             document["gpu_load_percent"] = self.gpu_load_percent
+        if self.update_keys is not None:
+            document["update_keys"] = dict(self.update_keys)
         return document
 
 
@@ -260,6 +266,7 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
         disk_free_mb=disk_free_mb(view.models_dir),
         delivery=view.delivery() if view.delivery is not None else None,
         gpu_load_percent=gpu_load_percent(),
+        update_keys=view.update_keys() if view.update_keys is not None else None,
     )
 
 

@@ -35,6 +35,16 @@ class ManifestArrived:
 
 
 @dataclass(frozen=True)
+class KeySetArrived:
+    """A key set's bytes from ``fleet/keys`` or ``P/keys``, not yet verified (from paho's
+    thread); empty bytes: the retained key set was cleared."""
+
+    KIND: ClassVar[str] = "keyset"
+    topic: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class ManifestRefused:
     """A manifest refused unread, too large to read (from paho's thread)."""
 
@@ -89,7 +99,14 @@ class Tick:
 
 
 InboxMessage = (
-    ManifestArrived | ManifestRefused | ChunkArrived | ChunkTooLarge | Downloaded | Finished | Tick
+    ManifestArrived
+    | KeySetArrived
+    | ManifestRefused
+    | ChunkArrived
+    | ChunkTooLarge
+    | Downloaded
+    | Finished
+    | Tick
 )
 
 
@@ -105,6 +122,7 @@ class Inbox:
         self._manifests_waiting = 0
         self._manifest_bytes_waiting = 0
         self._manifests_dropped = 0  # since the last take_dropped
+        self._keysets_dropped = 0  # since the last take_dropped_keysets
 
     def offer_manifest(self, topic: str, data: bytes) -> None:
         """Queue a manifest, or drop and count it when too many (or too many bytes) wait."""
@@ -119,6 +137,21 @@ class Inbox:
             self._manifests_waiting += 1
             self._manifest_bytes_waiting += size
         self._queue.put(ManifestArrived(topic, data))
+
+    def offer_keyset(self, topic: str, data: bytes) -> None:
+        """Queue a key set; bounded like a manifest (count and bytes waiting), since anyone
+        who can publish to the keys topics can send them."""
+        size = len(data)
+        with self._lock:
+            if (
+                self._manifests_waiting >= MANIFESTS_WAITING_MAX
+                or self._manifest_bytes_waiting + size > MANIFESTS_WAITING_MAX_BYTES
+            ):
+                self._keysets_dropped += 1
+                return
+            self._manifests_waiting += 1
+            self._manifest_bytes_waiting += size
+        self._queue.put(KeySetArrived(topic, data))
 
     def offer_refusal(self, reason: str) -> None:
         """Queue the refusal of a manifest that was not read; counted like a manifest, so a
@@ -183,9 +216,15 @@ class Inbox:
             dropped, self._manifests_dropped = self._manifests_dropped, 0
         return dropped
 
+    def take_dropped_keysets(self) -> int:
+        """How many key sets were dropped unread since the last call."""
+        with self._lock:
+            dropped, self._keysets_dropped = self._keysets_dropped, 0
+        return dropped
+
     def _release(self, message: InboxMessage | None) -> None:
         with self._lock:
-            if isinstance(message, ManifestArrived):
+            if isinstance(message, ManifestArrived | KeySetArrived):
                 self._manifests_waiting -= 1
                 self._manifest_bytes_waiting -= len(message.data)
             elif isinstance(message, ManifestRefused):

@@ -23,14 +23,15 @@ import hashlib
 import threading
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import paho.mqtt.client as paho
 import structlog
 
 from agent.config.schema import AgentConfig
-from agent.errors import UpdateKeyError, UpdateRejectedError
+from agent.errors import UpdateRejectedError
 from agent.inference.registry import ModelRegistry
 from agent.transport.subscriptions import Subscription
 from agent.updates import recovery
@@ -44,23 +45,30 @@ from agent.updates.inbox import (
     Finished,
     Inbox,
     InboxMessage,
+    KeySetArrived,
     ManifestArrived,
     ManifestRefused,
     Tick,
 )
 from agent.updates.inflight import ActiveUpdate, InFlight
-from agent.updates.manifest import GROUP_PREFIX, MAX_MANIFEST_BYTES, UpdateManifest, parse_payload
+from agent.updates.manifest import (
+    GROUP_PREFIX,
+    MAX_KEYSET_BYTES,
+    MAX_MANIFEST_BYTES,
+    UpdateManifest,
+    parse_payload,
+)
 from agent.updates.states import UpdateState
 from agent.updates.status import StatusPublisher, StatusReporter, authenticated, unauthenticated
 from agent.updates.store import UpdateStore
 from agent.updates.trial import Installer
-
-if TYPE_CHECKING:
-    from agent.updates.signing import TrustedKeys
+from agent.updates.trust import UpdateTrust
 
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.5
+# Where root-signed key sets arrive (retained): the fleet's, and one device's own.
+FLEET_KEYS_TOPIC = "fleet/keys"
 RECENT_IDS = 64
 
 
@@ -72,7 +80,7 @@ class UpdateManager:
     ) -> None:
         self._config = config
         self._store = UpdateStore(Path(config.state_dir) / "updates")
-        self._keys, self._key_problem = _load_keys(config)
+        self._trust = UpdateTrust(config)
         self._inbox = Inbox()
         self._stopped = threading.Event()
         self._reporter = StatusReporter(lambda: self._config, publish)
@@ -90,6 +98,7 @@ class UpdateManager:
             self._inbox,
             self._reporter,
             verify=self._verified_payload,
+            trust=self._trust,
             submit=self._installer.submit,
             stopped=self._stopped,
         )
@@ -123,6 +132,11 @@ class UpdateManager:
                     on_too_large=self.on_chunk_too_large,
                 )
             )
+        if self._config.updates.root_keys:
+            for topic in (FLEET_KEYS_TOPIC, f"{self._config.topic_prefix}/keys"):
+                subs.append(
+                    Subscription(topic, 1, self.on_keyset, on_too_large=self.on_keyset_too_large)
+                )
         return subs
 
     def start(self) -> None:
@@ -152,17 +166,24 @@ class UpdateManager:
     def reconfigure(self, config: AgentConfig) -> None:
         """Adopt a reloaded config (SIGHUP): keys, threshold, timeouts, groups."""
         self._config = config
-        self._keys, self._key_problem = _load_keys(config)
+        self._trust.reconfigure(config)
         self._report_key_problem()
+
+    def key_status(self) -> dict[str, Any]:
+        """Where the update keys come from and their key set, for the health document (any
+        thread)."""
+        return self._trust.describe()
 
     def _report_key_problem(self) -> None:
         """No keys configured is a choice (info); keys that do not load need the operator."""
-        if not self._key_problem:
+        problem = self._trust.problem()
+        if not problem:
             return
-        if self._config.updates.trusted_keys:
-            log.error("updates_disabled", reason=self._key_problem)
+        updates = self._config.updates
+        if updates.trusted_keys or updates.root_keys:
+            log.error("updates_disabled", reason=problem)
         else:
-            log.info("updates_disabled", reason=self._key_problem)
+            log.info("updates_disabled", reason=problem)
 
     def recover(self) -> None:
         """Finish what a crash interrupted; runs before the models are loaded, so a model a
@@ -185,10 +206,8 @@ class UpdateManager:
 
     def _verified_payload(self, data: bytes) -> bytes:
         """The payload of a manifest whose signatures verify (intake thread); the keys are
-        replaced on reload, so they are looked up at each call."""
-        if self._keys is None:
-            raise UpdateRejectedError(self._key_problem or "signed updates are disabled")
-        return self._keys.verify(data)
+        replaced on reload or by a key set, so they are looked up at each call."""
+        return self._trust.verify_manifest(data, datetime.now(timezone.utc))
 
     # -- paho's network thread: enqueue only ---------------------------------------------------
 
@@ -218,6 +237,31 @@ class UpdateManager:
         chunk of an accepted update can be that large, the manifest was checked for it."""
         self._inbox.put(ChunkTooLarge(topic.rsplit("/", 1)[-1], size))
 
+    def on_keyset(self, message: paho.MQTTMessage) -> None:
+        """A key set arrived on a keys topic (paho's thread). One over the size a key set may
+        have is refused unread; an empty one (a cleared retained set) changes nothing and
+        is not queued."""
+        size = len(message.payload)
+        if not size:
+            return
+        if size > MAX_KEYSET_BYTES:
+            log.warning(
+                "keyset_refused",
+                topic=message.topic,
+                reason=f"key set of {size} bytes is larger than the {MAX_KEYSET_BYTES} "
+                "bytes a key set may have; not read",
+            )
+            return
+        self._inbox.offer_keyset(message.topic, bytes(message.payload))
+
+    def on_keyset_too_large(self, topic: str, size: int) -> None:
+        """A message over ``mqtt.max_packet_bytes`` on a keys topic (paho's thread)."""
+        log.warning(
+            "keyset_refused",
+            topic=topic,
+            reason=f"key set message of {size} bytes is larger than mqtt.max_packet_bytes",
+        )
+
     def on_chunk(self, message: paho.MQTTMessage) -> None:
         """A chunk arrived (paho's thread); dropped when the intake is far behind."""
         self._inbox.offer_chunk(message.topic.rsplit("/", 1)[-1], message.payload)
@@ -235,6 +279,7 @@ class UpdateIntake:
         reporter: StatusReporter,
         *,
         verify: Callable[[bytes], bytes],
+        trust: UpdateTrust,
         submit: Callable[[ActiveUpdate], None],
         stopped: threading.Event,
     ) -> None:
@@ -243,6 +288,7 @@ class UpdateIntake:
         self._inbox = inbox
         self._reporter = reporter
         self._verify = verify  # a manifest's bytes -> its verified payload
+        self._trust = trust  # takes the key sets
         self._stopped = stopped
         self.inflight = InFlight(config, store, inbox, reporter, submit=submit, stopped=stopped)
         # (update id, manifest digest) of updates installed lately: the same manifest arriving
@@ -269,6 +315,9 @@ class UpdateIntake:
         match message:
             case ManifestArrived(topic, data):
                 self._on_manifest(topic, data)
+            case KeySetArrived(topic, data):
+                # offer_keyset logs the outcome: accepted, ignored (a replay) or refused.
+                self._trust.offer_keyset(data, topic, datetime.now(timezone.utc))
             case ManifestRefused(reason):
                 self._reporter.report(unauthenticated(None), UpdateState.REJECTED, reason=reason)
             case ChunkTooLarge(update_id, size):
@@ -297,6 +346,13 @@ class UpdateIntake:
 
     def _report_dropped(self) -> None:
         """One REJECTED status for the manifests a full intake dropped since the last one."""
+        dropped_keysets = self._inbox.take_dropped_keysets()
+        if dropped_keysets:
+            log.warning(
+                "keyset_dropped",
+                dropped=dropped_keysets,
+                reason="more key sets than the intake can hold were waiting; publish again",
+            )
         dropped = self._inbox.take_dropped()
         if dropped:
             self._reporter.report(
@@ -351,16 +407,3 @@ class UpdateIntake:
             f"update_id {manifest.update_id!r} was already used by "
             "another manifest on this device; give each update its own id"
         )
-
-
-def _load_keys(config: AgentConfig) -> tuple[TrustedKeys | None, str | None]:
-    updates = config.updates
-    if not updates.trusted_keys:
-        return None, "signed updates are disabled on this device (updates.trusted_keys is empty)"
-    # Imported only when keys are configured: cryptography's OpenSSL costs ~8 MB of RSS.
-    from agent.updates.signing import TrustedKeys  # noqa: PLC0415
-
-    try:
-        return TrustedKeys.from_files(updates.trusted_keys, updates.threshold), None
-    except UpdateKeyError as exc:
-        return None, f"updates.trusted_keys: {exc}"

@@ -31,6 +31,9 @@ MAX_CHUNK_SIZE = 16 * 1024 * 1024  # well under Mosquitto's default message size
 # payload and base64 again in the envelope (1.78 MiB). Larger ones are refused unread.
 MAX_MANIFEST_BYTES = 2 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 128 * 1024
+# A root-signed key set (``agent.updates.keyset``; here, free of cryptography's import, for
+# the check on paho's thread): 64 keys in PEM are ~15 KB, so larger is refused unread.
+MAX_KEYSET_BYTES = 256 * 1024
 # Where a manifest for a group goes: GROUP_PREFIX/<group>/updates/manifest (and its chunks).
 GROUP_PREFIX = "fleet/groups"
 _DURATION = re.compile(r"(\d+)([smhdw])")

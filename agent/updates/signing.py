@@ -25,6 +25,7 @@ from agent.updates import strict_json
 
 PAYLOAD_TYPE = "application/vnd.edge-agent.update+json"
 MAX_SIGNATURES = 16  # more than any sane threshold; bounds the work a forged envelope causes
+TRUSTED_KEYS_SOURCE = "updates.trusted_keys"
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -94,31 +95,53 @@ def sign_envelope(
 
 @dataclass(frozen=True)
 class TrustedKeys:
-    """The public keys updates must be signed with, by key id, and how many must sign."""
+    """The public keys updates must be signed with, by key id, and how many must sign.
+
+    ``source`` names where the keys come from in every message (``updates.trusted_keys``,
+    ``key set version 3``, ``updates.root_keys``), so a refusal says which list lacked a key.
+    """
 
     keys: Mapping[str, Ed25519PublicKey]
     threshold: int
+    source: str = TRUSTED_KEYS_SOURCE
 
     @classmethod
-    def from_files(cls, paths: Sequence[str], threshold: int) -> TrustedKeys:
-        """Load ``updates.trusted_keys``; an unreadable or non-Ed25519 file is an error."""
+    def from_files(
+        cls, paths: Sequence[str], threshold: int, source: str = TRUSTED_KEYS_SOURCE
+    ) -> TrustedKeys:
+        """Load ``updates.trusted_keys`` (or ``updates.root_keys``: pass ``source``); an
+        unreadable or non-Ed25519 file is an error."""
         keys: dict[str, Ed25519PublicKey] = {}
         for path in paths:
             key = load_public_key(Path(path))
             keys[keyid(key)] = key
-        return cls(keys, threshold)
+        return cls(keys, threshold, source)
 
-    def verify(self, envelope_bytes: bytes) -> bytes:
-        """The payload bytes of a DSSE envelope signed by at least ``threshold`` distinct
-        trusted keys; ``SignatureError`` says what was wrong otherwise."""
+    def verify(
+        self, envelope_bytes: bytes, payload_type: str = PAYLOAD_TYPE, what: str = "manifest"
+    ) -> bytes:
+        """The payload bytes of a DSSE envelope of ``payload_type`` signed by at least
+        ``threshold`` distinct trusted keys; ``SignatureError`` says what was wrong otherwise
+        (``what`` names the document: ``manifest``, ``key set``)."""
         if not self.keys:
+            if self.source == TRUSTED_KEYS_SOURCE:
+                raise SignatureError(
+                    "signed updates are disabled on this device (updates.trusted_keys is empty)"
+                )
+            raise SignatureError(f"{self.source} holds no keys")
+        payload_type_found, payload, signatures = parse_envelope(envelope_bytes, what)
+        if payload_type_found != payload_type:
             raise SignatureError(
-                "signed updates are disabled on this device (updates.trusted_keys is empty)"
+                f"payloadType is {payload_type_found!r}, expected {payload_type!r}"
             )
-        envelope = _parse_envelope(envelope_bytes)
-        payload_type, payload, signatures = envelope
-        if payload_type != PAYLOAD_TYPE:
-            raise SignatureError(f"payloadType is {payload_type!r}, expected {PAYLOAD_TYPE!r}")
+        return self.verify_signatures(payload_type, payload, signatures)
+
+    def verify_signatures(
+        self, payload_type: str, payload: bytes, signatures: Sequence[tuple[str, bytes]]
+    ) -> bytes:
+        """``payload`` when at least ``threshold`` distinct keys of these signed
+        PAE(payload_type, payload); ``SignatureError`` otherwise. For a document that must
+        carry the signatures of two key lists (a key set rotating its root)."""
         message = pae(payload_type, payload)
         valid: set[str] = set()
         notes: list[str] = []
@@ -126,7 +149,7 @@ class TrustedKeys:
             key = self.keys.get(key_id)
             short = key_id[:16]
             if key is None:
-                notes.append(f"signature {index}: key {short} is not in updates.trusted_keys")
+                notes.append(f"signature {index}: key {short} is not in {self.source}")
                 continue
             try:
                 key.verify(signature, message)
@@ -148,25 +171,29 @@ class TrustedKeys:
         return payload
 
 
-def _parse_envelope(data: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+def parse_envelope(
+    data: bytes, what: str = "manifest"
+) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """A DSSE envelope's payloadType, payload bytes and (keyid, signature) pairs, nothing
+    verified; ``SignatureError`` names what is malformed (``what``: the document's name)."""
     try:
         envelope = strict_json.loads(data)
     except ValueError as exc:
-        raise SignatureError(f"manifest is not valid JSON: {exc}") from exc
+        raise SignatureError(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(envelope, dict):
-        raise SignatureError("manifest is not a DSSE envelope (expected a JSON object)")
+        raise SignatureError(f"{what} is not a DSSE envelope (expected a JSON object)")
     payload_type = envelope.get("payloadType")
     payload_b64 = envelope.get("payload")
     signatures = envelope.get("signatures")
     if not isinstance(payload_type, str) or not isinstance(payload_b64, str):
         raise SignatureError(
-            "manifest is not a DSSE envelope: payloadType and payload must be strings"
+            f"{what} is not a DSSE envelope: payloadType and payload must be strings"
         )
     if not isinstance(signatures, list) or not signatures:
-        raise SignatureError("manifest has no signatures")
+        raise SignatureError(f"{what} has no signatures")
     if len(signatures) > MAX_SIGNATURES:
         raise SignatureError(
-            f"manifest has {len(signatures)} signatures; at most {MAX_SIGNATURES} are read"
+            f"{what} has {len(signatures)} signatures; at most {MAX_SIGNATURES} are read"
         )
     parsed = []
     for index, item in enumerate(signatures):
