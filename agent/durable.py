@@ -80,6 +80,22 @@ def create_file(path: Path, mode: int = 0o600) -> int:
         raise
 
 
+def open_for_append(path: Path) -> int:
+    """An existing regular file at ``path`` opened for writing without truncating it (a
+    descriptor at offset 0); never through a symlink (``UnsafePathError``)."""
+    refuse_symlink(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_error(path) from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(f"{path} is not a regular file")
+    return fd
+
+
 def fsync_dir(folder: Path) -> None:
     """Make renames and unlinks inside ``folder`` durable."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)

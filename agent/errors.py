@@ -79,6 +79,11 @@ class UpdateFailedError(EdgeAgentError):
     """An accepted update did not work: transfer, verification, install or trial (``FAILED``)."""
 
 
+class DownloadInterruptedError(UpdateFailedError):
+    """An https download broke off mid-body: what was written is kept, and a retry asks for
+    the rest."""
+
+
 class UnsafePathError(EdgeAgentError):
     """A path the agent owns (staging, state, lock files) is a symlink or not what it made."""
 

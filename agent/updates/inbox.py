@@ -32,6 +32,9 @@ class ManifestArrived:
     KIND: ClassVar[str] = "manifest"
     topic: str
     data: bytes
+    # Delivered from the broker's retained store (on subscribing): desired state left by a
+    # rollout, which a device already at that version (or past its expiry) ignores quietly.
+    retained: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,7 @@ class Inbox:
         self._manifests_dropped = 0  # since the last take_dropped
         self._keysets_dropped = 0  # since the last take_dropped_keysets
 
-    def offer_manifest(self, topic: str, data: bytes) -> None:
+    def offer_manifest(self, topic: str, data: bytes, retained: bool = False) -> None:
         """Queue a manifest, or drop and count it when too many (or too many bytes) wait."""
         size = len(data)
         with self._lock:
@@ -136,7 +139,7 @@ class Inbox:
                 return
             self._manifests_waiting += 1
             self._manifest_bytes_waiting += size
-        self._queue.put(ManifestArrived(topic, data))
+        self._queue.put(ManifestArrived(topic, data, retained))
 
     def offer_keyset(self, topic: str, data: bytes) -> None:
         """Queue a key set; bounded like a manifest (count and bytes waiting), since anyone

@@ -8,7 +8,6 @@ flooded or broken one ends FAILED at the downloading step.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +25,13 @@ from agent.updates.manifest import ChunkSource, UpdateManifest
 from agent.updates.states import UpdateState, UpdateStep
 from agent.updates.status import StatusReporter
 from agent.updates.store import JournalEntry, UpdateStore
-from agent.updates.transfer import ChunkTransfer, DownloadThread, download
+from agent.updates.transfer import (
+    ChunkTransfer,
+    DownloadThread,
+    discard_staged,
+    download,
+    staged_prefix,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -211,6 +216,9 @@ class InFlight:
             return
         active.cancel = threading.Event()
         url, cancel, updates = manifest.source.url, active.cancel, self._config().updates
+        kept = staged_prefix(staged, url, manifest.length, manifest.sha256)
+        if kept:  # staged by an earlier attempt at this update (the agent restarted)
+            log.info("update_download_resuming", update_id=manifest.update_id, kept_bytes=kept)
         DownloadThread(
             f"update-download-{manifest.update_id}",
             lambda: download(
@@ -221,6 +229,7 @@ class InFlight:
                 connect_timeout_s=updates.connect_timeout_s,
                 deadline_s=updates.download_timeout_s,
                 cancelled=lambda: cancel.is_set() or self._stopped.is_set(),
+                sha256=manifest.sha256,
             ),
             # Runs on the download thread: hand the outcome to the intake thread.
             lambda error: self._inbox.put(Downloaded(manifest.update_id, error)),
@@ -230,8 +239,7 @@ class InFlight:
         if active.transfer is not None:
             active.transfer.abandon()
             active.transfer = None
-        with contextlib.suppress(FileNotFoundError):
-            Path(active.entry.staged).unlink()
+        discard_staged(Path(active.entry.staged))
         self._store.finish(active.manifest.update_id)
         self._active.pop(active.manifest.update_id, None)
         self._reporter.report(

@@ -224,7 +224,7 @@ class UpdateManager:
                 f"{MAX_MANIFEST_BYTES} bytes a manifest may have; not read"
             )
             return
-        self._inbox.offer_manifest(message.topic, bytes(message.payload))
+        self._inbox.offer_manifest(message.topic, bytes(message.payload), bool(message.retain))
 
     def on_manifest_too_large(self, topic: str, size: int) -> None:
         """A message over ``mqtt.max_packet_bytes`` on a manifest topic (paho's thread)."""
@@ -313,8 +313,8 @@ class UpdateIntake:
     def dispatch(self, message: InboxMessage) -> None:
         """Act on one message (intake thread; the main thread after it stopped)."""
         match message:
-            case ManifestArrived(topic, data):
-                self._on_manifest(topic, data)
+            case ManifestArrived(topic, data, retained):
+                self._on_manifest(topic, data, retained)
             case KeySetArrived(topic, data):
                 # offer_keyset logs the outcome: accepted, ignored (a replay) or refused.
                 self._trust.offer_keyset(data, topic, datetime.now(timezone.utc))
@@ -364,9 +364,15 @@ class UpdateIntake:
                 "bytes) were waiting to be verified; send again",
             )
 
-    def _on_manifest(self, topic: str, data: bytes) -> None:
+    def _on_manifest(self, topic: str, data: bytes, retained: bool = False) -> None:
         digest = hashlib.sha256(data).hexdigest()
-        log.info("update_manifest_received", topic=topic, bytes=len(data), manifest_sha256=digest)
+        log.info(
+            "update_manifest_received",
+            topic=topic,
+            bytes=len(data),
+            manifest_sha256=digest,
+            retained=retained,
+        )
         summary = unauthenticated(digest)
         try:
             payload = self._verify(data)
@@ -374,6 +380,8 @@ class UpdateIntake:
             summary.update(signed_claims(payload), authenticated=True)
             manifest = parse_payload(payload)
             summary = authenticated(manifest, digest)
+            if retained and self._already_there(manifest, digest):
+                return
             if self._is_repeat(manifest, digest):
                 return
             in_progress = [active.manifest for active in self.inflight.updates()]
@@ -388,6 +396,25 @@ class UpdateIntake:
             )
             return
         self.inflight.start(manifest, summary)
+
+    def _already_there(self, manifest: UpdateManifest, digest: str) -> bool:
+        """Whether a retained manifest (desired state, delivered again at every reconnect)
+        needs nothing: this device is at or above its version, or it has expired. Such a
+        manifest gets no status: it was answered when it was new."""
+        floor = self._store.highest_version(manifest.model)
+        expired = datetime.now(timezone.utc) >= manifest.expires
+        if manifest.version > floor and not expired:
+            return False
+        log.info(
+            "update_manifest_retained_ignored",
+            update_id=manifest.update_id,
+            model=manifest.model,
+            version=manifest.version,
+            device_version=floor,
+            expired=expired,
+            manifest_sha256=digest,
+        )
+        return True
 
     def _is_repeat(self, manifest: UpdateManifest, digest: str) -> bool:
         """The same bytes again (an echo: ignored), or ``UpdateRejectedError`` when the id of

@@ -9,7 +9,10 @@ download ends at its deadline to the second, whatever the server does (``_Deadli
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import http.client
+import json
 import os
 import socket
 import ssl
@@ -18,16 +21,23 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.client import HTTPMessage, HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
-from agent.durable import create_file
-from agent.errors import UnsafePathError, UpdateFailedError
+from agent.durable import create_file, open_for_append, refuse_symlink, write_atomically
+from agent.errors import DownloadInterruptedError, UnsafePathError, UpdateFailedError
 from agent.updates.manifest import ChunkSource
 
 INDEX_BYTES = 4
 READ_SIZE = 64 * 1024
+# A broken connection is retried from what was written, this many requests in all, with a
+# backoff doubling from RETRY_BACKOFF_S; all of them within updates.download_timeout_s.
+MAX_ATTEMPTS = 5
+RETRY_BACKOFF_S = 0.5
+RETRY_BACKOFF_MAX_S = 5.0
+MAX_META_BYTES = 64 * 1024  # the sidecar is ours, but it is read back from disk: bounded
 
 
 class ChunkTransfer:
@@ -198,6 +208,64 @@ class _HttpsDeadlineHandler(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)
 
 
+def meta_path(staged: Path) -> Path:
+    """The sidecar that says what a staged prefix is a prefix of: ``<staged>.meta``."""
+    return staged.with_name(staged.name + ".meta")
+
+
+@dataclass(frozen=True)
+class _Resource:
+    """What the bytes staged so far were downloaded from, and the server's validator of that
+    version of the file (ETag, else Last-Modified): a resume asks for the rest of exactly it."""
+
+    url: str
+    length: int
+    sha256: str
+    etag: str | None = None
+    last_modified: str | None = None
+
+    @property
+    def validator(self) -> str | None:
+        """What ``If-Range`` carries: a strong ETag, else the Last-Modified date."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified
+
+
+def staged_prefix(staged: Path, url: str, length: int, sha256: str) -> int:
+    """Bytes already staged that a resume would keep: 0 unless the sidecar describes this
+    url, length and sha256 with a validator, and the file is shorter than ``length``."""
+    resource = _read_meta(staged)
+    if resource is None or resource.validator is None:
+        return 0
+    if (resource.url, resource.length, resource.sha256) != (url, length, sha256):
+        return 0
+    try:
+        refuse_symlink(staged)
+        size = staged.stat().st_size
+    except (OSError, UnsafePathError):
+        return 0
+    return size if 0 < size < length else 0
+
+
+def _read_meta(staged: Path) -> _Resource | None:
+    path = meta_path(staged)
+    try:
+        refuse_symlink(path)
+        with path.open("rb") as handle:
+            data = json.loads(handle.read(MAX_META_BYTES))
+        return _Resource(**{key: data.get(key) for key in _Resource.__dataclass_fields__})
+    except (OSError, UnsafePathError, ValueError, TypeError):
+        return None
+
+
+def discard_staged(staged: Path) -> None:
+    """Delete a staging file and its sidecar."""
+    for path in (staged, meta_path(staged)):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def download(
     url: str,
     staged: Path,
@@ -207,96 +275,242 @@ def download(
     connect_timeout_s: float,
     deadline_s: float,
     cancelled: Callable[[], bool] = lambda: False,
+    sha256: str | None = None,
 ) -> None:
     """Stream ``url`` into ``staged``: at most ``length`` bytes (one more is a failure), no
     socket operation longer than ``connect_timeout_s``, the whole (connect, handshake,
-    headers, body) within ``deadline_s``, enforced by a timer, not between reads.
+    headers, body, and every retry) within ``deadline_s``, enforced by a timer, not between
+    reads.
+
+    Resumable: bytes already staged for the same url, length and ``sha256`` (a sidecar
+    ``<staged>.meta`` records them and the server's ETag or Last-Modified) are kept, and
+    only the rest is asked for, with ``Range`` and ``If-Range``; a server that answers 200
+    instead (it ignores ranges, or the file changed) is downloaded afresh. A connection that
+    breaks mid-body is retried the same way, at most ``MAX_ATTEMPTS`` times. With ``sha256``
+    the result is hashed: a resumed download that does not match is downloaded afresh once.
+    On success the sidecar is removed and the file synced.
 
     Runs on a download thread of its own. Raises ``UpdateFailedError`` with the reason.
     """
     if not url.lower().startswith("https://"):
         raise UpdateFailedError(f"refusing to download from non-https {url}")
     context = ssl.create_default_context(cafile=ca_file)
+    want = _Resource(url, length, sha256 or "")
     with _Deadline(deadline_s) as deadline:
         opener = urllib.request.build_opener(
             _HttpsDeadlineHandler(context, deadline), _HttpsOnlyRedirects()
         )
         try:
-            _fetch(
+            _download_with_retries(
                 opener,
-                url,
+                want,
                 staged,
-                length,
                 connect_timeout_s=connect_timeout_s,
-                cancelled=cancelled,
+                # Past the deadline every retry would be shut down at once: stop instead.
+                cancelled=lambda: cancelled() or deadline.expired,
             )
         except UpdateFailedError as exc:
             if deadline.expired:  # the failure is the deadline's doing: say so
                 raise UpdateFailedError(_too_slow(deadline_s, staged, length)) from exc
             raise
+    with contextlib.suppress(FileNotFoundError):
+        meta_path(staged).unlink()
 
 
-def _too_slow(deadline_s: float, staged: Path, length: int) -> str:
-    try:
-        received = staged.stat().st_size
-    except OSError:
-        received = 0
-    return (
-        f"download took longer than {deadline_s:g} s (updates.download_timeout_s): "
-        f"{received} of {length} bytes"
-    )
-
-
-def _fetch(
+def _download_with_retries(
     opener: urllib.request.OpenerDirector,
-    url: str,
+    want: _Resource,
     staged: Path,
-    length: int,
     *,
     connect_timeout_s: float,
     cancelled: Callable[[], bool],
 ) -> None:
+    fresh_after_mismatch = False
+    attempt = 0
+    while True:
+        attempt += 1
+        offset = staged_prefix(staged, want.url, want.length, want.sha256) if want.sha256 else 0
+        try:
+            resumed = _fetch(
+                opener,
+                want,
+                staged,
+                offset,
+                connect_timeout_s=connect_timeout_s,
+                cancelled=cancelled,
+            )
+        except DownloadInterruptedError as exc:
+            if attempt >= MAX_ATTEMPTS or cancelled():
+                raise UpdateFailedError(
+                    f"download broke off after {attempt} attempts, {_size(staged)} of "
+                    f"{want.length} bytes: {exc}"
+                ) from exc
+            time.sleep(min(RETRY_BACKOFF_S * 2 ** (attempt - 1), RETRY_BACKOFF_MAX_S))
+            continue
+        if not want.sha256:
+            return
+        actual = _file_sha256(staged)
+        if actual == want.sha256:
+            return
+        if resumed and not fresh_after_mismatch:
+            # The staged prefix was not what the server holds now: start from nothing once.
+            fresh_after_mismatch = True
+            discard_staged(staged)
+            continue
+        raise UpdateFailedError(
+            f"downloaded bytes hash to {actual[:16]}..., the manifest signs {want.sha256[:16]}..."
+        )
+
+
+def _too_slow(deadline_s: float, staged: Path, length: int) -> str:
+    return (
+        f"download took longer than {deadline_s:g} s (updates.download_timeout_s): "
+        f"{_size(staged)} of {length} bytes"
+    )
+
+
+def _size(staged: Path) -> int:
+    try:
+        return staged.stat().st_size
+    except OSError:
+        return 0
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(READ_SIZE * 16):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch(
+    opener: urllib.request.OpenerDirector,
+    want: _Resource,
+    staged: Path,
+    offset: int,
+    *,
+    connect_timeout_s: float,
+    cancelled: Callable[[], bool],
+) -> bool:
+    """One request: from ``offset`` on when it is > 0. True when it resumed a prefix."""
+    response, offset = _request(opener, want, staged, offset, connect_timeout_s)
+    try:
+        fd = _open_staging(response, want, staged, offset)
+    except (UnsafePathError, OSError) as exc:
+        response.close()
+        raise UpdateFailedError(f"cannot write the staging file: {exc}") from exc
+    with response, os.fdopen(fd, "wb") as out:
+        _stream(response, out, offset, want.length, cancelled)
+    return offset > 0
+
+
+def _request(
+    opener: urllib.request.OpenerDirector,
+    want: _Resource,
+    staged: Path,
+    offset: int,
+    connect_timeout_s: float,
+) -> tuple[HTTPResponse, int]:
+    """The response, and the offset its body starts at: ``offset`` when the server sent the
+    rest as asked (206 with the exact Content-Range), 0 when it sent the whole file."""
+    url, length = want.url, want.length
+    headers = {"User-Agent": "edge-agent"}
+    stored = _read_meta(staged) if offset else None
+    if offset and stored is not None and stored.validator is not None:
+        headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = stored.validator
+    else:
+        offset = 0
     # The scheme is checked by the caller: https only, never file: or ftp:.
-    request = urllib.request.Request(url, headers={"User-Agent": "edge-agent"})  # noqa: S310
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310
     try:
         response: HTTPResponse = opener.open(request, timeout=connect_timeout_s)
     except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # the prefix is no prefix of what it holds now
+            exc.close()
+            discard_staged(staged)
+            raise DownloadInterruptedError(f"HTTP 416 for a resume at {offset} bytes") from exc
         raise UpdateFailedError(f"download of {url} failed: HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ConnectionError | socket.timeout) and not isinstance(
+            exc.reason, ssl.SSLError
+        ):
+            raise DownloadInterruptedError(f"{exc.reason!r}") from exc
         raise UpdateFailedError(f"download of {url} failed: {exc.reason}") from exc
+    except (ConnectionError, http.client.RemoteDisconnected) as exc:
+        raise DownloadInterruptedError(f"{exc!r}") from exc
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         raise UpdateFailedError(f"download of {url} failed: {exc!r}") from exc
-    try:
-        fd = create_file(staged)
-    except UnsafePathError as exc:
+    if not offset or response.status != 206:
+        return response, 0
+    content_range = response.headers.get("Content-Range")
+    if content_range != f"bytes {offset}-{length - 1}/{length}":
         response.close()
-        raise UpdateFailedError(str(exc)) from exc
-    with response, os.fdopen(fd, "wb") as out:
-        announced = response.headers.get("Content-Length")
-        if announced is not None and announced.isdigit() and int(announced) > length:
+        discard_staged(staged)
+        raise DownloadInterruptedError(
+            f"the server answered a resume at {offset} bytes with Content-Range "
+            f"{str(content_range)[:80]!r}"
+        )
+    return response, offset
+
+
+def _open_staging(response: HTTPResponse, want: _Resource, staged: Path, offset: int) -> int:
+    """The staging file for the response's body: the prefix kept (``offset`` > 0), or a new
+    file whose sidecar records the server's validator for a later resume."""
+    if offset:
+        fd = open_for_append(staged)
+        os.ftruncate(fd, offset)
+        os.lseek(fd, offset, os.SEEK_SET)
+        return fd
+    fd = create_file(staged)
+    if want.sha256:
+        meta = {
+            **dataclasses.asdict(want),
+            "etag": response.headers.get("ETag"),
+            "last_modified": response.headers.get("Last-Modified"),
+        }
+        write_atomically(meta_path(staged), json.dumps(meta).encode(), mode=0o600)
+    return fd
+
+
+def _stream(
+    response: HTTPResponse, out: IO[bytes], offset: int, length: int, cancelled: Callable[[], bool]
+) -> None:
+    """Write the body after ``offset``; never more than ``length`` bytes in all. A broken
+    connection or a short body is ``DownloadInterruptedError``, with what arrived synced."""
+    announced = response.headers.get("Content-Length")
+    if announced is not None and announced.isdigit() and offset + int(announced) > length:
+        raise UpdateFailedError(
+            f"server announces {offset + int(announced)} bytes, more than the signed "
+            f"length {length}"
+        )
+    total = offset
+    while True:
+        if cancelled():
+            raise UpdateFailedError("download cancelled: the agent is stopping")
+        try:
+            block = response.read(min(READ_SIZE, length + 1 - total))
+        except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+            out.flush()
+            os.fsync(out.fileno())  # what arrived is kept for the next attempt
+            raise DownloadInterruptedError(f"after {total} of {length} bytes: {exc!r}") from exc
+        if not block:
+            break
+        total += len(block)
+        if total > length:
+            raise UpdateFailedError(f"download is larger than the signed length {length}")
+        out.write(block)
+    out.flush()
+    os.fsync(out.fileno())
+    if total < length:
+        if announced is not None and announced.isdigit() and offset + int(announced) == total:
+            # The server sent all it meant to: its file is short, a retry would not help.
             raise UpdateFailedError(
-                f"server announces {announced} bytes, more than the signed length {length}"
+                f"download ended after {total} of {length} bytes: the server's file is shorter "
+                "than the signed length"
             )
-        total = 0
-        while True:
-            if cancelled():
-                raise UpdateFailedError("download cancelled: the agent is stopping")
-            try:
-                block = response.read(min(READ_SIZE, length + 1 - total))
-            except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
-                raise UpdateFailedError(
-                    f"download broke off after {total} of {length} bytes: {exc!r}"
-                ) from exc
-            if not block:
-                break
-            total += len(block)
-            if total > length:
-                raise UpdateFailedError(f"download is larger than the signed length {length}")
-            out.write(block)
-        if total < length:
-            raise UpdateFailedError(f"download ended after {total} of {length} bytes")
-        out.flush()
-        os.fsync(out.fileno())
+        raise DownloadInterruptedError(f"the body ended after {total} of {length} bytes")
 
 
 class DownloadThread(threading.Thread):
