@@ -66,7 +66,8 @@ def test_a_key_set_revokes_a_leaked_key_on_the_device(
     agent_factory: Callable[[dict[str, Any]], AgentProcess],
     tmp_path: Path,
 ) -> None:
-    """A device with root keys takes the retained key set, installs what its keys sign,
+    """A device with root keys takes the retained key set, installs what its keys sign (and
+    says the version reached in its health),
     refuses what a key removed from a newer set signs, ignores an older set replayed, and
     stops updates (saying why) once its key set has expired."""
     root_private, root_public = make_key(tmp_path / "keys", "root")
@@ -97,6 +98,14 @@ def test_a_key_set_revokes_a_leaked_key_on_the_device(
     assert "not in key set version 2" in refused["reason"]
     mqtt_update(broker, linear(tmp_path, 4), [fresh_private], update_id="fresh", version=4)
     assert final_status(rec, "fresh")["state"] == "SUCCEEDED"
+    wait_until(
+        lambda: any(
+            json.loads(m.payload).get("update_versions") == {"lin": 4}
+            for m in rec.on("edge/dev1/health")
+        ),
+        15,
+        "the version reached, in the health",
+    )
 
     publish_keys(broker, first, topic="edge/dev1/keys")  # the old set, replayed
     wait_until(lambda: bool(events(agent, "keyset_ignored")), 15, "the replay ignored")

@@ -135,6 +135,7 @@ class Parts:
             groups=self.config.groups,
             interval_s=self.config.health.interval_s,
             update_keys=self.updates.key_status,
+            update_versions=self.updates.versions,
         )
 
     def _admission(self, name: str, version: str) -> str | None:

@@ -84,6 +84,8 @@ class AgentView:
     # Where the update keys come from (a key set's version and expiry, or trusted_keys), so
     # a fleet operator sees which devices took a rotation or revocation.
     update_keys: Callable[[], dict[str, Any]] | None = None
+    # Per model the highest update version accepted: what a rollout has reached.
+    update_versions: Callable[[], dict[str, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class HealthSnapshot:
     delivery: Mapping[str, Any] | None = None
     gpu_load_percent: float | None = None
     update_keys: Mapping[str, Any] | None = None
+    update_versions: Mapping[str, int] | None = None
 
     def baseline(self) -> Baseline:
         """This reading as the start of the next report's interval."""
@@ -214,6 +217,8 @@ class HealthSnapshot:
             document["gpu_load_percent"] = self.gpu_load_percent
         if self.update_keys is not None:
             document["update_keys"] = dict(self.update_keys)
+        if self.update_versions is not None:
+            document["update_versions"] = dict(self.update_versions)
         return document
 
 
@@ -267,6 +272,7 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
         delivery=view.delivery() if view.delivery is not None else None,
         gpu_load_percent=gpu_load_percent(),
         update_keys=view.update_keys() if view.update_keys is not None else None,
+        update_versions=view.update_versions() if view.update_versions is not None else None,
     )
 
 

@@ -174,6 +174,14 @@ class UpdateManager:
         thread)."""
         return self._trust.describe()
 
+    def versions(self) -> dict[str, int]:
+        """Per configured model, the highest update version this device accepted (0: none),
+        for the health document: a fleet tool sees which devices a rollout still has to
+        reach without asking them (any thread). Empty when the update state is unreadable."""
+        if self._store.problem:
+            return {}
+        return {name: self._store.highest_version(name) for name in self._config.models}
+
     def _report_key_problem(self) -> None:
         """No keys configured is a choice (info); keys that do not load need the operator."""
         problem = self._trust.problem()
