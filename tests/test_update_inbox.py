@@ -104,6 +104,7 @@ def test_states_and_steps_are_their_strings_in_json_and_text() -> None:
     ]
     assert [s.value for s in UpdateStep] == [
         "downloading",
+        "waiting_for_transfer",
         "verifying",
         "installing",
         "trial",

@@ -34,6 +34,7 @@ from tests.update_helpers import (
     send,
     statuses,
     tamper,
+    wait_for_step,
     wait_until,
 )
 
@@ -415,6 +416,40 @@ def test_a_transfer_that_stops_half_way_times_out(fleet: Fleet) -> None:
     assert "transfer stalled" in status["reason"]
     assert f"received {len(chunks) // 2} of {len(chunks)} chunks" in status["reason"]
     assert not list((fleet.folder / "models" / ".edge-agent-staging").glob("*"))
+    waiting = [s for s in statuses(fleet.rec, "stalled") if s["step"] == "waiting_for_transfer"]
+    assert [(s["state"], s["received"], s["chunks"]) for s in waiting] == [
+        ("IN_PROGRESS", len(chunks) // 2, len(chunks))
+    ]
+
+
+def test_chunks_sent_again_for_a_waiting_transfer_complete_it(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
+    """A manifest whose chunks do not follow reports waiting_for_transfer with nothing
+    received; the chunks sent then (by the operator's tool, on that status) complete the
+    update."""
+    private, public = make_key(tmp_path / "keys", "ops")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "lin.onnx").write_bytes(linear(tmp_path, 0))
+    agent = agent_factory(agent_config(broker, tmp_path, [public], chunk_timeout_s=6.0))
+    rec = recorder(STATUS, "out/#")
+    wait_subscribed(agent)
+    data = linear(tmp_path, 1)
+    manifest = envelope(payload_for(data, update_id="late", version=2, chunk_size=64), [private])
+    send(broker, manifest)
+    wait_for_step(rec, "late", "waiting_for_transfer")
+    waiting = [s for s in statuses(rec, "late") if s["step"] == "waiting_for_transfer"]
+    assert (waiting[0]["received"], waiting[0]["chunks"]) == (0, len(chunks_of(data, 64)))
+    client = publisher(broker)
+    for chunk in chunks_of(data, 64):
+        client.publish("edge/dev1/updates/chunks/late", chunk, qos=1).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    assert final_status(rec, "late")["state"] == "SUCCEEDED"
+    assert serving_version(broker, rec, 4) == version_of(data)
 
 
 def test_out_of_range_chunk_fails_the_transfer(fleet: Fleet) -> None:

@@ -35,6 +35,10 @@ from agent.updates.transfer import (
 
 log = structlog.get_logger(__name__)
 
+# A chunk transfer silent this long (or half of updates.chunk_timeout_s, if less) reports
+# IN_PROGRESS at step waiting_for_transfer: the chunks can be sent again for it.
+WAITING_REPORT_S = 5.0
+
 
 @dataclass(frozen=True)
 class FinalStatus:
@@ -61,6 +65,8 @@ class ActiveUpdate:
     # once it has let the update go (the ``Finished`` message hands it over): an operator
     # who sends the next update on SUCCEEDED must not find this one still in progress.
     final: FinalStatus | None = None
+    # When (monotonic) the last waiting_for_transfer status was sent; 0: none yet.
+    waiting_reported: float = 0.0
 
 
 class InFlight:
@@ -175,6 +181,20 @@ class InFlight:
                     active,
                     f"transfer stalled: no chunk for {limit:g} s "
                     f"(updates.chunk_timeout_s); {transfer.progress()}",
+                )
+            elif (
+                now - transfer.last_activity > min(WAITING_REPORT_S, limit / 2)
+                and transfer.last_activity > active.waiting_reported
+            ):
+                # Chunks stopped (or never came: a retained manifest whose sender is gone):
+                # say so once per silence, so an operator's tool can send them again.
+                active.waiting_reported = now
+                self._reporter.report(
+                    active.summary,
+                    UpdateState.IN_PROGRESS,
+                    step=UpdateStep.WAITING_FOR_TRANSFER,
+                    received=transfer.received,
+                    chunks=transfer.source.chunks,
                 )
 
     def abandon_all(self) -> None:

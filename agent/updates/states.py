@@ -23,6 +23,9 @@ class UpdateStep(StrEnum):
     """Where an update is: the ``step`` of an ``IN_PROGRESS`` or ``FAILED`` status, and the
     step its journal entry records.
 
+    Waiting_for_transfer is reported (never journalled) while a chunk transfer has gone
+    silent before its ``chunk_timeout_s``: the sender may send the chunks again.
+
     The journal records downloading, installing, trial and committed (each written before
     its effects); verifying is only reported, as the journal stays at downloading until the
     verified bytes are accepted. Building_engine (a first TensorRT engine build) and
@@ -32,6 +35,7 @@ class UpdateStep(StrEnum):
     """
 
     DOWNLOADING = "downloading"
+    WAITING_FOR_TRANSFER = "waiting_for_transfer"
     VERIFYING = "verifying"
     INSTALLING = "installing"
     TRIAL = "trial"
