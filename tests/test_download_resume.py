@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from agent.errors import UpdateFailedError
-from agent.updates.transfer import download, meta_path, staged_prefix
+from agent.updates.staged import meta_path, staged_prefix
+from agent.updates.transfer import download
 from tests.broker import MosquittoBroker, Recorder, make_tls_files
 from tests.conftest import AgentProcess
 from tests.onnx_builders import build_linear

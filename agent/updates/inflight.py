@@ -22,16 +22,11 @@ from agent.errors import UnsafePathError, UpdateFailedError
 from agent.updates.inbox import INBOX_MAX_BYTES, Downloaded, Inbox
 from agent.updates.install import make_staging_dir
 from agent.updates.manifest import ChunkSource, UpdateManifest
+from agent.updates.staged import discard_staged, staged_prefix
 from agent.updates.states import UpdateState, UpdateStep
 from agent.updates.status import StatusReporter
 from agent.updates.store import JournalEntry, UpdateStore
-from agent.updates.transfer import (
-    ChunkTransfer,
-    DownloadThread,
-    discard_staged,
-    download,
-    staged_prefix,
-)
+from agent.updates.transfer import ChunkTransfer, DownloadThread, download
 
 log = structlog.get_logger(__name__)
 

@@ -17,10 +17,10 @@ import structlog
 from agent.config.schema import AgentConfig
 from agent.errors import UnsafePathError, UpdateFailedError
 from agent.updates.install import clean_staging, restore_previous, staging_dir
+from agent.updates.staged import discard_staged, meta_path
 from agent.updates.states import JOURNAL_STEPS, UpdateState, UpdateStep
 from agent.updates.status import StatusReporter, journalled
 from agent.updates.store import JournalEntry, UpdateStore
-from agent.updates.transfer import discard_staged, meta_path
 
 log = structlog.get_logger(__name__)
 

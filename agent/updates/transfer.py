@@ -21,14 +21,20 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from http.client import HTTPMessage, HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
-from agent.durable import create_file, open_for_append, refuse_symlink, write_atomically
+from agent.durable import create_file, open_for_append, write_atomically
 from agent.errors import DownloadInterruptedError, UnsafePathError, UpdateFailedError
 from agent.updates.manifest import ChunkSource
+from agent.updates.staged import (
+    StagedResource,
+    discard_staged,
+    meta_path,
+    read_meta,
+    staged_prefix,
+)
 
 INDEX_BYTES = 4
 READ_SIZE = 64 * 1024
@@ -37,7 +43,6 @@ READ_SIZE = 64 * 1024
 MAX_ATTEMPTS = 5
 RETRY_BACKOFF_S = 0.5
 RETRY_BACKOFF_MAX_S = 5.0
-MAX_META_BYTES = 64 * 1024  # the sidecar is ours, but it is read back from disk: bounded
 
 
 class ChunkTransfer:
@@ -208,64 +213,6 @@ class _HttpsDeadlineHandler(urllib.request.HTTPSHandler):
         return self.do_open(connection, req, context=self._context)
 
 
-def meta_path(staged: Path) -> Path:
-    """The sidecar that says what a staged prefix is a prefix of: ``<staged>.meta``."""
-    return staged.with_name(staged.name + ".meta")
-
-
-@dataclass(frozen=True)
-class _Resource:
-    """What the bytes staged so far were downloaded from, and the server's validator of that
-    version of the file (ETag, else Last-Modified): a resume asks for the rest of exactly it."""
-
-    url: str
-    length: int
-    sha256: str
-    etag: str | None = None
-    last_modified: str | None = None
-
-    @property
-    def validator(self) -> str | None:
-        """What ``If-Range`` carries: a strong ETag, else the Last-Modified date."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified
-
-
-def staged_prefix(staged: Path, url: str, length: int, sha256: str) -> int:
-    """Bytes already staged that a resume would keep: 0 unless the sidecar describes this
-    url, length and sha256 with a validator, and the file is shorter than ``length``."""
-    resource = _read_meta(staged)
-    if resource is None or resource.validator is None:
-        return 0
-    if (resource.url, resource.length, resource.sha256) != (url, length, sha256):
-        return 0
-    try:
-        refuse_symlink(staged)
-        size = staged.stat().st_size
-    except (OSError, UnsafePathError):
-        return 0
-    return size if 0 < size < length else 0
-
-
-def _read_meta(staged: Path) -> _Resource | None:
-    path = meta_path(staged)
-    try:
-        refuse_symlink(path)
-        with path.open("rb") as handle:
-            data = json.loads(handle.read(MAX_META_BYTES))
-        return _Resource(**{key: data.get(key) for key in _Resource.__dataclass_fields__})
-    except (OSError, UnsafePathError, ValueError, TypeError):
-        return None
-
-
-def discard_staged(staged: Path) -> None:
-    """Delete a staging file and its sidecar."""
-    for path in (staged, meta_path(staged)):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 def download(
     url: str,
     staged: Path,
@@ -295,7 +242,7 @@ def download(
     if not url.lower().startswith("https://"):
         raise UpdateFailedError(f"refusing to download from non-https {url}")
     context = ssl.create_default_context(cafile=ca_file)
-    want = _Resource(url, length, sha256 or "")
+    want = StagedResource(url, length, sha256 or "")
     with _Deadline(deadline_s) as deadline:
         opener = urllib.request.build_opener(
             _HttpsDeadlineHandler(context, deadline), _HttpsOnlyRedirects()
@@ -319,7 +266,7 @@ def download(
 
 def _download_with_retries(
     opener: urllib.request.OpenerDirector,
-    want: _Resource,
+    want: StagedResource,
     staged: Path,
     *,
     connect_timeout_s: float,
@@ -386,7 +333,7 @@ def _file_sha256(path: Path) -> str:
 
 def _fetch(
     opener: urllib.request.OpenerDirector,
-    want: _Resource,
+    want: StagedResource,
     staged: Path,
     offset: int,
     *,
@@ -407,7 +354,7 @@ def _fetch(
 
 def _request(
     opener: urllib.request.OpenerDirector,
-    want: _Resource,
+    want: StagedResource,
     staged: Path,
     offset: int,
     connect_timeout_s: float,
@@ -416,7 +363,7 @@ def _request(
     rest as asked (206 with the exact Content-Range), 0 when it sent the whole file."""
     url, length = want.url, want.length
     headers = {"User-Agent": "edge-agent"}
-    stored = _read_meta(staged) if offset else None
+    stored = read_meta(staged) if offset else None
     if offset and stored is not None and stored.validator is not None:
         headers["Range"] = f"bytes={offset}-"
         headers["If-Range"] = stored.validator
@@ -455,7 +402,7 @@ def _request(
     return response, offset
 
 
-def _open_staging(response: HTTPResponse, want: _Resource, staged: Path, offset: int) -> int:
+def _open_staging(response: HTTPResponse, want: StagedResource, staged: Path, offset: int) -> int:
     """The staging file for the response's body: the prefix kept (``offset`` > 0), or a new
     file whose sidecar records the server's validator for a later resume."""
     if offset:
