@@ -13,6 +13,7 @@ from pathlib import Path
 import structlog
 
 from agent import __version__
+from agent.cli.broker_options import add_broker_arguments
 from agent.cli.keys import add_parser as add_keys_parser
 from agent.cli.keys import run as run_keys_command
 from agent.cli.model import add_parser as add_model_parser
@@ -109,14 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "models and versions, throughput, latency, temperature, outbox, last "
         "seen. Devices that are not online show '-' for their figures.",
     )
-    status.add_argument(
-        "--config", metavar="PATH", help="take broker address, credentials and TLS from this config"
-    )
-    status.add_argument("--host", help="broker host (default: the config's, else 127.0.0.1)")
-    status.add_argument("--port", type=int, help="broker port (default: the config's, else 1883)")
-    status.add_argument("--username", help="broker user name")
-    status.add_argument("--password-file", metavar="PATH", help="file holding the password")
-    status.add_argument("--ca-file", metavar="PATH", help="CA certificate: connect with TLS")
+    add_broker_arguments(status)
     status.add_argument(
         "--prefix", default="edge", help="topics are PREFIX/<device>/... (default: edge)"
     )

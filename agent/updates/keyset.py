@@ -98,17 +98,7 @@ def verify_keyset(envelope_bytes: bytes, root: TrustedKeys, now: datetime | None
     root rotation, a threshold of the new root too) and it has not expired at ``now``;
     ``KeySetError`` says exactly what was wrong otherwise. ``now=None``: re-verify a stored
     set, whose expiry stops updates but not its place in the chain of roots."""
-    if len(envelope_bytes) > MAX_KEYSET_BYTES:
-        raise KeySetError(
-            f"key set is {len(envelope_bytes)} bytes, more than {MAX_KEYSET_BYTES} "
-            "(256 KiB): refused unread"
-        )
-    try:
-        payload_type, payload, signatures = parse_envelope(envelope_bytes, "key set")
-    except SignatureError as exc:
-        raise KeySetError(str(exc)) from exc
-    if payload_type != KEYSET_PAYLOAD_TYPE:
-        raise KeySetError(f"payloadType is {payload_type!r}, expected {KEYSET_PAYLOAD_TYPE!r}")
+    payload_type, payload, signatures = _open_envelope(envelope_bytes)
     try:
         root.verify_signatures(payload_type, payload, signatures)
     except SignatureError as exc:
@@ -172,16 +162,7 @@ def inspect_keyset(envelope_bytes: bytes) -> KeySet:
     """The key set in ``envelope_bytes`` with nothing verified but its form (for operator
     tools that do not hold the devices' root): ``KeySetError`` when it is not one. Its
     ``root`` is the rotation's new root, as in a verified set."""
-    if len(envelope_bytes) > MAX_KEYSET_BYTES:
-        raise KeySetError(
-            f"key set is {len(envelope_bytes)} bytes, more than {MAX_KEYSET_BYTES} (256 KiB)"
-        )
-    try:
-        payload_type, payload, _ = parse_envelope(envelope_bytes, "key set")
-    except SignatureError as exc:
-        raise KeySetError(str(exc)) from exc
-    if payload_type != KEYSET_PAYLOAD_TYPE:
-        raise KeySetError(f"payloadType is {payload_type!r}, expected {KEYSET_PAYLOAD_TYPE!r}")
+    _, payload, _ = _open_envelope(envelope_bytes)
     version, expires, keys, new_root = _parse_payload(payload)
     return KeySet(version, expires, keys, new_root, bytes(envelope_bytes))
 
@@ -222,6 +203,24 @@ def _follow(
         sets.append(key_set)
         root = key_set.root or root
     return tuple(sets), root
+
+
+def _open_envelope(envelope_bytes: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """The payload type, payload and signatures of a key set envelope of at most
+    ``MAX_KEYSET_BYTES`` (larger ones are refused before parsing) whose payloadType is a
+    key set's."""
+    if len(envelope_bytes) > MAX_KEYSET_BYTES:
+        raise KeySetError(
+            f"key set is {len(envelope_bytes)} bytes, more than {MAX_KEYSET_BYTES} "
+            "(256 KiB): refused unread"
+        )
+    try:
+        payload_type, payload, signatures = parse_envelope(envelope_bytes, "key set")
+    except SignatureError as exc:
+        raise KeySetError(str(exc)) from exc
+    if payload_type != KEYSET_PAYLOAD_TYPE:
+        raise KeySetError(f"payloadType is {payload_type!r}, expected {KEYSET_PAYLOAD_TYPE!r}")
+    return payload_type, payload, signatures
 
 
 def _parse_payload(
