@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import paho.mqtt.client as paho
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.inference.golden import GoldenSet
 from agent.updates.manifest import build_payload
@@ -45,6 +46,78 @@ class SignedUpdate:
         return hashlib.sha256(self.manifest_bytes()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Signer:
+    """Signs manifests of one model version, all with the same id, times and source: the
+    per-device manifests of a rollout differ only in their targets, and signing the same
+    targets again gives the same bytes (Ed25519 signatures are deterministic)."""
+
+    data: bytes
+    sha256: str  # of data, hashed once for all the manifests
+    keys: tuple[Ed25519PrivateKey, ...]
+    model: str
+    version: int
+    update_id: str
+    issued_at: datetime
+    expires: datetime
+    url: str | None
+    chunk_size: int
+    golden: GoldenSet | None = None
+
+    def sign(self, devices: Sequence[str], groups: Sequence[str] = ()) -> SignedUpdate:
+        """The signed update for these targets."""
+        payload = build_payload(
+            update_id=self.update_id,
+            model=self.model,
+            version=self.version,
+            data=self.data,
+            sha256=self.sha256,
+            devices=devices,
+            groups=groups,
+            issued_at=self.issued_at,
+            expires=self.expires,
+            url=self.url,
+            chunk_size=self.chunk_size,
+            validation=self.golden,
+        )
+        envelope = sign_envelope(payload, list(self.keys))
+        return SignedUpdate(
+            self.update_id, envelope, self.data, None if self.url else self.chunk_size
+        )
+
+
+def make_signer(
+    model_file: Path,
+    key_files: Sequence[Path],
+    *,
+    model: str,
+    version: int,
+    expires_in: timedelta,
+    url: str | None,
+    chunk_size: int,
+    update_id: str | None = None,
+    golden: GoldenSet | None = None,
+    issued_at: datetime | None = None,
+) -> Signer:
+    """Read the model and the keys once; ``issued_at`` defaults to now, the update id to
+    ``MODEL-vN-<random>``."""
+    now = issued_at or datetime.now(timezone.utc).replace(microsecond=0)
+    data = model_file.read_bytes()
+    return Signer(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        keys=tuple(load_private_key(path) for path in key_files),
+        model=model,
+        version=version,
+        update_id=update_id or f"{model}-v{version}-{uuid.uuid4().hex[:8]}",
+        issued_at=now,
+        expires=now + expires_in,
+        url=url,
+        chunk_size=chunk_size,
+        golden=golden,
+    )
+
+
 def sign_update(
     model_file: Path,
     key_files: Sequence[Path],
@@ -61,25 +134,18 @@ def sign_update(
 ) -> SignedUpdate:
     """Read the model, describe it in a payload, and sign it with every key; ``golden``
     travels in the payload (``validation``) and the devices check it during the trial."""
-    data = model_file.read_bytes()
-    keys = [load_private_key(path) for path in key_files]
-    now = datetime.now(timezone.utc)
-    update_id = update_id or f"{model}-v{version}-{uuid.uuid4().hex[:8]}"
-    payload = build_payload(
-        update_id=update_id,
+    signer = make_signer(
+        model_file,
+        key_files,
         model=model,
         version=version,
-        data=data,
-        sha256=hashlib.sha256(data).hexdigest(),
-        devices=devices,
-        groups=groups,
-        issued_at=now,
-        expires=now + expires_in,
+        expires_in=expires_in,
         url=url,
         chunk_size=chunk_size,
-        validation=golden,
+        update_id=update_id,
+        golden=golden,
     )
-    return SignedUpdate(update_id, sign_envelope(payload, keys), data, None if url else chunk_size)
+    return signer.sign(devices, groups)
 
 
 def send_update(
@@ -88,8 +154,15 @@ def send_update(
     update: SignedUpdate,
     progress: Callable[[int, int], None],
     answered: Callable[[str], bool] = lambda base: False,
+    *,
+    retain: bool = False,
+    manifest: bool = True,
 ) -> None:
     """Publish the manifest, then the chunks, to each ``BASE/updates/...`` (QoS 1).
+
+    ``retain``: the manifest stays on the broker as the device's desired state (chunks are
+    never retained). ``manifest=False`` sends the chunks alone, again, to a device that
+    reported ``waiting_for_transfer``.
 
     At most ``PUBLISH_WINDOW`` chunks wait for the broker at a time, so a large model is
     not queued in memory twice. ``progress(sent_bytes, total_bytes)`` follows the acks.
@@ -102,7 +175,12 @@ def send_update(
     total = len(update.data) * len(bases) if chunk_size else 0
     sent = 0
     for number, base in enumerate(bases, start=1):
-        _wait(client.publish(f"{base}/updates/manifest", update.manifest_bytes(), qos=1))
+        if manifest:
+            _wait(
+                client.publish(
+                    f"{base}/updates/manifest", update.manifest_bytes(), qos=1, retain=retain
+                )
+            )
         if chunk_size is None:
             continue
         window: deque[tuple[paho.MQTTMessageInfo, int]] = deque()
@@ -135,6 +213,19 @@ def _wait(info: paho.MQTTMessageInfo) -> None:
         raise TimeoutError(f"the broker did not acknowledge a message within {ACK_TIMEOUT_S} s")
 
 
+def answers(status: dict[str, Any], update_id: str, manifest_sha256: str | None) -> bool:
+    """Whether a device's status document speaks of this update: its id, and the exact
+    manifest bytes sent (``manifest_sha256``; None: the id alone). Anyone who can publish a
+    manifest can get a device to say REJECTED about it, and that must not be read as the
+    device's word on this update."""
+    if status.get("update_id") != update_id:
+        return False
+    if status.get("authenticated") is False:
+        return False  # about bytes that did not verify: not this update, whatever it claims
+    answered = status.get("manifest_sha256")  # absent from devices before 0.2
+    return None in (manifest_sha256, answered) or answered == manifest_sha256
+
+
 @dataclass
 class StatusFollower:
     """Collects ``P/updates/status`` messages of one update from every device.
@@ -159,13 +250,10 @@ class StatusFollower:
             status = json.loads(message.payload)
         except ValueError:
             return
-        if not isinstance(status, dict) or status.get("update_id") != self.update_id:
+        if not isinstance(status, dict) or not answers(
+            status, self.update_id, self.manifest_sha256
+        ):
             return
-        if status.get("authenticated") is False:
-            return  # about bytes that did not verify: not this update, whatever it claims
-        answered = status.get("manifest_sha256")  # absent from devices before 0.2
-        if None not in (self.manifest_sha256, answered) and answered != self.manifest_sha256:
-            return  # about another manifest with the same id
         device = str(status.get("device_id") or message.topic.split("/")[self.levels])
         state = str(status.get("state"))
         with self._cond:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from agent.cli.broker_options import add_broker_arguments
 from agent.cli.model import add_tolerance_arguments
+from agent.cli.rollout_command import run_rollout
 from agent.cli.update_sender import (
     ProgressBar,
     SignedUpdate,
@@ -82,6 +83,80 @@ def add_parsers(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="group targets: done once no new device has reported for this "
         "long and all that reported finished (default 10)",
     )
+    publish.add_argument(
+        "--url",
+        help="devices download the model from this https URL instead of MQTT chunks "
+        "(the source that scales to large fleets)",
+    )
+    _rollout_arguments(publish)
+
+
+def _rollout_arguments(publish: argparse.ArgumentParser) -> None:
+    rollout = publish.add_argument_group(
+        "staged rollout",
+        "With --waves the group's devices (from their retained health) get the update in "
+        "growing waves, each device a manifest naming it alone; --timeout is then per wave.",
+    )
+    rollout.add_argument(
+        "--waves",
+        metavar="SPEC",
+        help="cumulative wave sizes: a canary count, then shares of the group, "
+        "e.g. 1,5%%,25%%,100%%",
+    )
+    rollout.add_argument(
+        "--wave-wait",
+        metavar="DURATION",
+        help="a wave must stay healthy (model READY at the new version) this long "
+        "before the next starts (default 60s)",
+    )
+    rollout.add_argument(
+        "--abort-failures",
+        metavar="SHARE",
+        help="stop when more than this share of the devices targeted so far failed, "
+        "were rejected, timed out or turned unhealthy (default 10%%)",
+    )
+    rollout.add_argument(
+        "--abort-min",
+        type=int,
+        metavar="N",
+        help="apply --abort-failures once at least N devices finished (default 3)",
+    )
+    rollout.add_argument(
+        "--rollback-on-abort",
+        action="store_true",
+        help="after an abort, send --previous as version N+1 to the devices that took N",
+    )
+    rollout.add_argument(
+        "--previous", type=Path, metavar="PREV.onnx", help="the model to roll back to"
+    )
+    rollout.add_argument(
+        "--retain",
+        action="store_true",
+        help="leave each device's manifest retained (desired state: an offline device "
+        "installs it when it is back); with --url also the group's, once all succeeded",
+    )
+    rollout.add_argument(
+        "--report", type=Path, metavar="FILE", help="write the rollout's JSON report here"
+    )
+    rollout.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="where the rollout keeps its state (default: UPDATE_ID.rollout.json)",
+    )
+    rollout.add_argument(
+        "--resume",
+        type=Path,
+        metavar="FILE",
+        help="go on with the rollout whose state is in FILE (same model, keys, version)",
+    )
+    rollout.add_argument(
+        "--discover-wait",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="how long to gather the devices' retained health first (default 3)",
+    )
 
 
 def _update_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
         args.golden_set = _golden(args)
         if args.command == "sign":
             return _sign(args)
+        if args.waves or args.resume:
+            return run_rollout(args)
         return _publish(args)
     except (UpdateKeyError, GoldenSetError, OSError) as exc:
         print(f"edge-agent {args.command}: {exc}", file=sys.stderr)
@@ -158,10 +235,14 @@ def _check_update_arguments(args: argparse.Namespace) -> str | None:
     except ValueError as exc:
         return str(exc)
     names = (args.model, *args.device, *args.group, args.update_id or "x")
+    resuming = getattr(args, "resume", None) is not None
     bad_name = next((value for value in names if not NAME_PATTERN.fullmatch(value)), None)
     url = getattr(args, "url", None)
     checks = [
-        (not args.device and not args.group, "name at least one --device or --group"),
+        (
+            not args.device and not args.group and not resuming,
+            "name at least one --device or --group",
+        ),
         (bad_name is not None, f"{bad_name!r} is not a valid name (1-64 of A-Z a-z 0-9 . _ -)"),
         (args.version < 1, "--version must be a positive integer"),
         (not 1 <= args.chunk_size <= MAX_CHUNK_SIZE, f"--chunk-size must be 1..{MAX_CHUNK_SIZE}"),
@@ -227,7 +308,7 @@ def _publish(args: argparse.Namespace) -> int:
     except (ConfigError, EdgeAgentError) as exc:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    update = _signed(args, url=None)
+    update = _signed(args, url=args.url)
     prefix = args.prefix.rstrip("/")
     follower = StatusFollower(
         update.update_id, levels=len(prefix.split("/")), manifest_sha256=update.manifest_sha256()
