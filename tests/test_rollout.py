@@ -151,6 +151,8 @@ class Fleet:
         self.new = renamed_input(linear(tmp_path, 1), tmp_path, "features")
         (tmp_path / "new.onnx").write_bytes(self.new)
         self.agents: dict[str, AgentProcess] = {}
+        self.configs: dict[str, dict[str, object]] = {}
+        self._start = agent_factory
         for name in names:
             folder = tmp_path / name
             (folder / "models").mkdir(parents=True)
@@ -161,9 +163,15 @@ class Fleet:
             config["health"] = {"interval_s": 1}
             if name in bad:  # names the old model's input: the new one lacks it
                 config["pipelines"]["p"]["input"]["tensor"] = "x"
+            self.configs[name] = config
             self.agents[name] = agent_factory(config)
         for agent in self.agents.values():
             agent.wait_for_event("agent_serving", 30)
+
+    def start(self, name: str) -> AgentProcess:
+        """Start ``name`` again (same folders, so the same state) after it was stopped."""
+        self.agents[name] = self._start(self.configs[name])
+        return self.agents[name]
 
     def command(self, *extra: str) -> list[str]:
         return [
@@ -338,3 +346,49 @@ def test_a_killed_rollout_resumes_without_sending_twice_to_a_finished_device(
     assert "resuming rollout" in resumed.stdout
     assert manifests_per_device(sent) == Counter({"dev1": 1, "dev2": 1, "dev3": 1})
     assert set(fleet.versions().values()) == {version_of(fleet.new)}
+
+
+def test_a_device_offline_during_its_wave_installs_the_retained_update_when_back(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
+    """dev3 is stopped before the rollout: with --retain its manifest waits on the broker
+    (no chunks are sent to nobody). Started again while the command waits, it reports
+    waiting_for_transfer, the command sends its chunks again and it SUCCEEDED. Started once
+    more, it ignores the retained manifest of the version it runs: no status at all."""
+    fleet = Fleet(broker, tmp_path, agent_factory, ["dev1", "dev2", "dev3"])
+    fleet.agents["dev3"].terminate()
+    statuses = recorder("edge/dev3/updates/status")
+    command = fleet.command(
+        "--waves", "1,100%", "--wave-wait", "1s", "--abort-min", "1", "--retain"
+    )
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "offline device(s) to come back" in line:
+            break
+    else:
+        pytest.fail("".join(lines))
+    back = fleet.start("dev3")
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert "1 offline, their manifests retained" in output
+    assert "dev3: waiting for its chunks, sending them again" in output
+    assert "completed: 3 succeeded" in output
+    steps = [json.loads(m.payload).get("step") for m in statuses.messages]
+    assert "waiting_for_transfer" in steps
+    assert set(fleet.versions().values()) == {version_of(fleet.new)}
+
+    back.terminate()
+    seen = len(statuses.messages)
+    again = fleet.start("dev3")
+    again.wait_for_event("update_manifest_retained_ignored", 30)
+    time.sleep(1)
+    assert len(statuses.messages) == seen

@@ -116,6 +116,9 @@ class Rollout:
         the table, writes the report, returns the exit code."""
         state = self.state
         total = len(state.waves)
+        for device, record in state.devices.items():  # a resumed rollout listens again
+            if record.state in (SENT, PENDING) and record.manifest_sha256:
+                self._watcher.expect(device, state.update_id, record.manifest_sha256)
         while state.phase == "running" and state.wave < total:
             index = state.wave
             wave = state.waves[index]
@@ -133,6 +136,8 @@ class Rollout:
             if state.phase == "running":
                 state.wave = index + 1
             self._save(force=True)
+        if state.phase == "running":
+            self._wait_for_pending()
         if state.phase == "running":
             state.phase = "completed"
         if state.phase == "aborted":
@@ -192,6 +197,31 @@ class Rollout:
         for device in wave:
             record = state.devices[device]
             if record.state == SENT:
+                record.state = TIMED_OUT
+                record.reason = f"no final status in {self._options.wave_timeout_s:g} s"
+        self._check_abort()
+
+    def _wait_for_pending(self) -> None:
+        """After the last wave: give the devices that were offline when their wave came
+        (their manifest is retained) up to ``--timeout`` to come back and finish. Those
+        that do not stay PENDING: they install when they are back, and ``--resume`` hears
+        about it."""
+        pending = [d for d, r in self.state.devices.items() if r.state in (PENDING, SENT)]
+        if not pending:
+            return
+        self._say(
+            f"waiting up to {self._options.wave_timeout_s:g} s for {len(pending)} "
+            "offline device(s) to come back for their retained manifest"
+        )
+        deadline = time.monotonic() + self._options.wave_timeout_s
+        while self.state.phase == "running" and time.monotonic() < deadline:
+            self._collect()
+            if not any(self.state.devices[d].state in (SENT, PENDING) for d in pending):
+                return
+            time.sleep(POLL_S)
+        for device in pending:
+            record = self.state.devices[device]
+            if record.state == SENT:  # came back and asked, then went silent
                 record.state = TIMED_OUT
                 record.reason = f"no final status in {self._options.wave_timeout_s:g} s"
         self._check_abort()
