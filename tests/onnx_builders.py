@@ -42,10 +42,12 @@ def build_linear(
     seed: int = 0,
     batch: int | str = "N",
     pad_bytes: int = 0,
+    input_name: str = "x",
 ) -> Path:
     """y = x @ W + b with input ``x`` [batch, features] (float32) and output ``y``.
 
-    ``pad_bytes`` adds an unused initializer, to make a bigger file for reload benchmarks.
+    ``pad_bytes`` adds an unused initializer, to make a bigger file for reload benchmarks;
+    ``input_name`` renames ``x`` (a pipeline that names ``x`` cannot use the model then).
     """
     weight, bias = linear_weights(features, outputs, seed)
     initializers = [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")]
@@ -55,11 +57,11 @@ def build_linear(
         )
     graph = helper.make_graph(
         [
-            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("MatMul", [input_name, "W"], ["xw"]),
             helper.make_node("Add", ["xw", "B"], ["y"]),
         ],
         "linear",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, features])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, outputs])],
         initializers,
     )

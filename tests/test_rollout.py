@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import onnx
 import pytest
 
 from agent.cli.main import main
@@ -31,6 +30,7 @@ from agent.cli.status import collect
 from agent.config.loader import default_config
 from tests.broker import MosquittoBroker, Recorder
 from tests.conftest import AgentProcess
+from tests.onnx_builders import build_linear
 from tests.test_updates import agent_config, linear, version_of
 
 AgentFactory = Callable[..., AgentProcess]
@@ -117,19 +117,6 @@ def test_the_state_file_survives_a_round_trip(tmp_path: Path) -> None:
 # -- against real daemons -------------------------------------------------------------------
 
 
-def renamed_input(source: bytes, folder: Path, name: str) -> bytes:
-    """The same linear model with its input renamed: a pipeline that names the old input
-    (``input.tensor: x``) cannot use it, one that takes the model's only input can."""
-    model = onnx.load_from_string(source)
-    old = model.graph.input[0].name
-    model.graph.input[0].name = name
-    for node in model.graph.node:
-        node.input[:] = [name if i == old else i for i in node.input]
-    path = folder / f"renamed-{name}.onnx"
-    onnx.save(model, str(path))
-    return path.read_bytes()
-
-
 class Fleet:
     """A few daemons in group line3 on one broker, each its own folder and config."""
 
@@ -148,8 +135,9 @@ class Fleet:
         self.key = keys / "ops.key"
         self.old = linear(tmp_path, 0)
         (tmp_path / "old.onnx").write_bytes(self.old)
-        self.new = renamed_input(linear(tmp_path, 1), tmp_path, "features")
-        (tmp_path / "new.onnx").write_bytes(self.new)
+        # The new model's input is "features": a pipeline that names "x" cannot use it.
+        new = build_linear(tmp_path / "new.onnx", features=4, seed=1, input_name="features")
+        self.new = new.read_bytes()
         self.agents: dict[str, AgentProcess] = {}
         self.configs: dict[str, dict[str, object]] = {}
         self._start = agent_factory

@@ -17,6 +17,7 @@ import hashlib
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,12 @@ from agent.cli.rollout_plan import (
 )
 from agent.cli.rollout_watch import RolloutWatcher
 from agent.cli.status import ONLINE, DeviceView, judge
-from agent.cli.update_sender import Signer, send_update
+from agent.cli.update_sender import Signer, send_update, wait_acked
 from agent.durable import write_atomically
 from agent.updates.manifest import GROUP_PREFIX, parse_time
 
 POLL_S = 0.2
+MANIFEST_WINDOW = 100  # manifests awaiting the broker's PUBACK while a wave is sent
 SAVE_EVERY_S = 1.0  # the state file is rewritten at most this often while statuses pour in
 EXIT_OK, EXIT_FAILED = 0, 1
 _ROLLBACK_SUFFIX = "-rollback"
@@ -87,6 +89,7 @@ class Rollout:
         self._options = options
         self._out = out
         self._saved_at = 0.0
+        self._collected_at = 0.0
         self._rollback: Signer | None = None
 
     # -- the plan -------------------------------------------------------------------------
@@ -128,8 +131,7 @@ class Rollout:
                 f"{targeted} of {len(state.population)} targeted"
             )
             self._send_wave(index, wave)
-            if state.phase == "running":
-                self._follow(wave, time.monotonic() + self._options.wave_timeout_s)
+            self._follow(wave, time.monotonic() + self._options.wave_timeout_s)
             if state.phase == "running" and index + 1 < total:
                 self._hold(index)
             self._say(f"wave {index + 1}/{total} done: {self._counts_line(wave)}")
@@ -152,50 +154,71 @@ class Rollout:
     def _send_wave(self, index: int, wave: Sequence[str]) -> None:
         """Send the manifest (and its chunks) to every device of the wave that has no
         final word yet; a device that already took this version (its health says so, a
-        status lost while the command was down) counts as SUCCEEDED without a send."""
+        status lost while the command was down) counts as SUCCEEDED without a send.
+
+        Manifests without chunks go out ``MANIFEST_WINDOW`` at a time before their acks
+        are awaited: one round trip per device would make a 10,000-device wave slow."""
         state = self.state
         offline = set(state.offline)
         views = self._watcher.devices()
+        window: deque[paho.MQTTMessageInfo] = deque()
         for device in wave:
             record = state.devices.get(device)
             if record is not None and record.state in FINISHED:
                 continue
-            if record is not None and self._already_installed(views.get(device)):
-                record.state, record.reason = SUCCEEDED, "version installed (device health)"
+            if self._already_installed(views.get(device)):
+                state.devices[device] = DeviceRecord(
+                    wave=index, state=SUCCEEDED, reason="version installed (device health)"
+                )
                 continue
             update = self._signer.sign([device])
             digest = update.manifest_sha256()
             self._watcher.expect(device, update.update_id, digest)
             base = f"{state.prefix}/{device}"
+            # An offline device asks for its chunks when it is back.
             away = device in offline and not self._online(views.get(device))
-            send_update(  # an offline device asks for its chunks when it is back
-                self._client,
-                [base],
-                update,
-                lambda done, total: None,
-                answered=_always if away else _never,
-                retain=self._options.retain,
-            )
+            if update.chunk_size is None or away:
+                window.append(
+                    self._client.publish(
+                        f"{base}/updates/manifest",
+                        update.manifest_bytes(),
+                        qos=1,
+                        retain=self._options.retain,
+                    )
+                )
+                if len(window) >= MANIFEST_WINDOW:
+                    wait_acked(window.popleft())
+            else:
+                send_update(
+                    self._client,
+                    [base],
+                    update,
+                    lambda done, total: None,
+                    retain=self._options.retain,
+                )
             state.devices[device] = DeviceRecord(
                 wave=index, state=PENDING if away else SENT, manifest_sha256=digest
             )
-            self._collect()
+            if time.monotonic() - self._collected_at >= POLL_S:
+                self._collect()
             if state.phase != "running":
-                return  # aborted mid-wave: the rest of the wave is not sent
-            self._save()
+                break  # aborted mid-wave: the rest of the wave is not sent
+        while window:
+            wait_acked(window.popleft())
 
     def _follow(self, wave: Sequence[str], deadline: float) -> None:
-        """Wait until every device of the wave that was online has its final word, or the
-        deadline; then those still silent have TIMED_OUT."""
+        """Wait until every device of the wave that was sent the update while online has
+        its final word, or the deadline; then those still silent have TIMED_OUT. An abort
+        on the way does not cut this short: the devices already sent are installing, and
+        their outcome decides what a rollback must undo."""
         state = self.state
-        while state.phase == "running":
+        sent = [state.devices[d] for d in wave if d in state.devices]
+        while True:
             self._collect()
-            waiting = [d for d in wave if state.devices[d].state == SENT]
-            if not waiting or time.monotonic() >= deadline:
+            if not any(r.state == SENT for r in sent) or time.monotonic() >= deadline:
                 break
             time.sleep(POLL_S)
-        for device in wave:
-            record = state.devices[device]
+        for record in sent:
             if record.state == SENT:
                 record.state = TIMED_OUT
                 record.reason = f"no final status in {self._options.wave_timeout_s:g} s"
@@ -240,17 +263,21 @@ class Rollout:
     def _collect(self) -> None:
         """Take the finals that came in, re-send chunks on request, check the abort rule."""
         state = self.state
+        self._collected_at = time.monotonic()
         for device, status in self._watcher.take_finals().items():
             record = state.devices.get(device)
             if record is None or record.state in FINISHED:
                 continue
             record.state = str(status.get("state"))
+            record.finished_s = round(time.time() - state.started_at, 2)
             record.step = _text(status.get("step"))
             record.reason = _text(status.get("reason"))
             validation = status.get("validation")
             record.validation = validation if isinstance(validation, dict) else None
             if record.state != SUCCEEDED:
-                self._say(f"{device}: {record.state} {record.reason or ''}".rstrip())
+                self._say(
+                    f"{device}: {record.state}" + (f": {record.reason}" if record.reason else "")
+                )
         for device in self._watcher.take_waiting():
             record = state.devices.get(device)
             if record is not None and record.state in (SENT, PENDING):
@@ -282,7 +309,7 @@ class Rollout:
                     f"after the update the model is {model.get('state')} at "
                     f"{str(model.get('version'))[:15]}: {_text(model.get('error')) or ''}"
                 ).rstrip(": ")
-                self._say(f"{device}: UNHEALTHY {record.reason}")
+                self._say(f"{device}: UNHEALTHY: {record.reason}")
 
     def _check_abort(self) -> None:
         if self.state.phase != "running":
@@ -374,7 +401,9 @@ class Rollout:
                     f"{state.prefix}/{device}/updates/manifest", b"", qos=1, retain=True
                 ).wait_for_publish(10)
         groups = state.settings.get("groups") or []
-        everyone = len(state.devices) == len(state.population)
+        everyone = len(state.devices) == len(state.population) and all(
+            record.state == SUCCEEDED for record in state.devices.values()
+        )
         if state.phase == "completed" and everyone and state.url and groups:
             update = self._signer.sign([], groups)
             for group in groups:
@@ -454,14 +483,6 @@ def signer_for(state: RolloutState, base: Signer) -> Signer:
         chunk_size=base.chunk_size,
         golden=base.golden,
     )
-
-
-def _always(base: str) -> bool:
-    return True
-
-
-def _never(base: str) -> bool:
-    return False
 
 
 def _sha256(data: bytes) -> str:

@@ -136,6 +136,7 @@ class DeviceRecord:
     reason: str | None = None
     validation: dict[str, Any] | None = None
     rollback: str | None = None  # the rollback update's outcome, when one was sent
+    finished_s: float | None = None  # seconds from the rollout's start to the final word
 
 
 @dataclass

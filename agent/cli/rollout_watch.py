@@ -15,6 +15,8 @@ from agent.cli.status import DeviceView, FleetCollector
 from agent.cli.update_sender import TERMINAL, answers
 
 WAITING_FOR_TRANSFER = "waiting_for_transfer"
+# What a rollout reads from a device's health: membership, freshness, versions accepted.
+HEALTH_KEYS = frozenset({"ts", "interval_s", "groups", "update_versions"})
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class RolloutWatcher:
 
     def __init__(self, prefix: str) -> None:
         self._levels = len(prefix.split("/"))
-        self.fleet = FleetCollector(prefix)
+        self.fleet = FleetCollector(prefix, HEALTH_KEYS)
         self._lock = threading.Lock()
         self._expected: dict[str, Expected] = {}
         self._finals: dict[str, dict[str, Any]] = {}  # device -> final status, not yet taken

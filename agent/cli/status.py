@@ -115,8 +115,11 @@ class FleetCollector:
     other thread) copies it out. Health documents are replaced, never changed, so a snapshot
     may share them."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, health_keys: frozenset[str] | None = None) -> None:
+        """``health_keys``: keep only these keys of each health document (a rollout over
+        100,000 devices needs their groups and versions, not every pipeline's figures)."""
         self._levels = len(prefix.split("/"))
+        self._health_keys = health_keys
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceView] = {}
 
@@ -134,6 +137,8 @@ class FleetCollector:
                 view.status = payload.decode("utf-8", "replace") if payload else "?"
             elif kind == "health":
                 view.health = _json(payload) if payload else None
+                if view.health is not None and self._health_keys is not None:
+                    view.health = {k: v for k, v in view.health.items() if k in self._health_keys}
             elif kind == "models" and len(parts) > self._levels + 2:
                 model = "/".join(parts[self._levels + 2 :])
                 if payload:

@@ -176,7 +176,7 @@ def send_update(
     sent = 0
     for number, base in enumerate(bases, start=1):
         if manifest:
-            _wait(
+            wait_acked(
                 client.publish(
                     f"{base}/updates/manifest", update.manifest_bytes(), qos=1, retain=retain
                 )
@@ -194,12 +194,12 @@ def send_update(
             )
             if len(window) >= PUBLISH_WINDOW:
                 info, size = window.popleft()
-                _wait(info)
+                wait_acked(info)
                 sent += size
                 progress(sent, total)
         while window:
             info, size = window.popleft()
-            _wait(info)
+            wait_acked(info)
             sent += size
             progress(sent, total)
         if sent < len(update.data) * number:  # chunks skipped for an answered device
@@ -207,7 +207,9 @@ def send_update(
             progress(sent, total)
 
 
-def _wait(info: paho.MQTTMessageInfo) -> None:
+def wait_acked(info: paho.MQTTMessageInfo) -> None:
+    """Wait for the broker's PUBACK of one QoS 1 message; ``TimeoutError`` after
+    ``ACK_TIMEOUT_S``."""
     info.wait_for_publish(timeout=ACK_TIMEOUT_S)
     if not info.is_published():
         raise TimeoutError(f"the broker did not acknowledge a message within {ACK_TIMEOUT_S} s")
