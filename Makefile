@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-shuffled ensure-mosquitto lint typecheck check bench clean
+.PHONY: demo test test-shuffled ensure-mosquitto lint typecheck check bench bench-fleet clean
 
 # The venv itself; each extra below has its own marker, so `make test` after `make demo`
 # adds the dev extra to the same venv.
@@ -44,6 +44,10 @@ bench: $(VENV)/.installed   ## daemon vs raw onnxruntime vs a hand-written loop 
 	$(PY) scripts/bench_reload.py
 	$(PY) scripts/bench_update.py
 	$(PY) scripts/bench_overload.py
+
+bench-fleet: $(VENV)/.installed   ## rollouts: 30 daemons, then 10,000 simulated devices (about 12 minutes)
+	$(PY) scripts/bench_fleet.py
+	$(PY) scripts/bench_rollout.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

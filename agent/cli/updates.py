@@ -153,9 +153,10 @@ def _rollout_arguments(publish: argparse.ArgumentParser) -> None:
     rollout.add_argument(
         "--discover-wait",
         type=float,
-        default=3.0,
+        default=1.0,
         metavar="SECONDS",
-        help="how long to gather the devices' retained health first (default 3)",
+        help="after the broker returned the devices' retained health, wait this much "
+        "longer before planning (default 1)",
     )
 
 
