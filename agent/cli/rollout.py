@@ -48,6 +48,7 @@ from agent.durable import write_atomically
 from agent.updates.manifest import GROUP_PREFIX, parse_time
 
 POLL_S = 0.2
+HEALTH_POLL_S = 1.0  # how often --wave-wait looks at the retained model states
 MANIFEST_WINDOW = 100  # manifests awaiting the broker's PUBACK while a wave is sent
 SAVE_EVERY_S = 1.0  # the state file is rewritten at most this often while statuses pour in
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -89,6 +90,7 @@ class Rollout:
         self._options = options
         self._out = out
         self._saved_at = 0.0
+        self._save_cost_s = 0.0
         self._collected_at = 0.0
         self._rollback: Signer | None = None
 
@@ -258,7 +260,7 @@ class Rollout:
         while self.state.phase == "running" and time.monotonic() < deadline:
             self._collect()
             self._check_health()
-            time.sleep(POLL_S)
+            time.sleep(HEALTH_POLL_S)
 
     def _collect(self) -> None:
         """Take the finals that came in, re-send chunks on request, check the abort rule."""
@@ -295,11 +297,11 @@ class Rollout:
         self._save()
 
     def _check_health(self) -> None:
-        views = self._watcher.devices()
+        took = [d for d, r in self.state.devices.items() if r.state == SUCCEEDED]
+        views = self._watcher.devices(took)
         expected = f"sha256:{self.state.model_sha256}"
-        for device, record in self.state.devices.items():
-            if record.state != SUCCEEDED:
-                continue
+        for device in took:
+            record = self.state.devices[device]
             model = (views.get(device) or DeviceView(device)).models.get(self.state.model) or {}
             if not model:
                 continue
@@ -459,10 +461,13 @@ class Rollout:
         return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
 
     def _save(self, force: bool = False) -> None:
+        """Write the state file: when forced, else at most every ``SAVE_EVERY_S`` and never
+        more than a tenth of the time (a 100,000-device state takes a while to write)."""
         now = time.monotonic()
-        if force or now - self._saved_at >= SAVE_EVERY_S:
+        if force or now - self._saved_at >= max(SAVE_EVERY_S, 10 * self._save_cost_s):
             self.state.save(self._options.state_file)
-            self._saved_at = now
+            self._saved_at = time.monotonic()
+            self._save_cost_s = self._saved_at - now
 
     def _say(self, line: str) -> None:
         print(line, file=self._out, flush=True)

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +177,9 @@ class RolloutState:
 
     def to_json(self) -> dict[str, Any]:
         """The state file's document."""
-        document = asdict(self)
+        # Shallow copies: asdict's deep copy of 100,000 records costs seconds.
+        document = {f.name: getattr(self, f.name) for f in fields(self)}
+        document["devices"] = {name: vars(r) for name, r in self.devices.items()}
         document["kind"], document["format"] = STATE_KIND, STATE_FORMAT
         return document
 

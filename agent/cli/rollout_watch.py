@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +68,9 @@ class RolloutWatcher:
             waiting, self._waiting = self._waiting, set()
             return waiting
 
-    def devices(self) -> dict[str, DeviceView]:
-        """The retained view of every device seen under the prefix."""
-        return self.fleet.snapshot()
+    def devices(self, names: Iterable[str] | None = None) -> dict[str, DeviceView]:
+        """The retained view of every device seen under the prefix (or of ``names``)."""
+        return self.fleet.snapshot(names)
 
     # paho's network thread: short, and never raises.
     def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:

@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -148,12 +148,17 @@ class FleetCollector:
             if view.is_empty():
                 del self._devices[name]  # all its retained topics were cleared
 
-    def snapshot(self) -> dict[str, DeviceView]:
-        """A copy of the devices seen so far."""
+    def snapshot(self, names: Iterable[str] | None = None) -> dict[str, DeviceView]:
+        """A copy of the devices seen so far (of those of ``names`` that were seen)."""
         with self._lock:
+            views = (
+                self._devices.values()
+                if names is None
+                else [self._devices[n] for n in names if n in self._devices]
+            )
             return {
-                name: DeviceView(view.device, view.status, view.health, dict(view.models))
-                for name, view in self._devices.items()
+                view.device: DeviceView(view.device, view.status, view.health, dict(view.models))
+                for view in views
             }
 
 
