@@ -268,7 +268,8 @@ class Rollout:
         self._collected_at = time.monotonic()
         for device, status in self._watcher.take_finals().items():
             record = state.devices.get(device)
-            if record is None or record.state in FINISHED:
+            # The device's own final word, even after the command said TIMED_OUT.
+            if record is None or (record.state in FINISHED and record.state != TIMED_OUT):
                 continue
             record.state = str(status.get("state"))
             record.finished_s = round(time.time() - state.started_at, 2)
@@ -323,9 +324,9 @@ class Rollout:
     # -- after the waves ------------------------------------------------------------------
 
     def _roll_back(self) -> None:
-        """Send the previous model, as version N+1, to the devices that took version N."""
+        """Send the previous model, as version N+1, to the devices that took version N
+        (also to one whose SUCCEEDED comes late, while the rollback runs)."""
         state = self.state
-        assert self._options.rollback_model is not None
         took = [
             d
             for d, r in state.devices.items()
@@ -340,30 +341,40 @@ class Rollout:
         )
         pending: dict[str, str] = {}
         for device in took:
-            update = signer.sign([device])
-            self._watcher.expect(device, update.update_id, update.manifest_sha256())
-            send_update(
-                self._client,
-                [f"{state.prefix}/{device}"],
-                update,
-                lambda done, total: None,
-                retain=self._options.retain,
-            )
+            self._send_rollback(signer, device)
             pending[device] = SENT
-            state.devices[device].rollback = SENT
         self._save(force=True)
         deadline = time.monotonic() + self._options.wave_timeout_s
         while SENT in pending.values() and time.monotonic() < deadline:
             for device, status in self._watcher.take_finals().items():
-                if pending.get(device) == SENT:
-                    pending[device] = str(status.get("state"))
-                    state.devices[device].rollback = pending[device]
+                record = state.devices.get(device)
+                if record is None:
+                    continue
+                result = str(status.get("state"))
+                if pending.get(device) == SENT:  # the rollback's own final word
+                    pending[device] = record.rollback = result
+                elif device not in pending and result == SUCCEEDED:  # took N late
+                    record.state, record.reason = SUCCEEDED, "SUCCEEDED after the abort"
+                    self._send_rollback(signer, device)
+                    pending[device] = SENT
             time.sleep(POLL_S)
         for device, result in pending.items():
             if result == SENT:
                 state.devices[device].rollback = TIMED_OUT
         ok = sum(result == SUCCEEDED for result in pending.values())
         self._say(f"rollback: {ok} of {len(pending)} devices serve the previous model again")
+
+    def _send_rollback(self, signer: Signer, device: str) -> None:
+        update = signer.sign([device])
+        self._watcher.expect(device, update.update_id, update.manifest_sha256())
+        send_update(
+            self._client,
+            [f"{self.state.prefix}/{device}"],
+            update,
+            lambda done, total: None,
+            retain=self._options.retain,
+        )
+        self.state.devices[device].rollback = SENT
 
     def _rollback_signer(self) -> Signer:
         if self._rollback is None:

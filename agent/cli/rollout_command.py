@@ -6,10 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
 from pathlib import Path
-
-import paho.mqtt.client as paho
 
 from agent.cli.rollout import Rollout, RolloutOptions, signer_for
 from agent.cli.rollout_plan import (
@@ -21,6 +18,7 @@ from agent.cli.rollout_plan import (
     plan_waves,
 )
 from agent.cli.rollout_watch import RolloutWatcher
+from agent.cli.status import wait_for_retained
 from agent.cli.tool_client import broker_settings, connect
 from agent.cli.update_sender import Signer, make_signer
 from agent.errors import ConfigError, EdgeAgentError
@@ -30,9 +28,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_WAVE_WAIT_S = 60.0
 DEFAULT_ABORT_SHARE = 0.10
 DEFAULT_ABORT_MIN = 3
-DISCOVER_MAX_S = 120.0
-# The discovery marker's topic: under fleet/, where the operator's account may publish.
-MARKER_PREFIX = "fleet/rollouts"
 
 
 def run_rollout(args: argparse.Namespace) -> int:
@@ -63,13 +58,13 @@ def run_rollout(args: argparse.Namespace) -> int:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
         return EXIT_USAGE
     prefix = (state.prefix if state else args.prefix).rstrip("/")
-    watcher = RolloutWatcher(prefix, f"{MARKER_PREFIX}/{uuid.uuid4().hex}/discovered")
+    watcher = RolloutWatcher(prefix)
     subscriptions = [
         (f"{prefix}/+/updates/status", 1),
         (f"{prefix}/+/status", 1),
         (f"{prefix}/+/health", 1),
         (f"{prefix}/+/models/{signer.model}", 1),
-        (watcher.marker_topic, 1),
+        (watcher.fleet.marker_topic, 1),
     ]
     try:
         client = connect(mqtt, password, subscriptions, watcher.on_message)
@@ -77,7 +72,7 @@ def run_rollout(args: argparse.Namespace) -> int:
         print(f"edge-agent publish-update: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        _discover(client, watcher, options.discover_s)
+        wait_for_retained(client, watcher.fleet, options.discover_s)
         if state is None:
             state = _plan(args, signer, prefix, watcher, options)
             if state is None:
@@ -96,22 +91,6 @@ def run_rollout(args: argparse.Namespace) -> int:
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-def _discover(client: paho.Client, watcher: RolloutWatcher, wait_s: float) -> None:
-    """Let the retained documents arrive. The broker queues them for the subscription
-    before anything published after its SUBACK, so the marker published now comes back
-    behind the last of them (100,000 health documents take a while); then ``wait_s``
-    more. Without the marker after ``DISCOVER_MAX_S`` the rollout goes on with what came,
-    and says so."""
-    client.publish(watcher.marker_topic, b"", qos=1)
-    if not watcher.marker_seen.wait(DISCOVER_MAX_S):
-        print(
-            f"edge-agent publish-update: the broker did not return the discovery marker "
-            f"within {DISCOVER_MAX_S:g} s: the device list may be incomplete",
-            file=sys.stderr,
-        )
-    time.sleep(wait_s)
 
 
 def _options(

@@ -120,9 +120,15 @@ class AbortRule:
             return None
         return (
             f"{bad} of {targeted} targeted devices failed, were rejected, timed out or "
-            f"turned unhealthy ({bad / targeted:.0%} > {self.share:.0%}, "
+            f"turned unhealthy ({_percent(bad / targeted)} > {_percent(self.share)}, "
             f"{finished} finished, at least {self.minimum} needed)"
         )
+
+
+def _percent(share: float) -> str:
+    """0.051 -> '5.1%', 0.05 -> '5%': a share just over the threshold must not print as
+    equal to it."""
+    return f"{share:.1%}".replace(".0%", "%")
 
 
 @dataclass

@@ -35,12 +35,8 @@ class RolloutWatcher:
     ``take_waiting``); ``on_message`` runs on paho's network thread. The lock guards the
     three maps; the fleet collector keeps its own."""
 
-    def __init__(self, prefix: str, marker_topic: str) -> None:
-        """``marker_topic``: a private topic; the message the command publishes there after
-        subscribing comes back behind every retained document the subscription returned."""
+    def __init__(self, prefix: str) -> None:
         self._levels = len(prefix.split("/"))
-        self.marker_topic = marker_topic
-        self.marker_seen = threading.Event()
         self.fleet = FleetCollector(prefix, HEALTH_KEYS)
         self._lock = threading.Lock()
         self._expected: dict[str, Expected] = {}
@@ -75,9 +71,6 @@ class RolloutWatcher:
     # paho's network thread: short, and never raises.
     def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         """Route one message: statuses here, the retained documents to the collector."""
-        if message.topic == self.marker_topic:
-            self.marker_seen.set()
-            return
         parts = message.topic.split("/")
         if parts[self._levels + 1 : self._levels + 3] != ["updates", "status"]:
             self.fleet.on_message(client, userdata, message)

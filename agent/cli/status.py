@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,9 @@ STALE_INTERVALS = 3
 # Older daemons do not put ``interval_s`` in their health: assume the config default.
 DEFAULT_INTERVAL_S = 10.0
 REFRESH_S = 1.0
+# The end-of-retained marker's topic: under fleet/, where an operator's account may publish.
+MARKER_PREFIX = "fleet/markers"
+RETAINED_MAX_S = 120.0
 # How often the watch loop looks at the stop flag between redraws.
 _POLL_S = 0.05
 _ONLINE_CELL = {ONLINE: "yes", OFFLINE: "NO", STALE: "STALE", UNKNOWN: "?"}
@@ -120,12 +124,19 @@ class FleetCollector:
         100,000 devices needs their groups and versions, not every pipeline's figures)."""
         self._levels = len(prefix.split("/"))
         self._health_keys = health_keys
+        # A private topic: what is published there after subscribing comes back behind
+        # every retained document the subscription returned (see wait_for_retained).
+        self.marker_topic = f"{MARKER_PREFIX}/{uuid.uuid4().hex}/retained-done"
+        self.marker_seen = threading.Event()
         self._lock = threading.Lock()
         self._devices: dict[str, DeviceView] = {}
 
     # Runs on paho's network thread: must be short and must never raise.
     def on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         """Record one status, health or model document (an empty payload clears it)."""
+        if message.topic == self.marker_topic:
+            self.marker_seen.set()
+            return
         parts = message.topic.split("/")
         if len(parts) < self._levels + 2:
             return
@@ -180,9 +191,30 @@ def subscribe(
             (f"{prefix}/{who}/status", 1),
             (f"{prefix}/{who}/health", 1),
             (f"{prefix}/{who}/models/+", 1),
+            (collector.marker_topic, 1),
         ],
         collector.on_message,
     )
+
+
+def wait_for_retained(
+    client: paho.Client, collector: FleetCollector, at_least_s: float, out: TextIO | None = None
+) -> None:
+    """Wait until the broker has delivered the retained documents of the subscription, and
+    at least ``at_least_s``. The broker queues them before anything published after its
+    SUBACK, so a QoS 1 marker published now comes back behind the last of them (100,000
+    devices' documents take a while). Without the marker after ``RETAINED_MAX_S`` (a broker
+    whose per-client queue dropped part of them drops it too) it goes on, and says so."""
+    started = time.monotonic()
+    client.publish(collector.marker_topic, b"", qos=1)
+    if not collector.marker_seen.wait(RETAINED_MAX_S):
+        print(
+            f"edge-agent: the broker did not return the end-of-retained marker within "
+            f"{RETAINED_MAX_S:g} s: the device list may be incomplete (raise the broker's "
+            "max_queued_messages)",
+            file=out or sys.stderr,
+        )
+    time.sleep(max(0.0, at_least_s - (time.monotonic() - started)))
 
 
 def collect(
@@ -193,7 +225,7 @@ def collect(
     collector = FleetCollector(prefix)
     client = subscribe(mqtt, prefix, device, collector, password)
     try:
-        time.sleep(wait_s)  # retained messages arrive right after the subscription
+        wait_for_retained(client, collector, wait_s)
     finally:
         client.disconnect()
         client.loop_stop()
