@@ -336,7 +336,7 @@ def test_a_killed_rollout_resumes_without_sending_twice_to_a_finished_device(
     assert set(fleet.versions().values()) == {version_of(fleet.new)}
 
 
-def test_a_device_offline_during_its_wave_installs_the_retained_update_when_back(
+def test_a_device_offline_before_the_rollout_installs_the_retained_update_when_back(
     broker: MosquittoBroker,
     tmp_path: Path,
     agent_factory: AgentFactory,
@@ -380,3 +380,38 @@ def test_a_device_offline_during_its_wave_installs_the_retained_update_when_back
     again.wait_for_event("update_manifest_retained_ignored", 30)
     time.sleep(1)
     assert len(statuses.messages) == seen
+
+
+def test_a_device_stopped_mid_rollout_gets_its_wave_when_back(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+) -> None:
+    """dev2 is online when the rollout is planned and stopped while wave 1 holds: its wave
+    finds it offline, so with --retain it is PENDING (a manifest retained, no chunks).
+    Started again while the command waits, it installs the update and the rollout
+    completes."""
+    fleet = Fleet(broker, tmp_path, agent_factory, ["dev1", "dev2", "dev3"])
+    command = fleet.command(
+        "--waves", "1,100%", "--wave-wait", "4s", "--abort-min", "1", "--retain"
+    )
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "wave 1: watching" in line:
+            fleet.agents["dev2"].terminate()  # says offline (retained) as it stops
+        if "offline device(s) to come back" in line:
+            break
+    else:
+        pytest.fail("".join(lines))
+    fleet.start("dev2")
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert process.returncode == 0, output
+    assert "wave 2/2 done: 1 pending, 1 succeeded" in output
+    assert "completed: 3 succeeded" in output
+    assert set(fleet.versions().values()) == {version_of(fleet.new)}

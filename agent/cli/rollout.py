@@ -161,8 +161,7 @@ class Rollout:
         Manifests without chunks go out ``MANIFEST_WINDOW`` at a time before their acks
         are awaited: one round trip per device would make a 10,000-device wave slow."""
         state = self.state
-        offline = set(state.offline)
-        views = self._watcher.devices()
+        views = self._watcher.devices(wave)
         window: deque[paho.MQTTMessageInfo] = deque()
         for device in wave:
             record = state.devices.get(device)
@@ -177,8 +176,9 @@ class Rollout:
             digest = update.manifest_sha256()
             self._watcher.expect(device, update.update_id, digest)
             base = f"{state.prefix}/{device}"
-            # An offline device asks for its chunks when it is back.
-            away = device in offline and not self._online(views.get(device))
+            # Offline now (at planning, or since): with --retain its manifest waits for it,
+            # and it asks for its chunks when it is back.
+            away = self._options.retain and not self._online(views.get(device))
             if update.chunk_size is None or away:
                 window.append(
                     self._client.publish(
@@ -283,8 +283,8 @@ class Rollout:
                 )
         for device in self._watcher.take_waiting():
             record = state.devices.get(device)
-            if record is not None and record.state in (SENT, PENDING):
-                record.state = SENT  # it is online and asking: it gets the wave's time
+            if record is not None and record.state in (SENT, PENDING, TIMED_OUT):
+                record.state = SENT  # it is back and asking: followed to the end again
                 update = self._signer.sign([device])
                 self._say(f"{device}: waiting for its chunks, sending them again")
                 send_update(
