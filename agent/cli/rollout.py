@@ -225,6 +225,7 @@ class Rollout:
                 record.state = TIMED_OUT
                 record.reason = f"no final status in {self._options.wave_timeout_s:g} s"
         self._check_abort()
+        self._save(force=True)  # a wave's outcome is on disk before anything else happens
 
     def _wait_for_pending(self) -> None:
         """After the last wave: give the devices that were offline when their wave came
