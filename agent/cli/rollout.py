@@ -45,7 +45,7 @@ from agent.cli.rollout_watch import RolloutWatcher
 from agent.cli.status import ONLINE, DeviceView, judge
 from agent.cli.update_sender import Signer, send_update, wait_acked
 from agent.durable import write_atomically
-from agent.updates.manifest import GROUP_PREFIX, parse_time
+from agent.updates.manifest import GROUP_PREFIX
 
 POLL_S = 0.2
 HEALTH_POLL_S = 1.0  # how often --wave-wait looks at the retained model states
@@ -70,8 +70,9 @@ class RolloutOptions:
     report_file: Path | None
 
 
-class Rollout:
-    """Drives one rollout on a connected client; the main thread is its only caller."""
+class _RolloutParts:
+    """The state, options and connection of a rollout, and what it does after the waves;
+    ``Rollout`` adds the waves. The main thread is the only caller."""
 
     def __init__(
         self,
@@ -93,6 +94,172 @@ class Rollout:
         self._save_cost_s = 0.0
         self._collected_at = 0.0
         self._rollback: Signer | None = None
+
+    # -- after the waves ------------------------------------------------------------------
+
+    def _roll_back(self) -> None:
+        """Send the previous model, as version N+1, to the devices that took version N
+        (also to one whose SUCCEEDED comes late, while the rollback runs)."""
+        state = self.state
+        took = [
+            d
+            for d, r in state.devices.items()
+            if r.state in (SUCCEEDED, UNHEALTHY) and r.rollback not in FINISHED
+        ]
+        if not took:
+            return
+        signer = self._rollback_signer()
+        self._say(
+            f"rolling back {len(took)} device(s): {self._options.rollback_model} as version "
+            f"{signer.version} ({signer.update_id})"
+        )
+        pending: dict[str, str] = {}
+        for device in took:
+            self._send_rollback(signer, device)
+            pending[device] = SENT
+        self._save(force=True)
+        deadline = time.monotonic() + self._options.wave_timeout_s
+        while SENT in pending.values() and time.monotonic() < deadline:
+            for device, status in self._watcher.take_finals().items():
+                record = state.devices.get(device)
+                if record is None:
+                    continue
+                result = str(status.get("state"))
+                if pending.get(device) == SENT:  # the rollback's own final word
+                    pending[device] = record.rollback = result
+                elif device not in pending and result == SUCCEEDED:  # took N late
+                    record.state, record.reason = SUCCEEDED, "SUCCEEDED after the abort"
+                    self._send_rollback(signer, device)
+                    pending[device] = SENT
+            time.sleep(POLL_S)
+        for device, result in pending.items():
+            if result == SENT:
+                state.devices[device].rollback = TIMED_OUT
+        ok = sum(result == SUCCEEDED for result in pending.values())
+        self._say(f"rollback: {ok} of {len(pending)} devices serve the previous model again")
+
+    def _send_rollback(self, signer: Signer, device: str) -> None:
+        update = signer.sign([device])
+        self._watcher.expect(device, update.update_id, update.manifest_sha256())
+        send_update(
+            self._client,
+            [f"{self.state.prefix}/{device}"],
+            update,
+            lambda done, total: None,
+            retain=self._options.retain,
+        )
+        self.state.devices[device].rollback = SENT
+
+    def _rollback_signer(self) -> Signer:
+        if self._rollback is None:
+            assert self._options.rollback_model is not None
+            data = self._options.rollback_model.read_bytes()
+            update_id = self.state.update_id[: 64 - len(_ROLLBACK_SUFFIX)] + _ROLLBACK_SUFFIX
+            self._rollback = Signer(
+                data=data,
+                sha256=_sha256(data),
+                keys=self._signer.keys,
+                model=self.state.model,
+                version=self.state.version + 1,
+                update_id=update_id,
+                issued_at=self._signer.issued_at,
+                expires=self._signer.expires,
+                url=None,
+                chunk_size=self._signer.chunk_size,
+            )
+        return self._rollback
+
+    def _leave_desired_state(self) -> None:
+        """With ``--retain``: clear the retained manifests that must not be acted on later
+        (devices that failed or were rejected, and after an abort every device that did
+        not take the update), and once the whole group succeeded with an https source,
+        leave a group manifest retained for devices that join it later."""
+        if not self._options.retain:
+            return
+        state = self.state
+        aborted = state.phase == "aborted"
+        for device, record in state.devices.items():
+            if record.rollback is not None:
+                continue  # its retained manifest is the rollback's now
+            if record.state in (FAILED, REJECTED, UNHEALTHY) or (
+                aborted and record.state != SUCCEEDED
+            ):
+                self._client.publish(
+                    f"{state.prefix}/{device}/updates/manifest", b"", qos=1, retain=True
+                ).wait_for_publish(10)
+        groups = state.settings.get("groups") or []
+        everyone = len(state.devices) == len(state.population) and all(
+            record.state == SUCCEEDED for record in state.devices.values()
+        )
+        if state.phase == "completed" and everyone and state.url and groups:
+            update = self._signer.sign([], groups)
+            for group in groups:
+                self._client.publish(
+                    f"{GROUP_PREFIX}/{group}/updates/manifest",
+                    update.manifest_bytes(),
+                    qos=1,
+                    retain=True,
+                ).wait_for_publish(10)
+            self._say(f"group manifest left retained for {', '.join(groups)}: late joiners")
+
+    def _finish(self) -> int:
+        state = self.state
+        rows = summary_rows(state.devices)
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        for row in rows:
+            cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+            print("  ".join([*cells, row[3]]).rstrip(), file=self._out)
+        untouched = sorted(set(state.population) - set(state.devices))
+        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(state.counts().items()))
+        self._say(
+            f"rollout {state.update_id} {state.phase}: {counts or 'nothing sent'}"
+            + (f"; {len(untouched)} not targeted" if untouched else "")
+        )
+        if self._options.report_file is not None:
+            write_atomically(
+                self._options.report_file,
+                json.dumps(report_document(state), indent=1).encode(),
+            )
+        ok = state.phase == "completed" and all(
+            r.state == SUCCEEDED for r in state.devices.values()
+        )
+        return EXIT_OK if ok and state.devices else EXIT_FAILED
+
+    # -- small helpers ----------------------------------------------------------------------
+
+    def _already_installed(self, view: DeviceView | None) -> bool:
+        versions = ((view.health if view else None) or {}).get("update_versions")
+        if not isinstance(versions, dict):
+            return False
+        have = versions.get(self.state.model)
+        return isinstance(have, int) and have >= self.state.version
+
+    def _online(self, view: DeviceView | None) -> bool:
+        return view is not None and judge(view, time.time()).state == ONLINE
+
+    def _counts_line(self, wave: Sequence[str]) -> str:
+        counts: dict[str, int] = {}
+        for device in wave:
+            record = self.state.devices.get(device)
+            state = record.state if record else "NOT SENT"
+            counts[state] = counts.get(state, 0) + 1
+        return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+
+    def _save(self, force: bool = False) -> None:
+        """Write the state file: when forced, else at most every ``SAVE_EVERY_S`` and never
+        more than a tenth of the time (a 100,000-device state takes a while to write)."""
+        now = time.monotonic()
+        if force or now - self._saved_at >= max(SAVE_EVERY_S, 10 * self._save_cost_s):
+            self.state.save(self._options.state_file)
+            self._saved_at = time.monotonic()
+            self._save_cost_s = self._saved_at - now
+
+    def _say(self, line: str) -> None:
+        print(line, file=self._out, flush=True)
+
+
+class Rollout(_RolloutParts):
+    """Drives one rollout on a connected client; the main thread is its only caller."""
 
     # -- the plan -------------------------------------------------------------------------
 
@@ -321,185 +488,6 @@ class Rollout:
         reason = self._options.abort.verdict(self.state.outcomes())
         if reason is not None:
             self.state.phase, self.state.abort_reason = "aborted", reason
-
-    # -- after the waves ------------------------------------------------------------------
-
-    def _roll_back(self) -> None:
-        """Send the previous model, as version N+1, to the devices that took version N
-        (also to one whose SUCCEEDED comes late, while the rollback runs)."""
-        state = self.state
-        took = [
-            d
-            for d, r in state.devices.items()
-            if r.state in (SUCCEEDED, UNHEALTHY) and r.rollback not in FINISHED
-        ]
-        if not took:
-            return
-        signer = self._rollback_signer()
-        self._say(
-            f"rolling back {len(took)} device(s): {self._options.rollback_model} as version "
-            f"{signer.version} ({signer.update_id})"
-        )
-        pending: dict[str, str] = {}
-        for device in took:
-            self._send_rollback(signer, device)
-            pending[device] = SENT
-        self._save(force=True)
-        deadline = time.monotonic() + self._options.wave_timeout_s
-        while SENT in pending.values() and time.monotonic() < deadline:
-            for device, status in self._watcher.take_finals().items():
-                record = state.devices.get(device)
-                if record is None:
-                    continue
-                result = str(status.get("state"))
-                if pending.get(device) == SENT:  # the rollback's own final word
-                    pending[device] = record.rollback = result
-                elif device not in pending and result == SUCCEEDED:  # took N late
-                    record.state, record.reason = SUCCEEDED, "SUCCEEDED after the abort"
-                    self._send_rollback(signer, device)
-                    pending[device] = SENT
-            time.sleep(POLL_S)
-        for device, result in pending.items():
-            if result == SENT:
-                state.devices[device].rollback = TIMED_OUT
-        ok = sum(result == SUCCEEDED for result in pending.values())
-        self._say(f"rollback: {ok} of {len(pending)} devices serve the previous model again")
-
-    def _send_rollback(self, signer: Signer, device: str) -> None:
-        update = signer.sign([device])
-        self._watcher.expect(device, update.update_id, update.manifest_sha256())
-        send_update(
-            self._client,
-            [f"{self.state.prefix}/{device}"],
-            update,
-            lambda done, total: None,
-            retain=self._options.retain,
-        )
-        self.state.devices[device].rollback = SENT
-
-    def _rollback_signer(self) -> Signer:
-        if self._rollback is None:
-            assert self._options.rollback_model is not None
-            data = self._options.rollback_model.read_bytes()
-            update_id = self.state.update_id[: 64 - len(_ROLLBACK_SUFFIX)] + _ROLLBACK_SUFFIX
-            self._rollback = Signer(
-                data=data,
-                sha256=_sha256(data),
-                keys=self._signer.keys,
-                model=self.state.model,
-                version=self.state.version + 1,
-                update_id=update_id,
-                issued_at=self._signer.issued_at,
-                expires=self._signer.expires,
-                url=None,
-                chunk_size=self._signer.chunk_size,
-            )
-        return self._rollback
-
-    def _leave_desired_state(self) -> None:
-        """With ``--retain``: clear the retained manifests that must not be acted on later
-        (devices that failed or were rejected, and after an abort every device that did
-        not take the update), and once the whole group succeeded with an https source,
-        leave a group manifest retained for devices that join it later."""
-        if not self._options.retain:
-            return
-        state = self.state
-        aborted = state.phase == "aborted"
-        for device, record in state.devices.items():
-            if record.rollback is not None:
-                continue  # its retained manifest is the rollback's now
-            if record.state in (FAILED, REJECTED, UNHEALTHY) or (
-                aborted and record.state != SUCCEEDED
-            ):
-                self._client.publish(
-                    f"{state.prefix}/{device}/updates/manifest", b"", qos=1, retain=True
-                ).wait_for_publish(10)
-        groups = state.settings.get("groups") or []
-        everyone = len(state.devices) == len(state.population) and all(
-            record.state == SUCCEEDED for record in state.devices.values()
-        )
-        if state.phase == "completed" and everyone and state.url and groups:
-            update = self._signer.sign([], groups)
-            for group in groups:
-                self._client.publish(
-                    f"{GROUP_PREFIX}/{group}/updates/manifest",
-                    update.manifest_bytes(),
-                    qos=1,
-                    retain=True,
-                ).wait_for_publish(10)
-            self._say(f"group manifest left retained for {', '.join(groups)}: late joiners")
-
-    def _finish(self) -> int:
-        state = self.state
-        rows = summary_rows(state.devices)
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        for row in rows:
-            cells = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
-            print("  ".join([*cells, row[3]]).rstrip(), file=self._out)
-        untouched = sorted(set(state.population) - set(state.devices))
-        counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(state.counts().items()))
-        self._say(
-            f"rollout {state.update_id} {state.phase}: {counts or 'nothing sent'}"
-            + (f"; {len(untouched)} not targeted" if untouched else "")
-        )
-        if self._options.report_file is not None:
-            write_atomically(
-                self._options.report_file,
-                json.dumps(report_document(state), indent=1).encode(),
-            )
-        ok = state.phase == "completed" and all(
-            r.state == SUCCEEDED for r in state.devices.values()
-        )
-        return EXIT_OK if ok and state.devices else EXIT_FAILED
-
-    # -- small helpers ----------------------------------------------------------------------
-
-    def _already_installed(self, view: DeviceView | None) -> bool:
-        versions = ((view.health if view else None) or {}).get("update_versions")
-        if not isinstance(versions, dict):
-            return False
-        have = versions.get(self.state.model)
-        return isinstance(have, int) and have >= self.state.version
-
-    def _online(self, view: DeviceView | None) -> bool:
-        return view is not None and judge(view, time.time()).state == ONLINE
-
-    def _counts_line(self, wave: Sequence[str]) -> str:
-        counts: dict[str, int] = {}
-        for device in wave:
-            record = self.state.devices.get(device)
-            state = record.state if record else "NOT SENT"
-            counts[state] = counts.get(state, 0) + 1
-        return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
-
-    def _save(self, force: bool = False) -> None:
-        """Write the state file: when forced, else at most every ``SAVE_EVERY_S`` and never
-        more than a tenth of the time (a 100,000-device state takes a while to write)."""
-        now = time.monotonic()
-        if force or now - self._saved_at >= max(SAVE_EVERY_S, 10 * self._save_cost_s):
-            self.state.save(self._options.state_file)
-            self._saved_at = time.monotonic()
-            self._save_cost_s = self._saved_at - now
-
-    def _say(self, line: str) -> None:
-        print(line, file=self._out, flush=True)
-
-
-def signer_for(state: RolloutState, base: Signer) -> Signer:
-    """``base`` with the times of ``state``: a resumed rollout signs the same bytes."""
-    return Signer(
-        data=base.data,
-        sha256=base.sha256,
-        keys=base.keys,
-        model=state.model,
-        version=state.version,
-        update_id=state.update_id,
-        issued_at=parse_time(state.issued_at, "issued_at"),
-        expires=parse_time(state.expires, "expires"),
-        url=state.url,
-        chunk_size=base.chunk_size,
-        golden=base.golden,
-    )
 
 
 def _sha256(data: bytes) -> str:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.cli.rollout import Rollout, RolloutOptions, signer_for
+from agent.cli.rollout import Rollout, RolloutOptions
 from agent.cli.rollout_plan import (
     AbortRule,
     RolloutState,
@@ -22,7 +22,7 @@ from agent.cli.status import wait_for_retained
 from agent.cli.tool_client import broker_settings, connect
 from agent.cli.update_sender import Signer, make_signer
 from agent.errors import ConfigError, EdgeAgentError
-from agent.updates.manifest import format_time
+from agent.updates.manifest import format_time, parse_time
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_WAVE_WAIT_S = 60.0
@@ -213,3 +213,20 @@ def _plan(
         flush=True,
     )
     return state
+
+
+def signer_for(state: RolloutState, base: Signer) -> Signer:
+    """``base`` with the times of ``state``: a resumed rollout signs the same bytes."""
+    return Signer(
+        data=base.data,
+        sha256=base.sha256,
+        keys=base.keys,
+        model=state.model,
+        version=state.version,
+        update_id=state.update_id,
+        issued_at=parse_time(state.issued_at, "issued_at"),
+        expires=parse_time(state.expires, "expires"),
+        url=state.url,
+        chunk_size=base.chunk_size,
+        golden=base.golden,
+    )
