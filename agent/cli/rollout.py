@@ -19,7 +19,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -155,17 +155,14 @@ class _RolloutParts:
             assert self._options.rollback_model is not None
             data = self._options.rollback_model.read_bytes()
             update_id = self.state.update_id[: 64 - len(_ROLLBACK_SUFFIX)] + _ROLLBACK_SUFFIX
-            self._rollback = Signer(
+            self._rollback = replace(  # the same keys and times, the previous bytes
+                self._signer,
                 data=data,
                 sha256=_sha256(data),
-                keys=self._signer.keys,
-                model=self.state.model,
                 version=self.state.version + 1,
                 update_id=update_id,
-                issued_at=self._signer.issued_at,
-                expires=self._signer.expires,
                 url=None,
-                chunk_size=self._signer.chunk_size,
+                golden=None,
             )
         return self._rollback
 

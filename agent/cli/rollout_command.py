@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from agent.cli.rollout import Rollout, RolloutOptions
@@ -217,16 +218,12 @@ def _plan(
 
 def signer_for(state: RolloutState, base: Signer) -> Signer:
     """``base`` with the times of ``state``: a resumed rollout signs the same bytes."""
-    return Signer(
-        data=base.data,
-        sha256=base.sha256,
-        keys=base.keys,
+    return replace(
+        base,
         model=state.model,
         version=state.version,
         update_id=state.update_id,
         issued_at=parse_time(state.issued_at, "issued_at"),
         expires=parse_time(state.expires, "expires"),
         url=state.url,
-        chunk_size=base.chunk_size,
-        golden=base.golden,
     )
