@@ -1,0 +1,304 @@
+"""CPU seconds per 1,000 readings at a steady rate: the daemon against the hand-written loop.
+
+An edge device spends its life at moderate load on a power budget, so what matters there is
+not saturation but what each reading costs. Both processes run side by side on one private
+Mosquitto; each measurement window sends readings at a fixed rate (QoS 1) to one of them,
+waits until every result arrived, and reads that process's CPU time (user + system, all its
+threads) from ``/proc/PID/stat`` before and after. Windows alternate between the two
+processes so that a noisy neighbour hurts both alike; medians of ``--runs`` windows.
+
+    .venv/bin/python scripts/bench_cpu.py [--models iforest,mlp] [--rates 500,100] [--runs 3]
+
+``scripts/bench.py`` runs the same measurement as part of its table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench import (  # noqa: E402
+    Messages,
+    ModelCase,
+    ResultCounter,
+    StatusWatch,
+    _printed_ready,
+    _sender,
+    build_models,
+    start_process,
+    stop_process,
+    warm,
+)
+from bench_run import describe_run  # noqa: E402
+
+from agent.procfs import rss_mb  # noqa: E402
+from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
+
+WINDOW_S = 5.0  # seconds of readings per window (at least 500 readings)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of every thread of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man proc).
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def steady_window(
+    broker: MosquittoBroker, results: ResultCounter, messages: Messages, rate: float, pid: int
+) -> tuple[float, int]:
+    """Send readings at ``rate`` for WINDOW_S; CPU seconds per 1,000 and readings unanswered."""
+    count = max(500, int(rate * WINDOW_S))
+    results.reset()
+    sender = _sender(broker)
+    before = cpu_seconds(pid)
+    started = time.perf_counter()
+    for index in range(count):
+        delay = started + index / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sender.publish(*messages[index % len(messages)], qos=1)
+    complete = results.wait_for(count, timeout_s=60)
+    used = cpu_seconds(pid) - before
+    sender.disconnect()
+    sender.loop_stop()
+    missing = 0 if complete else count - len(results.received)
+    return used / count * 1000, missing
+
+
+@dataclass
+class Target:
+    """One process under measurement and how to reach it."""
+
+    label: str
+    process: subprocess.Popen[bytes]
+    results: ResultCounter
+    messages: Messages
+    windows: dict[float, list[float]] = field(default_factory=dict)
+    missing: int = 0
+
+
+def measure(
+    targets: list[Target], broker: MosquittoBroker, rates: list[float], runs: int
+) -> dict[str, dict[float, float]]:
+    """Median CPU seconds per 1,000 readings per target and rate, windows alternating."""
+    for target in targets:
+        warm(broker, target.results, target.messages)
+    for _ in range(runs):
+        for rate in rates:
+            for target in targets:
+                per_thousand, missing = steady_window(
+                    broker, target.results, target.messages, rate, target.process.pid
+                )
+                target.windows.setdefault(rate, []).append(per_thousand)
+                target.missing += missing
+    return {
+        t.label: {rate: statistics.median(values) for rate, values in t.windows.items()}
+        for t in targets
+    }
+
+
+def profile(target: Target, broker: MosquittoBroker, rate: float, output: Path) -> None:
+    """One more window at ``rate`` under py-spy (not counted in the figures): collapsed
+    stacks of every thread, idle ones included, in ``output``."""
+    spy = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "py-spy"),
+            "record",
+            "--pid",
+            str(target.process.pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            "--threads",
+            "--nonblocking",
+            "--duration",
+            str(int(WINDOW_S) + 1),
+            "--output",
+            str(output),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    steady_window(broker, target.results, target.messages, rate, target.process.pid)
+    spy.wait(timeout=60)
+
+
+def start_loop(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Target:
+    """The hand-written loop (scripts/baseline_loop.py) on ``case``'s model."""
+    log = folder / f"cpu-loop-{case.name}.log"
+    process = start_process(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "baseline_loop.py"),
+            "--port",
+            str(broker.port),
+            "--model",
+            str(case.path),
+            "--input-topic",
+            f"cpu/loop/{case.name}/in",
+            "--output-topic",
+            f"cpu/loop/{case.name}/out",
+        ],
+        _printed_ready(log),
+        log,
+    )
+    time.sleep(0.5)
+    results = ResultCounter(broker, f"cpu/loop/{case.name}/out")
+    messages = [(f"cpu/loop/{case.name}/in", case.json_payload(i)) for i in range(len(case.inputs))]
+    return Target("loop", process, results, messages)
+
+
+def start_daemon(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Target:
+    """The daemon with its defaults (at-least-once, QoS 1) and one JSON pipeline."""
+    device = f"cpu-{case.name}"
+    models_dir = folder / f"cpu-models-{case.name}"
+    models_dir.mkdir(exist_ok=True)
+    (models_dir / "m.onnx").write_bytes(case.path.read_bytes())
+    config = {
+        "device_id": device,
+        "log_level": "warning",
+        "mqtt": {"host": broker.host, "port": broker.port},
+        "models_dir": str(models_dir),
+        "state_dir": str(folder / f"cpu-state-{case.name}"),
+        "models": {"m": {}},
+        "pipelines": {
+            "p": {
+                "model": "m",
+                "input": {"topic": f"cpu/daemon/{case.name}/+", "field": "x"},
+                "output": {"topic": f"cpu/daemon/{case.name}/out/{{1}}"},
+            }
+        },
+    }
+    config_file = folder / f"cpu-{device}.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    status = StatusWatch(broker, f"edge/{device}/models/m")
+    process = start_process(
+        [sys.executable, "-m", "agent", "run", "--config", str(config_file)],
+        status.ready,
+        folder / f"{device}.log",
+    )
+    status.close()
+    time.sleep(0.5)
+    results = ResultCounter(broker, f"cpu/daemon/{case.name}/out/#")
+    messages = [
+        (f"cpu/daemon/{case.name}/s", case.json_payload(i)) for i in range(len(case.inputs))
+    ]
+    return Target("daemon", process, results, messages)
+
+
+def bench_case(  # noqa: PLR0917
+    case: ModelCase,
+    broker: MosquittoBroker,
+    folder: Path,
+    rates: list[float],
+    runs: int,
+    profile_dir: Path | None = None,
+) -> dict[str, float]:
+    """Figures for one model: ``cpu_<target>_<rate>`` medians, ratios, RSS, missing; with
+    ``profile_dir``, a py-spy profile of each target at each rate after the measurements."""
+    targets = [start_loop(case, broker, folder), start_daemon(case, broker, folder)]
+    try:
+        medians = measure(targets, broker, rates, runs)
+        if profile_dir is not None:
+            profile_dir.mkdir(parents=True, exist_ok=True)
+            for target in targets:
+                for rate in rates:
+                    name = f"{case.name}-{target.label}-{rate:g}.txt"
+                    profile(target, broker, rate, profile_dir / name)
+        figures: dict[str, float] = {}
+        for target in targets:
+            figures[f"rss_{target.label}"] = rss_mb(target.process.pid) or float("nan")
+            figures[f"missing_{target.label}"] = target.missing
+            for rate, value in medians[target.label].items():
+                figures[f"cpu_{target.label}_{rate:g}"] = value
+        for rate in rates:
+            figures[f"cpu_ratio_{rate:g}"] = (
+                figures[f"cpu_daemon_{rate:g}"] / figures[f"cpu_loop_{rate:g}"]
+            )
+        return figures
+    finally:
+        for target in targets:
+            target.results.close()
+            stop_process(target.process)
+
+
+def table(rows: list[tuple[str, dict[str, float]]], rates: list[float]) -> str:
+    """Markdown table of the figures of ``bench_case`` per model."""
+    lines = [
+        "| model | rate /s | loop CPU s / 1,000 | daemon CPU s / 1,000 | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for model, f in rows:
+        for rate in rates:
+            key = f"{rate:g}"
+            lines.append(
+                f"| {model} | {rate:g} | {f['cpu_loop_' + key]:.3f} | "
+                f"{f['cpu_daemon_' + key]:.3f} | {f['cpu_ratio_' + key]:.2f}x |"
+            )
+    rss = ", ".join(f"{model} {f['rss_loop']:.0f} / {f['rss_daemon']:.0f} MB" for model, f in rows)
+    missing = sum(f["missing_loop"] + f["missing_daemon"] for _, f in rows)
+    return "\n".join(lines) + f"\n\nRSS after (loop / daemon): {rss}; unanswered: {missing:.0f}"
+
+
+def start_broker(folder: Path) -> MosquittoBroker:
+    """The private broker of a benchmark run."""
+    (folder / "broker").mkdir()
+    broker = MosquittoBroker(
+        folder / "broker",
+        extra_lines=("max_inflight_messages 1000", "max_queued_messages 1000000"),
+    )
+    broker.start()
+    wait_for_port(broker.port)
+    return broker
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="CPU per reading at a steady rate")
+    parser.add_argument("--models", default="iforest,mlp")
+    parser.add_argument("--rates", default="500,100", help="readings/s, comma-separated")
+    parser.add_argument("--runs", type=int, default=3, help="windows per target and rate")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        type=Path,
+        help="also write py-spy profiles (collapsed stacks) of each target and rate to DIR",
+    )
+    args = parser.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    print(describe_run(), flush=True)
+    with tempfile.TemporaryDirectory(prefix="edge-agent-bench-cpu-") as temp:
+        folder = Path(temp)
+        broker = start_broker(folder)
+        rows = []
+        try:
+            for case in build_models(folder, 4000, args.models.split(",")):
+                print(f"measuring {case.name} ...", flush=True)
+                rows.append(
+                    (case.name, bench_case(case, broker, folder, rates, args.runs, args.profile))
+                )
+        finally:
+            broker.stop()
+    print(f"\nmedians of {args.runs} alternating windows of {WINDOW_S:.0f} s, QoS 1, defaults\n")
+    print(table(rows, rates))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
