@@ -1,0 +1,113 @@
+"""Faults a device meets over months, with the daemon as a process: a frozen process and a
+flapping broker. (A full disk and a read-only state folder: tests/test_disk_faults.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.procfs import rss_mb
+from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
+from tests.conftest import AgentProcess
+from tests.test_delivery import (
+    config_for,
+    durable_broker,  # noqa: F401 - a fixture
+    readings,
+    wait_for_ids,
+)
+
+pytestmark = pytest.mark.broker
+
+AgentFactory = Callable[..., AgentProcess]
+STATUS = "edge/dev1/status"
+
+
+def threads_of(pid: int) -> int:
+    """Threads of process ``pid`` now."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_frozen_longer_than_keepalive_fires_the_will_then_recovers(
+    durable_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+) -> None:
+    """SIGSTOP for longer than 1.5x keepalive_s (5 s in tests): the broker publishes the
+    last will (``offline``); after SIGCONT the daemon reconnects, says ``online`` again,
+    republishes its retained model status, and every QoS 1 reading sent before, during and
+    after the freeze gets a result."""
+    config = config_for(durable_broker, tmp_path)
+    status = Recorder(durable_broker, [STATUS, "edge/dev1/models/+"]).start()
+    rec = Recorder(durable_broker, ["out/#"], session="rec-frozen").start()
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    status.wait_for_payload(STATUS, b"online")
+    client = publisher(durable_broker)
+    try:
+        for index in range(100):
+            client.publish("in/s1", readings(300)[index], qos=1)
+        wait_for_ids(rec, 100, timeout_s=30)
+        os.kill(agent.process.pid, signal.SIGSTOP)
+        try:
+            status.wait_for_payload(STATUS, b"offline", timeout_s=30)
+            models_before = sum(1 for m in status.messages if "/models/" in m.topic)
+            for index in range(100, 200):  # sent while the daemon is frozen
+                client.publish("in/s1", readings(300)[index], qos=1)
+        finally:
+            os.kill(agent.process.pid, signal.SIGCONT)
+        status.wait_for(
+            lambda ms: [m.payload for m in ms if m.topic == STATUS][-1] == b"online",
+            timeout_s=30,
+        )
+        for index in range(200, 300):
+            client.publish("in/s1", readings(300)[index], qos=1)
+        wait_for_ids(rec, 300, timeout_s=60, agent=agent)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    status.wait_for(
+        lambda ms: sum(1 for m in ms if "/models/" in m.topic) > models_before, timeout_s=30
+    )
+    status.stop()
+    rec.stop()
+    assert agent.process.poll() is None
+    events = [e.get("event") for e in agent.log_events()]
+    assert events.count("mqtt_connected") >= 2, "no reconnect after the freeze"
+
+
+def test_a_flapping_broker_under_load_loses_nothing_and_leaks_no_thread(
+    durable_broker: MosquittoBroker,  # noqa: F811
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+) -> None:
+    """The broker restarts ten times, every two seconds, under 300 readings/s: the daemon
+    does not crash, its thread count after the storm is what it was before, its memory stays
+    bounded, and every reading gets a result."""
+    config: dict[str, Any] = config_for(durable_broker, tmp_path)
+    rec = Recorder(durable_broker, ["out/#"], session="rec-flap").start()
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    agent.wait_for_event("mqtt_subscribed")
+    pid = agent.process.pid
+    time.sleep(1.0)  # every thread of a serving daemon is up
+    threads_before = threads_of(pid)
+    rss_before = rss_mb(pid) or 0.0
+    total = 6000
+    stream = paced_stream(durable_broker, "in/s1", readings(total), rate=300)
+    for _ in range(10):
+        time.sleep(1.5)
+        durable_broker.restart(down_s=0.5)
+    stream.join()
+    wait_for_ids(rec, total, timeout_s=120, agent=agent)
+    rec.stop()
+    time.sleep(2.0)  # reconnect threads and timers of the last restart have finished
+    assert agent.process.poll() is None
+    assert threads_of(pid) == threads_before, "threads leaked across reconnects"
+    rss_after = rss_mb(pid) or 0.0
+    assert rss_after < rss_before + 50, (rss_before, rss_after)
