@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -114,7 +115,9 @@ def measure(
 
 def profile(target: Target, broker: MosquittoBroker, rate: float, output: Path) -> None:
     """One more window at ``rate`` under py-spy (not counted in the figures): collapsed
-    stacks of every thread, idle ones included, in ``output``."""
+    stacks, per thread, of the samples that held the GIL (the Python work; what a thread
+    spends in syscalls, waiting or in onnxruntime's own threads shows in /proc instead),
+    in ``output``."""
     spy = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "py-spy"),
@@ -126,7 +129,7 @@ def profile(target: Target, broker: MosquittoBroker, rate: float, output: Path) 
             "--format",
             "raw",
             "--threads",
-            "--nonblocking",
+            "--gil",
             "--duration",
             str(int(WINDOW_S) + 1),
             "--output",
@@ -165,13 +168,16 @@ def start_loop(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Target
     return Target("loop", process, results, messages)
 
 
-def start_daemon(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Target:
-    """The daemon with its defaults (at-least-once, QoS 1) and one JSON pipeline."""
+def start_daemon(
+    case: ModelCase, broker: MosquittoBroker, folder: Path, settings: dict[str, Any] | None = None
+) -> Target:
+    """The daemon with its defaults (at-least-once, QoS 1) and one JSON pipeline, plus the
+    ``settings`` given (dotted keys, ``--set``: to measure candidates one by one)."""
     device = f"cpu-{case.name}"
     models_dir = folder / f"cpu-models-{case.name}"
     models_dir.mkdir(exist_ok=True)
     (models_dir / "m.onnx").write_bytes(case.path.read_bytes())
-    config = {
+    config: dict[str, Any] = {
         "device_id": device,
         "log_level": "warning",
         "mqtt": {"host": broker.host, "port": broker.port},
@@ -186,6 +192,12 @@ def start_daemon(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Targ
             }
         },
     }
+    for key, value in (settings or {}).items():
+        *path, leaf = key.split(".")
+        section = config
+        for part in path:
+            section = section.setdefault(part, {})
+        section[leaf] = value
     config_file = folder / f"cpu-{device}.yaml"
     config_file.write_text(yaml.safe_dump(config))
     status = StatusWatch(broker, f"edge/{device}/models/m")
@@ -210,10 +222,11 @@ def bench_case(  # noqa: PLR0917
     rates: list[float],
     runs: int,
     profile_dir: Path | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Figures for one model: ``cpu_<target>_<rate>`` medians, ratios, RSS, missing; with
     ``profile_dir``, a py-spy profile of each target at each rate after the measurements."""
-    targets = [start_loop(case, broker, folder), start_daemon(case, broker, folder)]
+    targets = [start_loop(case, broker, folder), start_daemon(case, broker, folder, settings)]
     try:
         medians = measure(targets, broker, rates, runs)
         if profile_dir is not None:
@@ -280,7 +293,15 @@ def main() -> int:
         type=Path,
         help="also write py-spy profiles (collapsed stacks) of each target and rate to DIR",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=YAML",
+        help="a daemon setting, e.g. --set cpu_threads=1 --set mqtt.protocol=3.1.1",
+    )
     args = parser.parse_args()
+    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     rates = [float(r) for r in args.rates.split(",")]
     print(describe_run(), flush=True)
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-cpu-") as temp:
@@ -291,7 +312,10 @@ def main() -> int:
             for case in build_models(folder, 4000, args.models.split(",")):
                 print(f"measuring {case.name} ...", flush=True)
                 rows.append(
-                    (case.name, bench_case(case, broker, folder, rates, args.runs, args.profile))
+                    (
+                        case.name,
+                        bench_case(case, broker, folder, rates, args.runs, args.profile, settings),
+                    )
                 )
         finally:
             broker.stop()

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from agent.ops.systemd import SdNotifier, watchdog_interval
-from tests.broker import MosquittoBroker, publisher
+from tests.broker import MosquittoBroker, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear, build_loop
 
@@ -203,6 +203,92 @@ def test_watchdog_withheld_while_a_worker_is_stuck(
     log = (tmp_path / "agent.log").read_text()
     assert "watchdog_withheld" in log
     assert "pipeline 'p' worker has been inside one batch" in log
+
+
+def loop_trips_for(seconds: float, tmp_path: Path) -> int:
+    """The trip count that makes ``build_loop``'s model run about ``seconds`` here (measured
+    on 20,000 trips: a loaded machine only makes the run longer)."""
+    import numpy as np  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    path = build_loop(tmp_path / "calibrate.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {"x": np.full((1, 8), 0.1, np.float32), "n": np.array(20_000, np.int64)}
+    session.run(None, feeds)
+    started = time.perf_counter()
+    session.run(None, feeds)
+    return int(20_000 * seconds / max(time.perf_counter() - started, 1e-6))
+
+
+@pytest.mark.broker
+def test_a_reading_that_takes_seconds_stops_neither_the_watchdog_nor_other_pipelines(
+    broker: MosquittoBroker, tmp_path: Path, notify_socket: NotifySocket
+) -> None:
+    """A model slow for some inputs (a Loop whose trip count is in the reading), after 100
+    cheap readings (enough for a cheap model to run on paho's thread): while one reading
+    runs for seconds, another pipeline answers every reading sent meanwhile and the watchdog
+    keeps pinging, because the batch is younger than health.stuck_after_s."""
+    build_loop(tmp_path / "models" / "loop.onnx")
+    build_linear(tmp_path / "models" / "lin.onnx")
+    trips = loop_trips_for(4.0, tmp_path)
+    config = base_config(
+        broker,
+        tmp_path,
+        models={"loop": {}, "lin": {}},
+        health={"interval_s": 0.5, "stuck_after_s": 60.0},
+        pipelines={
+            "slow": {
+                "model": "loop",
+                "input": {"topic": "slow/+"},
+                "output": {"topic": "out/slow/{1}"},
+            },
+            "fast": {
+                "model": "lin",
+                "input": {"topic": "fast/+", "field": "x"},
+                "output": {"topic": "out/fast/{1}"},
+            },
+        },
+    )
+    rec = Recorder(broker, ["out/#"]).start()
+    try:
+        with systemd_agent(config, tmp_path, notify_socket, watchdog_usec=1_000_000):
+            notify_socket.wait_for("WATCHDOG=1")
+            client = publisher(broker)
+            try:
+                for index in range(100):
+                    reading = {"id": index, "inputs": {"x": [0.1] * 8, "n": 1}}
+                    client.publish("slow/a", json.dumps(reading), qos=1)
+                    notify_socket.drain(0.01)  # one at a time: each its own run
+                deadline = time.monotonic() + 30
+                while len(rec.messages) < 100:
+                    assert time.monotonic() < deadline, "the cheap readings were not answered"
+                    notify_socket.drain(0.2)
+                slow_at = time.monotonic()
+                slow = {"id": "slow", "inputs": {"x": [0.1] * 8, "n": trips}}
+                client.publish("slow/a", json.dumps(slow), qos=1)
+                for index in range(20):  # over about one second, well inside the slow run
+                    client.publish("fast/a", json.dumps({"id": index, "x": [1.0] * 4}), qos=1)
+                    notify_socket.drain(0.05)
+                deadline = time.monotonic() + 90
+                while not any(b'"id":"slow"' in m.payload for m in rec.messages):
+                    assert time.monotonic() < deadline, "the slow reading was never answered"
+                    notify_socket.drain(0.2)  # read as it comes: the socket's buffer is small
+                slow_done = time.monotonic()
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            notify_socket.drain(0.5)
+    finally:
+        rec.stop()
+    topics = [m.topic for m in rec.messages]
+    answered_slow = next(i for i, m in enumerate(rec.messages) if b'"id":"slow"' in m.payload)
+    fast = [i for i, topic in enumerate(topics) if topic == "out/fast/a"]
+    assert len(fast) == 20, topics[-30:]
+    assert max(fast) < answered_slow, "the fast pipeline waited for the slow reading"
+    pings = [t for t, m in notify_socket.messages if m == "WATCHDOG=1"]
+    during = [t for t in pings if slow_at + 1.0 < t < slow_done]
+    assert len(during) >= 2, f"no watchdog ping during the {slow_done - slow_at:.1f} s run"
+    assert "watchdog_withheld" not in (tmp_path / "agent.log").read_text()
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
