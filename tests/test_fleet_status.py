@@ -35,6 +35,7 @@ COLUMNS = (
     "P50 MS",
     "P99 MS",
     "TEMP C",
+    "WARN",
     "OUTBOX",
     "LAST SEEN",
 )

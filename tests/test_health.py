@@ -152,3 +152,7 @@ def test_health_is_retained(
     assert retained["device_id"] == "dev1"
     assert "uptime_s" in retained
     assert "pipelines" in retained
+    # Device condition: the free space of both folders, and the active warnings (a list).
+    assert set(retained["device"]["free_mb"]) == {"state_dir", "models_dir"}
+    assert retained["device"]["free_mb"]["state_dir"] > 0
+    assert isinstance(retained["warnings"], list)

@@ -270,7 +270,7 @@ def _json(payload: bytes) -> dict[str, Any] | None:
 
 def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
     """A text table: device, online (``yes``, ``NO``, ``STALE``, ``?``), models and
-    versions, throughput, latency, temperature, outbox, last seen. Devices that are not
+    versions, throughput, latency, temperature, warnings, outbox, last seen. Devices that are not
     online show ``-`` for their figures and their model states as ``last``."""
     now = time.time() if now is None else now
     rows = [
@@ -282,6 +282,7 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
             "P50 MS",
             "P99 MS",
             "TEMP C",
+            "WARN",
             "OUTBOX",
             "LAST SEEN",
         )
@@ -322,6 +323,7 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
                 f"{max(p50):.2f}" if p50 else "-",
                 f"{max(p99):.2f}" if p99 else "-",
                 f"{max(temperatures):.1f}" if temperatures else "-",
+                _warnings_cell(health.get("warnings")),
                 _outbox_cell(outbox),
                 _ago(verdict.age_s) if verdict.age_s is not None else "never",
             )
@@ -331,6 +333,14 @@ def table(devices: dict[str, DeviceView], now: float | None = None) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in rows
     )
+
+
+def _warnings_cell(warnings: object) -> str:
+    """The codes of a device's active warnings (``under_voltage_now,storage_worn``), or -."""
+    if not isinstance(warnings, list) or not warnings:
+        return "-"
+    codes = [str(w.get("code")) for w in warnings if isinstance(w, dict)]
+    return ",".join(codes) or "-"
 
 
 def _short_version(version: object) -> str:

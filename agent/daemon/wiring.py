@@ -136,6 +136,7 @@ class Parts:
             interval_s=self.config.health.interval_s,
             update_keys=self.updates.key_status,
             update_versions=self.updates.versions,
+            state_dir=self.config.state_dir,
         )
 
     def _admission(self, name: str, version: str) -> str | None:

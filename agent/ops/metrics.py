@@ -108,6 +108,7 @@ def snapshot_metrics(snapshot: HealthSnapshot) -> Iterator[Metric]:
     yield from _models(snapshot)
     yield from _delivery(snapshot)
     yield from _process(snapshot)
+    yield from _device_families(snapshot)
 
 
 def _info(snapshot: HealthSnapshot) -> Iterator[Metric]:
@@ -283,3 +284,38 @@ def _process(snapshot: HealthSnapshot) -> Iterator[Metric]:
     if snapshot.disk_free_mb is not None:
         disk.add_metric([], snapshot.disk_free_mb * MIB)
     yield disk
+
+
+def _device_families(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    """Signs of trouble (agent.hardware.condition): active warnings, clocks, free space."""
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+    device = snapshot.device
+    warnings = GaugeMetricFamily(
+        "edge_agent_device_warning",
+        "1 for each active device warning (under-voltage, throttling, storage wear, low "
+        "space); see the health document's warnings for the words.",
+        labels=["code"],
+    )
+    clock = GaugeMetricFamily(
+        "edge_agent_cpu_frequency_hertz",
+        "CPU 0's current clock, and its maximum (kind=max).",
+        labels=["kind"],
+    )
+    free = GaugeMetricFamily(
+        "edge_agent_folder_free_bytes",
+        "Free space on the file system holding each of the agent's folders.",
+        labels=["folder"],
+    )
+    if device is not None:
+        for warning in device.warnings():
+            warnings.add_metric([warning.code], 1)
+        for kind, mhz in (("current", device.cpu_mhz), ("max", device.cpu_max_mhz)):
+            if mhz is not None:
+                clock.add_metric([kind], mhz * 1_000_000)
+        for folder, mb in device.free_mb.items():
+            if mb is not None:
+                free.add_metric([folder], mb * MIB)
+    yield warnings
+    yield clock
+    yield free

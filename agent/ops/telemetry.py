@@ -9,19 +9,29 @@ are both views of it, so a new health figure is read in one place.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent import __version__
+from agent.hardware.condition import (
+    DeviceCondition,
+    NvmlReader,
+    WarningTracker,
+    free_space_mb,
+    read_condition,
+)
 from agent.hardware.detect import Hardware, read_temperatures
 from agent.inference.latency import LatencySummary
 from agent.inference.pipeline import Pipeline
 from agent.inference.registry import ModelRegistry, ModelState
 from agent.procfs import rss_mb
+
+log = structlog.get_logger(__name__)
 
 # Where Jetson kernels expose the integrated GPU's load, in tenths of a percent.
 JETSON_GPU_LOAD_FILES = (
@@ -56,17 +66,6 @@ def gpu_load_percent(root: Path = Path("/")) -> float | None:
     return None
 
 
-def disk_free_mb(path: str) -> float | None:
-    """Free space where ``path`` lives (its nearest existing ancestor)."""
-    folder = Path(path)
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        return round(shutil.disk_usage(folder).free / 1024 / 1024, 1)
-    except OSError:
-        return None
-
-
 @dataclass(frozen=True)
 class AgentView:
     """What telemetry reads: the daemon's parts, by reference (pipelines can change)."""
@@ -86,6 +85,8 @@ class AgentView:
     update_keys: Callable[[], dict[str, Any]] | None = None
     # Per model the highest update version accepted: what a rollout has reached.
     update_versions: Callable[[], dict[str, int]] | None = None
+    state_dir: str | None = None  # its free space is reported beside models_dir's
+    nvml: NvmlReader = field(default_factory=NvmlReader)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ class HealthSnapshot:
     gpu_load_percent: float | None = None
     update_keys: Mapping[str, Any] | None = None
     update_versions: Mapping[str, int] | None = None
+    device: DeviceCondition | None = None
 
     def baseline(self) -> Baseline:
         """This reading as the start of the next report's interval."""
@@ -219,6 +221,11 @@ class HealthSnapshot:
             document["update_keys"] = dict(self.update_keys)
         if self.update_versions is not None:
             document["update_versions"] = dict(self.update_versions)
+        if self.device is not None:
+            document["device"] = self.device.to_dict()
+            document["warnings"] = [
+                {"code": w.code, "message": w.message} for w in self.device.warnings()
+            ]
         return document
 
 
@@ -268,12 +275,21 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
         cpu_s=cpu_s,
         rss_mb=rss_mb(),
         temperatures_c=read_temperatures(view.hardware),
-        disk_free_mb=disk_free_mb(view.models_dir),
+        disk_free_mb=free_space_mb(view.models_dir),
         delivery=view.delivery() if view.delivery is not None else None,
         gpu_load_percent=gpu_load_percent(),
         update_keys=view.update_keys() if view.update_keys is not None else None,
         update_versions=view.update_versions() if view.update_versions is not None else None,
+        device=read_condition(view.hardware, folders_of(view), nvml=view.nvml),
     )
+
+
+def folders_of(view: AgentView) -> dict[str, str]:
+    """The folders whose free space health reports."""
+    folders = {"models_dir": view.models_dir}
+    if view.state_dir is not None:
+        folders = {"state_dir": view.state_dir, **folders}
+    return folders
 
 
 class HealthReporter:
@@ -283,6 +299,7 @@ class HealthReporter:
         self._view = view
         self._started = time.monotonic()
         self._previous = Baseline(time.monotonic(), process_cpu_seconds())
+        self._warnings = WarningTracker()
 
     def update_view(self, view: AgentView) -> None:
         """Read from ``view`` from now on (config reloaded); uptime and rates carry on."""
@@ -293,4 +310,10 @@ class HealthReporter:
         snapshot = read_snapshot(self._view, take_interval=True)
         document = snapshot.to_document(self._previous, self._started)
         self._previous = snapshot.baseline()
+        if snapshot.device is not None:
+            turned_on, cleared = self._warnings.update(snapshot.device.warnings())
+            for warning in turned_on:
+                log.warning("device_warning", code=warning.code, message=warning.message)
+            for code in cleared:
+                log.info("device_warning_cleared", code=code)
         return document
