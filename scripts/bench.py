@@ -13,7 +13,10 @@ samples) and measures for each:
 3. the baseline loop (``scripts/baseline_loop.py``: callback -> json -> run -> publish);
 4. the daemon (at-least-once, the default) with JSON and with raw payloads;
 5. the daemon in plain at-most-once mode with JSON (acknowledged on arrival, like the
-   baseline), for the cost of at-least-once.
+   baseline), for the cost of at-least-once;
+6. CPU seconds per 1,000 readings at a steady 500/s and 100/s, the daemon (defaults) against
+   the baseline loop, medians of 3 alternating windows (``scripts/bench_cpu.py``; skip with
+   ``--no-cpu``).
 
 Saturation throughput is readings/s from the first reading sent to the last result
 received, all QoS 1. Latency is measured at a fixed 500 readings/s. RSS is each process's
@@ -55,6 +58,7 @@ from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
 from tests.onnx_builders import IR_VERSION  # noqa: E402
 
 LATENCY_RATE = 500.0
+CPU_RATES = [500.0, 100.0]
 LATENCY_SECONDS = 4.0
 
 
@@ -538,7 +542,9 @@ def main() -> int:
     parser.add_argument("--readings", type=int, default=4000)
     parser.add_argument("--models", default="iforest,mlp,cnn")
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU-per-reading runs")
     args = parser.parse_args()
+    cpu_rows: list[tuple[str, dict[str, float]]] = []
     print(describe_run(), flush=True)
     with tempfile.TemporaryDirectory(prefix="edge-agent-bench-") as temp:
         folder = Path(temp)
@@ -554,6 +560,12 @@ def main() -> int:
             for case in build_models(folder, args.readings, args.models.split(",")):
                 print(f"benchmarking {case.name} ...", flush=True)
                 rows.append(bench_model(case, broker, folder))
+                if not args.no_cpu:
+                    from bench_cpu import bench_case  # noqa: PLC0415 - it imports this module
+
+                    cpu = bench_case(case, broker, folder, CPU_RATES, runs=3)
+                    cpu_rows.append((case.name, cpu))
+                    rows[-1].figures.update(cpu)
         finally:
             broker.stop()
     print(
@@ -561,6 +573,11 @@ def main() -> int:
         f"latency at {LATENCY_RATE:.0f} readings/s\n"
     )
     print(report(rows))
+    if cpu_rows:
+        from bench_cpu import table  # noqa: PLC0415
+
+        print("\nCPU per reading at a steady rate (medians of 3 alternating windows):\n")
+        print(table(cpu_rows, CPU_RATES))
     if args.json:
         Path(args.json).write_text(
             json.dumps([{"model": r.model, **r.figures} for r in rows], indent=2)

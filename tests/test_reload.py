@@ -335,3 +335,49 @@ def test_model_missing_at_start_loads_when_the_file_appears(
     rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms))
     client.loop_stop()
     assert agent.process.poll() is None
+
+
+def test_models_dir_deleted_and_recreated_while_running(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    recorder: Callable[..., Recorder],
+) -> None:
+    """The models folder is removed (a botched provisioning script) and made again with a new
+    model: the serving model keeps answering meanwhile (it is in memory), and the file put
+    into the new folder is loaded and served, without a restart."""
+    model_a, model_b = make_models(tmp_path)
+    agent = start(agent_factory, broker, tmp_path, model_a)
+    rec = recorder(STATE, "out/#")
+    client = publisher(broker)
+    try:
+        shutil.rmtree(tmp_path / "models")
+        time.sleep(1.0)  # the watcher sees its folder go
+        client.publish("in/a", b'{"x": [1, 2, 3, 4]}', qos=1)
+        rec.wait_for(lambda ms: any(m.topic == "out/a" for m in ms), timeout_s=15)
+        (tmp_path / "models").mkdir()
+        time.sleep(0.5)
+        replace_atomically(tmp_path / "models" / "lin.onnx", model_b)
+
+        def serving_b(ms: list[Any]) -> bool:
+            return any(
+                json.loads(m.payload).get("version") == version_of(model_b)
+                and json.loads(m.payload).get("state") == "READY"
+                for m in ms
+                if m.topic == STATE
+            )
+
+        rec.wait_for(serving_b, timeout_s=60)
+        seen = len(rec.messages)
+        client.publish("in/a", b'{"x": [1, 2, 3, 4]}', qos=1)
+        rec.wait_for(
+            lambda ms: any(
+                m.topic == "out/a" and json.loads(m.payload)["version"] == version_of(model_b)
+                for m in ms[seen:]
+            ),
+            timeout_s=15,
+        )
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert agent.process.poll() is None

@@ -110,6 +110,9 @@ class ModelFileWatcher:
         self._pending: dict[str, _Pending] = {}
         self._stopped = False
         self._observer: BaseObserver | None = None
+        # (st_dev, st_ino) of each watched folder when it was scheduled, None: missing. A
+        # folder deleted and made again is a new inode the old watch never sees.
+        self._folder_ids: dict[Path, tuple[int, int] | None] = {}
         self.mode = "off"
         self._thread = threading.Thread(target=self._run, name="model-reload", daemon=True)
 
@@ -204,6 +207,7 @@ class ModelFileWatcher:
             self._schedule(observer)
             observer.start()
         self._observer = observer
+        self._folder_ids = self._current_folder_ids()
         self.mode = mode
         log.info(
             "model_watch_started",
@@ -230,6 +234,50 @@ class ModelFileWatcher:
                 self._start_observer()
             except Exception:
                 log.exception("model_watch_restart_failed")
+            return
+        self._follow_replaced_folders()
+
+    def _current_folder_ids(self) -> dict[Path, tuple[int, int] | None]:
+        ids: dict[Path, tuple[int, int] | None] = {}
+        for folder in self._folders():
+            try:
+                info = folder.stat()
+            except OSError:
+                ids[folder] = None
+                continue
+            ids[folder] = (info.st_dev, info.st_ino)
+        return ids
+
+    def _follow_replaced_folders(self) -> None:
+        """A watched folder that was deleted is reported once; once a folder of that name
+        exists again, watching restarts on it and the model files in it are loaded."""
+        if self._observer is None or self._stopped:
+            return
+        current = self._current_folder_ids()
+        if current == self._folder_ids:
+            return
+        for folder, ident in current.items():
+            if ident is None and self._folder_ids.get(folder) is not None:
+                log.warning(
+                    "model_folder_missing",
+                    folder=str(folder),
+                    action="serving the loaded models; watching for the folder to return",
+                )
+        if any(ident is None for ident in current.values()):
+            self._folder_ids = current
+            return
+        log.warning("model_folder_replaced", folders=[str(f) for f in current])
+        old = self._observer
+        old.stop()
+        old.join(timeout=1.0)
+        try:
+            self._start_observer()
+        except Exception:
+            log.exception("model_watch_restart_failed")
+            return
+        for path in self._paths:
+            if path.exists():  # loaded now; one that is unchanged is a no-op
+                self.notify(str(path), complete=True, renamed=True)
 
     # -- the reload thread ---------------------------------------------------------------
 
