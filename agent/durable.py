@@ -132,16 +132,23 @@ def replace_durably(source: Path, target: Path) -> None:
 def lock_folder(folder: Path) -> int:
     """Take ``folder/agent.lock`` for this process (an flock, released when the process
     dies, however it dies); returns the descriptor to keep open. Two daemons sharing one
-    ``state_dir`` would send each other's stored results and fight over update state."""
-    folder.mkdir(parents=True, exist_ok=True)
+    ``state_dir`` would send each other's stored results and fight over update state.
+    A folder that cannot be written (read-only, full, no permission) is an ``EdgeAgentError``
+    saying so: the daemon cannot keep its promises without it."""
     path = folder / "agent.lock"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         # Not truncated through a link: it would empty whatever file the link names.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise _symlink_error(path) from exc
-        raise
+        raise EdgeAgentError(
+            f"state_dir {folder} cannot be written ({exc.strerror}): it holds the outbox of "
+            "unsent results, the update staging and the key set; make it writable (a "
+            "read-write mount with free space, owned by the service user) or point state_dir "
+            "at a folder that is"
+        ) from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:

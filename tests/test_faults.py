@@ -1,12 +1,13 @@
 """Faults a device meets over months, with the daemon as a process: a frozen process and a
-flapping broker. (A full disk and a read-only state folder: tests/test_disk_faults.py.)"""
+flapping broker, and a state folder that cannot be written."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 
 from agent.procfs import rss_mb
 from tests.broker import MosquittoBroker, Recorder, paced_stream, publisher
-from tests.conftest import AgentProcess
+from tests.conftest import AgentProcess, base_config
 from tests.test_delivery import (
     config_for,
     durable_broker,  # noqa: F401 - a fixture
@@ -111,3 +112,43 @@ def test_a_flapping_broker_under_load_loses_nothing_and_leaks_no_thread(
     assert threads_of(pid) == threads_before, "threads leaked across reconnects"
     rss_after = rss_mb(pid) or 0.0
     assert rss_after < rss_before + 50, (rss_before, rss_after)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a read-only tmpfs (root only: mount); unmounted afterwards."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a read-only tmpfs")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_read_only_state_dir_at_start_is_a_clear_error(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    read_only_folder: Path,
+) -> None:
+    """state_dir on a read-only file system: the daemon exits non-zero at once with one
+    error line that names the folder and the cause (no traceback), so systemd's journal
+    says what to fix."""
+    config = base_config(broker, tmp_path, state_dir=str(read_only_folder))
+    agent = agent_factory(config)
+    assert agent.process.wait(timeout=30) != 0
+    events = agent.log_events()
+    failed = [e for e in events if e.get("event") == "agent_failed"]
+    assert len(failed) == 1, events
+    assert str(read_only_folder) in failed[0]["error"]
+    assert "Read-only file system" in failed[0]["error"]
+    assert "Traceback" not in agent.log_file.read_text()
