@@ -63,13 +63,61 @@ def test_rows_taken_to_send_are_not_counted_as_dropped(tmp_path: Path) -> None:
     assert box.dropped - before == kept_before + 100 - len(box)
 
 
+class Clocks:
+    """A wall clock and a boot clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.wall, self.boot = 1_800_000_000.0, 5_000.0
+
+    def __call__(self) -> tuple[float, float]:
+        return self.wall, self.boot
+
+
 def test_old_results_expire(tmp_path: Path) -> None:
-    """Results older than max_age_s are dropped and counted as expired."""
-    box = Outbox(tmp_path, max_mb=8, max_age_s=60)
+    """Results older than max_age_s (on the boot clock) are dropped and counted as expired."""
+    clocks = Clocks()
+    box = Outbox(tmp_path, max_mb=8, max_age_s=60, clock=clocks, boot_id="a")
     box.append([result(1), result(2)])
-    assert box.expire(now=10**10) == 2
+    clocks.wall += 30
+    clocks.boot += 30
+    assert box.expire() == 0
+    assert box.stats()["oldest_age_s"] == 30.0
+    clocks.boot += 31
+    assert box.expire() == 2
     assert box.stats()["expired"] == 2
     assert len(box) == 0
+
+
+def test_wall_clock_jumps_neither_expire_early_nor_keep_late(tmp_path: Path) -> None:
+    """The wall clock stepped a day forward (a late NTP sync after a dead RTC battery)
+    expires nothing stored a minute ago; stepped an hour back, results still expire when
+    their time is up."""
+    clocks = Clocks()
+    box = Outbox(tmp_path, max_mb=8, max_age_s=3600, clock=clocks, boot_id="a")
+    box.append([result(1)])
+    clocks.wall += 86_400
+    clocks.boot += 60
+    assert box.expire() == 0
+    assert box.stats()["oldest_age_s"] == 60.0
+    clocks.wall -= 86_400 + 3600
+    clocks.boot += 3600
+    assert box.expire() == 1
+
+
+def test_after_a_reboot_ages_fall_back_to_the_wall_clock(tmp_path: Path) -> None:
+    """Stored rows' boot-clock times mean nothing in another boot: there the wall clock
+    (written with every row) decides."""
+    clocks = Clocks()
+    box = Outbox(tmp_path, max_mb=8, max_age_s=3600, clock=clocks, boot_id="first")
+    box.append([result(1)])
+    box.close()
+    clocks.boot = 10.0  # a fresh boot
+    clocks.wall += 600
+    again = Outbox(tmp_path, max_mb=8, max_age_s=3600, clock=clocks, boot_id="second")
+    assert again.stats()["oldest_age_s"] == 600.0
+    assert again.expire() == 0
+    clocks.wall += 3001
+    assert again.expire() == 1
 
 
 def test_seq_blocks_never_repeat_across_restarts(tmp_path: Path) -> None:
@@ -108,3 +156,25 @@ def test_new_bounds_apply_to_the_next_append(tmp_path: Path) -> None:
     box.append([result(2000, size=1000)])
     assert box.dropped > 0
     assert box.after(0, 100_000)[-1].topic == "out/2000"
+
+
+def test_an_outbox_from_before_the_boot_clock_is_upgraded(tmp_path: Path) -> None:
+    """A file written by an earlier version (no boot-clock column) opens, keeps its rows
+    and ages them on the wall clock."""
+    import sqlite3  # noqa: PLC0415
+
+    db = sqlite3.connect(tmp_path / "outbox.sqlite3")
+    db.executescript(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, pipeline TEXT NOT NULL, "
+        "topic TEXT NOT NULL, payload BLOB NOT NULL, qos INTEGER NOT NULL, correlation BLOB, "
+        "created REAL NOT NULL, size INTEGER NOT NULL);"
+        "CREATE TABLE seq (pipeline TEXT PRIMARY KEY, next INTEGER NOT NULL);"
+        "INSERT INTO outbox (pipeline, topic, payload, qos, created, size) "
+        "VALUES ('p', 't', x'00', 1, 1799999000.0, 100);"
+    )
+    db.commit()
+    db.close()
+    clocks = Clocks()
+    box = Outbox(tmp_path, max_mb=8, max_age_s=3600, clock=clocks, boot_id="a")
+    assert len(box) == 1
+    assert box.stats()["oldest_age_s"] == 1000.0

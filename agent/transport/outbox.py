@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +44,29 @@ CREATE TABLE IF NOT EXISTS outbox (
     qos INTEGER NOT NULL,
     correlation BLOB,
     created REAL NOT NULL,
+    created_boot REAL,
     size INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seq (pipeline TEXT PRIMARY KEY, next INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+# (wall-clock seconds, seconds since boot): ages are measured on the boot clock, which no
+# NTP step or operator's `date -s` moves; across a reboot only the wall clock is left.
+Clock = Callable[[], tuple[float, float]]
+BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+def system_clock() -> tuple[float, float]:
+    """The wall clock and CLOCK_BOOTTIME (which keeps counting through a suspend)."""
+    return time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def current_boot_id(path: Path = BOOT_ID_FILE) -> str:
+    """This boot's id (a boot clock reading means nothing in another boot)."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -65,8 +85,17 @@ class OutboxRow:
 class Outbox:
     """A bounded, durable FIFO of results in one SQLite file."""
 
-    def __init__(self, folder: Path, max_mb: float, max_age_s: float) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        max_mb: float,
+        max_age_s: float,
+        *,
+        clock: Clock = system_clock,
+        boot_id: str | None = None,
+    ) -> None:
         self.path = folder / DB_FILE
+        self._clock = clock
         self._lock = threading.Lock()
         self._wal_bytes, self._budget = _bounds(max_mb)
         self._max_age_s = max_age_s
@@ -74,9 +103,8 @@ class Outbox:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._db = _open(self.path, self._wal_bytes)
-            row = self._db.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0), MIN(created) FROM outbox"
-            ).fetchone()
+            _adopt_boot(self._db, current_boot_id() if boot_id is None else boot_id)
+            row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
         except sqlite3.Error as exc:
             raise EdgeAgentError(f"cannot open the outbox {self.path}: {exc}") from exc
         self._count, self._bytes = int(row[0]), int(row[1])
@@ -91,7 +119,7 @@ class Outbox:
                 "outbox_resumed",
                 results=self._count,
                 bytes=self._bytes,
-                oldest_age_s=round(time.time() - float(row[2]), 1),
+                oldest_age_s=self._oldest_age_s(),
             )
 
     def set_bounds(self, max_mb: float, max_age_s: float) -> None:
@@ -109,7 +137,7 @@ class Outbox:
 
     def append(self, results: list[PendingResult]) -> None:
         """Store results durably (one transaction), dropping the oldest beyond the bound."""
-        now = time.time()
+        now, boot = self._clock()
         rows = [
             (
                 r.pipeline,
@@ -118,6 +146,7 @@ class Outbox:
                 r.qos,
                 r.correlation,
                 now,
+                boot,
                 len(r.payload) + len(r.topic) + ROW_OVERHEAD,
             )
             for r in results
@@ -128,7 +157,7 @@ class Outbox:
             try:
                 self._db.executemany(
                     "INSERT INTO outbox (pipeline, topic, payload, qos, correlation, created, "
-                    "size) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "created_boot, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 self._count += len(rows)
@@ -240,11 +269,17 @@ class Outbox:
             self._count -= len(found)
             self._bytes -= sum(size for _, size in found)
 
-    def expire(self, now: float | None = None) -> int:
-        """Drop results older than ``max_age_s``; returns how many."""
-        cutoff = (time.time() if now is None else now) - self._max_age_s
+    def expire(self) -> int:
+        """Drop results older than ``max_age_s``; returns how many. Ages run on the boot
+        clock, so a wall clock stepped a day forward expires nothing early and one stepped
+        back keeps nothing longer; results from before a reboot fall back to the wall clock."""
+        wall, boot = self._clock()
         with self._lock:
-            cursor = self._db.execute("DELETE FROM outbox WHERE created < ?", (cutoff,))
+            cursor = self._db.execute(
+                "DELETE FROM outbox WHERE (created_boot IS NOT NULL AND created_boot < ?) "
+                "OR (created_boot IS NULL AND created < ?)",
+                (boot - self._max_age_s, wall - self._max_age_s),
+            )
             count = cursor.rowcount
             if count:
                 self._recount()
@@ -256,15 +291,26 @@ class Outbox:
     def stats(self) -> dict[str, float | int | None]:
         """Depth, stored bytes, the oldest result's age, and drops since start (for health)."""
         with self._lock:
-            oldest = self._db.execute("SELECT MIN(created) FROM outbox").fetchone()[0]
+            oldest = self._oldest_age_s()
             count, size = self._count, self._bytes
         return {
             "depth": count,
             "bytes": size,
-            "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
+            "oldest_age_s": oldest,
             "dropped": self.dropped,
             "expired": self.expired,
         }
+
+    def _oldest_age_s(self) -> float | None:
+        wall, boot = self._clock()
+        this_boot, earlier = self._db.execute(
+            "SELECT MIN(created_boot), MIN(CASE WHEN created_boot IS NULL THEN created END) "
+            "FROM outbox"
+        ).fetchone()
+        ages = [boot - this_boot if this_boot is not None else None]
+        ages.append(wall - earlier if earlier is not None else None)
+        known = [a for a in ages if a is not None]
+        return round(max(known), 1) if known else None
 
     def _recount(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
@@ -313,6 +359,28 @@ def _open(path: Path, wal_bytes: int) -> sqlite3.Connection:
     _limit_journal(db, wal_bytes)
     db.executescript(_SCHEMA)
     return db
+
+
+def _adopt_boot(db: sqlite3.Connection, boot_id: str) -> None:
+    """Add the boot-clock column to an outbox from an earlier version, and after a reboot
+    forget the boot-clock times of stored rows (they counted from another boot)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+    if "created_boot" not in columns:
+        db.execute("ALTER TABLE outbox ADD COLUMN created_boot REAL")
+    row = db.execute("SELECT value FROM meta WHERE key = 'boot_id'").fetchone()
+    if row is None or row[0] != boot_id:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE outbox SET created_boot = NULL")
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('boot_id', ?) ON CONFLICT(key) "
+                "DO UPDATE SET value = excluded.value",
+                (boot_id,),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
 
 def _limit_journal(db: sqlite3.Connection, wal_bytes: int) -> None:
