@@ -1,8 +1,9 @@
 """Faults a device meets over months, with the daemon as a process: a frozen process and a
-flapping broker, and a state folder that cannot be written."""
+flapping broker, and a state folder that cannot be written or fills up."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from tests.test_delivery import (
     config_for,
     durable_broker,  # noqa: F401 - a fixture
     readings,
+    upstream,  # noqa: F401 - a fixture
+    upstream_config,
     wait_for_ids,
 )
 
@@ -152,3 +155,77 @@ def test_a_read_only_state_dir_at_start_is_a_clear_error(
     assert str(read_only_folder) in failed[0]["error"]
     assert "Read-only file system" in failed[0]["error"]
     assert "Traceback" not in agent.log_file.read_text()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a 4 MB tmpfs (root only: mount), to fill up; unmounted afterwards."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file into ``folder`` until its file system is full; returns the file."""
+    filler = folder / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_state_dir_during_an_outage_loses_nothing(
+    broker: MosquittoBroker,
+    upstream: MosquittoBroker,  # noqa: F811
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    small_disk: Path,
+) -> None:
+    """The results' broker is down and the disk holding state_dir is full, so the outbox
+    cannot store results: the daemon says so (log, health), keeps the results in memory
+    with their readings unacknowledged, delivers every one when the broker returns, and
+    stores results again once space is back."""
+    config = upstream_config(broker, upstream, tmp_path, state_dir=str(small_disk / "state"))
+    config["health"] = {"interval_s": 0.5}
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = Recorder(upstream, ["out/#", "edge/dev1/health"], session="rec-full").start()
+    paced_stream(broker, "in/s1", readings(50), rate=100).join()
+    wait_for_ids(rec, 50, timeout_s=30)  # seq block reserved, outbox open: then fill the disk
+    upstream.stop()
+    filler = fill(small_disk)
+    paced_stream(broker, "in/s1", readings(150)[50:], rate=100).join()
+    agent.wait_for_event("outbox_write_failed", timeout_s=30)
+    upstream.start()
+    results = wait_for_ids(rec, 150, timeout_s=60, agent=agent)
+    assert {r["id"] for r in results} == set(range(150))
+
+    def counted(ms: list[Any]) -> bool:
+        health = [json.loads(m.payload) for m in ms if m.topic == "edge/dev1/health"]
+        return bool(health) and health[-1]["delivery"]["outbox"]["write_errors"] > 0
+
+    rec.wait_for(counted, timeout_s=30)
+    filler.unlink()  # space is back: the next outage is stored again
+    upstream.stop()
+    paced_stream(broker, "in/s1", readings(200)[150:], rate=100).join()
+    agent.wait_for_event("outbox_write_recovered", timeout_s=30)
+    upstream.start()
+    wait_for_ids(rec, 200, timeout_s=60, agent=agent)
+    rec.stop()
+    assert agent.process.poll() is None

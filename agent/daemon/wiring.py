@@ -151,7 +151,7 @@ class Parts:
             "mode": self.config.delivery,
             "connected": connections,
             "backlog": self.delivery.backlog,
-            "outbox": self.outbox.stats(),
+            "outbox": {**self.outbox.stats(), "write_errors": self.delivery.store_errors},
         }
 
 

@@ -18,6 +18,7 @@ lock held while calling paho: paho runs them under its own message lock).
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ Done = Callable[[], None]
 FLUSH_BATCH = 200
 EXPIRE_EVERY_S = 10.0
 IDLE_WAIT_S = 0.2
+STORE_LOG_EVERY_S = 60.0  # a failing outbox is logged when it starts, then this often
 
 
 class Delivery:
@@ -66,6 +68,10 @@ class Delivery:
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self.published_from_outbox = 0
+        # Outbox appends that failed (workers write, under _lock; health reads).
+        self.store_errors = 0
+        self._store_failing = False
+        self._store_failure_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="outbox-flusher", daemon=True)
 
     @property
@@ -116,19 +122,60 @@ class Delivery:
                 )
                 stored = False
             else:
-                outbox.append([result])
-                self._backlog = True
-                stored = True
+                stored = self._store(outbox, connection, result, done)
         if done is not None and (stored or result.qos == 0):
             done()
         if stored:
             self._wake.set()
+
+    def _store(
+        self,
+        outbox: Outbox,
+        connection: MqttConnection,
+        result: PendingResult,
+        done: Done | None,
+    ) -> bool:
+        """Append ``result`` to the outbox (under ``_lock``); True when stored. When the
+        outbox cannot be written (a full disk, a read-only remount, an I/O error) the result
+        is handed to paho instead, which keeps QoS 1 messages in memory until the broker
+        takes them: its reading is acknowledged only then, so a crash meanwhile makes the
+        broker deliver the reading again. Unacknowledged readings are bounded by
+        ``mqtt.receive_maximum``, so memory stays bounded too."""
+        try:
+            outbox.append([result])
+        except sqlite3.Error as exc:
+            self.store_errors += 1
+            now = time.monotonic()
+            if not self._store_failing or now - self._store_failure_logged >= STORE_LOG_EVERY_S:
+                self._store_failure_logged = now
+                log.error(
+                    "outbox_write_failed",
+                    error=str(exc),
+                    failures=self.store_errors,
+                    action="results wait in memory for the broker; their readings are "
+                    "acknowledged only once the broker has them",
+                )
+            self._store_failing = True
+            connection.publish(
+                result.topic,
+                result.payload,
+                qos=result.qos,
+                properties=_properties(result.correlation),
+                on_acked=done if result.qos > 0 else None,
+            )
+            return False
+        if self._store_failing:
+            self._store_failing = False
+            log.info("outbox_write_recovered", failures=self.store_errors)
+        self._backlog = True
+        return True
 
     # -- the flusher thread --------------------------------------------------------------------
 
     def _run(self) -> None:
         assert self._outbox is not None
         next_expiry = time.monotonic() + EXPIRE_EVERY_S
+        failure_logged = -STORE_LOG_EVERY_S
         while not self._stopped.is_set():
             self._wake.wait(IDLE_WAIT_S)
             self._wake.clear()
@@ -140,7 +187,11 @@ class Delivery:
                 if self._backlog:
                     self._flush(self._outbox)
             except Exception:  # the flusher must keep running whatever one round does
-                log.exception("outbox_flush_failed")
+                # A full disk fails every round: say so when it starts, then once a minute.
+                now = time.monotonic()
+                if now - failure_logged >= STORE_LOG_EVERY_S:
+                    failure_logged = now
+                    log.exception("outbox_flush_failed")
 
     def _flush(self, outbox: Outbox) -> None:
         connection = self._connection()
