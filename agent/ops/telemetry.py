@@ -29,6 +29,7 @@ from agent.hardware.detect import Hardware, read_temperatures
 from agent.inference.latency import LatencySummary
 from agent.inference.pipeline import Pipeline
 from agent.inference.registry import ModelRegistry, ModelState
+from agent.ops.heap import HeapTrimmer
 from agent.procfs import rss_mb
 
 log = structlog.get_logger(__name__)
@@ -300,6 +301,7 @@ class HealthReporter:
         self._started = time.monotonic()
         self._previous = Baseline(time.monotonic(), process_cpu_seconds())
         self._warnings = WarningTracker()
+        self._heap = HeapTrimmer(rss_mb)
 
     def update_view(self, view: AgentView) -> None:
         """Read from ``view`` from now on (config reloaded); uptime and rates carry on."""
@@ -316,4 +318,5 @@ class HealthReporter:
                 log.warning("device_warning", code=warning.code, message=warning.message)
             for code in cleared:
                 log.info("device_warning_cleared", code=code)
+        self._heap.maybe_trim()  # after a burst: the freed pages back to the system
         return document
