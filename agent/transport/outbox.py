@@ -119,7 +119,7 @@ class Outbox:
                 "outbox_resumed",
                 results=self._count,
                 bytes=self._bytes,
-                oldest_age_s=self._oldest_age_s(),
+                oldest_age_s=_oldest_age_s(self._db, self._clock),
             )
 
     def set_bounds(self, max_mb: float, max_age_s: float) -> None:
@@ -291,7 +291,7 @@ class Outbox:
     def stats(self) -> dict[str, float | int | None]:
         """Depth, stored bytes, the oldest result's age, and drops since start (for health)."""
         with self._lock:
-            oldest = self._oldest_age_s()
+            oldest = _oldest_age_s(self._db, self._clock)
             count, size = self._count, self._bytes
         return {
             "depth": count,
@@ -300,17 +300,6 @@ class Outbox:
             "dropped": self.dropped,
             "expired": self.expired,
         }
-
-    def _oldest_age_s(self) -> float | None:
-        wall, boot = self._clock()
-        this_boot, earlier = self._db.execute(
-            "SELECT MIN(created_boot), MIN(CASE WHEN created_boot IS NULL THEN created END) "
-            "FROM outbox"
-        ).fetchone()
-        ages = [boot - this_boot if this_boot is not None else None]
-        ages.append(wall - earlier if earlier is not None else None)
-        known = [a for a in ages if a is not None]
-        return round(max(known), 1) if known else None
 
     def _recount(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
@@ -322,22 +311,7 @@ class Outbox:
         """A block ``[start, end)`` of seq numbers for ``pipeline``, never handed out before
         (persisted before use, so a restart continues above it)."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT next FROM seq WHERE pipeline = ?", (pipeline,)
-                ).fetchone()
-                start = int(row[0]) if row else 1
-                self._db.execute(
-                    "INSERT INTO seq (pipeline, next) VALUES (?, ?) ON CONFLICT"
-                    "(pipeline) DO UPDATE SET next = excluded.next",
-                    (pipeline, start + SEQ_BLOCK),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        return start, start + SEQ_BLOCK
+            return _reserve_seq(self._db, pipeline)
 
     def close(self) -> None:
         """Checkpoint the WAL into the database and close."""
@@ -359,6 +333,38 @@ def _open(path: Path, wal_bytes: int) -> sqlite3.Connection:
     _limit_journal(db, wal_bytes)
     db.executescript(_SCHEMA)
     return db
+
+
+def _oldest_age_s(db: sqlite3.Connection, clock: Clock) -> float | None:
+    """The oldest stored result's age: on the boot clock, or the wall clock for rows
+    stored before this boot (the caller holds the outbox's lock)."""
+    wall, boot = clock()
+    this_boot, earlier = db.execute(
+        "SELECT MIN(created_boot), MIN(CASE WHEN created_boot IS NULL THEN created END) FROM outbox"
+    ).fetchone()
+    ages = [boot - this_boot if this_boot is not None else None]
+    ages.append(wall - earlier if earlier is not None else None)
+    known = [a for a in ages if a is not None]
+    return round(max(known), 1) if known else None
+
+
+def _reserve_seq(db: sqlite3.Connection, pipeline: str) -> tuple[int, int]:
+    """Persist and return the next block of ``pipeline``'s seq numbers (the caller holds
+    the outbox's lock)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        row = db.execute("SELECT next FROM seq WHERE pipeline = ?", (pipeline,)).fetchone()
+        start = int(row[0]) if row else 1
+        db.execute(
+            "INSERT INTO seq (pipeline, next) VALUES (?, ?) ON CONFLICT"
+            "(pipeline) DO UPDATE SET next = excluded.next",
+            (pipeline, start + SEQ_BLOCK),
+        )
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return start, start + SEQ_BLOCK
 
 
 def _adopt_boot(db: sqlite3.Connection, boot_id: str) -> None:
