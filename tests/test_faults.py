@@ -3,6 +3,7 @@ flapping broker, and a state folder that cannot be written or fills up."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,15 +118,15 @@ def test_a_flapping_broker_under_load_loses_nothing_and_leaks_no_thread(
     assert rss_after < rss_before + 50, (rss_before, rss_after)
 
 
-@pytest.fixture
-def read_only_folder(tmp_path: Path) -> Iterator[Path]:
-    """A folder on a read-only tmpfs (root only: mount); unmounted afterwards."""
-    folder = tmp_path / "read-only"
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """``folder`` with a tmpfs mounted on it (root only; the test is skipped otherwise),
+    unmounted afterwards."""
     folder.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a read-only tmpfs")
+        pytest.skip("needs root to mount a tmpfs")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
         capture_output=True,
         check=False,
     )
@@ -135,6 +136,13 @@ def read_only_folder(tmp_path: Path) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder on a read-only tmpfs."""
+    with tmpfs(tmp_path / "read-only", "ro,size=1m") as folder:
+        yield folder
 
 
 def test_a_read_only_state_dir_at_start_is_a_clear_error(
@@ -159,22 +167,9 @@ def test_a_read_only_state_dir_at_start_is_a_clear_error(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A folder on a 4 MB tmpfs (root only: mount), to fill up; unmounted afterwards."""
-    folder = tmp_path / "small-disk"
-    folder.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace')}")
-    try:
+    """A folder on a 4 MB tmpfs, to fill up."""
+    with tmpfs(tmp_path / "small-disk", "size=4m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def fill(folder: Path) -> Path:

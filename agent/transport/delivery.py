@@ -113,13 +113,7 @@ class Delivery:
             if not self._backlog and connection.connected.is_set():
                 # Under the lock so that the flusher cannot switch modes in between; paho's
                 # publish never waits for the network.
-                connection.publish(
-                    result.topic,
-                    result.payload,
-                    qos=result.qos,
-                    properties=_properties(result.correlation),
-                    on_acked=done if result.qos > 0 else None,
-                )
+                _publish_acked(connection, result, done)
                 stored = False
             else:
                 stored = self._store(outbox, connection, result, done)
@@ -156,13 +150,7 @@ class Delivery:
                     "acknowledged only once the broker has them",
                 )
             self._store_failing = True
-            connection.publish(
-                result.topic,
-                result.payload,
-                qos=result.qos,
-                properties=_properties(result.correlation),
-                on_acked=done if result.qos > 0 else None,
-            )
+            _publish_acked(connection, result, done)
             return False
         if self._store_failing:
             self._store_failing = False
@@ -262,6 +250,18 @@ class Delivery:
             ids, self._acked = self._acked, []
         if ids and self._outbox is not None:
             self._outbox.delete(ids)
+
+
+def _publish_acked(connection: MqttConnection, result: PendingResult, done: Done | None) -> None:
+    """Hand ``result`` to paho; ``done()`` once the broker acknowledged it (QoS 1/2; for
+    QoS 0 the caller calls it)."""
+    connection.publish(
+        result.topic,
+        result.payload,
+        qos=result.qos,
+        properties=_properties(result.correlation),
+        on_acked=done if result.qos > 0 else None,
+    )
 
 
 def _properties(correlation: bytes | None) -> Properties | None:
