@@ -22,7 +22,6 @@ from agent.hardware.condition import (
     DeviceCondition,
     NvmlReader,
     WarningTracker,
-    free_space_mb,
     read_condition,
 )
 from agent.hardware.detect import Hardware, read_temperatures
@@ -263,6 +262,7 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
             degraded=status.degraded,
             error=status.error,
         )
+    device = read_condition(view.hardware, folders_of(view), nvml=view.nvml)
     return HealthSnapshot(
         device_id=view.device_id,
         agent_version=__version__,
@@ -276,12 +276,12 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
         cpu_s=cpu_s,
         rss_mb=rss_mb(),
         temperatures_c=read_temperatures(view.hardware),
-        disk_free_mb=free_space_mb(view.models_dir),
+        disk_free_mb=device.free_mb.get("models_dir"),  # read once, for both fields
         delivery=view.delivery() if view.delivery is not None else None,
         gpu_load_percent=gpu_load_percent(),
         update_keys=view.update_keys() if view.update_keys is not None else None,
         update_versions=view.update_versions() if view.update_versions is not None else None,
-        device=read_condition(view.hardware, folders_of(view), nvml=view.nvml),
+        device=device,
     )
 
 
