@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.broker import MosquittoBroker, Recorder, publisher
+from tests.broker import MosquittoBroker, Received, Recorder, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import (
     build_batch_probe,
@@ -238,8 +238,17 @@ def test_failed_model_does_not_stop_the_others(
         },
     )
     start_agent(agent_factory, config)
+    settled = {"READY", "FAILED"}
+
+    def settled_states(ms: list[Received]) -> bool:
+        latest = {m.topic: json.loads(m.payload)["state"] for m in ms}
+        return len(latest) >= 3 and set(latest.values()) <= settled
+
+    # The states may reach the first recorder live (published after it subscribed) or
+    # retained; a second recorder, subscribed once all three settled, proves they are retained.
+    recorder("edge/dev1/models/+").wait_for(settled_states)
     states = recorder("edge/dev1/models/+")
-    states.wait_for(lambda ms: len({m.topic for m in ms if m.retain}) >= 3)
+    states.wait_for(lambda ms: len({m.topic for m in ms if m.retain}) >= 3 and settled_states(ms))
     latest = {m.topic.rsplit("/", 1)[1]: json.loads(m.payload) for m in states.messages}
     assert latest["good"]["state"] == "READY"
     assert latest["good"]["version"].startswith("sha256:")
