@@ -8,6 +8,7 @@ threads) from ``/proc/PID/stat`` before and after. Windows alternate between the
 processes so that a noisy neighbour hurts both alike; medians of ``--runs`` windows.
 
     .venv/bin/python scripts/bench_cpu.py [--models iforest,mlp] [--rates 500,100] [--runs 3]
+        [--threads] [--profile DIR] [--set KEY=VALUE ...]
 
 ``scripts/bench.py`` runs the same measurement as part of its table.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -50,6 +52,8 @@ from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
 
 WINDOW_S = 5.0  # seconds of readings per window (at least 500 readings)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# --threads: print each window's CPU per thread (set once by main, before any window).
+PER_THREAD = False
 
 
 def cpu_seconds(pid: int) -> float:
@@ -57,6 +61,57 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # After the command name: state is field 3, utime 14 and stime 15 (1-based, man proc).
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """User and system CPU seconds so far per thread id of ``pid``."""
+    totals: dict[int, tuple[float, float]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        totals[int(task.name)] = (int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+    return totals
+
+
+def thread_names(pid: int) -> dict[int, str]:
+    """Python thread names by native thread id, from ``py-spy dump`` (threads it does not
+    list are native: onnxruntime's pool)."""
+    spy = Path(sys.executable).parent / "py-spy"
+    try:
+        dump = subprocess.run(
+            [str(spy), "dump", "--pid", str(pid)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return {int(m[1]): m[2] for m in re.finditer(r'^Thread (\d+) \([^)]*\): "([^"]*)"', dump, re.M)}
+
+
+def thread_table(
+    before: dict[int, tuple[float, float]],
+    after: dict[int, tuple[float, float]],
+    pid: int,
+    count: int,
+) -> str:
+    """Per thread name: user and system CPU milliseconds per reading between two samples."""
+    names = thread_names(pid)
+    totals: dict[str, list[float]] = {}
+    for tid, (user, system) in after.items():
+        user0, system0 = before.get(tid, (0.0, 0.0))
+        name = re.sub(r"\d+$", "N", names.get(tid, "native (onnxruntime pool, ...)"))
+        entry = totals.setdefault(name, [0.0, 0.0])
+        entry[0] += (user - user0) / count * 1000
+        entry[1] += (system - system0) / count * 1000
+    return "\n".join(
+        f"    {name:<32} user {user:6.3f} ms  system {system:6.3f} ms"
+        for name, (user, system) in sorted(totals.items(), key=lambda kv: -sum(kv[1]))
+        if user + system > 0
+    )
 
 
 def steady_window(
@@ -67,6 +122,7 @@ def steady_window(
     results.reset()
     sender = _sender(broker)
     before = cpu_seconds(pid)
+    threads_before = thread_cpu(pid)
     started = time.perf_counter()
     for index in range(count):
         delay = started + index / rate - time.perf_counter()
@@ -75,6 +131,9 @@ def steady_window(
         sender.publish(*messages[index % len(messages)], qos=1)
     complete = results.wait_for(count, timeout_s=60)
     used = cpu_seconds(pid) - before
+    if PER_THREAD:
+        print(f"  pid {pid} at {rate:g}/s, per thread:", flush=True)
+        print(thread_table(threads_before, thread_cpu(pid), pid, count), flush=True)
     sender.disconnect()
     sender.loop_stop()
     missing = 0 if complete else count - len(results.received)
@@ -300,7 +359,14 @@ def main() -> int:
         metavar="KEY=YAML",
         help="a daemon setting, e.g. --set cpu_threads=1 --set mqtt.protocol=3.1.1",
     )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="print each window's CPU per reading per thread (names from py-spy dump)",
+    )
     args = parser.parse_args()
+    global PER_THREAD  # noqa: PLW0603 - a print switch, set before any window
+    PER_THREAD = args.threads
     settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     rates = [float(r) for r in args.rates.split(",")]
     print(describe_run(), flush=True)
