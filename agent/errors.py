@@ -88,6 +88,11 @@ class UnsafePathError(EdgeAgentError):
     """A path the agent owns (staging, state, lock files) is a symlink or not what it made."""
 
 
+class SeqReserveError(EdgeAgentError):
+    """The next block of ``seq`` numbers could not be persisted (``state_dir`` full or
+    read-only)."""
+
+
 class ModelToolError(EdgeAgentError):
     """An ``edge-agent model`` tool cannot do what it was asked (unreadable sample inputs,
     a reference model that does not match, a quantizer that is not installed)."""

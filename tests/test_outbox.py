@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import EdgeAgentError
+from agent.errors import EdgeAgentError, SeqReserveError
 from agent.transport.outbox import SEQ_BLOCK, Outbox
-from agent.transport.results import PendingResult, SeqCounter
+from agent.transport.results import UNPERSISTED_RETRY, PendingResult, SeqCounter
 
 
 def result(index: int, size: int = 100) -> PendingResult:
@@ -131,6 +131,42 @@ def test_seq_blocks_never_repeat_across_restarts(tmp_path: Path) -> None:
     again = SeqCounter(Outbox(tmp_path, max_mb=8, max_age_s=60), "p")
     assert again.take() == 1 + SEQ_BLOCK
     assert SeqCounter(Outbox(tmp_path, max_mb=8, max_age_s=60), "q").take() == 1
+
+
+class FlakySeqStore:
+    """A seq store whose writes fail while ``full`` (a full state_dir), else an Outbox."""
+
+    def __init__(self, box: Outbox) -> None:
+        self.box = box
+        self.full = False
+        self.calls = 0
+
+    def reserve_seq(self, pipeline: str, at_least: int = 1) -> tuple[int, int]:
+        self.calls += 1
+        if self.full:
+            raise SeqReserveError("database or disk is full")
+        return self.box.reserve_seq(pipeline, at_least)
+
+
+def test_seq_goes_on_rising_while_blocks_cannot_be_persisted(tmp_path: Path) -> None:
+    """A block that cannot be written does not stop the numbers: they keep rising in
+    memory, persisting is retried every UNPERSISTED_RETRY numbers (not at every one), and
+    the block persisted afterwards starts above every number handed out."""
+    store = FlakySeqStore(Outbox(tmp_path, max_mb=8, max_age_s=60))
+    counter = SeqCounter(store, "p")
+    assert counter.take() == 1
+    store.full = True
+    taken = [counter.take() for _ in range(SEQ_BLOCK + 2 * UNPERSISTED_RETRY)]
+    assert taken == list(range(2, SEQ_BLOCK + 2 * UNPERSISTED_RETRY + 2))
+    assert counter.unpersisted
+    assert store.calls == 1 + 3  # the first block, then one try per retry stretch
+    store.full = False
+    rest = [counter.take() for _ in range(UNPERSISTED_RETRY)]
+    assert rest[0] == taken[-1] + 1 and rest == sorted(rest)
+    assert not counter.unpersisted
+    store.box.close()
+    again = SeqCounter(Outbox(tmp_path, max_mb=8, max_age_s=60), "p")
+    assert again.take() > rest[-1]
 
 
 def test_an_unusable_file_is_a_clear_error(tmp_path: Path) -> None:

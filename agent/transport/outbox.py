@@ -22,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.errors import EdgeAgentError
+from agent.errors import EdgeAgentError, SeqReserveError
 from agent.transport.results import PendingResult
 
 log = structlog.get_logger(__name__)
@@ -307,11 +307,17 @@ class Outbox:
 
     # -- seq -----------------------------------------------------------------------------------
 
-    def reserve_seq(self, pipeline: str) -> tuple[int, int]:
+    def reserve_seq(self, pipeline: str, at_least: int = 1) -> tuple[int, int]:
         """A block ``[start, end)`` of seq numbers for ``pipeline``, never handed out before
-        (persisted before use, so a restart continues above it)."""
+        and starting at ``at_least`` or above (persisted before use, so a restart continues
+        above it). Raises SeqReserveError when the database cannot be written."""
         with self._lock:
-            return _reserve_seq(self._db, pipeline)
+            try:
+                return _reserve_seq(self._db, pipeline, at_least)
+            except sqlite3.Error as exc:
+                raise SeqReserveError(
+                    f"cannot persist the seq numbers of pipeline {pipeline!r} in {self.path}: {exc}"
+                ) from exc
 
     def close(self) -> None:
         """Checkpoint the WAL into the database and close."""
@@ -348,13 +354,13 @@ def _oldest_age_s(db: sqlite3.Connection, clock: Clock) -> float | None:
     return round(max(known), 1) if known else None
 
 
-def _reserve_seq(db: sqlite3.Connection, pipeline: str) -> tuple[int, int]:
-    """Persist and return the next block of ``pipeline``'s seq numbers (the caller holds
-    the outbox's lock)."""
+def _reserve_seq(db: sqlite3.Connection, pipeline: str, at_least: int) -> tuple[int, int]:
+    """Persist and return the next block of ``pipeline``'s seq numbers, from ``at_least`` or
+    above (the caller holds the outbox's lock)."""
     db.execute("BEGIN IMMEDIATE")
     try:
         row = db.execute("SELECT next FROM seq WHERE pipeline = ?", (pipeline,)).fetchone()
-        start = int(row[0]) if row else 1
+        start = max(int(row[0]) if row else 1, at_least)
         db.execute(
             "INSERT INTO seq (pipeline, next) VALUES (?, ?) ON CONFLICT"
             "(pipeline) DO UPDATE SET next = excluded.next",
@@ -362,7 +368,9 @@ def _reserve_seq(db: sqlite3.Connection, pipeline: str) -> tuple[int, int]:
         )
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # A full disk may have rolled the transaction back already (SQLITE_FULL on COMMIT).
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
     return start, start + SEQ_BLOCK
 
