@@ -26,6 +26,19 @@ from tests.test_delivery import (
     upstream_config,
     wait_for_ids,
 )
+from tests.test_updates import agent_config as update_config
+from tests.test_updates import linear, serving_version, version_of, wait_subscribed
+from tests.update_helpers import (
+    DEVICE_BASE,
+    chunks_of,
+    envelope,
+    final_status,
+    make_key,
+    payload_for,
+    send,
+    wait_for_step,
+)
+from tests.update_helpers import STATUS as UPDATE_STATUS
 
 pytestmark = pytest.mark.broker
 
@@ -224,3 +237,118 @@ def test_a_full_state_dir_during_an_outage_loses_nothing(
     wait_for_ids(rec, 200, timeout_s=60, agent=agent)
     rec.stop()
     assert agent.process.poll() is None
+
+
+@contextlib.contextmanager
+def disk_full(folder: Path) -> Iterator[None]:
+    """``folder``'s file system filled up for the block, the space given back afterwards.
+    (A read-only remount under the running daemon is not possible to stage: Linux refuses
+    it while files are open for writing. The daemon meets the same SQLite and OSError
+    failures on a read-only disk as on a full one.)"""
+    filler = fill(folder)
+    try:
+        yield
+    finally:
+        filler.unlink()
+
+
+def test_a_full_state_dir_when_a_seq_block_runs_out_fails_no_reading(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    small_disk: Path,
+) -> None:
+    """seq numbers are persisted a block of 1,000 at a time. When the block runs out while
+    state_dir is full, every reading still gets its result with a rising
+    seq (in memory, logged once); once space is back the next block is persisted
+    above every number handed out, so a restart continues above them."""
+    config = config_for(broker, tmp_path, state_dir=str(small_disk / "state"))
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    agent.wait_for_event("mqtt_subscribed")
+    rec = Recorder(broker, ["out/#", "edge/dev1/errors"]).start()
+    paced_stream(broker, "in/s1", readings(10), rate=200).join()
+    wait_for_ids(rec, 10, timeout_s=30)  # the first block is reserved: then fill the disk
+    with disk_full(small_disk):
+        paced_stream(broker, "in/s1", readings(1100)[10:], rate=500).join()
+        results = wait_for_ids(rec, 1100, timeout_s=60, agent=agent)
+        assert not rec.on("edge/dev1/errors"), rec.payloads("edge/dev1/errors")
+        assert agent.wait_for_event("seq_reserve_failed")["pipeline"] == "p"
+    paced_stream(broker, "in/s1", readings(1300)[1100:], rate=500).join()
+    results = wait_for_ids(rec, 1300, timeout_s=60, agent=agent)
+    assert agent.wait_for_event("seq_reserve_recovered")["unpersisted"] > 0
+    first_seq: dict[int, int] = {}
+    for r in results:
+        first_seq.setdefault(r["id"], r["seq"])
+    seqs = [first_seq[i] for i in range(1300)]
+    assert seqs == sorted(seqs), "seq must only rise"
+    assert len(set(seqs)) == 1300, "no seq twice"
+    code, _ = agent.terminate()
+    assert code == 0
+    again = agent_factory(config)
+    again.wait_for_event("mqtt_subscribed")
+    paced_stream(
+        broker, "in/s1", [json.dumps({"id": 5000, "x": [1.0, 1.0, 2.0, 3.0]})], rate=10
+    ).join()
+    after = rec.wait_for(lambda ms: any(b'"id":5000' in m.payload for m in ms), timeout_s=30)
+    last = next(json.loads(m.payload) for m in after if b'"id":5000' in m.payload)
+    assert last["seq"] > max(seqs), (last["seq"], max(seqs))
+    rec.stop()
+
+
+def test_a_full_disk_rejects_or_fails_an_update_cleanly_and_the_next_one_succeeds(
+    broker: MosquittoBroker,
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+) -> None:
+    """models_dir (where updates are staged) and state_dir (the update journal) on a disk
+    that fills up. Full when the manifest comes: REJECTED before anything is written (the
+    free-space check). Filled while the chunks arrive: FAILED naming the cause, nothing
+    half-written left in staging. Either way the old model keeps serving, and once space is
+    back the same model under a new update id installs."""
+    private, public = make_key(tmp_path / "keys", "ops")
+    old, new = linear(tmp_path, 0), linear(tmp_path, 1)
+    # Bigger than the 16 MB margin the free-space check keeps, so a transfer can start.
+    with tmpfs(tmp_path / "disk", "size=24m") as disk:
+        models = disk / "models"
+        models.mkdir()
+        (models / "lin.onnx").write_bytes(old)
+        config = update_config(broker, tmp_path, [public], chunk_timeout_s=30.0)
+        config["models_dir"] = str(models)
+        config["state_dir"] = str(disk / "state")
+        agent = agent_factory(config)
+        rec = Recorder(broker, [UPDATE_STATUS, "out/#"]).start()
+        agent.wait_for_event("agent_serving")
+        wait_subscribed(agent)
+        assert serving_version(broker, rec, 1) == version_of(old)
+        with disk_full(disk):
+            manifest = envelope(payload_for(new, update_id="full-1", version=2), [private])
+            send(broker, manifest, chunks_of(new, 4096), update_id="full-1")
+            status = final_status(rec, "full-1")
+            assert status["state"] == "REJECTED", status["reason"]
+            assert "not enough disk space" in status["reason"], status["reason"]
+            assert serving_version(broker, rec, 2) == version_of(old)
+
+        manifest = envelope(payload_for(new, update_id="full-2", version=2), [private])
+        send(broker, manifest, update_id="full-2")  # the chunks come once the disk is full
+        wait_for_step(rec, "full-2", "downloading")
+        with disk_full(disk):
+            client = publisher(broker)
+            for chunk in chunks_of(new, 4096):
+                client.publish(f"{DEVICE_BASE}/updates/chunks/full-2", chunk, qos=1)
+            client.disconnect()
+            client.loop_stop()
+            status = final_status(rec, "full-2")
+            assert status["state"] == "FAILED", status["reason"]
+            assert "No space left on device" in status["reason"], status["reason"]
+            assert serving_version(broker, rec, 3) == version_of(old)
+        staging = models / ".edge-agent-staging"
+        assert not staging.exists() or not list(staging.iterdir())
+
+        manifest = envelope(payload_for(new, update_id="full-3", version=2), [private])
+        send(broker, manifest, chunks_of(new, 4096), update_id="full-3")
+        assert final_status(rec, "full-3")["state"] == "SUCCEEDED"
+        assert serving_version(broker, rec, 4) == version_of(new)
+        rec.stop()
+        assert agent.process.poll() is None
+        agent.terminate()

@@ -16,9 +16,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from agent.durable import own_folder, refuse_symlink, write_atomically
 from agent.errors import UnsafePathError, UpdateRejectedError
 from agent.updates.states import UpdateStep
+
+log = structlog.get_logger(__name__)
 
 STATE_FILE = "state.json"
 SIGNED_HISTORY = 8  # digests kept per model: the installed file, its .prev and a few before
@@ -142,8 +146,20 @@ class UpdateStore:
     def finish(self, update_id: str) -> None:
         """Forget a journalled update (its final status has been sent)."""
         with self._lock:
-            if self._journal.pop(update_id, None) is not None:
+            if self._journal.pop(update_id, None) is None:
+                return
+            try:
                 self._save()
+            except OSError as exc:
+                # Forgetting can wait (state_dir full or read-only): the next save drops the
+                # entry, and a restart before that finds it with its staging file gone and
+                # ends it as interrupted. Raising here would lose the final status instead.
+                log.warning(
+                    "update_journal_write_failed",
+                    update_id=update_id,
+                    path=str(self.path),
+                    error=exc.strerror or str(exc),
+                )
 
     def _check(self) -> None:
         if self._problem is not None:

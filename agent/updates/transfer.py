@@ -70,8 +70,8 @@ class ChunkTransfer:
     def add(self, message: bytes | bytearray) -> None:
         """Write one chunk (4-byte big-endian index + bytes); a duplicate is ignored.
 
-        ``UpdateFailedError`` when the chunk cannot belong to this update: the transfer is then
-        abandoned rather than guessed at.
+        ``UpdateFailedError`` when the chunk cannot belong to this update, or cannot be
+        written: the transfer is then abandoned rather than guessed at.
         """
         self.last_activity = time.monotonic()
         if len(message) < INDEX_BYTES:
@@ -94,7 +94,12 @@ class ChunkTransfer:
         if self._have[index]:
             self.duplicates += 1
             return
-        os.pwrite(self._fd, memoryview(message)[INDEX_BYTES:], index * self.source.chunk_size)
+        try:
+            os.pwrite(self._fd, memoryview(message)[INDEX_BYTES:], index * self.source.chunk_size)
+        except OSError as exc:  # the disk filled up or turned read-only after acceptance
+            raise UpdateFailedError(
+                f"cannot write chunk {index} to the staging file {self.staged}: {exc.strerror}"
+            ) from exc
         self._have[index] = 1
         self.received += 1
         self.bytes_written += size
