@@ -3,12 +3,15 @@
     .venv/bin/python scripts/soak.py --duration 3600 [--sample-s 20] [--warmup-s 600]
 
 A private Mosquitto, the daemon with its defaults (at-least-once, QoS 1) and two pipelines:
-an MLP (cheap: processed inline while quiet, batched in bursts) and an IsolationForest
+an MLP (cheap: one reading per run while quiet, batched in bursts) and an IsolationForest
 (expensive per call: batches form). The load repeats a one-minute cycle: quiet (5/s),
 normal (200/s), a burst (2,000/s), normal, a bigger burst (3,000/s), quiet, so batch sizes
-vary from 1 to ``max_batch``. Every reading is sent with QoS 1 and must be answered exactly
-once. The daemon's RSS is sampled every ``--sample-s``; after ``--warmup-s`` a least-squares
-line through the samples gives the growth in MB/hour.
+vary from 1 to ``max_batch``; ``--bursts 800,1200`` sets the two bursts' rates (per
+pipeline) to what a smaller device absorbs: a backlog that outlasts the cycle grows the
+queue, and RSS with it, which is load, not a leak (the highest queue depth seen after
+warm-up is printed to tell them apart). Every reading is sent with QoS 1 and must be
+answered exactly once. The daemon's RSS is sampled every ``--sample-s``; after
+``--warmup-s`` a least-squares line through the samples gives the growth in MB/hour.
 
 Prints readings sent, results, lost, errors reported, RSS first/last/max after warm-up, the
 slope, and the thread count first/last. Exit status 0 when nothing was lost and no error
@@ -42,8 +45,15 @@ from bench_run import describe_run  # noqa: E402
 from agent.procfs import rss_mb  # noqa: E402
 from tests.broker import MosquittoBroker  # noqa: E402
 
-# (seconds, readings/s per pipeline): one cycle of the load.
-CYCLE = ((10, 5.0), (15, 200.0), (5, 2000.0), (10, 200.0), (5, 3000.0), (15, 5.0))
+
+def queue_depth(health: dict[str, Any]) -> int:
+    """Readings waiting in every pipeline's queue, from a P/health document."""
+    return sum(int(p.get("queue_depth") or 0) for p in health.get("pipelines", {}).values())
+
+
+def cycle(bursts: tuple[float, float]) -> tuple[tuple[float, float], ...]:
+    """(seconds, readings/s per pipeline): one minute of the load."""
+    return ((10, 5.0), (15, 200.0), (5, bursts[0]), (10, 200.0), (5, bursts[1]), (15, 5.0))
 
 
 class Answers:
@@ -53,6 +63,8 @@ class Answers:
         self.results: dict[str, dict[int, int]] = {"mlp": {}, "iforest": {}}
         self.errors: list[str] = []
         self.health: dict[str, Any] = {}  # the daemon's latest P/health
+        # (seconds into the run, readings waiting in all queues), at each RSS sample
+        self.queue_depths: list[tuple[float, int]] = []
         self._lock = threading.Lock()
         self._client = paho.Client(CallbackAPIVersion.VERSION2)
         self._device = device
@@ -142,19 +154,22 @@ def send_load(  # noqa: PLR0917
     samples: list[tuple[float, float]],
     pid: int,
     sample_s: float,
+    phases: tuple[tuple[float, float], ...],
+    answers: Answers,
 ) -> int:
     """Send the cycle until ``duration_s``; sample RSS on the way; readings sent per pipeline.
     ``payloads``: per pipeline, the JSON arrays of the readings' values."""
     sent = 0
     next_sample = started
     while time.monotonic() - started < duration_s:
-        for seconds, rate in CYCLE:
+        for seconds, rate in phases:
             phase_start = time.monotonic()
             index = 0
             while True:
                 now = time.monotonic()
                 if now >= next_sample:
                     samples.append((now - started, rss_mb(pid) or float("nan")))
+                    answers.queue_depths.append((now - started, queue_depth(answers.health)))
                     next_sample += sample_s
                 elapsed = now - phase_start
                 if elapsed >= seconds or now - started >= duration_s:
@@ -179,6 +194,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=3600.0, help="seconds of load")
     parser.add_argument("--sample-s", type=float, default=20.0)
     parser.add_argument("--warmup-s", type=float, help="default: a sixth of the duration")
+    parser.add_argument(
+        "--bursts", default="2000,3000", help="the two bursts' readings/s per pipeline"
+    )
     args = parser.parse_args()
     warmup = args.warmup_s if args.warmup_s is not None else args.duration / 6
     print(describe_run(), flush=True)
@@ -226,7 +244,20 @@ def soak(  # noqa: PLR0917
     sender = _sender(broker)
     samples: list[tuple[float, float]] = []
     started = time.monotonic()
-    sent = send_load(sender, payloads, args.duration, started, samples, pid, args.sample_s)
+    bursts = tuple(float(rate) for rate in args.bursts.split(","))
+    if len(bursts) != 2:
+        raise SystemExit("--bursts takes two rates, e.g. 2000,3000")
+    sent = send_load(
+        sender,
+        payloads,
+        args.duration,
+        started,
+        samples,
+        pid,
+        args.sample_s,
+        cycle((bursts[0], bursts[1])),
+        answers,
+    )
     expected = sent * len(payloads)
     deadline = time.monotonic() + 120
     while answers.answered() < expected and time.monotonic() < deadline:
@@ -252,6 +283,8 @@ def soak(  # noqa: PLR0917
         f"({len(after)} samples every {args.sample_s:.0f} s); whole run: first "
         f"{samples[0][1]:.1f} MB, max {max(m for _, m in samples):.1f} MB"
     )
+    depths = [depth for at, depth in answers.queue_depths if at >= warmup]
+    print(f"highest queue depth in health after warm-up: {max(depths, default=0)}")
     print(f"threads: {threads_first} at start, {thread_count(pid)} at the end")
     for name, figures in answers.health.get("pipelines", {}).items():
         counted = {k: figures.get(k) for k in ("received", "processed", "dropped", "errors")}
