@@ -323,6 +323,25 @@ def start_process(
     return process
 
 
+def start_daemon_process(
+    broker: MosquittoBroker, config: dict[str, Any], config_file: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """Write ``config`` to ``config_file`` and start ``edge-agent run`` with it; returns
+    once every model it names is READY (its retained status says so)."""
+    config_file.write_text(yaml.safe_dump(config))
+    device = config["device_id"]
+    watches = [StatusWatch(broker, f"edge/{device}/models/{name}") for name in config["models"]]
+    try:
+        return start_process(
+            [sys.executable, "-m", "agent", "run", "--config", str(config_file)],
+            lambda: all(watch.ready() for watch in watches),
+            log,
+        )
+    finally:
+        for watch in watches:
+            watch.close()
+
+
 def _printed_ready(log: Path) -> Callable[[], bool]:
     return lambda: log.exists() and "ready" in log.read_text()
 
@@ -462,12 +481,8 @@ def run_daemon(  # noqa: PLR0917
             },
         },
     }
-    config_file = folder / f"daemon-{device}.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    log = folder / f"{device}.log"
-    status = StatusWatch(broker, f"edge/{device}/models/m")
-    process = start_process(
-        [sys.executable, "-m", "agent", "run", "--config", str(config_file)], status.ready, log
+    process = start_daemon_process(
+        broker, config, folder / f"daemon-{device}.yaml", folder / f"{device}.log"
     )
     figures: dict[str, float] = {}
     try:
@@ -483,7 +498,6 @@ def run_daemon(  # noqa: PLR0917
             figures[f"{name}_rss"] = rss_mb(process.pid) or float("nan")
     finally:
         stop_process(process)
-        status.close()
     return figures
 
 

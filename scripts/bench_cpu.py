@@ -37,10 +37,10 @@ from bench import (  # noqa: E402
     Messages,
     ModelCase,
     ResultCounter,
-    StatusWatch,
     _printed_ready,
     _sender,
     build_models,
+    start_daemon_process,
     start_process,
     stop_process,
     warm,
@@ -257,15 +257,9 @@ def start_daemon(
         for part in path:
             section = section.setdefault(part, {})
         section[leaf] = value
-    config_file = folder / f"cpu-{device}.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    status = StatusWatch(broker, f"edge/{device}/models/m")
-    process = start_process(
-        [sys.executable, "-m", "agent", "run", "--config", str(config_file)],
-        status.ready,
-        folder / f"{device}.log",
+    process = start_daemon_process(
+        broker, config, folder / f"cpu-{device}.yaml", folder / f"{device}.log"
     )
-    status.close()
     time.sleep(0.5)
     results = ResultCounter(broker, f"cpu/daemon/{case.name}/out/#")
     messages = [

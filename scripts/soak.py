@@ -31,14 +31,13 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as paho
-import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench import StatusWatch, _nodelay, _sender, build_models, start_process, stop_process  # noqa: E402
+from bench import _nodelay, _sender, build_models, start_daemon_process, stop_process  # noqa: E402
 from bench_cpu import start_broker  # noqa: E402
 from bench_run import describe_run  # noqa: E402
 
@@ -107,9 +106,9 @@ class Answers:
         self._client.loop_stop()
 
 
-def daemon_config(folder: Path, port: int, device: str) -> Path:
+def daemon_config(folder: Path, port: int, device: str) -> dict[str, Any]:
     """Default settings apart from the broker, the folders and the two pipelines."""
-    config = {
+    return {
         "device_id": device,
         "log_level": "warning",
         "mqtt": {"host": "127.0.0.1", "port": port},
@@ -126,9 +125,6 @@ def daemon_config(folder: Path, port: int, device: str) -> Path:
             for name in ("mlp", "iforest")
         },
     }
-    path = folder / "soak.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def fit_mb_per_hour(samples: list[tuple[float, float]]) -> float:
@@ -212,16 +208,13 @@ def main() -> int:
                 payloads[case.name] = [
                     json.dumps(np.round(row, 5).tolist()).encode() for row in case.inputs
                 ]
-            config = daemon_config(folder, broker.port, device)
             answers = Answers(broker.port, device)
-            watches = [StatusWatch(broker, f"edge/{device}/models/{m}") for m in payloads]
-            process = start_process(
-                [sys.executable, "-m", "agent", "run", "--config", str(config)],
-                lambda: all(w.ready() for w in watches),
+            process = start_daemon_process(
+                broker,
+                daemon_config(folder, broker.port, device),
+                folder / "soak.yaml",
                 folder / "daemon.log",
             )
-            for watch in watches:
-                watch.close()
             try:
                 return soak(process.pid, broker, payloads, answers, args, warmup)
             finally:
