@@ -56,11 +56,6 @@ class SeqCounter:
         self._next, self._end = 0, 0
         self._unpersisted_since: int | None = None  # first seq handed out unpersisted
 
-    @property
-    def unpersisted(self) -> bool:
-        """Whether numbers are being handed out that no block on disk covers."""
-        return self._unpersisted_since is not None
-
     def take(self) -> int:
         """The next seq (a database write once per ``outbox.SEQ_BLOCK`` results)."""
         if self._next >= self._end:
