@@ -161,7 +161,8 @@ def test_seq_goes_on_rising_while_blocks_cannot_be_persisted(tmp_path: Path) -> 
     assert store.calls == 1 + 3  # the first block, then one try per retry stretch
     store.full = False
     rest = [counter.take() for _ in range(UNPERSISTED_RETRY)]
-    assert rest[0] == taken[-1] + 1 and rest == sorted(rest)
+    assert rest[0] == taken[-1] + 1
+    assert rest == sorted(rest)
     assert store.calls == 5  # persisted again: no more tries until this block runs out
     store.box.close()
     again = SeqCounter(Outbox(tmp_path, max_mb=8, max_age_s=60), "p")
