@@ -11,6 +11,7 @@ from agent.hardware.condition import (
     NvmlReader,
     WarningTracker,
     read_condition,
+    read_only_folders,
     read_throttled,
 )
 from agent.hardware.detect import detect
@@ -120,3 +121,37 @@ def test_a_warning_is_news_once_and_its_clearing_too() -> None:
     assert cleared == []
     assert tracker.update(throttled) == ([], [])
     assert tracker.update([]) == ([], ["throttled_now", "under_voltage_now"])
+
+
+def test_read_only_folders_from_the_mount_table(tmp_path: Path) -> None:
+    """A folder is read-only when the mount it is on (the longest mount point above it, the
+    last one mounted there) says ``ro``, or ``emergency_ro`` (ext4 after an error, which
+    statvfs still reports writable); octal escapes in mount points are undone."""
+    spaced = tmp_path / "with space"
+    (spaced / "state").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "sd").mkdir()
+    escaped = str(spaced).replace(" ", "\\040")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "\n".join(
+            [
+                "/dev/root / ext4 rw,relatime 0 0",
+                f"tmpfs {escaped} tmpfs ro,relatime 0 0",
+                f"/dev/loop0 {tmp_path}/sd ext4 ro,relatime 0 0",
+                f"/dev/loop1 {tmp_path}/sd ext4 rw,relatime 0 0",
+                f"/dev/loop2 {tmp_path}/models ext4 rw,errors=remount-ro,emergency_ro 0 0",
+                "",
+            ]
+        )
+    )
+    folders = {
+        "state_dir": str(spaced / "state" / "not-yet"),
+        "models_dir": str(tmp_path / "models"),
+        "other": str(tmp_path / "sd"),
+    }
+    assert read_only_folders(folders, str(mounts)) == ("state_dir", "models_dir")
+    condition = DeviceCondition(free_mb={"state_dir": 500.0}, read_only=("state_dir",))
+    assert condition.warnings()[0].code == "state_dir_read_only"
+    assert condition.to_dict()["read_only"] == ["state_dir"]
+    assert read_only_folders(folders, str(tmp_path / "no-such-table")) == ()

@@ -239,12 +239,101 @@ def test_a_full_state_dir_during_an_outage_loses_nothing(
     assert agent.process.poll() is None
 
 
+@pytest.fixture
+def ext4_disk(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A folder on a 16 MB ext4 file system in a loop device, mounted
+    ``errors=remount-ro`` as an SD card's root usually is; yields the folder and the
+    file system's ``trigger_fs_error`` switch (root and a loop device only; the test is
+    skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a loop device")
+    image, folder = tmp_path / "sd.img", tmp_path / "sd"
+    folder.mkdir()
+    with image.open("wb") as handle:
+        handle.truncate(16 * 1024 * 1024)
+    steps = [
+        ["mkfs.ext4", "-q", "-F", str(image)],
+        ["mount", "-o", "loop,errors=remount-ro", str(image), str(folder)],
+    ]
+    for step in steps:
+        try:
+            done = subprocess.run(step, capture_output=True, check=False)
+        except FileNotFoundError:
+            pytest.skip(f"{step[0]} is not installed")
+        if done.returncode != 0:
+            pytest.skip(f"{' '.join(step[:2])} failed: {done.stderr.decode(errors='replace')}")
+    try:
+        device = next(
+            line.split()[0]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1] == str(folder)
+        )
+        yield folder, Path("/sys/fs/ext4") / Path(device).name / "trigger_fs_error"
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_a_state_dir_that_turns_read_only_while_running_loses_nothing(
+    broker: MosquittoBroker,
+    upstream: MosquittoBroker,  # noqa: F811
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+    ext4_disk: tuple[Path, Path],
+) -> None:
+    """The ext4 file system holding state_dir hits an error and the kernel remounts it
+    read-only under the running daemon (what a worn SD card does): readings keep getting
+    results, an outage of the results' broker is bridged in memory and delivered when it
+    returns, the failure shows in the log and health, and a SIGTERM still exits cleanly."""
+    folder, trigger = ext4_disk
+    config = upstream_config(broker, upstream, tmp_path, state_dir=str(folder / "state"))
+    config["health"] = {"interval_s": 0.5}
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    rec = Recorder(upstream, ["out/#", "edge/dev1/health"], session="rec-ro").start()
+    paced_stream(broker, "in/s1", readings(50), rate=100).join()
+    wait_for_ids(rec, 50, timeout_s=30)
+    trigger.write_text("test: the SD card fails\n")
+    assert (
+        " ro," in Path("/proc/mounts").read_text()
+        or "emergency_ro" in Path("/proc/mounts").read_text()
+    )
+    paced_stream(broker, "in/s1", readings(100)[50:], rate=100).join()
+    wait_for_ids(rec, 100, timeout_s=30, agent=agent)
+    upstream.stop()
+    paced_stream(broker, "in/s1", readings(150)[100:], rate=100).join()
+    failed = agent.wait_for_event("outbox_write_failed", timeout_s=30)
+    assert failed["error"].endswith(f"the file system of {folder / 'state'} is read-only")
+    upstream.start()
+    results = wait_for_ids(rec, 150, timeout_s=60, agent=agent)
+    assert {r["id"] for r in results} == set(range(150))
+
+    def reported(ms: list[Any]) -> bool:
+        health = [json.loads(m.payload) for m in ms if m.topic == "edge/dev1/health"]
+        return (
+            bool(health)
+            and health[-1]["delivery"]["outbox"]["write_errors"] > 0
+            and "state_dir_read_only" in {w["code"] for w in health[-1]["warnings"]}
+        )
+
+    rec.wait_for(reported, timeout_s=30)
+    rec.stop()
+    warned = agent.wait_for_event("device_warning")
+    assert any(
+        e.get("code") == "state_dir_read_only"
+        for e in agent.log_events()
+        if e.get("event") == "device_warning"
+    ), warned
+    assert agent.process.poll() is None
+    code, _ = agent.terminate()
+    assert code == 0
+    assert "Traceback" not in agent.log_file.read_text()
+
+
 @contextlib.contextmanager
 def disk_full(folder: Path) -> Iterator[None]:
     """``folder``'s file system filled up for the block, the space given back afterwards.
-    (A read-only remount under the running daemon is not possible to stage: Linux refuses
-    it while files are open for writing. The daemon meets the same SQLite and OSError
-    failures on a read-only disk as on a full one.)"""
+    (A plain ``mount -o remount,ro`` under the running daemon is refused while files are
+    open for writing; ``ext4_disk`` stages the read-only case the way the kernel does it.)"""
     filler = fill(folder)
     try:
         yield

@@ -28,6 +28,7 @@ from typing import Any
 
 from agent.hardware.detect import Hardware
 
+MOUNTS = "/proc/self/mounts"
 # get_throttled bits: (bit, name); the same condition since boot is the bit + 16.
 THROTTLE_FLAGS = (
     (0, "under_voltage"),
@@ -104,10 +105,18 @@ class DeviceCondition:
     nvidia_gpu: GpuFigures | None = None
     storage: tuple[StorageWear, ...] = ()
     free_mb: Mapping[str, float | None] = field(default_factory=dict)
+    read_only: tuple[str, ...] = ()  # of the folders in free_mb: on a read-only mount
 
     def warnings(self) -> list[DeviceWarning]:
         """What needs an operator, worst first."""
-        found: list[DeviceWarning] = []
+        found: list[DeviceWarning] = [
+            DeviceWarning(
+                f"{folder}_read_only",
+                f"{folder} is on a file system that refuses writes (mounted read-only, or "
+                "remounted read-only by the kernel after disk errors)",
+            )
+            for folder in self.read_only
+        ]
         for name in self.throttled_now or ():
             found.append(
                 DeviceWarning(f"{name}_now", f"{_words(name)} now (firmware get_throttled)")
@@ -146,6 +155,7 @@ class DeviceCondition:
             "cpu_mhz": self.cpu_mhz,
             "cpu_max_mhz": self.cpu_max_mhz,
             "free_mb": dict(self.free_mb),
+            "read_only": list(self.read_only),
         }
         if self.throttled_now is not None:
             document["throttled"] = {
@@ -284,6 +294,42 @@ def free_space_mb(path: str) -> float | None:
         return None
 
 
+def read_only_folders(folders: Mapping[str, str], mounts: str = MOUNTS) -> tuple[str, ...]:
+    """The names in ``folders`` whose file system is mounted read-only. From the mount
+    table, because ext4 after an error (``errors=remount-ro``) refuses writes while statvfs
+    and access() still say writable: only its ``emergency_ro`` option tells."""
+    try:
+        table = [line.split() for line in Path(mounts).read_text().splitlines()]
+    except OSError:
+        return ()
+    points = [
+        (_unescape(fields[1]), set(fields[3].split(","))) for fields in table if len(fields) >= 4
+    ]
+    found = []
+    for name, path in folders.items():
+        folder = Path(path)
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        real = str(folder.resolve())
+        mounted: set[str] | None = None  # the options of the mount the folder is on
+        longest = -1
+        for point, options in points:
+            # The longest mount point above the folder; a later mount over the same point
+            # hides the earlier one.
+            if (real == point or real.startswith(point.rstrip("/") + "/")) and len(
+                point
+            ) >= longest:
+                mounted, longest = options, len(point)
+        if mounted is not None and {"ro", "emergency_ro"} & mounted:
+            found.append(name)
+    return tuple(found)
+
+
+def _unescape(field_text: str) -> str:
+    """A mount table field: the kernel writes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
+
+
 class NvmlReader:
     """NVIDIA GPU figures through NVML, opened on first use. Read by the health report (the
     main thread) and by Prometheus scrapes (the metrics thread): the lock keeps them apart."""
@@ -345,4 +391,5 @@ def read_condition(
         nvidia_gpu=nvml.read() if nvml is not None and hardware.nvidia_gpu else None,
         storage=read_storage_wear(base),
         free_mb={name: free_space_mb(path) for name, path in folders.items()},
+        read_only=read_only_folders(folders),
     )

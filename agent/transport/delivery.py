@@ -144,7 +144,7 @@ class Delivery:
                 self._store_failure_logged = now
                 log.error(
                     "outbox_write_failed",
-                    error=str(exc),
+                    error=outbox.explain(exc),
                     failures=self.store_errors,
                     action="results wait in memory for the broker; their readings are "
                     "acknowledged only once the broker has them",

@@ -13,6 +13,9 @@ the flusher reads and deletes, the main thread asks for statistics.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sqlite3
 import threading
 import time
@@ -165,7 +168,7 @@ class Outbox:
                 dropped = self._drop_oldest_beyond_budget()
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                _roll_back(self._db)
                 self._recount()
                 raise
             self._limit_wal()
@@ -264,7 +267,7 @@ class Outbox:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                _roll_back(self._db)
                 raise
             self._count -= len(found)
             self._bytes -= sum(size for _, size in found)
@@ -316,14 +319,34 @@ class Outbox:
                 return _reserve_seq(self._db, pipeline, at_least)
             except sqlite3.Error as exc:
                 raise SeqReserveError(
-                    f"cannot persist the seq numbers of pipeline {pipeline!r} in {self.path}: {exc}"
+                    f"cannot persist the seq numbers of pipeline {pipeline!r} in {self.path}: "
+                    f"{self.explain(exc)}"
                 ) from exc
 
+    def explain(self, exc: sqlite3.Error) -> str:
+        """``exc`` as the operator needs it: SQLite reports a write refused by a read-only
+        file system, or one that found no space, as a generic "disk I/O error", so name the
+        error code and what the file system says now."""
+        text = str(exc)
+        code = getattr(exc, "sqlite_errorname", None)
+        if code and code not in text:
+            text = f"{text} ({code})"
+        cause = _write_probe(self.path.parent)
+        return f"{text}; {cause}" if cause else text
+
     def close(self) -> None:
-        """Checkpoint the WAL into the database and close."""
+        """Checkpoint the WAL into the database and close. A checkpoint that cannot be
+        written (a full or read-only disk) is logged, not raised: every committed result is
+        in the WAL, which the next start reads."""
         with self._lock:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                log.warning(
+                    "outbox_checkpoint_failed",
+                    error=self.explain(exc),
+                    action="stored results stay in the write-ahead log; the next start reads it",
+                )
             finally:
                 self._db.close()
 
@@ -368,9 +391,7 @@ def _reserve_seq(db: sqlite3.Connection, pipeline: str, at_least: int) -> tuple[
         )
         db.execute("COMMIT")
     except BaseException:
-        # A full disk may have rolled the transaction back already (SQLITE_FULL on COMMIT).
-        if db.in_transaction:
-            db.execute("ROLLBACK")
+        _roll_back(db)
         raise
     return start, start + SEQ_BLOCK
 
@@ -393,8 +414,46 @@ def _adopt_boot(db: sqlite3.Connection, boot_id: str) -> None:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _roll_back(db)
             raise
+
+
+def _write_probe(folder: Path) -> str | None:
+    """Why a new file cannot be written in ``folder`` now, or None if it can. Asking the
+    file system beats reading its flags: ext4 after an error (``errors=remount-ro``) refuses
+    writes while its mount options still say ``rw``."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        return _write_failure(folder, exc)
+    try:
+        os.write(handle, b"\0" * 4096)
+    except OSError as exc:
+        return _write_failure(folder, exc)
+    finally:
+        os.close(handle)
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+    return None
+
+
+def _write_failure(folder: Path, exc: OSError) -> str:
+    if exc.errno == errno.EROFS:
+        return f"the file system of {folder} is read-only"
+    if exc.errno in {errno.ENOSPC, errno.EDQUOT}:
+        return f"the file system of {folder} is full"
+    return f"{folder}: {exc.strerror}"
+
+
+def _roll_back(db: sqlite3.Connection) -> None:
+    """Roll back the transaction a failed statement left open. SQLite has often rolled it
+    back by itself already (SQLITE_FULL on COMMIT, an I/O error, a read-only remount), and a
+    failing ROLLBACK must not replace the error that caused it: the caller re-raises that
+    one, which is what the operator needs to read."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def _limit_journal(db: sqlite3.Connection, wal_bytes: int) -> None:
