@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.transport.mqtt import MqttConnection
-from agent.transport.outbox import Outbox, OutboxRow
+from agent.transport.outbox import Outbox, OutboxRow, explain
 from agent.transport.results import PendingResult
 
 log = structlog.get_logger(__name__)
@@ -144,7 +144,7 @@ class Delivery:
                 self._store_failure_logged = now
                 log.error(
                     "outbox_write_failed",
-                    error=outbox.explain(exc),
+                    error=explain(exc, outbox.path),
                     failures=self.store_errors,
                     action="results wait in memory for the broker; their readings are "
                     "acknowledged only once the broker has them",

@@ -320,35 +320,28 @@ class Outbox:
             except sqlite3.Error as exc:
                 raise SeqReserveError(
                     f"cannot persist the seq numbers of pipeline {pipeline!r} in {self.path}: "
-                    f"{self.explain(exc)}"
+                    f"{explain(exc, self.path)}"
                 ) from exc
-
-    def explain(self, exc: sqlite3.Error) -> str:
-        """``exc`` as the operator needs it: SQLite reports a write refused by a read-only
-        file system, or one that found no space, as a generic "disk I/O error", so name the
-        error code and what the file system says now."""
-        text = str(exc)
-        code = getattr(exc, "sqlite_errorname", None)
-        if code and code not in text:
-            text = f"{text} ({code})"
-        cause = _write_probe(self.path.parent)
-        return f"{text}; {cause}" if cause else text
 
     def close(self) -> None:
         """Checkpoint the WAL into the database and close. A checkpoint that cannot be
         written (a full or read-only disk) is logged, not raised: every committed result is
         in the WAL, which the next start reads."""
         with self._lock:
-            try:
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                log.warning(
-                    "outbox_checkpoint_failed",
-                    error=self.explain(exc),
-                    action="stored results stay in the write-ahead log; the next start reads it",
-                )
-            finally:
-                self._db.close()
+            _checkpoint_and_close(self._db, self.path)
+
+
+def _checkpoint_and_close(db: sqlite3.Connection, path: Path) -> None:
+    try:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:
+        log.warning(
+            "outbox_checkpoint_failed",
+            error=explain(exc, path),
+            action="stored results stay in the write-ahead log; the next start reads it",
+        )
+    finally:
+        db.close()
 
 
 def _open(path: Path, wal_bytes: int) -> sqlite3.Connection:
@@ -416,6 +409,18 @@ def _adopt_boot(db: sqlite3.Connection, boot_id: str) -> None:
         except BaseException:
             _roll_back(db)
             raise
+
+
+def explain(exc: sqlite3.Error, database: Path) -> str:
+    """``exc`` from the outbox at ``database`` as the operator needs it: SQLite reports a
+    write refused by a read-only file system, or one that found no space, as a generic "disk
+    I/O error", so name the error code and what the file system says now."""
+    text = str(exc)
+    code = getattr(exc, "sqlite_errorname", None)
+    if code and code not in text:
+        text = f"{text} ({code})"
+    cause = _write_probe(database.parent)
+    return f"{text}; {cause}" if cause else text
 
 
 def _write_probe(folder: Path) -> str | None:
