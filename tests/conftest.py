@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import yaml
@@ -192,8 +192,18 @@ def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
         process.close()
 
 
+class BrokerAddress(Protocol):
+    """Where a config points: a running ``MosquittoBroker``, or just an address."""
+
+    @property
+    def host(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
 def base_config(
-    broker: MosquittoBroker, tmp_path: Path, device_id: str = "dev1", **extra: Any
+    broker: BrokerAddress, tmp_path: Path, device_id: str = "dev1", **extra: Any
 ) -> dict[str, Any]:
     """A minimal agent config talking to the test broker, with folders under ``tmp_path``."""
     models_dir = tmp_path / "models"

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "agent.updates": 4,
     "agent.ops": 4,
     "agent.modeltools": 4,
+    "agent.integrations": 4,
     "agent.daemon": 5,
     "agent.cli": 6,
 }

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent import topics
+from agent.config import integrations
 from agent.config.diagnostics import did_you_mean, dotted, problems_from_pydantic
 from agent.config.keys import load_public_key
 from agent.config.schema import AgentConfig
@@ -113,6 +114,11 @@ def _fill_defaults(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
         if "ca_file" in updates:
             updates["ca_file"] = filler.resolve(updates["ca_file"])
         data["updates"] = updates
+    # Always filled: the edge node id's default names the device.
+    sparkplug = {} if data.get("sparkplug") is None else data["sparkplug"]
+    if isinstance(sparkplug, dict):
+        node = sparkplug.get("edge_node_id")
+        data["sparkplug"] = {**sparkplug, "edge_node_id": filler.expand(node or "{device_id}")}
     if isinstance(data.get("models"), dict):
         data["models"] = {name: _fill_model(name, body) for name, body in data["models"].items()}
     results_broker = data["upstream"] if isinstance(data.get("upstream"), dict) else data["mqtt"]
@@ -257,6 +263,7 @@ def _cross_check(data: dict[str, Any], doc: YamlDocument, file: str) -> list[Con
             f"{len(roots)} root key(s): no key set could ever be accepted",
         )
     _check_file_exists(updates.get("ca_file"), ("updates", "ca_file"), report)
+    integrations.cross_check(data, report)
     return problems
 
 

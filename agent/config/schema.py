@@ -13,16 +13,13 @@ file and the checks that span keys live in ``agent.config.loader``.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     StrictBool,
     StrictFloat,
@@ -33,7 +30,9 @@ from pydantic import (
 )
 
 from agent import topics
+from agent.config.base import Name, Section, TopicName
 from agent.config.diagnostics import did_you_mean
+from agent.config.integrations import HomeAssistantConfig, SparkplugConfig
 from agent.strenum import StrEnum
 
 # The largest update message this agent takes: a manifest (a few KB, plus an optional inline
@@ -42,8 +41,6 @@ UPDATE_MESSAGE_MAX_BYTES = 2 * 1024 * 1024
 # Room for the topic, the 4-byte chunk index and MQTT 5 properties beyond a message's payload.
 PACKET_OVERHEAD_BYTES = 64 * 1024
 MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
-
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class DeliveryMode(StrEnum):
@@ -56,12 +53,6 @@ class DeliveryMode(StrEnum):
 Dtype = Literal[
     "float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "int64", "bool"
 ]
-
-
-def _check_name(value: str) -> str:
-    if not NAME_PATTERN.match(value):
-        raise ValueError(f"{value!r} is not a valid name: use 1-64 of A-Z a-z 0-9 . _ -")
-    return value
 
 
 def _check_listen(value: str | None) -> str | None:
@@ -107,19 +98,11 @@ def _known_providers() -> list[str]:
     return list(onnxruntime.get_all_providers())
 
 
-Name = Annotated[StrictStr, AfterValidator(_check_name)]
 TopicFilter = Annotated[StrictStr, AfterValidator(topics.check_filter)]
-TopicName = Annotated[StrictStr, AfterValidator(topics.check_name)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 QoS = Annotated[StrictInt, Field(ge=0, le=2)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0, allow_inf_nan=False)]
 Providers = Annotated[Literal["auto"] | tuple[str, ...] | None, BeforeValidator(_check_providers)]
-
-
-class Section(BaseModel):
-    """Base of every config section: immutable, and unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TlsConfig(Section):
@@ -410,6 +393,12 @@ class AgentConfig(Section):
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     upstream: MqttConfig | None = None
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    home_assistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="Home Assistant MQTT discovery"
+    )
+    sparkplug: SparkplugConfig = Field(
+        default_factory=SparkplugConfig, description="Sparkplug B edge node"
+    )
     delivery: DeliveryMode = Field(
         DeliveryMode.AT_LEAST_ONCE,
         description="at_least_once: persistent session, readings "

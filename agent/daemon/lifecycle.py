@@ -150,6 +150,7 @@ class Daemon:
         for subscription in parts.updates.subscriptions():
             parts.uplink.subscribe(subscription)
         parts.updates.start()
+        parts.integrations.start(self.config)
         if connect_late:
             parts.connection.start()
             self._wait_subscribed(parts)
@@ -214,6 +215,7 @@ class Daemon:
                 "at_least_once: their readings are delivered again after the restart",
             )
         parts.delivery.stop()
+        parts.integrations.stop()
         if parts.metrics is not None:
             parts.metrics.stop()
         parts.retained.stop()
@@ -242,6 +244,7 @@ class Daemon:
     def _publish_health(self, parts: Parts) -> None:
         try:
             document = parts.health.report()
+            parts.integrations.health(document)
             parts.retained.set(f"{self.config.topic_prefix}/health", encode_json(document))
             self.notifier.status(_status_line(parts, document))
         except Exception:  # telemetry must never take the daemon down
@@ -266,7 +269,9 @@ class Daemon:
             return
         if self._log_level_override is None:
             set_log_level(new.log_level)
+        old = parts.config
         removed_models = apply_plan(parts, plan, new)
+        parts.integrations.reload(old, new, reconnected=plan.reconnect)
         log.info(
             "config_reloaded",
             reconnected=plan.reconnect,

@@ -13,6 +13,7 @@ import paho.mqtt.client as paho
 import structlog
 
 from agent.config.schema import AgentConfig, DeliveryMode, PipelineConfig
+from agent.daemon.integrations import Integrations
 from agent.durable import lock_folder
 from agent.errors import EdgeAgentError
 from agent.hardware.detect import detect as detect_hardware
@@ -72,6 +73,7 @@ class Parts:
         self.pipelines: dict[str, Pipeline] = {}
         self.health = HealthReporter(self.view())
         self.metrics: MetricsServer | None = None
+        self.integrations = Integrations(self, config, self.hardware.summary())
 
     def start_pipeline(self, name: str, config: PipelineConfig) -> None:
         """Build, start and subscribe pipeline ``name``; one that cannot be built is logged
@@ -86,6 +88,7 @@ class Parts:
                 seq=SeqCounter(self.outbox, name),
                 errors=self.errors,
                 models_dir=Path(self.config.models_dir),
+                observe=self.integrations.observe_result,
             )
         except EdgeAgentError as exc:
             log.error("pipeline_not_started", pipeline=name, error=str(exc))
@@ -100,6 +103,11 @@ class Parts:
         if self.uplink is self.connection:
             return [self.connection]
         return [self.connection, self.uplink]
+
+    def publish_retained(self, topic: str, payload: bytes) -> None:
+        """Make ``payload`` the retained value of ``topic`` on the current uplink (any
+        thread; sent in order by the retained publisher)."""
+        self.retained.set(topic, payload)
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         """Publish on the current uplink (any thread)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,9 @@ FINAL_BATCH_GRACE_S = 0.5
 
 # Hands a result on; calls the second argument once it is safely handed off. Thread-safe.
 DeliverFn = Callable[[PendingResult, "Ack | None"], None]
+# Told of each result once it is handed off: (pipeline, the reading's topic, the result as
+# published). Runs on the worker thread, so it must only queue; it must not change the result.
+ResultObserver = Callable[[str, str, Mapping[str, Any]], None]
 
 
 class Pipeline:
@@ -69,6 +72,7 @@ class Pipeline:
         models_dir: Path,
         acker: AckerFn,
         seq: SeqCounter,
+        observe: ResultObserver | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -110,6 +114,7 @@ class Pipeline:
             seq=seq,
             labels=labels,
             plan_for=self.plan_for,
+            observe=observe,
         )
         self._thread = threading.Thread(
             target=self._worker.serve, name=f"pipeline-{name}", daemon=True
@@ -224,6 +229,7 @@ class Worker:
         seq: SeqCounter,
         labels: list[str] | None,
         plan_for: Callable[[LoadedModel], RunPlan],
+        observe: ResultObserver | None = None,
     ) -> None:
         self._name = name
         self._config = config
@@ -237,6 +243,7 @@ class Worker:
         self._seq = seq
         self._labels = labels
         self._plan_for = plan_for
+        self._observe = observe
         self._log = log.bind(pipeline=name, model=config.model)
         # Set by the worker while it processes a batch; read by the systemd watchdog.
         self.busy_since: float | None = None
@@ -382,6 +389,8 @@ class Worker:
             )
         self._counters.processed += 1
         self._latency.record(latency_ms)
+        if self._observe is not None:
+            self._observe(self._name, reading.topic, result)
 
     def _fail(self, reading: Reading, reason: str) -> None:
         self._counters.failed += 1

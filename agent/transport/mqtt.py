@@ -323,7 +323,7 @@ def _make_client(
     client.max_inflight_messages_set(config.max_inflight)
     if status_topic is not None:
         client.will_set(status_topic, STATUS_OFFLINE, qos=1, retain=True)
-    password = _read_password(config.password_file) if config.username is not None else None
+    password = read_password(config.password_file) if config.username is not None else None
     set_credentials(client, config, password)
     return client
 
@@ -394,7 +394,9 @@ def _paho_logger() -> logging.Logger:
     return logger
 
 
-def _read_password(path: str | None) -> str | None:
+def read_password(path: str | None) -> str | None:
+    """The password in the file ``path`` (None when no file is set); warns when the file
+    can be read by others, raises EdgeAgentError when it cannot be read."""
     if path is None:
         return None
     warning = secret_file_warning(path)
