@@ -156,8 +156,8 @@ class SparkplugHost:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         parts = message.topic.split("/")
-        if len(parts) < 4 or parts[1] == "STATE":
-            return
+        if len(parts) < 4 or parts[1] == "STATE" or parts[2] in ("NCMD", "DCMD"):
+            return  # a host's own words, not the edge node's
         _, group, verb, edge, *device = parts
         decoded = SpbMessage(
             message.topic,

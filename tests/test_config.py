@@ -419,6 +419,8 @@ def test_schema_is_the_contract() -> None:
         "updates",
         "upstream",
         "outbox",
+        "home_assistant",
+        "sparkplug",
     }
     assert contract <= set(AgentConfig.model_fields)
 
@@ -447,3 +449,47 @@ def test_trusted_keys_must_be_ed25519_public_keys(tmp_path: Path) -> None:
     assert any(
         ":4: updates.threshold: threshold 4 is more than the 3 trusted key(s)" in p for p in found
     ), found
+
+
+def test_integration_settings_are_checked_with_their_place(tmp_path: Path) -> None:
+    """home_assistant and sparkplug: a result entity of a pipeline that does not exist, a
+    threshold on a sensor, a threshold over a template that is not one expression, a
+    Sparkplug id with a topic separator, and broker: upstream without an upstream."""
+    found = problems(
+        write(
+            tmp_path,
+            VALID
+            + textwrap.dedent(
+                """
+                home_assistant:
+                  discovery: true
+                  results:
+                    - {pipeline: vibraton, topic: results/a/vib, name: A, value_template: "{{ 1 }}"}
+                    - {pipeline: vibration, topic: results/b/vib, name: B, threshold: 0.5,
+                       value_template: "{{ 1 }}"}
+                    - {pipeline: vibration, topic: results/c/vib, name: C, threshold: 0.5,
+                       platform: binary_sensor, value_template: "{% if x %}1{% endif %}"}
+                sparkplug: {enabled: true, group_id: "plant/3", broker: upstream}
+                """
+            ),
+        )
+    )
+    text = "\n".join(found)
+    assert (
+        "agent.yaml:13: home_assistant.results[0].pipeline: pipeline 'vibraton' is not "
+        "defined under pipelines (vibration), did you mean 'vibration'?"
+    ) in text
+    assert (
+        "agent.yaml:14: home_assistant.results[1]: threshold is for platform: binary_sensor" in text
+    )
+    assert "agent.yaml:16: home_assistant.results[2]: with a threshold, value_template must" in text
+    assert "agent.yaml:18: sparkplug.group_id: a Sparkplug id must not contain '/'" in text
+    assert "agent.yaml:18: sparkplug.broker: broker: upstream needs an upstream section" in text
+
+
+def test_sparkplug_edge_node_id_defaults_to_the_device_id(tmp_path: Path) -> None:
+    """``{device_id}`` in sparkplug.edge_node_id is filled, and is the default."""
+    config = load_config(write(tmp_path, VALID))
+    assert config.sparkplug.edge_node_id == "gw1"
+    named = load_config(write(tmp_path, VALID + "sparkplug: {edge_node_id: 'line3-{device_id}'}\n"))
+    assert named.sparkplug.edge_node_id == "line3-gw1"

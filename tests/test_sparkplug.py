@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.integrations.sparkplug.payloads import value_of
+from agent.integrations.sparkplug.payloads import DataType, MetricValue, encode, value_of
 from tests.broker import MosquittoBroker, publisher
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear
 from tests.sparkplug_host import SparkplugHost, SpbMessage
+from tests.test_delivery import upstream  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.broker
 
@@ -25,10 +26,10 @@ AgentFactory = Callable[..., AgentProcess]
 NODE = "plant/dev1"
 
 
-def sparkplug_config(broker: MosquittoBroker, tmp_path: Path, **sparkplug: Any) -> dict[str, Any]:
+def sparkplug_config(local: MosquittoBroker, tmp_path: Path, **sparkplug: Any) -> dict[str, Any]:
     build_linear(tmp_path / "models" / "lin.onnx", features=4, outputs=2)
     return base_config(
-        broker,
+        local,
         tmp_path,
         models={"lin": {"file": "lin.onnx"}},
         pipelines={
@@ -50,6 +51,14 @@ def send(broker: MosquittoBroker, sensor: str, ids: range) -> None:
         client.publish(f"sensors/{sensor}/x", json.dumps(reading), qos=1).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()
+
+
+def _rebirth_false() -> bytes:
+    return encode(
+        [MetricValue(DataType.BOOLEAN, False, name="Node Control/Rebirth")],
+        timestamp_ms=1,
+        seq=None,
+    )
 
 
 def metrics_by_name(birth: SpbMessage) -> dict[str, Any]:
@@ -87,6 +96,22 @@ def test_a_session_from_nbirth_to_ndeath_follows_the_specification(
     )
     host.wait_for(lambda ms: len([m for m in ms if m.verb == "DDATA" and m.device == "p:s1"]) >= 2)
 
+    # 300 more results: the one seq counter of the node wraps from 255 to 0.
+    send(broker, "s1", range(100, 400))
+    host.wait_for(lambda ms: len([m for m in ms if m.verb == "DDATA"]) >= 300, timeout_s=30)
+    assert any(m.payload.seq == 0 for m in host.of("DDATA"))
+
+    # Hostile commands: garbage, a rebirth set false, one too large to read. None rebirths.
+    births_before = len(host.of("NBIRTH"))
+    client = publisher(broker)
+    for junk in (b"\xff\xfe\xfd", _rebirth_false(), b"\x00" * 100_000):
+        client.publish(f"spBv1.0/{NODE.replace('/', '/NCMD/')}", junk, qos=1).wait_for_publish(5)
+    agent.wait_for_event("sparkplug_ncmd_rejected")
+    agent.wait_for_event("sparkplug_ncmd_ignored")
+    send(broker, "s2", range(500, 502))
+    host.wait_for(lambda ms: any(m.verb == "DDATA" and m.device == "p:s2" for m in ms[-5:]))
+    assert len(host.of("NBIRTH")) == births_before
+
     births_before = len(host.of("NBIRTH"))
     host.rebirth(NODE)
     host.wait_for(lambda ms: sum(m.verb == "NBIRTH" for m in ms) > births_before)
@@ -103,7 +128,6 @@ def test_a_session_from_nbirth_to_ndeath_follows_the_specification(
     host.wait_for(
         lambda ms: any(m.verb == "NBIRTH" and m.metric("Pipelines/q/Throughput") for m in ms)
     )
-    client = publisher(broker)
     client.publish("other/m7/x", json.dumps({"id": 1, "x": [1, 2, 3, 4]}), qos=1)
     host.wait_for(lambda ms: any(m.verb == "DBIRTH" and m.device == "q:m7" for m in ms))
 
@@ -149,3 +173,55 @@ def test_a_primary_host_gates_the_births(
     assert "tck-id-topics-nbirth-bdseq-increment" in host.exercised
     host.stop()
     watcher.stop()
+
+
+def test_results_made_while_the_host_is_unreachable_arrive_as_history(
+    broker: MosquittoBroker,
+    upstream: MosquittoBroker,  # noqa: F811
+    tmp_path: Path,
+    agent_factory: AgentFactory,
+) -> None:
+    """Sparkplug on the upstream broker (broker: upstream): while it is down the readings
+    still get results; once it is back the node is born again (bdSeq + 1) and the results of
+    the outage follow as DDATA whose metrics are marked is_historical, in order."""
+    config = sparkplug_config(broker, tmp_path, broker="upstream")
+    config["upstream"] = {
+        "host": upstream.host,
+        "port": upstream.port,
+        "keepalive_s": 5,
+        "reconnect_max_s": 1,
+    }
+    host = SparkplugHost(upstream).start()
+    agent = agent_factory(config)
+    agent.wait_for_event("agent_serving")
+    host.wait_for(lambda ms: any(m.verb == "NBIRTH" for m in ms))
+    send(broker, "s1", range(2))
+    host.wait_for(lambda ms: any(m.verb == "DDATA" and m.device == "p:s1" for m in ms))
+    host.stop()
+    upstream.stop()
+    send(broker, "s1", range(10, 20))
+    time.sleep(0.5)
+    upstream.start()
+    host = SparkplugHost(upstream).start()
+    host.wait_for(
+        lambda ms: (
+            sum(
+                1
+                for m in ms
+                if m.verb == "DDATA" and any(x.is_historical for x in m.payload.metrics)
+            )
+            == 10
+        ),
+        timeout_s=30,
+    )
+    births = host.of("NBIRTH")
+    assert births[0].bdseq is not None
+    assert births[0].bdseq >= 1
+    late = [m for m in host.of("DDATA") if any(x.is_historical for x in m.payload.metrics)]
+    ids = [value_of(x) for m in late for x in m.payload.metrics if x.string_value]
+    assert [i for i in ids if i in {str(n) for n in range(10, 20)}] == [
+        str(n) for n in range(10, 20)
+    ]
+    assert host.violations() == []
+    host.stop()
+    agent.terminate()

@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from agent.config.base import Name, Section, TopicName
+from agent.config.diagnostics import did_you_mean
 from agent.config.yaml_source import KeyPath
 
 # One Jinja expression and nothing else: a threshold is compared against its value.
@@ -153,7 +154,8 @@ def cross_check(data: Mapping[str, Any], report: Report) -> None:
             known = ", ".join(sorted(str(n) for n in names)) or "none are defined"
             report(
                 ("home_assistant", "results", index, "pipeline"),
-                f"pipeline {pipeline!r} is not defined under pipelines ({known})",
+                f"pipeline {pipeline!r} is not defined under pipelines ({known})"
+                f"{did_you_mean(pipeline, [str(n) for n in names])}",
             )
     sparkplug = data.get("sparkplug")
     if (
