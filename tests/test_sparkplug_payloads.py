@@ -19,6 +19,7 @@ from agent.integrations.sparkplug.payloads import (
 )
 from agent.integrations.sparkplug.result_metrics import (
     MAX_ELEMENTS,
+    Metrics,
     device_id,
     node_metrics,
     result_metrics,
@@ -100,18 +101,18 @@ def test_a_new_device_or_metric_waits_for_a_birth_sequence() -> None:
     what changed, by alias; a metric its birth did not declare sends it back to birth."""
     session = EdgeSession(NodeTopics("g", "n"))
     session.node_birth(0, {}, 1)
-    first = {"Id": (DataType.STRING, "1"), "Outputs/y": (DataType.DOUBLE, 0.5)}
+    first: Metrics = {"Id": (DataType.STRING, "1"), "Outputs/y": (DataType.DOUBLE, 0.5)}
     assert session.device_data("p:s1", "p", first, taken_ms=1, now_ms=1) is None
     assert session.needs_birth("p:s1")
     dbirth = decode(session.device_birth("p:s1", 2).payload)
     assert {m.name: value_of(m) for m in dbirth.metrics} == {"Id": "1", "Outputs/y": 0.5}
-    second = {"Id": (DataType.STRING, "2"), "Outputs/y": (DataType.DOUBLE, 0.5)}
+    second: Metrics = {"Id": (DataType.STRING, "2"), "Outputs/y": (DataType.DOUBLE, 0.5)}
     message = session.device_data("p:s1", "p", second, taken_ms=3, now_ms=3)
     assert message is not None
     ddata = decode(message.payload)
     assert [(m.name, value_of(m)) for m in ddata.metrics] == [("", "2")]
     assert ddata.metrics[0].alias == dbirth.metrics[0].alias
-    wider = {**second, "Label": (DataType.STRING, "ok")}
+    wider: Metrics = {**second, "Label": (DataType.STRING, "ok")}
     assert session.device_data("p:s1", "p", wider, taken_ms=4, now_ms=4) is None
     assert session.needs_birth("p:s1")
 
