@@ -231,6 +231,8 @@ def test_discovery_on_a_real_broker(
     restarted = retained_config(broker)
     assert restarted is not None
     assert restarted["cmps"]["pipeline_q_errors"] == {"p": "sensor"}
+    for cid in ("agent_cpu", "model_lin_state", "pipeline_p_throughput", "result_pump_1_anomaly"):
+        assert restarted["cmps"][cid]["unique_id"] == published["cmps"][cid]["unique_id"]
 
     config["home_assistant"]["discovery"] = False
     agent.config_file.write_text(yaml.safe_dump(config, sort_keys=False))

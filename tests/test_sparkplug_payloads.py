@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from agent.config.schema import PipelineConfig
+from agent.integrations.sparkplug.feed import DeviceFeed, Offered
 from agent.integrations.sparkplug.payloads import (
     REBIRTH,
     DataType,
@@ -24,7 +26,13 @@ from agent.integrations.sparkplug.result_metrics import (
     node_metrics,
     result_metrics,
 )
-from agent.integrations.sparkplug.session import EdgeSession, NodeTopics, death_payload
+from agent.integrations.sparkplug.session import EdgeSession, Message, NodeTopics, death_payload
+
+PIPELINE = {
+    "model": "m",
+    "input": {"topic": "sensors/+/x"},
+    "output": {"topic": "results/{1}"},
+}
 
 
 def test_the_wire_format_is_the_specifications() -> None:
@@ -173,3 +181,30 @@ def test_node_metrics_are_named_by_the_config_and_null_until_reported() -> None:
     assert after["Health/Temperature C"] == (DataType.DOUBLE, 45.5)
     assert after["Health/Outbox Depth"] == (DataType.INT64, 3)
     assert after["Pipelines/p/Latency p95 ms"] == (DataType.DOUBLE, 1.0)
+
+
+def test_the_device_bound_and_the_wait_for_a_birth_sequence() -> None:
+    """Beyond max_devices a new stream's results are refused and counted; results of a
+    device waiting for its birth sequence are held and sent, by alias, after it."""
+    session = EdgeSession(NodeTopics("g", "n"))
+    session.node_birth(0, {}, 1)
+    sent: list[Message] = []
+    feed = DeviceFeed(session, sent.append, max_devices=1, max_held=10)
+    pipelines = {"p": PipelineConfig.model_validate(PIPELINE)}
+
+    def offered(sensor: str, reading_id: int) -> Offered:
+        result = {"id": reading_id, "ts": 1.0, "outputs": {"y": [1.0]}}
+        return Offered("p", f"sensors/{sensor}/x", result, late=False)
+
+    feed.send(offered("s1", 1), pipelines)
+    assert feed.birth_due is not None
+    feed.send(offered("s1", 2), pipelines)
+    feed.send(offered("s2", 3), pipelines)
+    assert feed.refused == 1
+    assert sent == []
+    session.node_birth(0, {}, 2)
+    sent.append(session.device_birth("p:s1", 2))
+    feed.born(pipelines)
+    assert feed.birth_due is None
+    assert [m.topic for m in sent] == ["spBv1.0/g/DBIRTH/n/p:s1", "spBv1.0/g/DDATA/n/p:s1"]
+    assert value_of(decode(sent[1].payload).metrics[0]) == "2"

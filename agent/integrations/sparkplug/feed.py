@@ -61,7 +61,7 @@ class DeviceFeed:
         if pipeline is None:
             return  # removed since; its devices are dead
         device = device_id(item.pipeline, pipeline.input.topic, item.topic)
-        if not self._session.knows(device) and len(self._session.devices()) >= self._max_devices:
+        if not self._session.knows(device) and self._session.device_count >= self._max_devices:
             self._refuse(device)
             return
         message = self._session.device_data(

@@ -119,7 +119,7 @@ class SparkplugNode:
         return {
             "connected": self._connected,
             "born": self._session.born,
-            "devices": len(self._session.devices()),
+            "devices": self._session.device_count,
             "waiting": len(self._results),
             "dropped": self.dropped + self._feed.dropped,
             "refused_devices": self._feed.refused,
@@ -196,7 +196,13 @@ class SparkplugNode:
             self._link.reconnect()
 
     def _reconfigured(self, config: AgentConfig) -> None:
-        removed = [name for name in self._config.pipelines if name not in config.pipelines]
+        # A pipeline whose input topic changed names its devices anew: the old ones die.
+        removed = [
+            name
+            for name, pipeline in self._config.pipelines.items()
+            if name not in config.pipelines
+            or config.pipelines[name].input.topic != pipeline.input.topic
+        ]
         self._config = config
         for pipeline in removed:
             for device in self._session.devices_of(pipeline):

@@ -133,6 +133,11 @@ class EdgeSession:
         """Every device known in this session, in the order they appeared."""
         return list(self._devices)
 
+    @property
+    def device_count(self) -> int:
+        """How many devices are known (safe to read from another thread)."""
+        return len(self._devices)
+
     def devices_of(self, pipeline: str) -> list[str]:
         """The devices of ``pipeline``."""
         return [name for name, d in self._devices.items() if d.pipeline == pipeline]
