@@ -15,10 +15,13 @@ $(PY):
 # The demo: the runtime dependencies, onnx (builds its model) and the embedded broker. No
 # test tooling: on a Raspberry Pi that is minutes and hundreds of MB saved.
 $(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -m pip uninstall -q -y edge-agent 2>/dev/null || true
 	$(PY) -m pip install -q -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed: pyproject.toml | $(PY)
+	# the distribution's earlier name (taken on PyPI by another project), if this venv has it
+	$(PY) -m pip uninstall -q -y edge-agent 2>/dev/null || true
 	# demo too: the embedded-broker test runs here (amqtt needs a newer pyyaml than the
 	# oldest the second CI leg pins, which installs dev alone and skips that test)
 	$(PY) -m pip install -q -e '.[dev,demo]'

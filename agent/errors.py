@@ -51,7 +51,13 @@ class GoldenMismatchError(ModelLoadError):
 
 
 class PayloadError(EdgeAgentError):
-    """A reading could not be decoded or does not fit the model input it is meant for."""
+    """A reading could not be decoded or does not fit the model input it is meant for.
+
+    ``reading_id``: the reading's id when it could be read before the problem was found."""
+
+    def __init__(self, message: str, reading_id: object = None) -> None:
+        super().__init__(message)
+        self.reading_id = reading_id
 
 
 class PipelineFitError(EdgeAgentError):

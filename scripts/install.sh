@@ -132,6 +132,12 @@ if [ -n "$ORT_WHEEL" ]; then
   cp "$ORT_WHEEL" "$ORT_KEPT/"
 fi
 KEPT_WHEEL=$(find "$ORT_KEPT" -maxdepth 1 -name '*.whl' 2>/dev/null | head -n 1 || true)
+# Earlier versions installed the distribution as edge-agent (a name another PyPI project holds):
+# the same package folder and command under the old name would be removed with it later.
+if "$PREFIX/bin/python" -m pip show --quiet edge-agent >/dev/null 2>&1; then
+  "$PREFIX/bin/python" -m pip uninstall --quiet --yes edge-agent
+  say "removed the distribution's old name, edge-agent (now edge-agent-onnx)"
+fi
 # shellcheck disable=SC2086
 "$PREFIX/bin/python" -m pip install --quiet --upgrade $PIP_ARGS "$SOURCE"
 if [ -n "$KEPT_WHEEL" ]; then

@@ -35,7 +35,7 @@ CASES: dict[str, tuple[dict[str, Any], bytes, str, bytes]] = {
     "wrong field": ({"field": "x"}, b'{"y": [1, 2, 3, 4]}', "payload has no field 'x'", GOOD_JSON),
     "wrong element count": (
         {"field": "x"},
-        b'{"x": [1, 2, 3]}',
+        b'{"id": "r-3", "x": [1, 2, 3]}',
         "expects shape [4] per reading (4 elements), got shape [3]",
         GOOD_JSON,
     ),
@@ -60,6 +60,13 @@ CASES: dict[str, tuple[dict[str, Any], bytes, str, bytes]] = {
         GOOD_JSON,
     ),
     "NaN": ({"field": "x"}, b'{"x": [1, NaN, 3, 4]}', "contains NaN or infinity", GOOD_JSON),
+    "two readings in one message": (
+        {"field": "x"},
+        b'{"id": 17, "x": [[1, 2], [3, 4]]}',
+        "expects shape [4] per reading (4 elements), got shape [2, 2] (4 elements): nested "
+        "lists must have the reading's shape",
+        GOOD_JSON,
+    ),
     "empty payload": ({"field": "x"}, b"", "payload is not valid JSON", GOOD_JSON),
 }
 
@@ -102,6 +109,9 @@ def test_bad_reading_is_reported_and_the_next_one_served(
     assert errors[0]["pipeline"] == "p"
     assert errors[0]["topic"] == "in/bad"
     assert reason in errors[0]["reason"]
+    # The reading's id, when it could be read, so the sender knows which reading it was.
+    expected_id = {"wrong element count": "r-3", "two readings in one message": 17}.get(case)
+    assert errors[0].get("id") == expected_id
     assert not rec.on("out/bad")
     assert agent.process.poll() is None
 

@@ -54,6 +54,24 @@ def test_json_reshapes_flat_data_to_a_static_shape() -> None:
     assert tensors["x"].shape == (2, 2)
 
 
+def test_nesting_other_than_the_readings_shape_is_refused() -> None:
+    """Two readings in one message, a reading with an extra axis or the wrong nesting: the
+    error names the shape sent and the one expected, and nothing is flattened silently."""
+    eight = TensorSpec("x", np.dtype(np.float32), (8,))
+    with pytest.raises(PayloadError) as caught:
+        decode_payload(b'{"x": [[1,2,3,4],[5,6,7,8]]}', cfg(field="x"), [eight])
+    assert str(caught.value) == (
+        "input 'x' expects shape [8] per reading (8 elements), got shape [2, 4] (8 elements): "
+        "nested lists must have the reading's shape (or send a flat list of 8 numbers); "
+        "a message holds one reading"
+    )
+    with pytest.raises(PayloadError, match=r"got shape \[1, 4\]"):
+        decode_payload(b"[[1, 2, 3, 4]]", cfg(), [X])
+    square = TensorSpec("x", np.dtype(np.float32), (2, 4))
+    with pytest.raises(PayloadError, match=r"expects shape \[2, 4\] .* got shape \[4, 2\]"):
+        decode_payload(b"[[1, 2], [3, 4], [5, 6], [7, 8]]", cfg(), [square])
+
+
 def test_dynamic_axis_accepts_any_length() -> None:
     """A dynamic per-item axis takes any length."""
     spec = TensorSpec("x", np.dtype(np.float32), (None,))

@@ -358,6 +358,8 @@ def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
     [
         ("    output: {topic: vad/{1}, outputs: [output]}", '"vad/{1}"'),
         ("    output:\n      topic: {1}/vib", '"{1}/vib"'),
+        ("    output: {topic: machines/{1}/anomaly}", '"machines/{1}/anomaly"'),
+        ("    output: {topic: plant/{1}/{2}/out, qos: 1}", '"plant/{1}/{2}/out"'),
     ],
 )
 def test_unquoted_topic_template_gets_a_hint(tmp_path: Path, line: str, quoted: str) -> None:
@@ -376,6 +378,30 @@ def test_tab_indentation_gets_a_hint(tmp_path: Path) -> None:
         "character '\\t' that cannot start any token (YAML indents with spaces, "
         "not tabs)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [
+        (
+            "mqtt:\n  host: broker.local\n   port: 1883\n",
+            "this line is indented deeper than 'host' on line 2, which already has a value: "
+            "give it the same indentation as the keys beside it",
+        ),
+        (
+            "models:\n  vib: {file: vib.onnx}\n pipelines:\n  p: {}\n",
+            "this line's indentation matches no key above it: line it up with the other keys "
+            "of its section; YAML nests by indentation, two spaces a level",
+        ),
+        ("device_id: gw: 1\n", "a value that holds ': ' must be quoted, e.g. name: \"a: b\""),
+    ],
+)
+def test_bad_indentation_gets_a_hint(tmp_path: Path, text: str, hint: str) -> None:
+    """PyYAML's bare "mapping values are not allowed here" and "expected <block end>" come
+    with what is wrong with the line and how to fix it."""
+    found = problems(write(tmp_path, text))
+    assert len(found) == 1
+    assert found[0].endswith(f"({hint})")
 
 
 def test_unreadable_file(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ BOTTOM = (
     "agent.topics",
     "agent.strenum",
     "agent.procfs",
+    "agent.pip_hint",
 )
 LAYERS: dict[str, int] = {
     **dict.fromkeys(BOTTOM, 0),

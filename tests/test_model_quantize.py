@@ -5,8 +5,10 @@ checked for presence and form, the sizes (deterministic) for direction."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,7 +108,9 @@ def test_json_report_fields(kind: str, tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "out" / f"{kind}.int8.onnx"
     out.parent.mkdir()
 
-    assert quantize_cli(model, out, config, "--json") == 0
+    # A tree ensemble has nothing to quantize: written only with --force (see below).
+    forced = ["--force"] if kind == "iforest" else []
+    assert quantize_cli(model, out, config, "--json", *forced) == 0
 
     report = json.loads(capsys.readouterr().out)
     assert report["written"] is True
@@ -215,13 +219,12 @@ def test_tight_threshold_refuses_and_force_writes(
 
 @pytest.mark.parametrize(
     ("kind", "tolerances"),
-    [("mlp", ("--atol", "1")), ("cnn", ("--atol", "1")), ("iforest", ())],
+    [("mlp", ("--atol", "1")), ("cnn", ("--atol", "1"))],
 )
 def test_loose_threshold_writes_a_model_that_loads(
     kind: str, tolerances: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A threshold int8 meets (atol 1; the IsolationForest is not changed by quantization,
-    so even the defaults hold): OUT is written and onnxruntime loads it."""
+    """A threshold int8 meets (atol 1): OUT is written and onnxruntime loads it."""
     config = write_config(tmp_path)
     model, name, shape = build(kind, tmp_path / "models")
     golden = make_golden(model, name, shape, *tolerances)
@@ -279,6 +282,37 @@ def test_the_pipeline_batch_size_comes_from_the_config(
     assert json.loads(capsys.readouterr().out)["batch_sizes"] == [1, 4]
 
 
+def test_nothing_to_quantize_is_refused_unless_forced(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model with no node dynamic quantization converts (an IsolationForest) would give a
+    larger copy of itself: refused with the reason, exit 1, nothing written or left."""
+    config = write_config(tmp_path)
+    model, _, _ = build("iforest", tmp_path / "models")
+    out = tmp_path / "out" / "iforest.int8.onnx"
+    out.parent.mkdir()
+
+    assert quantize_cli(model, out, config) == 1
+
+    assert capsys.readouterr().err == (
+        f"edge-agent model quantize: {out} not written: {model} has nothing dynamic "
+        "quantization converts (MatMul, Gemm, Conv, Attention, LSTM...), so the int8 file "
+        "would be the same model, larger; serve the original (--force writes it anyway)\n"
+    )
+    assert files_in(out.parent) == set()
+
+
+def test_the_install_hint_names_the_quantize_extras_packages() -> None:
+    """The hint installs the packages themselves into this Python, as pyproject's quantize
+    extra lists them (a distribution name with an extra could reach another PyPI project)."""
+    extra = sorted(
+        requirement.split(";")[0].strip().replace(" ", "")
+        for requirement in importlib.metadata.requires("edge-agent-onnx") or []
+        if 'extra == "quantize"' in requirement
+    )
+    assert extra == sorted(quantize.QUANTIZE_REQUIREMENTS)
+
+
 def test_failed_preprocessing_falls_back_to_the_original(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,7 +355,9 @@ def test_missing_onnx_names_the_extra(
 
     assert quantize_cli(model, out, config) == 1
 
-    assert "pip install 'edge-agent[quantize]'" in capsys.readouterr().err
+    assert f"{sys.executable} -m pip install 'onnx>=1.15' 'sympy>=1.12'" in (
+        capsys.readouterr().err
+    )
     assert files_in(out.parent) == set()
 
 

@@ -18,6 +18,7 @@ from agent.cli.main import main
 from agent.cli.update_sender import (
     ProgressBar,
     StatusFollower,
+    answers,
     human_bytes,
     send_update,
     sign_update,
@@ -300,3 +301,20 @@ def test_a_succeeded_status_with_validation_prints_its_figures() -> None:
     ]
     assert validation_line({**figures, "top1_agreement": None}).count("top-1") == 0
     assert "p50 0.0041 ms" in validation_line({"latency_ms": {"p50": 0.0041}})
+
+
+def test_which_statuses_answer_the_manifest_sent() -> None:
+    """A status counts when it names this update and these bytes; one that could not be
+    verified (authenticated false, no update id) counts by the digest of these bytes alone,
+    so rollouts and publish-update see a device that refuses the signing key at once."""
+    ours = "ab" * 32
+    assert answers({"update_id": "u1", "manifest_sha256": ours}, "u1", ours)
+    assert not answers({"update_id": "u1", "manifest_sha256": "cd" * 32}, "u1", ours)
+    assert not answers({"update_id": "u2", "manifest_sha256": ours}, "u1", ours)
+    refused = {"update_id": None, "authenticated": False, "state": "REJECTED"}
+    assert answers({**refused, "manifest_sha256": ours}, "u1", ours)
+    assert not answers({**refused, "manifest_sha256": "cd" * 32}, "u1", ours)
+    # Someone else's manifest claiming our update id, unverified: not our answer.
+    forged = {"update_id": "u1", "authenticated": False, "manifest_sha256": "cd" * 32}
+    assert not answers(forged, "u1", ours)
+    assert not answers({**refused, "manifest_sha256": ours}, "u1", None)

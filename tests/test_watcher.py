@@ -6,10 +6,12 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog.testing
 
 from agent.config.schema import WatchConfig
 from agent.inference.watcher import ModelFileWatcher, filesystem_type, is_temp_file
@@ -155,3 +157,41 @@ def test_filesystem_type_from_mounts(tmp_path: Path, mounts: str, expected: str)
     mounts_file = tmp_path / "mounts"
     mounts_file.write_text(mounts)
     assert filesystem_type(Path("/mnt/models/sub"), mounts_file) == expected
+
+
+def test_a_model_file_no_model_names_is_announced_once(tmp_path: Path) -> None:
+    """A .onnx file in models_dir that no model names gets one info line naming it and the
+    config key that would load it: at start for those already there, on arrival for new
+    ones, once each; temporary names and the watched file get none."""
+    (tmp_path / "m.onnx").write_bytes(b"1")
+    (tmp_path / "old model.onnx").write_bytes(b"1")
+    (tmp_path / "m.onnx.prev").write_bytes(b"1")
+    settings = WatchConfig.model_validate({"debounce_ms": 50})
+    with structlog.testing.capture_logs() as logs:
+        watcher = ModelFileWatcher({"m": tmp_path / "m.onnx"}, Calls(), settings, tmp_path)
+        watcher.start()
+        try:
+            (tmp_path / "new.onnx").write_bytes(b"1")
+            (tmp_path / "new.onnx.part").write_bytes(b"1")
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(announced(logs)) < 2:
+                time.sleep(0.05)
+            (tmp_path / "new.onnx").write_bytes(b"2")
+            time.sleep(0.5)
+        finally:
+            watcher.stop()
+    assert announced(logs) == [
+        (
+            str(tmp_path / "old model.onnx"),
+            "no model names this file; models.old_model.file: old model.onnx in the config "
+            "loads it",
+        ),
+        (
+            str(tmp_path / "new.onnx"),
+            "no model names this file; models.new.file: new.onnx in the config loads it",
+        ),
+    ]
+
+
+def announced(logs: list[MutableMapping[str, Any]]) -> list[tuple[str, str]]:
+    return [(e["file"], e["hint"]) for e in logs if e["event"] == "model_file_not_configured"]

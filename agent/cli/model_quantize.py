@@ -9,7 +9,7 @@ from typing import Any
 
 from agent.cli.model import EXIT_FAILED, EXIT_OK
 from agent.cli.model_support import load_tool_config, tool_logging
-from agent.errors import EdgeAgentError
+from agent.errors import EdgeAgentError, ModelToolError
 from agent.hardware.detect import detect
 from agent.inference.golden import GoldenSet, read_golden_file
 from agent.modeltools.common import as_model, open_model
@@ -45,6 +45,14 @@ def run(args: argparse.Namespace) -> int:
         pipelines = [p.batching.max_batch for p in fp32_tool.config.pipelines.values()]
         sizes = batch_sizes(args.batch, pipelines, fp32.model.inputs)
         with quantized_temp(model_file, out) as quantized:
+            if not quantized.quantized_nodes and not args.force:
+                kept = " (the file there is left as it was)" if out.exists() else ""
+                raise ModelToolError(
+                    f"{out} not written{kept}: {model_file} has nothing dynamic "
+                    "quantization converts (MatMul, Gemm, Conv, Attention, LSTM...), so the "
+                    "int8 file would be the same model, larger; serve the original "
+                    "(--force writes it anyway)"
+                )
             int8 = open_quantized(
                 quantized,
                 lambda path: open_model(

@@ -219,12 +219,17 @@ def answers(status: dict[str, Any], update_id: str, manifest_sha256: str | None)
     """Whether a device's status document speaks of this update: its id, and the exact
     manifest bytes sent (``manifest_sha256``; None: the id alone). Anyone who can publish a
     manifest can get a device to say REJECTED about it, and that must not be read as the
-    device's word on this update."""
+    device's word on this update.
+
+    A device that could not verify the manifest (``authenticated: false``: a key it does not
+    trust, a revoked one, a key set it refuses) names no update id, since it read none it
+    could believe; the digest of the exact bytes this command sent is then the proof that
+    the rejection is of this manifest."""
+    answered = status.get("manifest_sha256")  # absent from devices before 0.2
+    if status.get("authenticated") is False:
+        return manifest_sha256 is not None and answered == manifest_sha256
     if status.get("update_id") != update_id:
         return False
-    if status.get("authenticated") is False:
-        return False  # about bytes that did not verify: not this update, whatever it claims
-    answered = status.get("manifest_sha256")  # absent from devices before 0.2
     return None in (manifest_sha256, answered) or answered == manifest_sha256
 
 

@@ -44,7 +44,10 @@ class YamlSyntaxError(ValueError):
 
 # An unquoted topic template such as vad/{1} or {device_id}/x: YAML reads the braces as a
 # flow mapping, the most common way an edge-agent config stops parsing.
-_UNQUOTED_TEMPLATE = re.compile(r"""(?<![\w"'/{])([\w./+#$-]*\{[\w]+\}[\w./+#${}-]*)""")
+# A topic template such as machines/{1}/anomaly: placeholders may repeat, a lone "}" (the end
+# of the flow mapping around it) is not part of it.
+_UNQUOTED_TEMPLATE = re.compile(r"""(?<![\w"'/{])([\w./+#$-]*\{\w+\}(?:[\w./+#$-]|\{\w+\})*)""")
+_KEY_WITH_VALUE = re.compile(r"^(?P<indent> *)(?:- )?(?P<key>[^\s:#][^:#]*?):[ \t]+[^\s#]")
 
 
 def parse_yaml(text: str) -> YamlDocument:
@@ -64,7 +67,7 @@ def parse_yaml(text: str) -> YamlDocument:
         line = mark.line + 1 if mark is not None else 1
         column = mark.column + 1 if mark is not None else 1
         problem = exc.problem or str(exc)
-        hint = _hint(text.splitlines()[line - 1] if line <= len(text.splitlines()) else "")
+        hint = _hint(text.splitlines(), line, problem)
         raise YamlSyntaxError(
             f"invalid YAML at column {column}: {problem}" + (f" ({hint})" if hint else ""),
             line,
@@ -77,13 +80,44 @@ def parse_yaml(text: str) -> YamlDocument:
     return doc
 
 
-def _hint(source_line: str) -> str:
-    """A fix for the mistakes that account for most broken configs, or ""."""
+def _hint(lines: list[str], line: int, problem: str) -> str:
+    """A fix for the mistakes that account for most broken configs, or "": ``line`` (from 1)
+    is where PyYAML found ``problem``."""
+    source_line = lines[line - 1] if 0 < line <= len(lines) else ""
     if source_line[: len(source_line) - len(source_line.lstrip())].count("\t"):
         return "YAML indents with spaces, not tabs"
     unquoted = _UNQUOTED_TEMPLATE.search(_without_quoted(source_line))
     if unquoted:
         return f'braces start a YAML mapping: quote the topic, "{unquoted.group(1)}"'
+    if "mapping values are not allowed" in problem:
+        return _indentation_hint(lines, line) or (
+            "a value that holds ': ' must be quoted, e.g. name: \"a: b\""
+        )
+    if "expected <block end>" in problem:
+        return (
+            "this line's indentation matches no key above it: line it up with the other "
+            "keys of its section; YAML nests by indentation, two spaces a level"
+        )
+    return ""
+
+
+def _indentation_hint(lines: list[str], line: int) -> str:
+    """When ``line`` is indented under a key that already has a value (``host: x`` then
+    ``  port: 1``), say so with both lines."""
+    current = lines[line - 1] if 0 < line <= len(lines) else ""
+    indent = len(current) - len(current.lstrip(" "))
+    for number in range(line - 1, 0, -1):
+        above = lines[number - 1]
+        if not above.strip() or above.lstrip().startswith("#"):
+            continue
+        found = _KEY_WITH_VALUE.match(_without_quoted(above))
+        if found is not None and indent > len(found.group("indent")):
+            return (
+                f"this line is indented deeper than {found.group('key').strip()!r} on line "
+                f"{number}, which already has a value: give it the same indentation as the "
+                "keys beside it"
+            )
+        return ""
     return ""
 
 

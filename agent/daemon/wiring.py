@@ -232,4 +232,5 @@ def build_watcher(config: AgentConfig, registry: ModelRegistry) -> ModelFileWatc
         {name: config.model_path(name) for name in config.models},
         registry.reload_if_idle,
         config.watch,
+        models_dir=Path(config.models_dir),
     )

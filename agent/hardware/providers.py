@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.hardware.detect import Hardware
+from agent.pip_hint import pip_replace
 
 CPU = "CPUExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
@@ -258,8 +259,9 @@ def hints(hardware: Hardware, available: Sequence[str]) -> list[str]:
             )
     if hardware.nvidia_gpu is not None and not gpu_providers & set(available):
         advice.append(
-            "install onnxruntime-gpu (pip install onnxruntime-gpu) instead of "
-            "onnxruntime to use the NVIDIA GPU with CUDA/TensorRT"
+            "install onnxruntime-gpu instead of onnxruntime to use the NVIDIA GPU with "
+            f"CUDA/TensorRT: {pip_replace('onnxruntime', 'onnxruntime-gpu')} (a device "
+            "installed with scripts/install.sh: --ort-wheel keeps it across upgrades)"
         )
     if (hardware.intel_gpu or hardware.intel_npu) and OPENVINO not in available:
         device = "iGPU" if hardware.intel_gpu else "NPU"

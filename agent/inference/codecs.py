@@ -73,10 +73,15 @@ def decode_payload(
             f"({config.max_payload_bytes})"
         )
     if config.format == "json":
-        values, reading_id = _decode_json(payload, config, specs)
-        return {
-            name: _to_tensor(value, _spec(specs, name)) for name, value in values.items()
-        }, reading_id
+        document = _loads(payload)
+        reading_id = document.get(config.id_field) if isinstance(document, dict) else None
+        try:
+            values = _decode_json(document, config, specs)
+            return {
+                name: _to_tensor(value, _spec(specs, name)) for name, value in values.items()
+            }, reading_id
+        except PayloadError as exc:
+            raise PayloadError(str(exc), reading_id=_printable_id(reading_id)) from exc
     default = _default_spec(config, specs)
     if config.format == "raw":
         wire = np.dtype(config.dtype).newbyteorder("<")
@@ -116,13 +121,20 @@ def _spec(specs: Sequence[TensorSpec], name: str) -> TensorSpec:
     raise PayloadError(f"the model has no input {name!r} (it takes: {names})")
 
 
+def _printable_id(reading_id: Any) -> Any:
+    """An id as an error may echo it: a string (at most 128 characters) or a number; any
+    other JSON value (a list, an object) is not an id and is left out."""
+    if isinstance(reading_id, str):
+        return reading_id[:128]
+    if isinstance(reading_id, int | float) and not isinstance(reading_id, bool):
+        return reading_id
+    return None
+
+
 def _decode_json(
-    payload: bytes | bytearray, config: PipelineInput, specs: Sequence[TensorSpec]
-) -> tuple[dict[str, Any], Any]:
-    document = _loads(payload)
-    reading_id = None
+    document: Any, config: PipelineInput, specs: Sequence[TensorSpec]
+) -> dict[str, Any]:
     if isinstance(document, dict):
-        reading_id = document.get(config.id_field)
         named = document.get("inputs")
         if isinstance(named, dict):
             missing = [s.name for s in specs if s.name not in named]
@@ -131,7 +143,7 @@ def _decode_json(
             extra = [k for k in named if k not in {s.name for s in specs}]
             if extra:
                 raise PayloadError(f"'inputs' has unknown tensors {', '.join(map(repr, extra))}")
-            return dict(named), reading_id
+            return dict(named)
         if config.field is None:
             raise PayloadError(
                 "payload is a JSON object but input.field is not set: set it to "
@@ -144,7 +156,7 @@ def _decode_json(
         raise PayloadError(
             f"expected a JSON object with field {config.field!r}, got {type(document).__name__}"
         )
-    return {_default_spec(config, specs).name: document}, reading_id
+    return {_default_spec(config, specs).name: document}
 
 
 def _to_tensor(value: Any, spec: TensorSpec) -> Tensor:
@@ -176,17 +188,27 @@ def _to_tensor(value: Any, spec: TensorSpec) -> Tensor:
 
 
 def _fit_shape(array: Tensor, spec: TensorSpec) -> Tensor:
+    """``array`` in the reading's shape. A flat list with the right number of elements fills
+    a static shape; any other nesting must be the shape itself: ``[[1, 2, 3, 4], [5, 6, 7,
+    8]]`` for a reading of shape [8] is two readings in one message, or a reading shaped
+    otherwise, never one reading to flatten silently."""
     shape = spec.item_shape
     if _matches(array.shape, shape):
         return array
     static = all(d is not None for d in shape)
     expected = math.prod(d for d in shape if d is not None)
-    if static and array.size == expected:
+    if static and array.ndim == 1 and array.size == expected:
         return array.reshape(tuple(d for d in shape if d is not None))
+    hint = ""
+    if static and array.size == expected:
+        hint = (
+            f": nested lists must have the reading's shape (or send a flat list of "
+            f"{expected} numbers); a message holds one reading"
+        )
     raise PayloadError(
         f"input {spec.name!r} expects shape {spec.describe_shape()} per reading "
         f"({expected if static else 'any number of'} elements), got shape "
-        f"{list(array.shape)} ({array.size} elements)"
+        f"{list(array.shape)} ({array.size} elements){hint}"
     )
 
 

@@ -221,7 +221,7 @@ class Intake:
             specs: list[TensorSpec] = list(self._plan_for(model).payload)
             tensors, reading_id = decode_payload(message.payload, self._config.input, specs)
         except (PayloadError, PipelineFitError) as exc:
-            self._reject(message.topic, str(exc), ack)
+            self._reject(message.topic, str(exc), ack, getattr(exc, "reading_id", None))
             return
         response_topic, correlation = response_properties(message)
         dropped = self._queue.put(
@@ -256,9 +256,9 @@ class Intake:
             None,
         )
 
-    def _reject(self, topic: str, reason: str, ack: Ack | None) -> None:
+    def _reject(self, topic: str, reason: str, ack: Ack | None, reading_id: object = None) -> None:
         self._counters.rejected += 1
-        self._errors.report(self._name, topic, reason)
+        self._errors.report(self._name, topic, reason, reading_id)
         if ack is not None:
             ack()  # the error is the answer: sending the reading again would not change it
 

@@ -394,7 +394,7 @@ class Worker:
 
     def _fail(self, reading: Reading, reason: str) -> None:
         self._counters.failed += 1
-        self._errors.report(self._name, reading.topic, reason)
+        self._errors.report(self._name, reading.topic, reason, reading.reading_id)
         if reading.ack is not None:
             reading.ack()
 

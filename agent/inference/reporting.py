@@ -43,14 +43,14 @@ class ErrorReporter:
             ),
         )
 
-    def report(self, pipeline: str, topic: str, reason: str) -> None:
-        """Publish ``{"pipeline", "topic", "reason", "ts"}`` and log it (rate-limited)."""
-        self._publish(
-            self._topic,
-            encode_json(
-                {"pipeline": pipeline, "topic": topic, "reason": reason, "ts": time.time()}
-            ),
-        )
+    def report(self, pipeline: str, topic: str, reason: str, reading_id: object = None) -> None:
+        """Publish ``{"pipeline", "topic", "reason", "ts"}``, with ``"id"`` when the reading's
+        id could be read, and log it (rate-limited)."""
+        document: dict[str, object] = {"pipeline": pipeline, "topic": topic}
+        if reading_id is not None:
+            document["id"] = reading_id
+        document.update(reason=reason, ts=time.time())
+        self._publish(self._topic, encode_json(document))
         log_this, muted = self._take_budget(pipeline)
         if muted:
             log.warning(
@@ -61,7 +61,9 @@ class ErrorReporter:
                 hint=f"every error is on {self._topic}",
             )
         if log_this:
-            log.warning("input_rejected", pipeline=pipeline, topic=topic, reason=reason)
+            log.warning(
+                "input_rejected", pipeline=pipeline, topic=topic, id=reading_id, reason=reason
+            )
 
     def report_model_failure(self, model: str, file: str, reason: str) -> None:
         """Publish a failed model load (called on the loading thread; logged by the registry)."""

@@ -11,9 +11,10 @@ handlers catch everything, and a dead observer is restarted.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,13 @@ class ModelFileWatcher:
     """
 
     def __init__(
-        self, models: Mapping[str, Path], on_ready: Callable[[str], Any], config: WatchConfig
+        self,
+        models: Mapping[str, Path],
+        on_ready: Callable[[str], Any],
+        config: WatchConfig,
+        models_dir: Path | None = None,
     ) -> None:
+        """``models_dir``: where model files no model names are looked for at start."""
         self._files = {name: Path(path).absolute() for name, path in models.items()}
         self._paths: dict[Path, list[str]] = {}
         for name, path in self._files.items():
@@ -114,10 +120,16 @@ class ModelFileWatcher:
         # folder deleted and made again is a new inode the old watch never sees.
         self._folder_ids: dict[Path, tuple[int, int] | None] = {}
         self.mode = "off"
+        self._announced: set[Path] = set()  # model files no model names, logged once each
+        self._models_dir = models_dir
         self._thread = threading.Thread(target=self._run, name="model-reload", daemon=True)
 
     def start(self) -> None:
-        """Start watching (and the reload thread)."""
+        """Start watching (and the reload thread); say which files in ``models_dir`` no
+        model names."""
+        if self._models_dir is not None:
+            for path in unconfigured_model_files(self._models_dir, self._paths):
+                self._unconfigured(path)
         if self._config.mode == "off" or not self._paths:
             log.info(
                 "model_watch_off",
@@ -146,7 +158,11 @@ class ModelFileWatcher:
         Called on watchdog's thread, and by tests.
         """
         names = self._paths.get(Path(path).absolute())
-        if not names or is_temp_file(path):
+        if is_temp_file(path):
+            return
+        if not names:
+            if complete:
+                self._unconfigured(Path(path))
             return
         now = time.monotonic()
         stat = None if complete else _stat(Path(path))
@@ -154,6 +170,14 @@ class ModelFileWatcher:
             for name in names:
                 self._note(name, complete, now, stat, renamed)
             self._cond.notify()
+
+    def _unconfigured(self, path: Path) -> None:
+        """A model file no model names appeared: say once which key would load it."""
+        with self._cond:
+            if path.suffix != ".onnx" or path in self._announced:
+                return
+            self._announced.add(path)
+        announce_unconfigured(path)
 
     def _note(
         self, name: str, complete: bool, now: float, stat: tuple[int, int] | None, renamed: bool
@@ -349,6 +373,33 @@ class _Handler(FileSystemEventHandler):
                 self._watcher.notify(_text(event.src_path), complete=False)
         except Exception:
             log.exception("model_watch_event_failed", event=repr(event))
+
+
+def unconfigured_model_files(models_dir: Path, configured: Iterable[Path]) -> list[Path]:
+    """The ``.onnx`` files directly in ``models_dir`` that no model's ``file`` names, by
+    name only (nothing is opened, no link followed); [] when the folder cannot be read."""
+    known = {Path(path).absolute() for path in configured}
+    try:
+        entries = sorted(os.scandir(models_dir), key=lambda entry: entry.name)
+    except OSError:
+        return []
+    return [
+        Path(entry.path).absolute()
+        for entry in entries
+        if entry.name.endswith(".onnx")
+        and not is_temp_file(entry.name)
+        and Path(entry.path).absolute() not in known
+    ]
+
+
+def announce_unconfigured(path: Path) -> None:
+    """One info line for a model file no model names, with the config key that loads it."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.stem)[:64] or "model"
+    log.info(
+        "model_file_not_configured",
+        file=str(path),
+        hint=f"no model names this file; models.{name}.file: {path.name} in the config loads it",
+    )
 
 
 def _text(path: str | bytes) -> str:

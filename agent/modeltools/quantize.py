@@ -41,10 +41,13 @@ from agent.modeltools.common import (
     synthetic_feeds,
 )
 from agent.modeltools.reference import reference_outputs
+from agent.pip_hint import pip_install
 
+# The quantize extra of pyproject.toml (tests/test_model_quantize.py checks they agree).
+QUANTIZE_REQUIREMENTS = ("onnx>=1.15", "sympy>=1.12")
 QUANTIZE_EXTRA = (
     "quantization needs the onnx package, which edge-agent does not install by default: "
-    "pip install 'edge-agent[quantize]'"
+    f"{pip_install(*QUANTIZE_REQUIREMENTS)}"
 )
 WEIGHT_TYPE = "QInt8"
 DEFAULT_BATCH = 32
@@ -190,7 +193,7 @@ def _preprocess(quantization: Any, source: Path, target: Path) -> tuple[bool, st
     if not symbolic:
         return True, (
             "symbolic shape inference skipped: sympy is not installed "
-            "(pip install 'edge-agent[quantize]')"
+            f"({pip_install(QUANTIZE_REQUIREMENTS[1])})"
         )
     return True, None
 
