@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-shuffled ensure-mosquitto lint typecheck check bench bench-fleet clean
+.PHONY: demo test test-shuffled ensure-mosquitto lint typecheck check bench bench-fleet docs clean
 
 # The venv itself; each extra below has its own marker, so `make test` after `make demo`
 # adds the dev extra to the same venv.
@@ -27,6 +27,11 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[dev,demo]'
 	# silero-vad ships the VAD model the stateful-stream test uses; --no-deps keeps torch out.
 	$(PY) -m pip install -q --no-deps 'silero-vad>=5'
+	touch $@
+
+# `make docs`: MkDocs and the Material theme, for the site built from docs/ and mkdocs.yml.
+$(VENV)/.docs-installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[docs]'
 	touch $@
 
 demo: $(VENV)/.demo-installed   ## run the daemon on a simulated sensor, print results (Ctrl-C stops)
@@ -59,7 +64,10 @@ lint: $(VENV)/.installed
 typecheck: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
+docs: $(VENV)/.docs-installed   ## build the documentation site into site/; a broken link or anchor fails it
+	$(VENV)/bin/mkdocs build --strict
+
 check: lint typecheck test
 
 clean:
-	rm -rf demo-run .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo-run site .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,6 @@
-"""The README's examples work as written: every YAML block parses, every config snippet has
-only real keys and values, and every whole config passes ``edge-agent check-config``."""
+"""The examples of the README and of every docs page (``docs/**/*.md``) work as written: every
+YAML block parses, every config snippet has only real keys and values, and every whole config
+passes ``edge-agent check-config``."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from agent.config.yaml_source import parse_yaml
 from agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 FENCE = re.compile(
     r"^(?P<indent> *)```(?P<lang>[A-Za-z0-9_-]*)\n(?P<body>.*?)^(?P=indent)```",
     re.MULTILINE | re.DOTALL,
