@@ -1,10 +1,7 @@
 """`make demo`: a generated model, the daemon, a simulated vibration sensor, results printed.
 
-The broker, in this order of preference:
-1. one already answering on the host and port (default 127.0.0.1:1883);
-2. a private Mosquitto started on that port, when Mosquitto is installed;
-3. otherwise the embedded amqtt broker (scripts/embedded_broker.py, MQTT 3.1.1), for this
-   demo only; the screen names the command that installs Mosquitto.
+The broker: the one scripts/local_broker.py chooses (one already answering on the host and
+port, else a private Mosquitto, else the embedded amqtt broker), named on the first line.
 
 The sensors start once the daemon answers a ready-check reading, so reading 0 is the first
 result printed. Ctrl-C stops the sensors, then the daemon (SIGTERM, as systemd would), then
@@ -23,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import math
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +44,8 @@ sys.path.insert(0, str(REPO))
 
 # tests/onnx_builders.py needs only numpy and onnx, both in the demo's venv, which has no test
 # tooling (tests/test_demo.py checks that the demo imports none).
+from local_broker import Broker, say, shown, start_broker  # noqa: E402
+
 from agent.config.loader import load_config  # noqa: E402
 from agent.config.schema import AgentConfig  # noqa: E402
 from tests.onnx_builders import build_vibration_scorer  # noqa: E402
@@ -64,22 +60,6 @@ READY_CHECK_TOPIC = "demo/sensors/ready-check/vib"
 READY_CHECK_EVERY_S = 0.25
 READY_HINT_AFTER_S = 20.0
 AGENT_STOP_TIMEOUT_S = 10.0
-INSTALL_MOSQUITTO = "sudo apt-get install mosquitto"
-
-
-def say(text: str = "") -> None:
-    """Print at once: results come from paho's thread, and the output may be a pipe. An
-    output that went away (a closed pipe or terminal) must not stop the clean-up."""
-    with contextlib.suppress(OSError, ValueError):
-        print(text, flush=True)
-
-
-def shown(path: Path) -> str:
-    """``path`` relative to the repository when it is inside it (shorter on screen)."""
-    try:
-        return str(path.relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 @dataclass(frozen=True)
@@ -192,118 +172,6 @@ def take_terminal() -> Callable[[], None]:
 
 # ---------------------------------------------------------------------------------------------
 # The broker
-
-
-@dataclass
-class Broker:
-    """The broker the demo talks to, and what it takes to stop it."""
-
-    kind: str  # "existing", "mosquitto" or "embedded"
-    protocol: str  # the daemon's mqtt.protocol: "5", or "3.1.1" for amqtt
-    stop: Callable[[], None]
-
-    @property
-    def started_here(self) -> bool:
-        """Whether the demo started it (it forgets everything when stopped)."""
-        return self.kind != "existing"
-
-
-def broker_answers(host: str, port: int) -> bool:
-    """Whether something accepts TCP connections on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def mosquitto_binary() -> str | None:
-    """The mosquitto to start: $MOSQUITTO, else the one on PATH, else Debian's path."""
-    override = os.environ.get("MOSQUITTO")
-    candidate = override or shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    return candidate if Path(candidate).is_file() else None
-
-
-def start_broker(args: Settings) -> Broker:
-    """The broker of the module docstring; exits with the reason when there is none."""
-    host, port = args.host, args.port
-    answering = broker_answers(host, port)
-    if args.broker == "auto" and answering:
-        say(
-            f"broker: the MQTT broker already answering on {host}:{port}; the demo removes "
-            "its retained topics and session from it when it stops"
-        )
-        return Broker("existing", "5", lambda: None)
-    if answering:
-        sys.exit(
-            f"--broker {args.broker}: something already listens on {host}:{port}; "
-            "choose another --port"
-        )
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        sys.exit(f"no MQTT broker answers on {host}:{port} (the demo starts one only on 127.0.0.1)")
-    binary = mosquitto_binary()
-    if args.broker == "mosquitto" or (args.broker == "auto" and binary is not None):
-        if binary is None:
-            sys.exit(f"mosquitto is not installed: {INSTALL_MOSQUITTO}")
-        return start_mosquitto(binary, host, port, args.run_dir)
-    return start_embedded(host, port, args.run_dir)
-
-
-def start_mosquitto(binary: str, host: str, port: int, run_dir: Path) -> Broker:
-    """A private Mosquitto without persistence: it forgets the demo when stopped."""
-    conf = run_dir / "mosquitto.conf"
-    log_file = run_dir / "mosquitto.log"
-    # Started as root, mosquitto switches to user "mosquitto", who may not write log_file.
-    conf.write_text(
-        f"listener {port} {host}\nallow_anonymous true\nset_tcp_nodelay true\n"
-        f"user {getpass.getuser()}\nlog_dest file {log_file}\n"
-    )
-    process = subprocess.Popen(
-        [binary, "-c", str(conf)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and process.poll() is None:
-        if broker_answers(host, port):
-            say(f"broker: a private Mosquitto on {host}:{port} ({binary}), stopped with the demo")
-
-            def stop() -> None:
-                process.terminate()
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-            return Broker("mosquitto", "5", stop)
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    sys.exit(f"mosquitto did not start on {host}:{port}; see {shown(log_file)}")
-
-
-def start_embedded(host: str, port: int, run_dir: Path) -> Broker:
-    """amqtt in this process (MQTT 3.1.1), for a machine without Mosquitto."""
-    from embedded_broker import EmbeddedBroker, available  # noqa: PLC0415 - amqtt is optional
-
-    if not available():
-        sys.exit(
-            f"no MQTT broker on {host}:{port}, Mosquitto is not installed and neither is "
-            f"amqtt (`make demo` installs it). Install Mosquitto: {INSTALL_MOSQUITTO}"
-        )
-    broker = EmbeddedBroker(host, port, run_dir / "broker.log")
-    try:
-        broker.start()
-    except OSError as exc:
-        sys.exit(f"the embedded broker could not listen on {host}:{port}: {exc}")
-    say(
-        f"broker: Mosquitto is not installed, so the demo runs the embedded amqtt broker on "
-        f"{host}:{port} (MQTT 3.1.1, pure Python, for this demo only)"
-    )
-    say(f"        install Mosquitto with: {INSTALL_MOSQUITTO}")
-    return Broker("embedded", "3.1.1", broker.stop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,7 +463,14 @@ def run(args: Settings, stop: StopRequest) -> int:
     if not model.exists():
         build_vibration_scorer(model, samples=SAMPLES)
         say(f"generated the demo model {shown(model)}")
-    broker = start_broker(args)
+    broker = start_broker(
+        args.host,
+        args.port,
+        args.run_dir,
+        args.broker,
+        who="the demo",
+        existing_note="; the demo removes its retained topics and session from it when it stops",
+    )
     try:
         config_file = write_config(args, broker.protocol)
         config = load_config(config_file)

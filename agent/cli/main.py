@@ -18,6 +18,8 @@ from agent.cli.keys import add_parser as add_keys_parser
 from agent.cli.keys import run as run_keys_command
 from agent.cli.model import add_parser as add_model_parser
 from agent.cli.model import run as run_model_command
+from agent.cli.send import add_parser as add_send_parser
+from agent.cli.send import run as run_send_command
 from agent.cli.updates import add_parsers as add_update_parsers
 from agent.cli.updates import run as run_update_command
 from agent.config.loader import (
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_update_parsers(commands)
     add_keys_parser(commands)
     add_model_parser(commands)
+    add_send_parser(commands)
     return parser
 
 
@@ -152,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command in ("keygen", "sign", "publish-update"):
         return run_update_command(args)
-    tools = {"model": run_model_command, "keys": run_keys_command}
+    tools = {"model": run_model_command, "keys": run_keys_command, "send": run_send_command}
     if args.command in tools:
         return tools[args.command](args)
     return _run(args)
