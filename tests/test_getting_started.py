@@ -98,3 +98,17 @@ def test_the_readme_quickstart_is_the_pages() -> None:
     assert readme
     missing = [body for block in readme if block not in page for _, body in [block]]
     assert missing == []
+
+
+def test_the_walk_through_model_is_made_as_written(tmp_path: Path) -> None:
+    """The models page's one-liner that builds the walk-through's CNN, run verbatim from a
+    checkout, writes the model the page's figures are of (224,503 bytes)."""
+    text = (REPO / "docs" / "models.md").read_text()
+    command = next(body for lang, body in blocks(text) if "build_cnn1d" in body)
+    (tmp_path / ".venv").symlink_to(Path(sys.prefix))
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "vib_cnn.onnx").stat().st_size == 224_503
