@@ -39,9 +39,13 @@ demo: $(VENV)/.demo-installed   ## run the daemon on a simulated sensor, print r
 	$(PY) scripts/demo.py
 
 # Listed first: a missing Mosquitto is reported (or installed) before minutes of pip.
+# Three workers (pytest-xdist): the tests mostly wait on brokers and daemons, so three share
+# two cores well (5 min instead of 12 on 2 cores). TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 3
 test: ensure-mosquitto $(VENV)/.installed   ## the whole test suite (starts its own Mosquitto instances)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
+# In one process: pytest-xdist needs every worker to collect the same order.
 test-shuffled: ensure-mosquitto $(VENV)/.installed   ## the suite in a random order; SEED=n repeats one order
 	$(PY) -m pytest -q $(if $(SEED),--random-order-seed=$(SEED),--random-order)
 

@@ -34,6 +34,53 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         )
 
 
+PROGRESS_EVERY_S = 60.0
+
+
+class Progress:
+    """A line every minute between the dots: tests done of those collected, and the time
+    so far, so that a long run shows where it is (with pytest-xdist, on the controller)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._config = config
+        self._started = time.monotonic()
+        self._next = PROGRESS_EVERY_S
+        self._done = 0
+        self.total = 0
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        """The tests collected here (without xdist)."""
+        self.total = len(session.items)
+
+    @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; absent without it
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        """The tests a worker collected (each worker collects them all)."""
+        self.total = len(ids)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Count a test at its teardown; print the line when a minute has passed."""
+        if report.when != "teardown":
+            return
+        self._done += 1
+        elapsed = time.monotonic() - self._started
+        if elapsed < self._next:
+            return
+        self._next = elapsed + PROGRESS_EVERY_S
+        reporter = self._config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            minutes, seconds = divmod(int(elapsed), 60)
+            reporter.write_line(
+                f"  {self._done}/{self.total or '?'} tests, {minutes} min {seconds:02d} s"
+            )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Progress lines on the process that prints (not on xdist's workers)."""
+    if not hasattr(config, "workerinput") and not config.option.collectonly:
+        config.pluginmanager.register(Progress(config), "edge-agent-progress")
+
+
 def child_processes() -> list[str]:
     """This process's children (zombies included: a child nobody waited for), as
     "pid command" strings."""

@@ -120,7 +120,7 @@ class ModelFileWatcher:
         # folder deleted and made again is a new inode the old watch never sees.
         self._folder_ids: dict[Path, tuple[int, int] | None] = {}
         self.mode = "off"
-        self._announced: set[Path] = set()  # model files no model names, logged once each
+        self._unconfigured = _Unconfigured()
         self._models_dir = models_dir
         self._thread = threading.Thread(target=self._run, name="model-reload", daemon=True)
 
@@ -129,7 +129,7 @@ class ModelFileWatcher:
         model names."""
         if self._models_dir is not None:
             for path in unconfigured_model_files(self._models_dir, self._paths):
-                self._unconfigured(path)
+                self._unconfigured.announce(path)
         if self._config.mode == "off" or not self._paths:
             log.info(
                 "model_watch_off",
@@ -162,7 +162,7 @@ class ModelFileWatcher:
             return
         if not names:
             if complete:
-                self._unconfigured(Path(path))
+                self._unconfigured.announce(Path(path))
             return
         now = time.monotonic()
         stat = None if complete else _stat(Path(path))
@@ -170,14 +170,6 @@ class ModelFileWatcher:
             for name in names:
                 self._note(name, complete, now, stat, renamed)
             self._cond.notify()
-
-    def _unconfigured(self, path: Path) -> None:
-        """A model file no model names appeared: say once which key would load it."""
-        with self._cond:
-            if path.suffix != ".onnx" or path in self._announced:
-                return
-            self._announced.add(path)
-        announce_unconfigured(path)
 
     def _note(
         self, name: str, complete: bool, now: float, stat: tuple[int, int] | None, renamed: bool
@@ -373,6 +365,23 @@ class _Handler(FileSystemEventHandler):
                 self._watcher.notify(_text(event.src_path), complete=False)
         except Exception:
             log.exception("model_watch_event_failed", event=repr(event))
+
+
+class _Unconfigured:
+    """Model files no model names, each announced once (from ``start`` and watchdog's
+    thread: the lock keeps the set whole)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._announced: set[Path] = set()
+
+    def announce(self, path: Path) -> None:
+        """Log ``path`` with the key that loads it, the first time it is seen."""
+        with self._lock:
+            if path.suffix != ".onnx" or path in self._announced:
+                return
+            self._announced.add(path)
+        announce_unconfigured(path)
 
 
 def unconfigured_model_files(models_dir: Path, configured: Iterable[Path]) -> list[Path]:
