@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,12 @@ def test_x86_with_nvidia_card() -> None:
         "CPUExecutionProvider",
     ]
     cpu_only = plan_providers(hw, PlanInputs(available=PYPI_CPU))
-    assert any("pip install onnxruntime-gpu" in hint for hint in cpu_only.hints)
+    # Into this Python's environment, replacing the CPU package (both in one folder break).
+    replace = (
+        f"{sys.executable} -m pip uninstall -y onnxruntime && "
+        f"{sys.executable} -m pip install onnxruntime-gpu"
+    )
+    assert any(replace in hint for hint in cpu_only.hints), cpu_only.hints
 
 
 def test_bare_container() -> None:

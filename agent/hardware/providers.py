@@ -266,7 +266,8 @@ def hints(hardware: Hardware, available: Sequence[str]) -> list[str]:
     if (hardware.intel_gpu or hardware.intel_npu) and OPENVINO not in available:
         device = "iGPU" if hardware.intel_gpu else "NPU"
         advice.append(
-            f"install onnxruntime-openvino instead of onnxruntime to use the Intel {device}"
+            f"install onnxruntime-openvino instead of onnxruntime to use the Intel {device}: "
+            f"{pip_replace('onnxruntime', 'onnxruntime-openvino')}"
         )
     if hardware.nvidia_gpu is not None and CUDA in available and not hardware.nvidia_gpu.names:
         advice.append(
