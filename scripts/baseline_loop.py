@@ -30,6 +30,10 @@ def main() -> None:
     parser.add_argument("--output-topic", required=True)
     parser.add_argument("--field", default="x")
     parser.add_argument(
+        "--qos", type=int, default=1, choices=(0, 1), help="subscribe and publish QoS (1)"
+    )
+    parser.add_argument("--client-id", default="baseline-loop")
+    parser.add_argument(
         "--echo", action="store_true", help="skip inference: measures the MQTT transport alone"
     )
     args = parser.parse_args()
@@ -42,11 +46,11 @@ def main() -> None:
     def on_connect(
         client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        client.subscribe(args.input_topic, qos=1)
+        client.subscribe(args.input_topic, qos=args.qos)
 
     def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         if args.echo:
-            client.publish(args.output_topic, message.payload, qos=1)
+            client.publish(args.output_topic, message.payload, qos=args.qos)
             return
         reading = json.loads(message.payload)
         x = np.asarray(reading[args.field], dtype=np.float32).reshape([1, *item_shape])
@@ -57,12 +61,12 @@ def main() -> None:
                 name: value[0].tolist() for name, value in zip(output_names, outputs, strict=True)
             },
         }
-        client.publish(args.output_topic, json.dumps(result), qos=1)
+        client.publish(args.output_topic, json.dumps(result), qos=args.qos)
 
     def on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="baseline-loop")
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=args.client_id)
     client.on_connect = on_connect
     client.on_message = on_message
     client.on_socket_open = on_socket_open

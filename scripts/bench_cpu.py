@@ -1,14 +1,23 @@
 """CPU seconds per 1,000 readings at a steady rate: the daemon against the hand-written loop.
 
 An edge device spends its life at moderate load on a power budget, so what matters there is
-not saturation but what each reading costs. Both processes run side by side on one private
-Mosquitto; each measurement window sends readings at a fixed rate (QoS 1) to one of them,
-waits until every result arrived, and reads that process's CPU time (user + system, all its
-threads) from ``/proc/PID/stat`` before and after. Windows alternate between the two
-processes so that a noisy neighbour hurts both alike; medians of ``--runs`` windows.
+not saturation but what each reading costs. The processes run side by side on one private
+Mosquitto; each measurement window sends readings at a fixed rate to one of them, waits
+until every result arrived, and reads that process's CPU time (user + system, all its
+threads) from ``/proc/PID/stat`` before and after. Two pairs, like against like:
+
+- ``qos1``: the daemon's defaults (at-least-once, QoS 1 in and out) against the loop at
+  QoS 1 (paho acknowledges each reading on arrival);
+- ``qos0``: the daemon in at-most-once mode with QoS 0 in and out against the loop at QoS 0.
+
+Windows alternate between the processes so that a noisy neighbour hurts all alike; medians
+of ``--runs`` windows. Beside the CPU, one more window per process and rate runs under
+``strace -c`` (not counted in the CPU figures) and gives the loop turns per reading: the
+calls that wait for the network (select, poll, epoll_wait and their variants) of all the
+process's threads, per reading.
 
     .venv/bin/python scripts/bench_cpu.py [--models iforest,mlp] [--rates 500,100] [--runs 3]
-        [--threads] [--profile DIR] [--set KEY=VALUE ...]
+        [--pairs qos1,qos0] [--no-turns] [--threads] [--profile DIR] [--set KEY=VALUE ...]
 
 ``scripts/bench.py`` runs the same measurement as part of its table.
 """
@@ -18,6 +27,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -114,10 +125,16 @@ def thread_table(
     )
 
 
-def steady_window(
-    broker: MosquittoBroker, results: ResultCounter, messages: Messages, rate: float, pid: int
+def steady_window(  # noqa: PLR0917
+    broker: MosquittoBroker,
+    results: ResultCounter,
+    messages: Messages,
+    rate: float,
+    pid: int,
+    qos: int = 1,
 ) -> tuple[float, int]:
-    """Send readings at ``rate`` for WINDOW_S; CPU seconds per 1,000 and readings unanswered."""
+    """Send readings at ``rate`` (at ``qos``) for WINDOW_S; CPU seconds per 1,000 and
+    readings unanswered."""
     count = max(500, int(rate * WINDOW_S))
     results.reset()
     sender = _sender(broker)
@@ -128,7 +145,7 @@ def steady_window(
         delay = started + index / rate - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        sender.publish(*messages[index % len(messages)], qos=1)
+        sender.publish(*messages[index % len(messages)], qos=qos)
     complete = results.wait_for(count, timeout_s=60)
     used = cpu_seconds(pid) - before
     if PER_THREAD:
@@ -148,6 +165,7 @@ class Target:
     process: subprocess.Popen[bytes]
     results: ResultCounter
     messages: Messages
+    qos: int = 1
     windows: dict[float, list[float]] = field(default_factory=dict)
     missing: int = 0
 
@@ -162,7 +180,7 @@ def measure(
         for rate in rates:
             for target in targets:
                 per_thousand, missing = steady_window(
-                    broker, target.results, target.messages, rate, target.process.pid
+                    broker, target.results, target.messages, rate, target.process.pid, target.qos
                 )
                 target.windows.setdefault(rate, []).append(per_thousand)
                 target.missing += missing
@@ -198,13 +216,46 @@ def profile(target: Target, broker: MosquittoBroker, rate: float, output: Path) 
         stderr=subprocess.DEVNULL,
     )
     time.sleep(0.5)
-    steady_window(broker, target.results, target.messages, rate, target.process.pid)
+    steady_window(broker, target.results, target.messages, rate, target.process.pid, target.qos)
     spy.wait(timeout=60)
 
 
-def start_loop(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Target:
-    """The hand-written loop (scripts/baseline_loop.py) on ``case``'s model."""
-    log = folder / f"cpu-loop-{case.name}.log"
+PAIRS = (("qos1", "defaults vs QoS 1 loop"), ("qos0", "at-most-once vs QoS 0 loop"))
+# The calls that wait for the network: one per turn of a network loop.
+WAIT_CALLS = ("select", "pselect6", "poll", "ppoll", "epoll_wait", "epoll_pwait", "epoll_pwait2")
+
+
+def turns_window(target: Target, broker: MosquittoBroker, rate: float) -> float | None:
+    """One more window at ``rate`` under ``strace -f -c`` (not counted in the CPU figures):
+    the waiting calls of all the process's threads per reading; None without strace."""
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".strace") as out:
+        command = ["-f", "-c", "-e", f"trace={','.join(WAIT_CALLS)}", "-o", out.name]
+        tracer = subprocess.Popen(
+            [strace, *command, "-p", str(target.process.pid)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # attached to every thread
+        count = max(500, int(rate * WINDOW_S))
+        steady_window(broker, target.results, target.messages, rate, target.process.pid, target.qos)
+        tracer.send_signal(signal.SIGINT)
+        tracer.wait(timeout=30)
+        summary = Path(out.name).read_text()
+    calls = 0
+    for line in summary.splitlines():
+        fields = line.split()
+        if fields and fields[-1] in WAIT_CALLS and fields[-2].isdigit():
+            calls += int(fields[-2]) if len(fields) == 5 else int(fields[3])
+    return calls / count
+
+
+def start_loop(case: ModelCase, broker: MosquittoBroker, folder: Path, qos: int = 1) -> Target:
+    """The hand-written loop (scripts/baseline_loop.py) on ``case``'s model, at ``qos``."""
+    name = f"loop{qos}-{case.name}"
+    log = folder / f"cpu-{name}.log"
     process = start_process(
         [
             sys.executable,
@@ -214,26 +265,35 @@ def start_loop(case: ModelCase, broker: MosquittoBroker, folder: Path) -> Target
             "--model",
             str(case.path),
             "--input-topic",
-            f"cpu/loop/{case.name}/in",
+            f"cpu/{name}/in",
             "--output-topic",
-            f"cpu/loop/{case.name}/out",
+            f"cpu/{name}/out",
+            "--qos",
+            str(qos),
+            "--client-id",
+            name,
         ],
         _printed_ready(log),
         log,
     )
     time.sleep(0.5)
-    results = ResultCounter(broker, f"cpu/loop/{case.name}/out")
-    messages = [(f"cpu/loop/{case.name}/in", case.json_payload(i)) for i in range(len(case.inputs))]
-    return Target("loop", process, results, messages)
+    results = ResultCounter(broker, f"cpu/{name}/out")
+    messages = [(f"cpu/{name}/in", case.json_payload(i)) for i in range(len(case.inputs))]
+    return Target(f"loop QoS {qos}", process, results, messages, qos)
 
 
 def start_daemon(
-    case: ModelCase, broker: MosquittoBroker, folder: Path, settings: dict[str, Any] | None = None
+    case: ModelCase,
+    broker: MosquittoBroker,
+    folder: Path,
+    settings: dict[str, Any] | None = None,
+    qos: int = 1,
 ) -> Target:
-    """The daemon with its defaults (at-least-once, QoS 1) and one JSON pipeline, plus the
-    ``settings`` given (dotted keys, ``--set``: to measure candidates one by one)."""
-    device = f"cpu-{case.name}"
-    models_dir = folder / f"cpu-models-{case.name}"
+    """The daemon with one JSON pipeline: its defaults (at-least-once, QoS 1) for ``qos``
+    1, at-most-once with QoS 0 in and out for ``qos`` 0; plus the ``settings`` given (dotted
+    keys, ``--set``: to measure candidates one by one)."""
+    device = f"cpu-{case.name}-qos{qos}"
+    models_dir = folder / f"models-{device}"
     models_dir.mkdir(exist_ok=True)
     (models_dir / "m.onnx").write_bytes(case.path.read_bytes())
     config: dict[str, Any] = {
@@ -241,16 +301,18 @@ def start_daemon(
         "log_level": "warning",
         "mqtt": {"host": broker.host, "port": broker.port},
         "models_dir": str(models_dir),
-        "state_dir": str(folder / f"cpu-state-{case.name}"),
+        "state_dir": str(folder / f"state-{device}"),
         "models": {"m": {}},
         "pipelines": {
             "p": {
                 "model": "m",
-                "input": {"topic": f"cpu/daemon/{case.name}/+", "field": "x"},
-                "output": {"topic": f"cpu/daemon/{case.name}/out/{{1}}"},
+                "input": {"topic": f"cpu/{device}/+", "field": "x", "qos": qos},
+                "output": {"topic": f"cpu/{device}/out/{{1}}", "qos": qos},
             }
         },
     }
+    if qos == 0:
+        config["delivery"] = "at_most_once"
     for key, value in (settings or {}).items():
         *path, leaf = key.split(".")
         section = config
@@ -261,11 +323,10 @@ def start_daemon(
         broker, config, folder / f"cpu-{device}.yaml", folder / f"{device}.log"
     )
     time.sleep(0.5)
-    results = ResultCounter(broker, f"cpu/daemon/{case.name}/out/#")
-    messages = [
-        (f"cpu/daemon/{case.name}/s", case.json_payload(i)) for i in range(len(case.inputs))
-    ]
-    return Target("daemon", process, results, messages)
+    results = ResultCounter(broker, f"cpu/{device}/out/#")
+    messages = [(f"cpu/{device}/s", case.json_payload(i)) for i in range(len(case.inputs))]
+    label = "daemon at-least-once" if qos else "daemon at-most-once"
+    return Target(label, process, results, messages, qos)
 
 
 def bench_case(  # noqa: PLR0917
@@ -276,31 +337,44 @@ def bench_case(  # noqa: PLR0917
     runs: int,
     profile_dir: Path | None = None,
     settings: dict[str, Any] | None = None,
+    pairs: tuple[int, ...] = (1, 0),
+    turns: bool = True,
 ) -> dict[str, float]:
-    """Figures for one model: ``cpu_<target>_<rate>`` medians, ratios, RSS, missing; with
-    ``profile_dir``, a py-spy profile of each target at each rate after the measurements."""
-    targets = [start_loop(case, broker, folder), start_daemon(case, broker, folder, settings)]
+    """Figures for one model, per pair (``qos1``, ``qos0``) and rate:
+    ``cpu_<pair>_<loop|daemon>_<rate>`` medians, ``ratio_<pair>_<rate>``,
+    ``turns_<pair>_<loop|daemon>_<rate>``, RSS and readings unanswered; with ``profile_dir``,
+    a py-spy profile of each process at each rate after the measurements."""
+    targets: list[tuple[str, str, Target]] = []
     try:
-        medians = measure(targets, broker, rates, runs)
-        if profile_dir is not None:
-            profile_dir.mkdir(parents=True, exist_ok=True)
-            for target in targets:
-                for rate in rates:
-                    name = f"{case.name}-{target.label}-{rate:g}.txt"
-                    profile(target, broker, rate, profile_dir / name)
+        for qos in pairs:
+            targets.append((f"qos{qos}", "loop", start_loop(case, broker, folder, qos)))
+            daemon = start_daemon(case, broker, folder, settings, qos)
+            targets.append((f"qos{qos}", "daemon", daemon))
+        medians = measure([t for _, _, t in targets], broker, rates, runs)
         figures: dict[str, float] = {}
-        for target in targets:
-            figures[f"rss_{target.label}"] = rss_mb(target.process.pid) or float("nan")
-            figures[f"missing_{target.label}"] = target.missing
+        for pair, role, target in targets:
+            figures[f"rss_{pair}_{role}"] = rss_mb(target.process.pid) or float("nan")
+            figures[f"missing_{pair}_{role}"] = target.missing
             for rate, value in medians[target.label].items():
-                figures[f"cpu_{target.label}_{rate:g}"] = value
-        for rate in rates:
-            figures[f"cpu_ratio_{rate:g}"] = (
-                figures[f"cpu_daemon_{rate:g}"] / figures[f"cpu_loop_{rate:g}"]
-            )
+                figures[f"cpu_{pair}_{role}_{rate:g}"] = value
+                if turns:
+                    per_reading = turns_window(target, broker, rate)
+                    if per_reading is not None:
+                        figures[f"turns_{pair}_{role}_{rate:g}"] = per_reading
+            if profile_dir is not None:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                for rate in rates:
+                    name = f"{case.name}-{pair}-{role}-{rate:g}.txt"
+                    profile(target, broker, rate, profile_dir / name)
+        for qos in pairs:
+            for rate in rates:
+                key = f"qos{qos}_{{}}_{rate:g}"
+                figures[f"ratio_qos{qos}_{rate:g}"] = (
+                    figures["cpu_" + key.format("daemon")] / figures["cpu_" + key.format("loop")]
+                )
         return figures
     finally:
-        for target in targets:
+        for _, _, target in targets:
             target.results.close()
             stop_process(target.process)
 
@@ -308,19 +382,34 @@ def bench_case(  # noqa: PLR0917
 def table(rows: list[tuple[str, dict[str, float]]], rates: list[float]) -> str:
     """Markdown table of the figures of ``bench_case`` per model."""
     lines = [
-        "| model | rate /s | loop CPU s / 1,000 | daemon CPU s / 1,000 | ratio |",
-        "|---|---|---|---|---|",
+        "| model | pair | rate /s | loop CPU s / 1,000 | daemon CPU s / 1,000 | ratio "
+        "| loop turns / reading | daemon turns / reading |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    missing = 0.0
     for model, f in rows:
-        for rate in rates:
-            key = f"{rate:g}"
-            lines.append(
-                f"| {model} | {rate:g} | {f['cpu_loop_' + key]:.3f} | "
-                f"{f['cpu_daemon_' + key]:.3f} | {f['cpu_ratio_' + key]:.2f}x |"
-            )
-    rss = ", ".join(f"{model} {f['rss_loop']:.0f} / {f['rss_daemon']:.0f} MB" for model, f in rows)
-    missing = sum(f["missing_loop"] + f["missing_daemon"] for _, f in rows)
-    return "\n".join(lines) + f"\n\nRSS after (loop / daemon): {rss}; unanswered: {missing:.0f}"
+        for pair, described in (
+            ("qos1", "defaults vs QoS 1 loop"),
+            ("qos0", "at-most-once vs QoS 0 loop"),
+        ):
+            if f"ratio_{pair}_{rates[0]:g}" not in f:
+                continue
+            for rate in rates:
+                key = f"{pair}_{{}}_{rate:g}"
+                turns = [f.get("turns_" + key.format(role)) for role in ("loop", "daemon")]
+                shown = [f"{t:.2f}" if t is not None else "-" for t in turns]
+                loop, daemon = f["cpu_" + key.format("loop")], f["cpu_" + key.format("daemon")]
+                lines.append(
+                    f"| {model} | {described} | {rate:g} | {loop:.3f} | {daemon:.3f} "
+                    f"| {f[f'ratio_{pair}_{rate:g}']:.2f}x | {shown[0]} | {shown[1]} |"
+                )
+        missing += sum(v for k, v in f.items() if k.startswith("missing_"))
+    rss = "; ".join(
+        f"{model}: "
+        + ", ".join(f"{k[4:]} {v:.0f} MB" for k, v in f.items() if k.startswith("rss_"))
+        for model, f in rows
+    )
+    return "\n".join(lines) + f"\n\nRSS after: {rss}; unanswered: {missing:.0f}"
 
 
 def start_broker(folder: Path) -> MosquittoBroker:
@@ -354,6 +443,12 @@ def main() -> int:
         help="a daemon setting, e.g. --set cpu_threads=1 --set mqtt.protocol=3.1.1",
     )
     parser.add_argument(
+        "--pairs", default="qos1,qos0", help="qos1 (defaults vs QoS 1 loop), qos0 (at-most-once)"
+    )
+    parser.add_argument(
+        "--no-turns", action="store_true", help="skip the strace windows that count turns"
+    )
+    parser.add_argument(
         "--threads",
         action="store_true",
         help="print each window's CPU per reading per thread (names from py-spy dump)",
@@ -374,12 +469,22 @@ def main() -> int:
                 rows.append(
                     (
                         case.name,
-                        bench_case(case, broker, folder, rates, args.runs, args.profile, settings),
+                        bench_case(
+                            case,
+                            broker,
+                            folder,
+                            rates,
+                            args.runs,
+                            args.profile,
+                            settings,
+                            pairs=tuple(int(p.removeprefix("qos")) for p in args.pairs.split(",")),
+                            turns=not args.no_turns,
+                        ),
                     )
                 )
         finally:
             broker.stop()
-    print(f"\nmedians of {args.runs} alternating windows of {WINDOW_S:.0f} s, QoS 1, defaults\n")
+    print(f"\nmedians of {args.runs} alternating windows of {WINDOW_S:.0f} s\n")
     print(table(rows, rates))
     return 0
 
