@@ -46,7 +46,7 @@ def test_acks_in_order_run_each_callback_once() -> None:
     acks = PublishAcks()
     calls: list[int] = []
     for mid in (1, 2, 3):
-        acks.register(mid, 1, recorder(calls, mid))
+        acks.track(paho.MQTT_ERR_SUCCESS, mid, 1, recorder(calls, mid))
     assert acks.unacked == 3
     for mid in (1, 2, 3):
         registered, callback = acks.acknowledged(mid)
@@ -62,7 +62,7 @@ def test_acks_out_of_order_reach_the_right_callbacks() -> None:
     acks = PublishAcks()
     calls: list[int] = []
     for mid in (10, 11, 12):
-        acks.register(mid, 1, recorder(calls, mid))
+        acks.track(paho.MQTT_ERR_SUCCESS, mid, 1, recorder(calls, mid))
     for mid in (12, 10, 11):
         _, callback = acks.acknowledged(mid)
         assert callback is not None
@@ -75,7 +75,7 @@ def test_a_duplicate_ack_does_not_run_the_callback_again() -> None:
     """A second acknowledgement of one mid is not a registered message any more."""
     acks = PublishAcks()
     calls: list[int] = []
-    acks.register(4, 1, recorder(calls, 4))
+    acks.track(paho.MQTT_ERR_SUCCESS, 4, 1, recorder(calls, 4))
     assert acks.acknowledged(4)[0]
     assert acks.acknowledged(4) == (False, None)
     assert acks.unacked == 0
@@ -88,34 +88,32 @@ def test_an_ack_that_overtakes_its_registration_runs_the_callback_on_register() 
     acks = PublishAcks()
     calls: list[int] = []
     assert acks.acknowledged(7) == (False, None)
-    acks.register(7, 1, recorder(calls, 7))
+    acks.track(paho.MQTT_ERR_SUCCESS, 7, 1, recorder(calls, 7))
     assert calls == [7]
     assert acks.unacked == 0
-    acks.register(7, 1, recorder(calls, 70))  # the early ack was used up
+    acks.track(paho.MQTT_ERR_SUCCESS, 7, 1, recorder(calls, 70))  # the early ack was used up
     assert calls == [7]
     assert acks.unacked == 1
 
 
-def test_qos0_messages_are_not_unacked_and_are_forgotten_on_disconnect() -> None:
-    """QoS 0 messages are reported when written; one a disconnect dropped never is, so it is
-    forgotten then, while QoS 1 ones stay in flight for paho to send again."""
+def test_qos0_messages_are_done_when_paho_takes_them_and_never_unacked() -> None:
+    """QoS 0 goes no further than paho: its callback runs when paho took it (not when paho
+    refused it), and it is never in flight; QoS 1 ones stay in flight across a disconnect
+    for paho to send again."""
     acks = PublishAcks()
     calls: list[int] = []
-    acks.register(1, 0, recorder(calls, 1))
-    acks.register(2, 1, recorder(calls, 2))
-    acks.register(3, 0, None)
+    acks.track(paho.MQTT_ERR_SUCCESS, 1, 0, recorder(calls, 1))
+    acks.track(paho.MQTT_ERR_NO_CONN, 5, 0, recorder(calls, 5))
+    acks.track(paho.MQTT_ERR_NO_CONN, 2, 1, recorder(calls, 2))
+    assert calls == [1]
     assert acks.unacked == 1
-    registered, callback = acks.acknowledged(1)
-    assert registered
-    assert callback is not None
     acks.disconnected()
     assert acks.unacked == 1
-    assert acks.acknowledged(3) == (False, None)  # forgotten with the connection
     registered, callback = acks.acknowledged(2)  # after the reconnect
     assert registered
     assert callback is not None
     callback()
-    assert calls == [2]
+    assert calls == [1, 2]
     assert acks.unacked == 0
 
 
@@ -126,7 +124,7 @@ def test_a_disconnect_forgets_early_acks() -> None:
     calls: list[int] = []
     acks.acknowledged(9)
     acks.disconnected()
-    acks.register(9, 1, recorder(calls, 9))
+    acks.track(paho.MQTT_ERR_SUCCESS, 9, 1, recorder(calls, 9))
     assert calls == []
     assert acks.unacked == 1
 

@@ -141,9 +141,12 @@ def _apply_pipelines(parts: Parts, plan: ReloadPlan, new: AgentConfig) -> None:
         pipeline = parts.pipelines.pop(name, None)
         if pipeline is not None:
             parts.connection.unsubscribe(pipeline.subscription().subscribe_filter)
+            parts.connection.network_loop.remove_after_read(pipeline.run_inline)
             pipeline.stop(DRAIN_DEADLINE_S)
     for name in plan.restart_pipelines:
         previous = parts.pipelines.pop(name, None)
+        if previous is not None:
+            parts.connection.network_loop.remove_after_read(previous.run_inline)
         parts.start_pipeline(name, new.pipelines[name])
         if previous is not None:
             old_filter = previous.subscription().subscribe_filter
@@ -177,6 +180,7 @@ def _reconnect(parts: Parts, new: AgentConfig) -> None:
     parts.errors.set_topic(f"{new.topic_prefix}/errors")
     for pipeline in parts.pipelines.values():
         parts.connection.subscribe(pipeline.subscription())
+        parts.connection.network_loop.add_after_read(pipeline.run_inline)
     parts.updates.reconfigure(new)
     for subscription in parts.updates.subscriptions():
         parts.uplink.subscribe(subscription)

@@ -96,6 +96,7 @@ class Parts:
             return
         self.pipelines[name] = pipeline
         pipeline.start()
+        self.connection.network_loop.add_after_read(pipeline.run_inline)
         self.connection.subscribe(pipeline.subscription())
 
     def connections_in_use(self) -> list[MqttConnection]:

@@ -14,8 +14,9 @@ Item = TypeVar("Item")
 class DropOldestQueue(Generic[Item]):
     """A bounded FIFO whose overflow drops the oldest item (fresh readings matter more).
 
-    Producers: paho's network thread. Consumer: one inference worker. Everything is guarded
-    by one condition variable.
+    Producers: the network loop's thread. Consumer: one at a time, the pipeline's worker or
+    the network loop running the readings inline (``agent.inference.inline``). Everything is
+    guarded by one condition variable.
     """
 
     def __init__(self, capacity: int, arrival: Callable[[Item], float]) -> None:
@@ -57,6 +58,11 @@ class DropOldestQueue(Generic[Item]):
             self._items.clear()
             self._cond.notify_all()
             return count
+
+    def take_now(self, limit: int) -> list[Item]:
+        """Up to ``limit`` items, without waiting (those the network loop runs inline)."""
+        with self._cond:
+            return self._pop(limit)
 
     def take_batch(self, limit: int, max_delay_s: float) -> list[Item]:
         """Block for at least one item; return up to ``limit`` of them.

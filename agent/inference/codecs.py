@@ -161,6 +161,18 @@ def _decode_json(
 
 def _to_tensor(value: Any, spec: TensorSpec) -> Tensor:
     """Convert to the model's dtype and per-item shape, refusing lossy or invalid data."""
+    target = spec.dtype
+    if target.kind == "f" and isinstance(value, list):
+        # The common case, a JSON list of numbers for a float input: converted once,
+        # straight to the input's type (the general path below converts twice).
+        try:
+            array = np.asarray(value, dtype=target)
+        except (ValueError, TypeError):
+            pass  # text, ragged lists...: the general path says which
+        else:
+            if not all_finite(array):
+                raise PayloadError(f"input {spec.name!r}: contains NaN or infinity")
+            return _fit_shape(array, spec)
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
@@ -170,7 +182,6 @@ def _to_tensor(value: Any, spec: TensorSpec) -> Tensor:
             f"input {spec.name!r}: expected numbers, got "
             f"{'ragged nested lists' if array.dtype == object else 'text'}"
         )
-    target = spec.dtype
     if (
         target.kind in "iu"
         and array.dtype.kind == "f"
@@ -255,8 +266,12 @@ def encode_json(document: Mapping[str, Any]) -> bytes:
 
 
 def all_finite(value: Any) -> bool:
-    """False when a float tensor holds NaN or infinity."""
+    """False when a float tensor holds NaN or infinity. One float64 sum: NaN and infinity
+    carry through it, and no sum of finite float32 (or float16) values overflows float64;
+    a float64 sum that overflows is checked element by element."""
     if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        if value.dtype.itemsize < 8 and math.isfinite(value.sum(dtype=np.float64)):
+            return True
         return bool(np.isfinite(value).all())
     return True
 

@@ -22,6 +22,7 @@ from agent.errors import PayloadError, PipelineFitError, first_line
 from agent.inference import postprocess
 from agent.inference.batching import DropOldestQueue
 from agent.inference.codecs import all_finite, encode_json
+from agent.inference.inline import InlineGate
 from agent.inference.intake import (
     Ack,
     AckerFn,
@@ -125,6 +126,16 @@ class Pipeline:
         """When the worker started the batch it is processing (None: between batches)."""
         return self._worker.busy_since
 
+    def run_inline(self) -> None:
+        """The network loop's ``after_read`` hook: run the queued readings there when the
+        model is cheap (``agent.inference.inline``)."""
+        self._worker.run_inline()
+
+    @property
+    def inline(self) -> bool:
+        """Whether the readings run in the network loop's thread (else in the worker)."""
+        return self._worker.gate.inline
+
     @property
     def queue_depth(self) -> int:
         """Readings waiting for inference."""
@@ -161,6 +172,7 @@ class Pipeline:
         background.
         """
         self._queue.close()
+        self._worker.gate.release()  # the worker drains what is left
         self._thread.join(timeout=deadline_s)
         abandoned = 0
         if self._thread.is_alive():
@@ -245,14 +257,18 @@ class Worker:
         self._plan_for = plan_for
         self._observe = observe
         self._log = log.bind(pipeline=name, model=config.model)
-        # Set by the worker while it processes a batch; read by the systemd watchdog.
+        # Set while a batch is processed (by the worker, or inline by the network loop);
+        # read by the systemd watchdog.
         self.busy_since: float | None = None
+        self.gate = InlineGate(self._log)
         self._streams: StreamTable | None = None  # stateful pipelines only
         if config.state is not None:
             self._streams = StreamTable(config.state.reset_after_s)
 
     def serve(self) -> None:
-        """Process batches until the queue is closed and drained."""
+        """Process batches until the queue is closed and drained (the worker's thread),
+        once the readings no longer run inline."""
+        self.gate.wait_for_worker()
         delay_s = self._config.batching.max_delay_ms / 1000
         while True:
             model = self._registry.get(self._config.model)
@@ -260,17 +276,39 @@ class Worker:
             batch = self._queue.take_batch(limit, delay_s)
             if not batch:
                 return  # closed and drained
-            self.busy_since = time.monotonic()
-            try:
-                self._process(batch)
-            except Exception:  # a bug must not stop the pipeline; every reading gets an answer
-                self._log.exception("batch_failed", size=len(batch))
-                for reading in batch:
-                    self._fail(reading, "internal error while processing the reading")
-            finally:
-                self.busy_since = None
-            if not len(self._queue) and self._drops.pending:
-                self._drops.report(None)  # the overload is over: give the final count
+            with self.gate.lock:
+                self._process_safely(batch)
+
+    def run_inline(self) -> None:
+        """Run the readings queued so far, in batches of the model's limit, on the network
+        loop's thread (its ``after_read`` hook); nothing when they run in the worker. All
+        of them: the broker sends no more than its in-flight window until they are
+        answered, and the loop may not read again before its next wake-up."""
+        gate = self.gate
+        while gate.inline and len(self._queue):
+            with gate.lock:
+                if not gate.inline:
+                    return
+                limit = self._limit(self._registry.get(self._config.model))
+                batch = self._queue.take_now(limit)
+                if not batch:
+                    return
+                started = time.perf_counter()
+                self._process_safely(batch)
+                gate.judge(time.perf_counter() - started, len(batch))
+
+    def _process_safely(self, batch: list[Reading]) -> None:
+        self.busy_since = time.monotonic()
+        try:
+            self._process(batch)
+        except Exception:  # a bug must not stop the pipeline; every reading gets an answer
+            self._log.exception("batch_failed", size=len(batch))
+            for reading in batch:
+                self._fail(reading, "internal error while processing the reading")
+        finally:
+            self.busy_since = None
+        if not len(self._queue) and self._drops.pending:
+            self._drops.report(None)  # the overload is over: give the final count
 
     def _limit(self, model: LoadedModel | None) -> int:
         if model is None:

@@ -22,63 +22,62 @@ SendAck = Callable[[int, int], object]
 
 
 class PublishAcks:
-    """The messages handed to paho whose acknowledgement has not come yet.
+    """The QoS 1/2 messages handed to paho whose acknowledgement has not come yet.
 
-    mid -> what to call when the broker acknowledged it (QoS 1) or it was written (QoS 0).
-    Every publish registers, so an acknowledgement that overtakes its registration (the
-    network thread is faster than the publishing thread) is the only thing ``_early`` can
-    hold, and the QoS 1/2 entries are exactly the messages the broker has not acknowledged
-    yet (``unacked``, which a clean stop waits for). Thread-safe; the lock is never held
-    while calling paho or a callback: on_publish runs under paho's own message lock.
+    mid -> what to call when the broker acknowledged it. Every QoS 1/2 publish registers, so
+    an acknowledgement that overtakes its registration (the network loop is faster than the
+    publishing thread) is the only thing ``_early`` can hold, and the entries are exactly the
+    messages the broker has not acknowledged yet (``unacked``, which a clean stop waits
+    for). QoS 0 is not tracked: handed to paho is as far as it goes. Thread-safe; the lock is
+    never held while calling paho or a callback.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._on_acked: dict[int, Callback | None] = {}
         self._early: set[int] = set()
-        # QoS 0 messages dropped by a disconnect never get on_publish: forgotten then.
-        self._qos0_mids: set[int] = set()
 
-    def register(self, mid: int, qos: int, on_acked: Callback | None) -> None:
-        """Message ``mid`` was queued with paho (on the publishing thread); calls
-        ``on_acked()`` here and now when its acknowledgement already overtook it."""
+    def track(self, rc: int, mid: int, qos: int, on_acked: Callback | None) -> None:
+        """paho's answer (``rc``, ``mid``) to a publish at ``qos`` (on the publishing thread).
+        QoS 0: ``on_acked()`` now when paho took it. QoS 1/2 queued (paho keeps them while
+        disconnected too): registered; ``on_acked()`` here and now when the acknowledgement
+        already overtook it."""
+        if qos == 0:
+            if rc == paho.MQTT_ERR_SUCCESS and on_acked is not None:
+                on_acked()
+            return
+        if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            return
         with self._lock:
             acked_already = mid in self._early
             if acked_already:
                 self._early.discard(mid)
             else:
                 self._on_acked[mid] = on_acked
-                if qos == 0:
-                    self._qos0_mids.add(mid)
         if acked_already and on_acked is not None:
             on_acked()
 
     def acknowledged(self, mid: int) -> tuple[bool, Callback | None]:
-        """paho reported ``mid`` published (on paho's thread): whether it was registered,
-        and its callback for the caller to run. An unregistered mid is kept for the
-        ``register`` that is still to come."""
+        """The broker acknowledged ``mid`` (on the network loop's thread): whether it was
+        registered, and its callback for the caller to run. An unregistered mid is kept for
+        the ``track`` that is still to come."""
         with self._lock:
             if mid not in self._on_acked:
                 self._early.add(mid)
                 return False, None
-            self._qos0_mids.discard(mid)
             return True, self._on_acked.pop(mid)
 
     def disconnected(self) -> None:
-        """The connection dropped (on paho's thread): its QoS 0 messages will never be
-        reported and its early acknowledgements will never be registered. QoS 1/2 stay:
-        paho sends them again after the reconnect."""
+        """The connection dropped (on the network loop's thread): its early acknowledgements
+        will never be registered. QoS 1/2 stay: paho sends them again after the reconnect."""
         with self._lock:
-            for mid in self._qos0_mids:
-                self._on_acked.pop(mid, None)
-            self._qos0_mids.clear()
             self._early.clear()
 
     @property
     def unacked(self) -> int:
         """QoS 1/2 messages the broker has not acknowledged yet."""
         with self._lock:
-            return len(self._on_acked) - len(self._qos0_mids)
+            return len(self._on_acked)
 
 
 class ManualAcks:

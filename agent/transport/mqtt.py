@@ -1,7 +1,9 @@
 """The broker connection: one paho client, its last will, reconnects and subscriptions.
 
-paho's network thread runs every callback below. An exception escaping a callback kills
-that thread (paho issues #365, #704), so each callback catches everything and logs it.
+The connection's network loop (``agent.transport.network_loop``: the threads that own the
+socket) runs every callback below. An exception escaping a callback would end that turn of
+the loop's work half-done (and under paho's own loop, kill its thread: paho issues #365,
+#704), so each callback catches everything and logs it.
 
 The connection builds and delegates to: ``subscriptions`` (the filters, their routing and
 resubscribing), ``inbound`` (each arriving message to its handlers), ``acks`` (what the
@@ -32,7 +34,7 @@ from agent.errors import EdgeAgentError
 from agent.transport.acks import ManualAcks, PublishAcks
 from agent.transport.churn import ConnectionLog
 from agent.transport.inbound import Inbound
-from agent.transport.packet_guard import BoundedClient
+from agent.transport.network_loop import LoopClient, NetworkLoop
 from agent.transport.session_memory import SessionMemory
 from agent.transport.subscriptions import Subscription, Subscriptions
 
@@ -96,15 +98,20 @@ class MqttConnection:
         self._client.on_unsubscribe = self._subscriptions.on_unsubscribe
         self._client.on_subscribe = self._subscriptions.on_subscribe
         self._client.on_publish = self._on_publish
-        self._client.on_socket_open = self._on_socket_open
         self._client.on_message = Inbound(
             self._client, self._subscriptions, self._manual_acks, self._log
         ).on_message
         self._started = False
+        self._loop = NetworkLoop(
+            self._client,
+            config.client_id,
+            reconnect_min_s=RECONNECT_MIN_S,
+            reconnect_max_s=config.reconnect_max_s,
+            on_connect_fail=lambda: self._connection_log.on_connect_fail(self._client, None),
+        )
         self._stopping = False  # set by stop(): the coming disconnect is ours, not a failure
         # Used only by paho's network thread (on_connect / on_disconnect).
         self._connection_log = ConnectionLog(self._log, config.client_id, config.reconnect_max_s)
-        self._client.on_connect_fail = self._connection_log.on_connect_fail
         self._connect_listeners: list[Callable[[], None]] = []
 
     @property
@@ -122,6 +129,12 @@ class MqttConnection:
         """Route messages matching the filter to its handler; kept across reconnects."""
         self._subscriptions.add(subscription)
 
+    @property
+    def network_loop(self) -> NetworkLoop:
+        """The threads that drive the client (``after_read`` hooks run the readings of the
+        pipelines that run in them)."""
+        return self._loop
+
     def add_connect_listener(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` on paho's thread after every successful connect (must not block)."""
         self._connect_listeners.append(listener)
@@ -137,9 +150,8 @@ class MqttConnection:
 
     @property
     def loop_alive(self) -> bool:
-        """Whether paho's network thread runs (it reconnects by itself while it does)."""
-        thread = getattr(self._client, "_thread", None)
-        return thread is not None and thread.is_alive()
+        """Whether the network loop's threads run (they reconnect by themselves)."""
+        return self._loop.alive
 
     def unsubscribe_all(self, wait_s: float = 1.0) -> None:
         """Stop taking messages (first thing on shutdown, so queued work can drain).
@@ -159,7 +171,7 @@ class MqttConnection:
             persistent=self._persistent,
             max_packet_bytes=self._max_packet_bytes,
         )
-        self._client.loop_start()
+        self._loop.start()
         self._started = True
 
     def publish(
@@ -175,15 +187,13 @@ class MqttConnection:
         """Queue a message for sending; thread-safe. QoS 1/2 messages are kept while
         disconnected and sent after the next connect.
 
-        ``on_acked()`` runs once the broker acknowledged the message (QoS 1/2) or it was
-        written to the socket (QoS 0), on paho's network thread or on this thread; it must
-        not block and must not publish. Never called for a QoS 0 message that could not be
-        sent.
+        ``on_acked()`` runs once the broker acknowledged the message (QoS 1/2), on the
+        network loop's thread or on this one; for QoS 0, here once paho has queued it (QoS 0
+        promises no more). It must not block and must not publish. Never called for a QoS 0
+        message paho refused (not connected).
         """
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        queued = info.rc == paho.MQTT_ERR_SUCCESS or (qos > 0 and info.rc == paho.MQTT_ERR_NO_CONN)
-        if queued:
-            self._publish_acks.register(info.mid, qos, on_acked)
+        self._publish_acks.track(info.rc, info.mid, qos, on_acked)
         return info
 
     def ack_token(self, message: paho.MQTTMessage) -> Callable[[], None] | None:
@@ -217,19 +227,11 @@ class MqttConnection:
                 self._log.warning("mqtt_offline_not_sent", error=str(exc))
         self._stopping = True
         self._client.disconnect()
-        self._client.loop_stop()
+        self._loop.stop(timeout_s)
         self._started = False
         self._log.info("mqtt_stopped")
 
-    # -- paho callbacks: all run on paho's network thread ------------------------------------
-
-    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        try:
-            # Without TCP_NODELAY small messages wait for Nagle's algorithm: measured ~140/s
-            # instead of ~13,000/s for 2 KB messages on loopback.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except Exception as exc:  # not a TCP socket (unix transport)
-            self._log.debug("tcp_nodelay_not_set", error=str(exc))
+    # -- paho callbacks: all run on the network loop's thread --------------------------------
 
     def _on_connect(
         self,
@@ -244,6 +246,7 @@ class MqttConnection:
                 self._log.warning("mqtt_connect_refused", reason=str(reason_code))
                 return
             self._log.info("mqtt_connected", session_present=bool(flags.session_present))
+            self._loop.connected()
             self._connection_log.connected()
             self._manual_acks.connected()
             self.connected.set()
@@ -294,6 +297,15 @@ class MqttConnection:
             self._log.exception("mqtt_on_publish_failed")
 
 
+def _nodelay(client: paho.Client, userdata: Any, sock: Any) -> None:
+    """paho's on_socket_open (the network loop's thread): TCP_NODELAY, or small messages
+    wait for Nagle's algorithm (measured ~140/s instead of ~13,000/s for 2 KB messages)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except Exception as exc:  # not a TCP socket (unix transport)
+        log.debug("tcp_nodelay_not_set", error=str(exc))
+
+
 def _make_client(
     config: MqttConfig,
     status_topic: str | None,
@@ -301,12 +313,12 @@ def _make_client(
     persistent: bool,
     manual_ack: bool,
     max_packet_bytes: int,
-) -> BoundedClient:
+) -> LoopClient:
     """The paho client for ``config``, its last will and credentials set; not connected."""
     protocol = (
         MQTTProtocolVersion.MQTTv5 if config.protocol == "5" else MQTTProtocolVersion.MQTTv311
     )
-    client = BoundedClient(
+    client = LoopClient(
         CallbackAPIVersion.VERSION2,
         client_id=config.client_id,
         protocol=protocol,
@@ -315,8 +327,8 @@ def _make_client(
         max_packet_bytes=max_packet_bytes,
     )
     client.enable_logger(_paho_logger())
-    client.reconnect_delay_set(int(RECONNECT_MIN_S), int(config.reconnect_max_s))
     client.connect_timeout = CONNECT_TIMEOUT_S
+    client.on_socket_open = _nodelay
     # How many QoS 1 results may await the broker's PUBACK. paho scans this window on
     # every PUBACK, so wider costs CPU (measured: 1,000 gave 9 % less throughput than 100
     # on loopback); narrower limits throughput on long round trips.
@@ -350,7 +362,8 @@ def _connect_async(
     persistent: bool,
     max_packet_bytes: int,
 ) -> None:
-    """Say so, and have paho's network thread connect (and reconnect) to the broker."""
+    """Say so, and set the broker and CONNECT options the network loop connects (and
+    reconnects) with."""
     log.info(
         "mqtt_connecting",
         client_id=config.client_id,
