@@ -24,6 +24,7 @@ from agent.config.loader import default_config, load_config
 from agent.config.schema import AgentConfig, DeliveryMode
 from agent.daemon.deadlines import DRAIN_DEADLINE_S, FLUSH_DEADLINE_S, OFFLINE_DEADLINE_S
 from agent.daemon.reload import apply_plan, plan_reload
+from agent.daemon.wakeup import Wakeup
 from agent.daemon.wiring import Parts
 from agent.errors import ConfigError
 from agent.hardware.detect import Hardware
@@ -36,7 +37,9 @@ from agent.ops.systemd import SdNotifier, StartupExtender, Watchdog, watchdog_in
 
 log = structlog.get_logger(__name__)
 
-MAIN_LOOP_TICK_S = 0.2
+# The longest the main loop waits: it also checks the other threads' progress for the
+# systemd watchdog (``_main_tick``), and a signal or request ends the wait at once.
+MAIN_LOOP_MAX_WAIT_S = 5.0
 FIRST_SUBSCRIBE_WAIT_S = 5.0
 
 
@@ -57,6 +60,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._signals = _SignalFlags()
+        self._wakeup = Wakeup()
         self._main_tick = time.monotonic()
         self.notifier = SdNotifier.from_environment()
         self._parts: Parts | None = None  # built by run
@@ -77,10 +81,12 @@ class Daemon:
     def request_stop(self) -> None:
         """Ask ``run`` to stop."""
         self._stop.set()
+        self._wakeup.poke()
 
     def request_reload(self) -> None:
         """Ask ``run`` to re-read the config."""
         self._reload.set()
+        self._wakeup.poke()
 
     # -- the main thread ---------------------------------------------------------------------
 
@@ -88,6 +94,7 @@ class Daemon:
         """Serve until asked to stop; returns the process exit code."""
         parts = self._parts = Parts(self._initial_config)
         self._signals.install()
+        self._wakeup.install()
         log.info(
             "agent_starting",
             version=__version__,
@@ -121,9 +128,11 @@ class Daemon:
             if time.monotonic() >= next_health:
                 self._publish_health(parts)
                 next_health = time.monotonic() + self.config.health.interval_s
-            self._stop.wait(MAIN_LOOP_TICK_S)
+            if not self._stop.is_set():
+                self._wakeup.wait(min(next_health - time.monotonic(), MAIN_LOOP_MAX_WAIT_S))
         if watchdog is not None:
             watchdog.stop()
+        self._wakeup.close()
         return self._shutdown(parts)
 
     def _start(self, parts: Parts) -> None:

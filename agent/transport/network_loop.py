@@ -43,7 +43,7 @@ log = structlog.get_logger(__name__)
 
 MISC_EVERY_S = 1.0  # keepalive pings and timeouts (paho's loop_forever checks as often)
 RESCUE_AFTER_S = 0.2  # an after_read hook running longer hands the loop to the standby
-STANDBY_POLL_S = 0.1
+STANDBY_POLL_S = RESCUE_AFTER_S  # how often the standby looks: a wake-up each costs CPU
 
 
 class LoopClient(BoundedClient):
