@@ -159,8 +159,43 @@ def test_encode_json_handles_numpy_and_int_keys() -> None:
 
 
 def test_non_finite_outputs_are_detected() -> None:
-    """all_finite spots NaN/inf in float tensors (orjson would write them as null)."""
+    """all_finite spots NaN/inf in float tensors (orjson would write them as null), small
+    (summed as Python floats) or large (numpy), and is not fooled by a sum that overflows."""
     assert all_finite(np.ones(3, dtype=np.float32))
     assert not all_finite(np.array([1.0, math.nan]))
     assert not all_finite(np.array([math.inf]))
     assert all_finite(np.arange(3))
+    assert not all_finite(np.array([[1.0, 2.0], [-math.inf, 4.0]], dtype=np.float16))
+    big = np.ones(5000, dtype=np.float32)
+    assert all_finite(big)
+    big[4321] = math.nan
+    assert not all_finite(big)
+    assert all_finite(np.array([1.7e308, 1.7e308]))  # finite, though their sum is not
+
+
+@pytest.mark.parametrize(
+    ("dtype", "payload", "accepted"),
+    [
+        (np.float32, b"[1, 2, 3, 1e39]", False),  # finite in JSON, infinite as float32
+        (np.float32, b"[1, 2, 3, -3.4e38]", True),
+        (np.float16, b"[1, 2, 3, 70000]", False),
+        (np.float64, b"[1, 2, 3, 1e300]", True),
+        (np.float64, b"[1e308, 1e308, 1e308, 1e308]", True),  # the sum overflows, no value
+        (np.float32, b"[1, true, 3, 4]", True),
+        (np.float32, b"[1, 2, 3, Infinity]", False),
+    ],
+)
+def test_json_float_lists_are_checked_against_the_input_type(
+    dtype: type[np.floating], payload: bytes, accepted: bool
+) -> None:
+    """A JSON list of numbers is refused when a value is not finite or would not be once
+    converted to the input's float type; every accepted value arrives unchanged in it."""
+    spec = TensorSpec("x", np.dtype(dtype), (4,))
+    if not accepted:
+        with pytest.raises(PayloadError, match="contains NaN or infinity"):
+            decode_payload(payload, cfg(), [spec])
+        return
+    tensors, _ = decode_payload(payload, cfg(), [spec])
+    assert tensors["x"].dtype == dtype
+    assert np.isfinite(tensors["x"]).all()
+    np.testing.assert_array_equal(tensors["x"], np.asarray(json.loads(payload), dtype=dtype))

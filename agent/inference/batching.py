@@ -23,7 +23,9 @@ class DropOldestQueue(Generic[Item]):
         self._items: deque[Item] = deque()
         self._capacity = capacity
         self._arrival = arrival  # monotonic arrival time of an item, for the batching deadline
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        # ``with self._lock`` where no one waits: Condition.__enter__ is a Python call.
+        self._cond = threading.Condition(self._lock)
         self._closed = False
         self._waiting = False  # the consumer sleeps in take_batch: only then notify
 
@@ -37,7 +39,7 @@ class DropOldestQueue(Generic[Item]):
 
     def put(self, item: Item) -> Item | None:
         """Append ``item``; returns the item dropped to make room, if any."""
-        with self._cond:
+        with self._lock:
             dropped = self._items.popleft() if len(self._items) >= self._capacity else None
             self._items.append(item)
             if self._waiting:
@@ -61,7 +63,7 @@ class DropOldestQueue(Generic[Item]):
 
     def take_now(self, limit: int) -> list[Item]:
         """Up to ``limit`` items, without waiting (those the network loop runs inline)."""
-        with self._cond:
+        with self._lock:
             return self._pop(limit)
 
     def take_batch(self, limit: int, max_delay_s: float) -> list[Item]:

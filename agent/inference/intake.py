@@ -19,7 +19,7 @@ from agent import topics
 from agent.config.schema import PipelineConfig
 from agent.errors import PayloadError, PipelineFitError
 from agent.inference.batching import DropOldestQueue
-from agent.inference.codecs import Tensor, TensorSpec, decode_payload
+from agent.inference.codecs import Tensor, decode_payload
 from agent.inference.registry import ModelRegistry
 from agent.inference.reporting import ErrorReporter
 from agent.inference.runplan import RunPlan
@@ -218,7 +218,7 @@ class Intake:
             return
         try:
             output_topic, stream_key = self._topics.for_topic(message.topic)
-            specs: list[TensorSpec] = list(self._plan_for(model).payload)
+            specs = self._plan_for(model).payload
             tensors, reading_id = decode_payload(message.payload, self._config.input, specs)
         except (PayloadError, PipelineFitError) as exc:
             self._reject(message.topic, str(exc), ack, getattr(exc, "reading_id", None))

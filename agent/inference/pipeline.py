@@ -277,7 +277,8 @@ class Worker:
             if not batch:
                 return  # closed and drained
             with self.gate.lock:
-                self._process_safely(batch)
+                # Again: a new version may have been swapped in while the worker waited.
+                self._process_safely(batch, self._registry.get(self._config.model))
 
     def run_inline(self) -> None:
         """Run the readings queued so far, in batches of the model's limit, on the network
@@ -285,29 +286,31 @@ class Worker:
         of them: the broker sends no more than its in-flight window until they are
         answered, and the loop may not read again before its next wake-up."""
         gate = self.gate
-        while gate.inline and len(self._queue):
+        queue = self._queue
+        while gate.inline and len(queue):
             with gate.lock:
                 if not gate.inline:
                     return
-                limit = self._limit(self._registry.get(self._config.model))
-                batch = self._queue.take_now(limit)
+                model = self._registry.get(self._config.model)
+                batch = queue.take_now(self._limit(model))
                 if not batch:
                     return
                 started = time.perf_counter()
-                self._process_safely(batch)
+                self._process_safely(batch, model)
                 gate.judge(time.perf_counter() - started, len(batch))
 
-    def _process_safely(self, batch: list[Reading]) -> None:
+    def _process_safely(self, batch: list[Reading], model: LoadedModel | None) -> None:
         self.busy_since = time.monotonic()
         try:
-            self._process(batch)
+            self._process(batch, model)
         except Exception:  # a bug must not stop the pipeline; every reading gets an answer
             self._log.exception("batch_failed", size=len(batch))
             for reading in batch:
                 self._fail(reading, "internal error while processing the reading")
         finally:
             self.busy_since = None
-        if not len(self._queue) and self._drops.pending:
+        # ``dropped`` first: nothing else to look at until a reading was ever dropped.
+        if self._counters.dropped and not len(self._queue) and self._drops.pending:
             self._drops.report(None)  # the overload is over: give the final count
 
     def _limit(self, model: LoadedModel | None) -> int:
@@ -318,8 +321,7 @@ class Worker:
         except PipelineFitError:
             return 1
 
-    def _process(self, batch: list[Reading]) -> None:
-        model = self._registry.get(self._config.model)
+    def _process(self, batch: list[Reading], model: LoadedModel | None) -> None:
         if model is None:
             reason = not_serving_reason(self._registry, self._config.model)
             for reading in batch:
@@ -334,7 +336,7 @@ class Worker:
         if plan.state:
             for reading in batch:
                 self._run_stateful(model, plan, reading)
-        elif plan.limit == 1:
+        elif plan.limit == 1 or len(batch) == 1:
             for reading in batch:
                 self._run(model, plan, [reading])
         else:

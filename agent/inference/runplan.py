@@ -154,7 +154,9 @@ def feeds_for(plan: RunPlan, items: list[dict[str, Tensor]]) -> dict[str, Any]:
     """The ``session.run`` feeds for readings ``items`` (one dict of payload tensors each)."""
     feeds: dict[str, Any] = {}
     for spec in plan.payload:
-        if plan.stacked:
+        if plan.stacked and len(items) == 1:
+            feeds[spec.name] = items[0][spec.name][None]  # a view: np.stack would copy
+        elif plan.stacked:
             feeds[spec.name] = np.stack([item[spec.name] for item in items])
         elif spec.batched:
             feeds[spec.name] = items[0][spec.name][None]
