@@ -402,6 +402,12 @@ def publisher(
     return client
 
 
+def track_client(client: paho.Client) -> None:
+    """Have a client started outside this module disconnected after the test too, even one
+    whose test failed before its own ``stop``."""
+    _started_clients.append(client)
+
+
 def started_so_far() -> tuple[int, int]:
     """A mark for ``stop_started_since``: how many clients and streams were started."""
     return len(_started_clients), len(_started_streams)

@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from agent.integrations.sparkplug.payloads import REBIRTH, DataType, MetricValue, decode, encode
 from agent.integrations.sparkplug.sparkplug_b_pb2 import Payload
-from tests.broker import MosquittoBroker
+from tests.broker import MosquittoBroker, track_client
 
 DATA_VERBS = ("NDATA", "DDATA", "DBIRTH", "DDEATH")
 
@@ -82,6 +82,7 @@ class SparkplugHost:
             )
         self._client.connect(self.broker.host, self.broker.port)
         self._client.loop_start()
+        track_client(self._client)
         if not self._subscribed.wait(10):
             raise TimeoutError("subscription not acknowledged")
         if self.host_id is not None:

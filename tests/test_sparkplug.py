@@ -128,8 +128,14 @@ def test_a_session_from_nbirth_to_ndeath_follows_the_specification(
     host.wait_for(
         lambda ms: any(m.verb == "NBIRTH" and m.metric("Pipelines/q/Throughput") for m in ms)
     )
-    client.publish("other/m7/x", json.dumps({"id": 1, "x": [1, 2, 3, 4]}), qos=1)
-    host.wait_for(lambda ms: any(m.verb == "DBIRTH" and m.device == "q:m7" for m in ms))
+    # The new subscription may not be in place yet when the NBIRTH is out (the births go
+    # out on the Sparkplug connection, the SUBSCRIBE on the readings' one): until the
+    # device is born, send the reading again.
+    deadline = time.monotonic() + 15
+    while not host.of("DBIRTH", "q:m7"):
+        assert time.monotonic() < deadline, "no DBIRTH for q:m7"
+        client.publish("other/m7/x", json.dumps({"id": 1, "x": [1, 2, 3, 4]}), qos=1)
+        time.sleep(1.0)
 
     agent.kill()
     host.wait_for(lambda ms: any(m.verb == "NDEATH" for m in ms))
