@@ -100,7 +100,9 @@ def test_health_counts_a_known_stream(
     good = health["pipelines"]["good"]
     assert (good["received"], good["processed"], good["errors"], good["dropped"]) == (23, 20, 3, 0)
     busy = health["pipelines"]["busy"]
-    assert busy["dropped"] > 100
+    # How many drop depends on how fast the model runs against the burst (81 to 190 of 200
+    # seen): that some did, and that every reading is counted once, is what is checked.
+    assert busy["dropped"] > 0
     assert busy["processed"] + busy["dropped"] == 200
     assert busy["processed"] == sum(m.topic.startswith("busyout/") for m in rec.messages)
     assert health["device_id"] == "dev1"
