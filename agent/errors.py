@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class EdgeAgentError(Exception):
@@ -48,6 +49,17 @@ class GoldenMismatchError(ModelLoadError):
     def __init__(self, message: str, report: object) -> None:
         super().__init__(message)
         self.report = report
+
+
+class ShadowRefusedError(ModelLoadError):
+    """An update's candidate did not prove itself beside the serving model on live readings
+    (its shadow trial): it must not serve. ``figures`` are the trial's, for the operator."""
+
+    step = "shadow"
+
+    def __init__(self, message: str, figures: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.figures = figures
 
 
 class PayloadError(EdgeAgentError):

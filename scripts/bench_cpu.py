@@ -18,6 +18,7 @@ process's threads, per reading, counted by the kernel's syscall tracepoints.
 
     .venv/bin/python scripts/bench_cpu.py [--models iforest,mlp] [--rates 500,100] [--runs 3]
         [--pairs qos1,qos0] [--no-turns] [--threads] [--profile DIR] [--set KEY=VALUE ...]
+        [--shadow] [--drift]
 
 ``scripts/bench.py`` runs the same measurement as part of its table.
 """
@@ -38,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,6 +60,7 @@ from bench import (  # noqa: E402
     warm,
 )
 from bench_run import describe_run  # noqa: E402
+from bench_shadow import begin_shadow, signing_keys  # noqa: E402
 
 from agent.procfs import rss_mb  # noqa: E402
 from tests.broker import MosquittoBroker, wait_for_port  # noqa: E402
@@ -289,10 +293,15 @@ def start_daemon(
     folder: Path,
     settings: dict[str, Any] | None = None,
     qos: int = 1,
+    *,
+    shadow: bool = False,
+    drift: bool = False,
 ) -> Target:
     """The daemon with one JSON pipeline: its defaults (at-least-once, QoS 1) for ``qos``
     1, at-most-once with QoS 0 in and out for ``qos`` 0; plus the ``settings`` given (dotted
-    keys, ``--set``: to measure candidates one by one)."""
+    keys, ``--set``: to measure candidates one by one); with ``shadow``, in the shadow
+    trial of an update of its own model (``bench_shadow.py``); with ``drift``, measuring
+    the drift of its readings against a reference of the same distribution."""
     device = f"cpu-{case.name}-qos{qos}"
     models_dir = folder / f"models-{device}"
     models_dir.mkdir(exist_ok=True)
@@ -320,9 +329,20 @@ def start_daemon(
         for part in path:
             section = section.setdefault(part, {})
         section[leaf] = value
+    if drift:
+        # The readings' own distribution: drift is measured, never flagged.
+        name = onnx.load(str(case.path)).graph.input[0].name
+        np.savez(models_dir / "reference.npz", **{f"input:{name}": case.inputs[:2000]})  # type: ignore[arg-type]
+        config["pipelines"]["p"]["drift"] = {"reference": "reference.npz", "window_s": 60}
+    signing_key: Path | None = None
+    if shadow:
+        public, signing_key = signing_keys(folder / f"key-{device}")
+        config.setdefault("updates", {})["trusted_keys"] = [str(public)]
     process = start_daemon_process(
         broker, config, folder / f"cpu-{device}.yaml", folder / f"{device}.log"
     )
+    if signing_key is not None:
+        begin_shadow(broker, device, models_dir / "m.onnx", signing_key, folder)
     time.sleep(0.5)
     results = ResultCounter(broker, f"cpu/{device}/out/#")
     messages = [(f"cpu/{device}/s", case.json_payload(i)) for i in range(len(case.inputs))]
@@ -340,6 +360,8 @@ def bench_case(  # noqa: PLR0917
     settings: dict[str, Any] | None = None,
     pairs: tuple[int, ...] = (1, 0),
     turns: bool = True,
+    shadow: bool = False,
+    drift: bool = False,
 ) -> dict[str, float]:
     """Figures for one model, per pair (``qos1``, ``qos0``) and rate:
     ``cpu_<pair>_<loop|daemon>_<rate>`` medians, ``ratio_<pair>_<rate>``,
@@ -349,7 +371,7 @@ def bench_case(  # noqa: PLR0917
     try:
         for qos in pairs:
             targets.append((f"qos{qos}", "loop", start_loop(case, broker, folder, qos)))
-            daemon = start_daemon(case, broker, folder, settings, qos)
+            daemon = start_daemon(case, broker, folder, settings, qos, shadow=shadow, drift=drift)
             targets.append((f"qos{qos}", "daemon", daemon))
         medians = measure([t for _, _, t in targets], broker, rates, runs)
         figures: dict[str, float] = {}
@@ -450,6 +472,16 @@ def main() -> int:
         "--no-turns", action="store_true", help="skip the perf windows that count turns"
     )
     parser.add_argument(
+        "--shadow",
+        action="store_true",
+        help="measure each daemon during the shadow trial of an update of its own model",
+    )
+    parser.add_argument(
+        "--drift",
+        action="store_true",
+        help="measure each daemon with drift on (a reference of the readings' distribution)",
+    )
+    parser.add_argument(
         "--threads",
         action="store_true",
         help="print each window's CPU per reading per thread (names from py-spy dump)",
@@ -480,6 +512,8 @@ def main() -> int:
                             settings,
                             pairs=tuple(int(p.removeprefix("qos")) for p in args.pairs.split(",")),
                             turns=not args.no_turns,
+                            shadow=args.shadow,
+                            drift=args.drift,
                         ),
                     )
                 )

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
 from agent.inference.latency import BOUNDS_MS, LatencySummary
-from agent.inference.registry import ModelState
+from agent.inference.model_status import ModelState
 from agent.ops.metrics import MIB, snapshot_metrics
 from agent.ops.telemetry import Baseline, HealthSnapshot, ModelFigures, PipelineFigures
 

@@ -68,6 +68,7 @@ def agent_config(tmp_path: Path, port: int = 1883, **home_assistant: Any) -> dic
                 "model": "lin",
                 "input": {"topic": "sensors/+/x", "field": "x"},
                 "output": {"topic": "results/{1}"},
+                "drift": {"reference": "reference.npz"},
             },
             "q": {
                 "model": "lin",
@@ -83,7 +84,13 @@ def agent_config(tmp_path: Path, port: int = 1883, **home_assistant: Any) -> dic
 HEALTH_SAMPLE = {
     "models": {"lin": {"state": "READY", "degraded": True}},
     "pipelines": {
-        "p": {"throughput": 12.5, "latency_ms": {"p95": 1.25}, "dropped": 3, "errors": 0},
+        "p": {
+            "throughput": 12.5,
+            "latency_ms": {"p95": 1.25},
+            "dropped": 3,
+            "errors": 0,
+            "drift": {"score": 0.31, "flagged": True, "windows_over": 3, "worst": ["x[2]"]},
+        },
         "q": {"throughput": 0.0, "latency_ms": {"p95": None}, "dropped": 0, "errors": 1},
     },
     "cpu_percent": 7.5,
@@ -129,6 +136,8 @@ def test_home_assistant_accepts_every_entity_and_renders_them(tmp_path: Path) ->
     assert states["pipeline_p_latency_p95"] == "1.25"
     assert states["pipeline_q_latency_p95"] == "None"  # Home Assistant shows "unknown"
     assert states["pipeline_p_dropped"] == "3"
+    assert states["pipeline_p_drift"] == "ON"
+    assert "pipeline_q_drift" not in states  # no drift settings, no entity
     assert states["agent_temperature"] == "51.5"
     assert states["agent_outbox_depth"] == "4"
     assert states["agent_warnings"] == "ON"

@@ -110,6 +110,7 @@ def test_states_and_steps_are_their_strings_in_json_and_text() -> None:
         "trial",
         "building_engine",
         "validating",
+        "shadow",
         "committed",
     ]
     for member in [*UpdateState, *UpdateStep]:

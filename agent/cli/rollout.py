@@ -442,6 +442,8 @@ class Rollout(_RolloutParts):
             record.reason = _text(status.get("reason"))
             validation = status.get("validation")
             record.validation = validation if isinstance(validation, dict) else None
+            shadow = status.get("shadow")
+            record.shadow = shadow if isinstance(shadow, dict) else None
             if record.state != SUCCEEDED:
                 self._say(
                     f"{device}: {record.state}" + (f": {record.reason}" if record.reason else "")

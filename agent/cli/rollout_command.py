@@ -48,6 +48,7 @@ def run_rollout(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         update_id=args.update_id,
         golden=args.golden_set,
+        shadow=args.shadow_terms,
     )
     state: RolloutState | None = None
     try:

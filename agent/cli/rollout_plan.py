@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from agent.cli.update_sender import validation_line
+from agent.cli.update_sender import shadow_line, validation_line
 from agent.durable import write_atomically
 from agent.updates.manifest import parse_duration
 
@@ -141,6 +141,7 @@ class DeviceRecord:
     step: str | None = None
     reason: str | None = None
     validation: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None  # its shadow trial's figures, passed or failed
     rollback: str | None = None  # the rollback update's outcome, when one was sent
     finished_s: float | None = None  # seconds from the rollout's start to the final word
 
@@ -227,8 +228,13 @@ def summary_rows(devices: Mapping[str, DeviceRecord]) -> list[tuple[str, str, st
     rows = [("DEVICE", "WAVE", "RESULT", "DETAIL")]
     for name in sorted(devices, key=lambda n: (devices[n].wave, n)):
         record = devices[name]
-        if record.state == SUCCEEDED and record.validation:
-            detail = validation_line(record.validation)
+        if record.state == SUCCEEDED and (record.validation or record.shadow):
+            figures = []
+            if record.validation:
+                figures.append(validation_line(record.validation))
+            if record.shadow:
+                figures.append(f"shadow {shadow_line(record.shadow)}")
+            detail = "; ".join(figures)
         else:
             detail = record.reason or (f"step {record.step}" if record.step else "")
         if record.rollback:

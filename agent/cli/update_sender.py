@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.inference.golden import GoldenSet
 from agent.updates.manifest import build_payload
+from agent.updates.shadow_terms import ShadowOverride
 from agent.updates.signing import load_private_key, sign_envelope
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "REJECTED"})
@@ -63,6 +64,7 @@ class Signer:
     url: str | None
     chunk_size: int
     golden: GoldenSet | None = None
+    shadow: ShadowOverride | None = None
 
     def sign(self, devices: Sequence[str], groups: Sequence[str] = ()) -> SignedUpdate:
         """The signed update for these targets."""
@@ -79,6 +81,7 @@ class Signer:
             url=self.url,
             chunk_size=self.chunk_size,
             validation=self.golden,
+            shadow=self.shadow,
         )
         envelope = sign_envelope(payload, list(self.keys))
         return SignedUpdate(
@@ -97,6 +100,7 @@ def make_signer(
     chunk_size: int,
     update_id: str | None = None,
     golden: GoldenSet | None = None,
+    shadow: ShadowOverride | None = None,
     issued_at: datetime | None = None,
 ) -> Signer:
     """Read the model and the keys once; ``issued_at`` defaults to now, the update id to
@@ -115,6 +119,7 @@ def make_signer(
         url=url,
         chunk_size=chunk_size,
         golden=golden,
+        shadow=shadow,
     )
 
 
@@ -131,9 +136,11 @@ def sign_update(
     chunk_size: int,
     update_id: str | None = None,
     golden: GoldenSet | None = None,
+    shadow: ShadowOverride | None = None,
 ) -> SignedUpdate:
     """Read the model, describe it in a payload, and sign it with every key; ``golden``
-    travels in the payload (``validation``) and the devices check it during the trial."""
+    travels in the payload (``validation``) and the devices check it during the trial, as
+    they run the shadow trial ``shadow`` sets."""
     signer = make_signer(
         model_file,
         key_files,
@@ -144,6 +151,7 @@ def sign_update(
         chunk_size=chunk_size,
         update_id=update_id,
         golden=golden,
+        shadow=shadow,
     )
     return signer.sign(devices, groups)
 
@@ -279,6 +287,9 @@ class StatusFollower:
             validation = status.get("validation")
             if state == "SUCCEEDED" and isinstance(validation, dict):
                 print(f"  validation: {validation_line(validation)}", file=self.out, flush=True)
+            shadow = status.get("shadow")
+            if isinstance(shadow, dict):  # running figures, or the final ones
+                print(f"  shadow: {shadow_line(shadow)}", file=self.out, flush=True)
             if state in TERMINAL:
                 self.finals[device] = status
             self._cond.notify_all()
@@ -325,6 +336,21 @@ def validation_line(validation: dict[str, Any]) -> str:
     if isinstance(providers, list) and providers:
         parts.append(", ".join(str(p)[:64] for p in providers[:8]))
     return ", ".join(parts)
+
+
+def shadow_line(shadow: dict[str, Any]) -> str:
+    """A device's shadow trial figures on one line: readings compared, disagreement, the
+    largest difference and the latency ratio. Written by the device: any field may be odd."""
+    if shadow.get("skipped"):
+        return f"skipped: {str(shadow['skipped'])[:200]}"
+    return ", ".join(
+        [
+            f"{_figure(shadow.get('readings'), 'd')} readings",
+            f"disagreement {_figure(shadow.get('disagreement'), '.2%')}",
+            f"max abs err {_figure(shadow.get('max_abs_err'), '.2g')}",
+            f"latency ratio {_figure(shadow.get('latency_ratio'), '.2f')}",
+        ]
+    )
 
 
 def _milliseconds(value: Any) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from agent.cli.broker_options import add_broker_arguments
 from agent.cli.model import add_tolerance_arguments
 from agent.cli.rollout_command import run_rollout
+from agent.cli.shadow_options import add_shadow_arguments, shadow_override, shadow_problem
 from agent.cli.update_sender import (
     ProgressBar,
     SignedUpdate,
@@ -206,6 +207,7 @@ def _update_arguments(parser: argparse.ArgumentParser) -> None:
         "when the outputs are out of tolerance",
     )
     add_tolerance_arguments(parser)  # --rtol/--atol/--top1: override the golden set's own
+    add_shadow_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -220,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"edge-agent {args.command}: {problem}", file=sys.stderr)
             return EXIT_USAGE
         args.golden_set = _golden(args)
+        args.shadow_terms = shadow_override(args)
         if args.command == "sign":
             return _sign(args)
         if args.waves or args.resume:
@@ -252,6 +255,7 @@ def _check_update_arguments(args: argparse.Namespace) -> str | None:
             args.golden is None and (args.rtol, args.atol, args.top1) != (None, None, None),
             "--rtol, --atol and --top1 are the tolerances of a golden set: add --golden",
         ),
+        (shadow_problem(args) is not None, shadow_problem(args) or ""),
     ]
     return next((message for failed, message in checks if failed), None)
 
@@ -286,6 +290,7 @@ def _signed(args: argparse.Namespace, url: str | None) -> SignedUpdate:
         chunk_size=args.chunk_size,
         update_id=args.update_id,
         golden=args.golden_set,
+        shadow=args.shadow_terms,
     )
 
 

@@ -263,6 +263,26 @@ class StreamState(Section):
     reset_after_s: PositiveFloat = 60.0
 
 
+class DriftConfig(Section):
+    """How far a pipeline's live readings have drifted from a reference (per feature PSI
+    in rolling windows)."""
+
+    reference: StrictStr = Field(
+        description="an .npz with input:<name> arrays (and expected:<output> for the outputs), "
+        "relative to models_dir, such as `edge-agent model capture` writes; or `golden`: the "
+        "model's NAME.golden.npz"
+    )
+    window_s: Annotated[StrictFloat, Field(ge=1, le=86_400)] = Field(
+        300.0, description="readings are compared in windows this long"
+    )
+    threshold: Annotated[StrictFloat, Field(gt=0)] = Field(
+        0.2, description="a window whose worst feature's PSI is above this is over"
+    )
+    windows: Annotated[StrictInt, Field(ge=1, le=1000)] = Field(
+        3, description="windows over the threshold in a row flag the drift (and under, clear it)"
+    )
+
+
 class PipelineConfig(Section):
     """MQTT readings -> a model -> MQTT results."""
 
@@ -273,6 +293,7 @@ class PipelineConfig(Section):
     queue: QueueConfig = Field(default_factory=QueueConfig)
     state: StreamState | None = None
     constants: Mapping[StrictStr, Any] | None = Field(None, description="fixed model inputs")
+    drift: DriftConfig | None = None
 
 
 class WatchConfig(Section):
@@ -303,6 +324,27 @@ class MetricsConfig(Section):
     """Optional Prometheus endpoint."""
 
     listen: Annotated[StrictStr | None, AfterValidator(_check_listen)] = None
+
+
+class ShadowConfig(Section):
+    """The shadow trial: after its golden set, a candidate runs beside the serving model on
+    live readings before it may serve. An update's manifest may carry its own terms."""
+
+    duration_s: Annotated[StrictFloat, Field(ge=0, le=604_800)] = Field(
+        0.0, description="how long the candidate runs beside the serving model; 0 = no shadow"
+    )
+    min_readings: Annotated[StrictInt, Field(ge=1)] = Field(
+        200, description="fewer readings compared in duration_s fail the trial"
+    )
+    max_disagreement: Annotated[StrictFloat, Field(ge=0, le=1)] = Field(
+        0.02, description="the share of readings whose results may differ"
+    )
+    max_latency_ratio: Annotated[StrictFloat, Field(gt=0)] = Field(
+        1.5, description="the candidate's median run time over the serving model's"
+    )
+    sample: Annotated[StrictFloat, Field(gt=0, le=1)] = Field(
+        1.0, description="the share of batches the candidate also runs"
+    )
 
 
 class UpdatesConfig(Section):
@@ -342,6 +384,7 @@ class UpdatesConfig(Section):
         description="the bound instead of trial_timeout_s (and warmup_timeout_s) on a load "
         "that builds a TensorRT engine for the first time: minutes on a Jetson",
     )
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
 
 
 class OutboxConfig(Section):

@@ -121,29 +121,43 @@ def golden_path_for(model_path: Path) -> Path:
 
 def read_golden_file(path: Path) -> GoldenSet:
     """Read and parse a golden set file without following a symlink; ``GoldenSetError``."""
+    return parse_golden(read_bounded(path, "golden set", MAX_GOLDEN_BYTES), str(path))
+
+
+def read_npz_file(path: Path, what: str, max_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file of at most ``max_bytes``, numbers only, read without
+    following a symlink and with a bound on what it decompresses to; ``GoldenSetError``
+    names ``what`` it is and what is wrong."""
+    return _read_arrays(read_bounded(path, what, max_bytes), str(path))
+
+
+def read_bounded(path: Path, what: str, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` (not a symlink), at most ``max_bytes``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError as exc:
-        raise GoldenSetError(f"golden set {path} not found") from exc
+        raise GoldenSetError(f"{what} {path} not found") from exc
     except OSError as exc:
         if os.path.islink(path):
-            raise GoldenSetError(f"golden set {path} is a symlink: refused") from exc
-        raise GoldenSetError(f"cannot open golden set {path}: {exc.strerror}") from exc
+            raise GoldenSetError(f"{what} {path} is a symlink: refused") from exc
+        raise GoldenSetError(f"cannot open {what} {path}: {exc.strerror}") from exc
     try:
         # Checked on the descriptor before any read: fdopen refuses a folder with an
         # exception of its own, and a FIFO opened non-blocking must not be read.
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise GoldenSetError(f"golden set {path} is not a regular file")
-        if info.st_size > MAX_GOLDEN_BYTES:
-            raise GoldenSetError(_too_big(str(path), info.st_size))
+            raise GoldenSetError(f"{what} {path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise GoldenSetError(_too_big(str(path), info.st_size, what, max_bytes))
         with os.fdopen(fd, "rb", closefd=False) as handle:
-            data = handle.read(MAX_GOLDEN_BYTES + 1)
+            data = handle.read(max_bytes + 1)
     except OSError as exc:
-        raise GoldenSetError(f"cannot read golden set {path}: {exc.strerror}") from exc
+        raise GoldenSetError(f"cannot read {what} {path}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    return parse_golden(data, str(path))
+    if len(data) > max_bytes:
+        raise GoldenSetError(_too_big(str(path), len(data), what, max_bytes))
+    return data
 
 
 def parse_golden(data: bytes, source: str) -> GoldenSet:
@@ -415,8 +429,10 @@ def _read_npy(raw: bytes, source: str, key: str) -> np.ndarray:
     return array
 
 
-def _too_big(source: str, size: int) -> str:
+def _too_big(
+    source: str, size: int, what: str = "golden set", max_bytes: int = MAX_GOLDEN_BYTES
+) -> str:
     return (
-        f"{source}: golden set is {size} bytes, more than {MAX_GOLDEN_BYTES} "
-        "(1 MiB): use fewer samples"
+        f"{source}: {what} is {size} bytes, more than {max_bytes} "
+        f"({max_bytes / 2**20:g} MiB): use fewer samples"
     )

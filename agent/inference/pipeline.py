@@ -1,10 +1,9 @@
 """One inference pipeline: MQTT readings -> bounded queue -> batched ``session.run`` -> results.
 
-Threads: ``Intake`` (``agent.inference.intake``) runs on paho's network thread and only
-decodes, checks and enqueues. The ``Worker`` here forms batches, runs the model and
-publishes, on the pipeline's own thread. Inference never runs on paho's thread. ``Pipeline``
-builds both and is driven from the daemon's thread: start, stop and the drain at stop.
-"""
+Threads: ``Intake`` (``agent.inference.intake``) runs on the network loop and only decodes,
+checks and enqueues. The ``Worker`` here forms batches, runs the model and publishes: in the
+network loop right after a read for a model measured cheap, else on the pipeline's thread.
+``Pipeline`` builds both and is driven from the daemon's thread: start, stop, the drain."""
 
 from __future__ import annotations
 
@@ -22,6 +21,8 @@ from agent.errors import PayloadError, PipelineFitError, first_line
 from agent.inference import postprocess
 from agent.inference.batching import DropOldestQueue
 from agent.inference.codecs import all_finite, encode_json
+from agent.inference.drift import DriftMonitor, DriftState
+from agent.inference.drift_setup import pipeline_drift
 from agent.inference.inline import InlineGate
 from agent.inference.intake import (
     Ack,
@@ -37,6 +38,7 @@ from agent.inference.registry import ModelRegistry
 from agent.inference.reporting import ErrorReporter
 from agent.inference.runplan import ModelView, RunPlan, build_plan, feeds_for, split_output
 from agent.inference.session import LoadedModel
+from agent.inference.shadow import Offered
 from agent.inference.streams import StreamTable
 from agent.transport.results import PendingResult, SeqCounter
 from agent.transport.subscriptions import Subscription
@@ -87,6 +89,9 @@ class Pipeline:
             config.queue.max, arrival=lambda reading: reading.received
         )
         self._log = log.bind(pipeline=name, model=config.model)
+        self._drift = pipeline_drift(
+            name, config, registry.model_path(config.model), models_dir, errors
+        )
         # The plan for the serving model, rebuilt when the model changes. Read and written by
         # paho's thread and the worker; both compute the same value, so a race is harmless.
         self._plan: tuple[LoadedModel, RunPlan] | None = None
@@ -116,10 +121,16 @@ class Pipeline:
             labels=labels,
             plan_for=self.plan_for,
             observe=observe,
+            drift=self._drift.monitor if self._drift is not None else None,
         )
         self._thread = threading.Thread(
             target=self._worker.serve, name=f"pipeline-{name}", daemon=True
         )
+
+    @property
+    def drift(self) -> DriftState | None:
+        """The latest drift figures; None without ``drift`` settings (any thread)."""
+        return self._drift.state if self._drift is not None else None
 
     @property
     def busy_since(self) -> float | None:
@@ -242,8 +253,10 @@ class Worker:
         labels: list[str] | None,
         plan_for: Callable[[LoadedModel], RunPlan],
         observe: ResultObserver | None = None,
+        drift: DriftMonitor | None = None,
     ) -> None:
         self._name = name
+        self._drift = drift
         self._config = config
         self._registry = registry
         self._queue = queue
@@ -383,13 +396,24 @@ class Worker:
     def _session_run(
         self, model: LoadedModel, plan: RunPlan, feeds: dict[str, Any], group: list[Reading]
     ) -> dict[str, Any] | None:
+        tap = self._registry.taps.get(model.name)  # an update's shadow trial in progress
+        started = time.perf_counter() if tap is not None else 0.0
         try:
             values = model.session.run(list(plan.fetch), feeds)
         except Exception as exc:  # onnxruntime's own error types
             for reading in group:
                 self._fail(reading, f"inference failed: {first_line(exc)}")
             return None
-        return dict(zip(plan.fetch, values, strict=True))
+        outputs = dict(zip(plan.fetch, values, strict=True))
+        if self._drift is not None:
+            self._drift.observe(feeds, outputs, plan.stacked)
+        if tap is not None:
+            seconds = time.perf_counter() - started
+            post = self._config.output.postprocess
+            tap.offer(
+                Offered(self._name, plan, post, self._labels, feeds, outputs, len(group), seconds)
+            )
+        return outputs
 
     def _publish_result(
         self, model: LoadedModel, plan: RunPlan, reading: Reading, values: dict[str, Any]

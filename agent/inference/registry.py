@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -26,58 +25,16 @@ from agent.config.schema import AgentConfig
 from agent.errors import GoldenMismatchError, GoldenSetError, ModelLoadError
 from agent.hardware.detect import Hardware
 from agent.hardware.providers import ProviderPlan
-from agent.inference.codecs import encode_json
 from agent.inference.golden import GoldenSet, golden_path_for, read_golden_file
+from agent.inference.model_status import (
+    ModelStatus,
+    StatePublisher,
+    StatusBoard,
+)
 from agent.inference.session import LoadedModel, Progress, SessionFactory, WarmupLimit
-from agent.strenum import StrEnum
+from agent.inference.shadow import ShadowTaps
 
 log = structlog.get_logger(__name__)
-
-
-class ModelState(StrEnum):
-    """Lifecycle states published on ``P/models/NAME``."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
-
-
-@dataclass
-class ModelStatus:
-    """What is published about a model; owned by the registry's status board, changed under
-    its lock."""
-
-    name: str
-    file: str
-    state: ModelState = ModelState.LOADING
-    version: str | None = None
-    providers: tuple[str, ...] = ()
-    requested: tuple[str, ...] = ()
-    degraded: bool = False
-    loaded_at: float | None = None
-    error: str | None = None
-    last_load: dict[str, Any] | None = None
-    placement: dict[str, Any] | None = None
-    validation: dict[str, Any] | None = None
-
-    def to_json(self) -> bytes:
-        """The retained ``P/models/NAME`` payload."""
-        return encode_json(
-            {
-                "name": self.name,
-                "state": self.state.value,
-                "version": self.version,
-                "file": self.file,
-                "providers": list(self.providers),
-                "requested_providers": list(self.requested),
-                "degraded": self.degraded,
-                "loaded_at": self.loaded_at,
-                "error": self.error,
-                "last_load": self.last_load,
-                "placement": self.placement,
-                "validation": self.validation,
-            }
-        )
 
 
 class GoldenFrom(enum.Enum):
@@ -86,120 +43,23 @@ class GoldenFrom(enum.Enum):
     BESIDE_FILE = "beside"  # NAME.golden.npz beside the model file, if there is one
 
 
-StatePublisher = Callable[[str, bytes], None]
 FailureReporter = Callable[[str, str, str], None]  # model name, file, reason
 # (model name, version) -> why this file must not load, or None; runs on the loading thread.
 Admission = Callable[[str, str], "str | None"]
+# (candidate, serving model or None) -> None, or ModelLoadError: refused (an update's shadow
+# trial; runs on the loading thread, before the swap).
+Gate = Callable[[LoadedModel, "LoadedModel | None"], None]
 
 
-class _StatusBoard:
-    """The published status of every configured model and the steps of its loads: what
-    ``P/models/NAME`` says. Any thread; publishes outside its lock."""
+@dataclass(frozen=True)
+class _LoadOptions:
+    """How one load goes (``ModelRegistry.load``'s arguments)."""
 
-    def __init__(self, config: AgentConfig, publish_state: StatePublisher) -> None:
-        self._publish_state = publish_state
-        self._lock = threading.Lock()  # guards _status
-        self._status: dict[str, ModelStatus] = {
-            name: ModelStatus(name=name, file=str(config.model_path(name)))
-            for name in config.models
-        }
-
-    def names(self) -> list[str]:
-        """Names of the models with a status."""
-        with self._lock:
-            return list(self._status)
-
-    def get(self, name: str) -> ModelStatus:
-        """The status of ``name`` (KeyError when it has none)."""
-        with self._lock:
-            return self._status[name]
-
-    def has(self, name: str) -> bool:
-        """Whether ``name`` still has a status (a config reload may have removed it)."""
-        with self._lock:
-            return name in self._status
-
-    def adopt(self, config: AgentConfig) -> list[str]:
-        """Drop the statuses of models ``config`` lacks and add its new ones; returns the
-        dropped names (``unpublish`` them once outside any lock)."""
-        with self._lock:
-            removed = [name for name in self._status if name not in config.models]
-            for name in removed:
-                del self._status[name]
-            for name in config.models:
-                if name not in self._status:
-                    self._status[name] = ModelStatus(name=name, file=str(config.model_path(name)))
-                else:
-                    self._status[name].file = str(config.model_path(name))
-        return removed
-
-    def unpublish(self, name: str) -> None:
-        """Clear the retained state of a removed model."""
-        self._publish_state(name, b"")  # an empty retained message deletes it
-
-    def loading(self, name: str, version: str, serving: bool) -> dict[str, Any]:
-        """Publish that ``version`` of ``name`` is loading; returns the attempt's record."""
-        now = time.time()
-        attempt = {"state": ModelState.LOADING.value, "version": version, "started": now, "ts": now}
-        self.update(
-            name, last_load=attempt, state=ModelState.READY if serving else ModelState.LOADING
-        )
-        return attempt
-
-    def ready(self, name: str, model: LoadedModel, attempt: dict[str, Any]) -> None:
-        """Publish that ``model`` serves, the load ``attempt`` having succeeded."""
-        self.update(
-            name,
-            state=ModelState.READY,
-            version=model.version,
-            providers=model.providers,
-            requested=model.requested,
-            degraded=model.degraded,
-            loaded_at=model.loaded_at,
-            error=None,
-            placement=model.placement.to_dict() if model.placement else None,
-            validation=model.validation.to_dict() if model.validation else None,
-            last_load={**attempt, "state": ModelState.READY.value, "ts": time.time()},
-        )
-
-    def failed(
-        self,
-        name: str,
-        version: str | None,
-        exc: ModelLoadError,
-        serving: bool,
-        started: float | None,
-    ) -> None:
-        """Publish that a load of ``name`` failed (still READY while an older one serves);
-        a failed golden set check names step ``validating`` and carries its figures."""
-        record: dict[str, Any] = {
-            "state": ModelState.FAILED.value,
-            "version": version,
-            "error": str(exc),
-            "step": "validating" if isinstance(exc, GoldenMismatchError) else "loading",
-            "started": started or time.time(),
-            "ts": time.time(),
-        }
-        report = getattr(exc, "report", None)
-        if report is not None:
-            record["validation"] = report.to_dict()
-        self.update(
-            name,
-            state=ModelState.READY if serving else ModelState.FAILED,
-            error=str(exc),
-            last_load=record,
-        )
-
-    def update(self, name: str, **changes: Any) -> None:
-        """Change fields of ``name``'s status and publish it."""
-        with self._lock:
-            status = self._status.get(name)
-            if status is None:
-                return  # removed by a config reload while it loaded
-            for key, value in changes.items():
-                setattr(status, key, value)
-            payload = status.to_json()
-        self._publish_state(name, payload)
+    force: bool = False
+    max_seconds: float | None = None
+    golden: GoldenSet | GoldenFrom | None = GoldenFrom.BESIDE_FILE
+    progress: Progress | None = None
+    gate: Gate | None = None
 
 
 class ModelRegistry:
@@ -217,7 +77,7 @@ class ModelRegistry:
         self._admission = admission
         self._on_failure = on_failure
         self._sessions = SessionFactory(hardware)
-        self._statuses = _StatusBoard(config, publish_state)
+        self._statuses = StatusBoard(config, publish_state)
         # Guards _load_locks and _active_loads, and makes a config reload (new _config, models
         # removed) atomic against a load's swap. Taken before the status board's lock, never
         # inside it.
@@ -229,6 +89,8 @@ class ModelRegistry:
         # name -> serving model. Written only under that model's load lock; read without a
         # lock by the pipelines (replacing a dict value is atomic in CPython).
         self._models: dict[str, LoadedModel] = {}
+        # The shadow trials in progress: the pipelines offer them what the serving model ran.
+        self.taps = ShadowTaps()
 
     def names(self) -> list[str]:
         """Names of the configured models."""
@@ -237,6 +99,10 @@ class ModelRegistry:
     def get(self, name: str) -> LoadedModel | None:
         """The model currently serving under ``name``, or None when none loaded."""
         return self._models.get(name)
+
+    def model_path(self, name: str) -> Path:
+        """Where the file of model ``name`` is, as configured."""
+        return self._config.model_path(name)
 
     def status(self, name: str) -> ModelStatus:
         """The last published status of ``name``."""
@@ -291,6 +157,7 @@ class ModelRegistry:
         *,
         golden: GoldenSet | GoldenFrom | None = GoldenFrom.BESIDE_FILE,
         progress: Progress | None = None,
+        gate: Gate | None = None,
     ) -> LoadedModel | None:
         """(Re)load ``name`` from its file: read it once, build, check and warm up a new session
         while the current one keeps serving, then swap the reference.
@@ -304,10 +171,13 @@ class ModelRegistry:
 
         ``golden``: the set the new session must pass before it swaps in (an update's), None
         for none, or by default the ``NAME.golden.npz`` beside the model file if present.
-        ``progress`` hears the long steps (``building_engine``, ``validating``).
+        ``progress`` hears the long steps (``building_engine``, ``validating``). ``gate``
+        has the last word before the swap (an update's shadow trial, on this thread, with
+        the candidate and the serving model): a ``ModelLoadError`` it raises refuses it.
         """
         with self._load_lock(name):
-            return self._counted_load(name, force, max_seconds, golden, progress)
+            options = _LoadOptions(force, max_seconds, golden, progress, gate)
+            return self._counted_load(name, options)
 
     def reload_if_idle(self, name: str) -> bool:
         """Load ``name`` now unless a load of it is in progress (False: nothing was done, ask
@@ -317,35 +187,23 @@ class ModelRegistry:
         if not lock.acquire(blocking=False):
             return False
         try:
-            self._counted_load(name, False, None, GoldenFrom.BESIDE_FILE, None)
+            self._counted_load(name, _LoadOptions())
         finally:
             lock.release()
         return True
 
-    def _counted_load(
-        self,
-        name: str,
-        force: bool,
-        max_seconds: float | None,
-        golden: GoldenSet | GoldenFrom | None,
-        progress: Progress | None,
-    ) -> LoadedModel | None:
+    def _counted_load(self, name: str, options: _LoadOptions) -> LoadedModel | None:
         with self._lock:
             self._active_loads += 1
         try:
-            return self._load_locked(name, force, max_seconds, golden, progress)
+            return self._load_locked(name, options)
         finally:
             with self._lock:
                 self._active_loads -= 1
 
-    def _load_locked(
-        self,
-        name: str,
-        force: bool,
-        max_seconds: float | None,
-        golden: GoldenSet | GoldenFrom | None,
-        progress: Progress | None,
-    ) -> LoadedModel | None:
+    def _load_locked(self, name: str, options: _LoadOptions) -> LoadedModel | None:
+        force, max_seconds, golden = options.force, options.max_seconds, options.golden
+        progress, gate = options.progress, options.gate
         config = self._config
         if name not in config.models:
             return None  # removed by a config reload meanwhile
@@ -375,6 +233,9 @@ class ModelRegistry:
                 golden=golden_set,
                 progress=progress,
             )
+            del data  # the session holds its own copy; do not keep two
+            if gate is not None:
+                gate(model, current)
         except GoldenSetError as exc:  # the check cannot run: the model must not serve
             refusal = GoldenMismatchError(str(exc), None)
             self._failed(name, path, version, refusal, started=attempt["started"])
@@ -382,7 +243,6 @@ class ModelRegistry:
         except ModelLoadError as exc:
             self._failed(name, path, version, exc, started=attempt["started"])
             return current
-        del data  # the session holds its own copy; do not keep two
         with self._lock:
             if not self._statuses.has(name):
                 return None  # removed by a config reload while it loaded

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from agent.inference.registry import ModelState
+from agent.inference.model_status import ModelState
 from agent.ops.telemetry import AgentView, HealthSnapshot, read_snapshot
 
 if TYPE_CHECKING:
@@ -163,6 +163,34 @@ def _pipelines(snapshot: HealthSnapshot) -> Iterator[Metric]:
         )
     yield depth
     yield latency
+    yield from _drift(snapshot)
+
+
+def _drift(snapshot: HealthSnapshot) -> Iterator[Metric]:
+    """The pipelines with drift settings: the latest window's score and the flag."""
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+    score = GaugeMetricFamily(
+        "edge_agent_drift_score",
+        "The latest window's population stability index of the pipeline's worst feature "
+        "against its drift reference.",
+        labels=["pipeline"],
+    )
+    flagged = GaugeMetricFamily(
+        "edge_agent_drift_flagged",
+        "1 while the pipeline's readings have drifted (the score over its threshold for "
+        "drift.windows windows in a row).",
+        labels=["pipeline"],
+    )
+    for pipeline_name, pipeline in snapshot.pipelines.items():
+        drift = pipeline.drift
+        if drift is None:
+            continue
+        if drift.score is not None:
+            score.add_metric([pipeline_name], drift.score)
+        flagged.add_metric([pipeline_name], 1.0 if drift.flagged else 0.0)
+    yield score
+    yield flagged
 
 
 def _models(snapshot: HealthSnapshot) -> Iterator[Metric]:

@@ -25,9 +25,11 @@ from agent.hardware.condition import (
     read_condition,
 )
 from agent.hardware.detect import Hardware, read_temperatures
+from agent.inference.drift import DriftState
 from agent.inference.latency import LatencySummary
+from agent.inference.model_status import ModelState
 from agent.inference.pipeline import Pipeline
-from agent.inference.registry import ModelRegistry, ModelState
+from agent.inference.registry import ModelRegistry
 from agent.ops.heap import HeapTrimmer
 from agent.procfs import rss_mb
 
@@ -107,6 +109,7 @@ class PipelineFigures:
     # Since the previous health report; None in a reading that did not take the interval
     # (a scrape must not steal the health report's interval).
     latency_interval: LatencySummary | None = None
+    drift: DriftState | None = None  # with drift settings only
 
     @property
     def errors(self) -> int:
@@ -124,7 +127,7 @@ class PipelineFigures:
             "queue_depth": self.queue_depth,
             "latency_ms": (self.latency_interval or _NO_LATENCY).to_dict(),
             "throughput": throughput,
-        }
+        } | ({"drift": self.drift.to_dict()} if self.drift is not None else {})
 
 
 _NO_LATENCY = LatencySummary(0, None, None, None)
@@ -226,7 +229,28 @@ class HealthSnapshot:
             document["warnings"] = [
                 {"code": w.code, "message": w.message} for w in self.device.warnings()
             ]
+        drifted = _drift_warnings(self.pipelines)
+        if drifted:
+            document["warnings"] = [*document.get("warnings", []), *drifted]
         return document
+
+
+def _drift_warnings(pipelines: Mapping[str, PipelineFigures]) -> list[dict[str, str]]:
+    """A warning per pipeline whose readings have drifted (``drift_<pipeline>``)."""
+    found = []
+    for name, figures in pipelines.items():
+        drift = figures.drift
+        if drift is None or not drift.flagged:
+            continue
+        worst = f"; worst: {', '.join(drift.worst)}" if drift.worst else ""
+        found.append(
+            {
+                "code": f"drift_{name}",
+                "message": f"pipeline {name}: the readings have drifted from its reference "
+                f"(PSI {drift.score:.2f}){worst}",
+            }
+        )
+    return found
 
 
 def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
@@ -251,6 +275,7 @@ def read_snapshot(view: AgentView, *, take_interval: bool) -> HealthSnapshot:
             latency_count=count,
             latency_sum_ms=sum_ms,
             latency_interval=pipeline.latency.take_interval() if take_interval else None,
+            drift=pipeline.drift,
         )
     models = {}
     for name in view.registry.names():

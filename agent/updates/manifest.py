@@ -23,6 +23,7 @@ from typing import Any
 from agent.errors import GoldenSetError, UpdateRejectedError
 from agent.inference.golden import MAX_GOLDEN_BYTES, GoldenSet, Tolerances, parse_golden
 from agent.updates import strict_json
+from agent.updates.shadow_terms import ShadowOverride, parse_shadow
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -81,6 +82,8 @@ class UpdateManifest:
     source: ChunkSource | UrlSource
     # The golden set the trial must pass (its tolerances are the manifest's), or None.
     validation: GoldenSet | None = None
+    # The shadow trial's terms the manifest sets over the device's ``updates.shadow``.
+    shadow: ShadowOverride | None = None
 
     def summary(self) -> dict[str, Any]:
         """The fields every status message names."""
@@ -119,6 +122,7 @@ def parse_payload(payload: bytes) -> UpdateManifest:
         expires=parse_time(data.get("expires"), "expires"),
         source=_source(data, length),
         validation=_validation(data),
+        shadow=parse_shadow(data["shadow"]) if "shadow" in data else None,
     )
 
 
@@ -153,10 +157,12 @@ def build_payload(
     url: str | None,
     chunk_size: int,
     validation: GoldenSet | None = None,
+    shadow: ShadowOverride | None = None,
 ) -> bytes:
     """The payload JSON the ``sign`` command signs (the inverse of ``parse_payload``);
     ``validation``: a golden set to travel with it, judged by its own tolerances
-    (``GoldenSetError`` when its npz is larger than a manifest may carry)."""
+    (``GoldenSetError`` when its npz is larger than a manifest may carry); ``shadow``: the
+    shadow trial's terms."""
     source: dict[str, Any]
     if url is not None:
         source = {"url": url}
@@ -187,6 +193,8 @@ def build_payload(
             "sha256": hashlib.sha256(npz).hexdigest(),
             **validation.tolerances.to_dict(),
         }
+    if shadow is not None:
+        document["shadow"] = shadow.to_payload()
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 

@@ -29,9 +29,10 @@ class UpdateStep(StrEnum):
     The journal records downloading, installing, trial and committed (each written before
     its effects); verifying is only reported, as the journal stays at downloading until the
     verified bytes are accepted. Building_engine (a first TensorRT engine build) and
-    validating (the manifest's golden set runs through the new model) are parts of the
-    trial: reported in ``IN_PROGRESS`` statuses, and validating also as the step of a
-    ``FAILED`` one whose golden set check failed, while the journal stays at trial.
+    validating (the manifest's golden set runs through the new model) and shadow (the new
+    model runs beside the serving one on live readings) are parts of the trial: reported in
+    ``IN_PROGRESS`` statuses, and as the step of a ``FAILED`` one whose check failed there,
+    while the journal stays at trial.
     """
 
     DOWNLOADING = "downloading"
@@ -41,6 +42,7 @@ class UpdateStep(StrEnum):
     TRIAL = "trial"
     BUILDING_ENGINE = "building_engine"
     VALIDATING = "validating"
+    SHADOW = "shadow"
     COMMITTED = "committed"
 
 

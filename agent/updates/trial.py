@@ -2,7 +2,9 @@
 roll back. One install at a time.
 
 The trial goes through the model registry, the same load path as a file dropped by hand,
-with the manifest's golden set (``validation``) as the one the new model must pass.
+with the manifest's golden set (``validation``) as the one the new model must pass, and
+with a shadow trial (``updates.shadow`` or the manifest's ``shadow``) as the last word
+before the new model may serve.
 Every step is journalled in ``UpdateStore`` before its effects, so start-up recovery can
 finish what a crash or power cut interrupted.
 """
@@ -28,6 +30,8 @@ from agent.updates.inbox import Finished, Inbox
 from agent.updates.inflight import ActiveUpdate, FinalStatus
 from agent.updates.install import file_sha256, install, restore_previous, verify_staged
 from agent.updates.manifest import UpdateManifest
+from agent.updates.shadow_step import ShadowStep
+from agent.updates.shadow_terms import terms_for
 from agent.updates.states import UpdateState, UpdateStep
 from agent.updates.status import StatusReporter
 from agent.updates.store import UpdateStore
@@ -140,7 +144,10 @@ class Installer:
                 # The old model back, judged by its own golden set beside it, if any.
                 self._registry.load(manifest.model)
                 active.final = FinalStatus(
-                    UpdateState.FAILED, outcome.step, f"{outcome.problem}; rolled back: {done}"
+                    UpdateState.FAILED,
+                    outcome.step,
+                    f"{outcome.problem}; rolled back: {done}",
+                    extra=outcome.extra,
                 )
         return True
 
@@ -169,24 +176,53 @@ class Installer:
                 self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep(step))
 
         version = "sha256:" + manifest.sha256
+        config = self._config()
+        shadow = self._shadow_step(manifest, summary, config)
         model = self._registry.load(
             manifest.model,
-            max_seconds=self._config().updates.trial_timeout_s,
+            # The shadow has a duration of its own: the bound is on loading and warming up.
+            max_seconds=config.updates.trial_timeout_s,
             # Only the manifest's golden set judges the new model: a NAME.golden.npz beside
             # the file describes the old one (None when the manifest has none).
             golden=manifest.validation,
             progress=progress,
+            gate=shadow,
         )
         if model is None or model.version != version:
+            if shadow is not None and shadow.problem is not None:
+                return TrialOutcome(
+                    shadow.problem, UpdateStep.SHADOW, extra={"shadow": shadow.figures}
+                )
             status = self._registry.status(manifest.model)
             last = status.last_load or {}
             error = status.error or "no error recorded"
             if last.get("step") == UpdateStep.VALIDATING and last.get("version") == version:
                 return TrialOutcome(error, UpdateStep.VALIDATING)
             return TrialOutcome(f"the new model did not load: {error}")
-        if model.validation is None:
-            return TrialOutcome()
-        return TrialOutcome(extra={"validation": model.validation.to_dict()})
+        extra: dict[str, Any] = {}
+        if model.validation is not None:
+            extra["validation"] = model.validation.to_dict()
+        if shadow is not None and shadow.figures is not None:
+            extra["shadow"] = shadow.figures
+        return TrialOutcome(extra=extra)
+
+    def _shadow_step(
+        self, manifest: UpdateManifest, summary: dict[str, Any], config: AgentConfig
+    ) -> ShadowStep | None:
+        """The shadow trial of this update, if its terms ask for one."""
+        terms = terms_for(config.updates.shadow, manifest.shadow)
+        if not terms.enabled:
+            return None
+
+        def progress(figures: dict[str, Any]) -> None:  # on this thread, during the shadow
+            self._reporter.report(
+                summary, UpdateState.IN_PROGRESS, step=UpdateStep.SHADOW, shadow=figures
+            )
+
+        tolerances = manifest.validation.tolerances if manifest.validation else None
+        return ShadowStep(
+            self._registry, terms, tolerances, stopped=self._stopped, progress=progress
+        )
 
 
 def _supersede_golden(target: Path, summary: dict[str, Any]) -> TrialOutcome | None:

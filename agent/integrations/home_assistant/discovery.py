@@ -66,8 +66,8 @@ def build(
     components.update(entities.agent())
     for name in config.models:
         components.update(entities.model(name))
-    for name in config.pipelines:
-        components.update(entities.pipeline(name))
+    for name, pipeline in config.pipelines.items():
+        components.update(entities.pipeline(name, drift=pipeline.drift is not None))
     for result in config.home_assistant.results:
         components[result.object_id] = entities.result(result)
     # Stable across restarts, so Home Assistant keeps each entity's id, name and history.
@@ -192,11 +192,13 @@ class _Entities:
             ),
         }
 
-    def pipeline(self, name: str) -> dict[str, Component]:
-        """A pipeline's throughput, p95 latency, drops and errors."""
+    def pipeline(self, name: str, *, drift: bool = False) -> dict[str, Component]:
+        """A pipeline's throughput, p95 latency, drops and errors; with ``drift`` settings,
+        whether its readings have drifted."""
         cid = f"pipeline_{discovery_id(name)}"
         figures = f"value_json.get('pipelines', {{}}).get('{name}', {{}})"
-        return {
+        found = {} if not drift else {f"{cid}_drift": self._drift(name, figures)}
+        return found | {
             f"{cid}_throughput": self._health_sensor(
                 f"{name} throughput",
                 f"{figures}.get('throughput')",
@@ -214,6 +216,22 @@ class _Entities:
                 f"{name} errors", f"{figures}.get('errors')", _counter()
             ),
         }
+
+    def _drift(self, name: str, figures: str) -> Component:
+        return self._available(
+            {
+                "p": "binary_sensor",
+                "name": f"{name} drift",
+                "device_class": "problem",
+                "state_topic": f"{self._prefix}/health",
+                "value_template": (
+                    f"{{{{ 'ON' if {figures}.get('drift', {{}}).get('flagged') else 'OFF' }}}}"
+                ),
+                "json_attributes_topic": f"{self._prefix}/health",
+                "json_attributes_template": f"{{{{ {figures}.get('drift', {{}}) | tojson }}}}",
+                "entity_category": "diagnostic",
+            }
+        )
 
     def result(self, result: HomeAssistantResult) -> Component:
         """A result topic the config lists, as a sensor or a thresholded binary sensor."""

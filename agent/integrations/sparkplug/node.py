@@ -250,7 +250,9 @@ class SparkplugNode:
     def _node_metrics(self) -> dict[str, Any]:
         with self._cond:
             health = self._health
-        return node_metrics(self._config.models, self._config.pipelines, health)
+        pipelines = self._config.pipelines
+        drifting = [name for name, pipeline in pipelines.items() if pipeline.drift is not None]
+        return node_metrics(self._config.models, pipelines, health, drifting)
 
     def _send_results(self) -> None:
         while self._session.born:

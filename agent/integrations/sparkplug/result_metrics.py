@@ -87,11 +87,15 @@ def _datatype_of(dtype: np.dtype[Any]) -> DataType:
 
 
 def node_metrics(
-    models: Iterable[str], pipelines: Iterable[str], health: Mapping[str, Any] | None
+    models: Iterable[str],
+    pipelines: Iterable[str],
+    health: Mapping[str, Any] | None,
+    drifting: Iterable[str] = (),
 ) -> Metrics:
     """The edge node's metrics: the agent, each model and pipeline of the config, and the
-    health figures. The names come from the config, so the set (which an NBIRTH must
-    declare whole) changes only on a reload; values are null until the first health report."""
+    health figures; ``drifting``: the pipelines with drift settings. The names come from
+    the config, so the set (which an NBIRTH must declare whole) changes only on a reload;
+    values are null until the first health report."""
     report: Mapping[str, Any] = health or {}
     reported_models = _section(report, "models")
     reported_pipelines = _section(report, "pipelines")
@@ -137,6 +141,13 @@ def node_metrics(
                 DataType.INT64,
                 coerce(DataType.INT64, pipeline.get(key)),
             )
+    for name in drifting:
+        drift = _section(_section(reported_pipelines, name), "drift")
+        metrics[f"Pipelines/{name}/Drift Score"] = _double(drift.get("score"))
+        metrics[f"Pipelines/{name}/Drift Flagged"] = (
+            DataType.BOOLEAN,
+            coerce(DataType.BOOLEAN, drift.get("flagged")),
+        )
     return metrics
 
 

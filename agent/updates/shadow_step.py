@@ -1,0 +1,132 @@
+"""The shadow step of an update's trial: after its golden set, the candidate runs beside the
+serving model on the device's live readings for the trial's duration, and may serve only
+if it agreed often enough, ran fast enough and saw enough readings.
+
+The rule for a quiet stream is the same on every device: the shadow lasts ``duration_s``,
+never longer, and fewer than ``min_readings`` compared in that time fail the update (the
+candidate is not proven on this device). With no model serving there is nothing to
+compare against: the shadow is skipped, and the status says so.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from agent.errors import ShadowRefusedError
+from agent.inference.golden import DEFAULT_ATOL, DEFAULT_RTOL, Tolerances
+from agent.inference.registry import ModelRegistry
+from agent.inference.session import LoadedModel
+from agent.inference.shadow import ShadowTally, ShadowTap, run_beside
+from agent.updates.shadow_terms import ShadowTerms
+
+log = structlog.get_logger(__name__)
+
+PROGRESS_EVERY_S = 5.0  # an IN_PROGRESS status with the running figures at most this often
+
+ProgressReport = Callable[[dict[str, Any]], None]
+
+
+class ShadowStep:
+    """The registry's gate for one update's load (the install thread): runs the shadow and
+    raises ``ShadowRefusedError`` when the candidate must not serve. ``figures`` are the
+    final ones once it ran."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        terms: ShadowTerms,
+        tolerances: Tolerances | None,
+        *,
+        stopped: threading.Event,
+        progress: ProgressReport,
+    ) -> None:
+        self._registry = registry
+        self._terms = terms
+        self._rtol = tolerances.rtol if tolerances is not None else DEFAULT_RTOL
+        self._atol = tolerances.atol if tolerances is not None else DEFAULT_ATOL
+        self._stopped = stopped
+        self._progress = progress
+        self.figures: dict[str, Any] | None = None
+        self.problem: str | None = None
+
+    def __call__(self, candidate: LoadedModel, serving: LoadedModel | None) -> None:
+        """Run the shadow of ``candidate`` beside ``serving``."""
+        if serving is None:
+            self.figures = {
+                "readings": 0,
+                "disagreement": None,
+                "max_abs_err": None,
+                "latency_ratio": None,
+                "skipped": "no model was serving: nothing to compare the candidate with",
+            }
+            log.info("update_shadow_skipped", model=candidate.name, reason="nothing serving")
+            return
+        terms = self._terms
+        log.info("update_shadow_started", model=candidate.name, **terms.to_dict())
+        tap = ShadowTap(terms.sample)
+        self._registry.taps.open(candidate.name, tap)
+        self._progress(self._figures(ShadowTally(), tap))  # the fleet sees the shadow begin
+        try:
+            tally = run_beside(
+                candidate,
+                tap,
+                until=time.monotonic() + terms.duration_s,
+                stopped=self._stopped,
+                progress=lambda running: self._progress(self._figures(running, tap)),
+                progress_every_s=PROGRESS_EVERY_S,
+                rtol=self._rtol,
+                atol=self._atol,
+            )
+        finally:
+            self._registry.taps.close(candidate.name)
+        self.figures = self._figures(tally, tap)
+        if self._stopped.is_set():
+            self.problem = "the agent stopped during the shadow trial"
+        else:
+            self.problem = verdict(self.figures, terms)
+        log.info("update_shadow_ended", model=candidate.name, problem=self.problem, **self.figures)
+        if self.problem is not None:
+            raise ShadowRefusedError(self.problem, self.figures)
+
+    def _figures(self, tally: ShadowTally, tap: ShadowTap) -> dict[str, Any]:
+        figures = tally.figures()
+        figures["not_compared"] = tap.skipped
+        figures["duration_s"] = self._terms.duration_s
+        return figures
+
+
+def verdict(figures: dict[str, Any], terms: ShadowTerms) -> str | None:
+    """Why the candidate must not serve after a shadow with ``figures``, or None."""
+    readings = int(figures["readings"])
+    if readings < terms.min_readings:
+        return (
+            f"the shadow compared {readings} live readings in {terms.duration_s:g} s, fewer "
+            f"than min_readings {terms.min_readings}: the candidate is not proven on this "
+            "device's readings"
+        )
+    disagreement = float(figures["disagreement"])
+    if disagreement > terms.max_disagreement:
+        worst = max(figures["pipelines"].items(), key=lambda item: float(item[1]["disagreement"]))[
+            0
+        ]
+        errors = f", {figures['errors']} of them failed runs" if figures["errors"] else ""
+        return (
+            f"the candidate disagreed with the serving model on {disagreement:.2%} of "
+            f"{readings} live readings{errors} (most on pipeline {worst!r}), more than "
+            f"max_disagreement {terms.max_disagreement:.2%}"
+        )
+    ratio = figures["latency_ratio"]
+    if ratio is not None and ratio > terms.max_latency_ratio:
+        serving = figures["latency_ms"]["serving"]["p50"]
+        candidate = figures["latency_ms"]["candidate"]["p50"]
+        return (
+            f"the candidate's median run took {ratio:.2f}x the serving model's on the same "
+            f"readings ({candidate} ms against {serving} ms per reading), more than "
+            f"max_latency_ratio {terms.max_latency_ratio:g}"
+        )
+    return None
