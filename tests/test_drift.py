@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
 
-from agent.config.schema import DriftConfig
+from agent.config.schema import DriftConfig, PipelineConfig
 from agent.errors import GoldenSetError
 from agent.inference.drift import (
     MIN_WINDOW_READINGS,
@@ -21,7 +22,15 @@ from agent.inference.drift import (
     feature_names,
     features,
 )
-from agent.inference.drift_setup import build_monitor
+from agent.inference.drift_setup import (
+    PipelineDrift,
+    ReferencePlaces,
+    build_monitor,
+    load_reference,
+)
+from agent.inference.golden import GoldenSet, reference_path_for
+from agent.inference.reporting import ErrorReporter
+from agent.inference.session import LoadedModel
 from tests.broker import MosquittoBroker, Recorder, paced_stream
 from tests.conftest import AgentProcess, base_config
 from tests.onnx_builders import build_linear
@@ -40,6 +49,15 @@ class Clock:
         return self.now
 
 
+def monitor_of(
+    config: DriftConfig, folder: Path, model: str = "m", clock: Callable[[], float] = time.monotonic
+) -> DriftMonitor:
+    """A pipeline's monitor for model ``model`` (``folder/MODEL.onnx``), nothing serving."""
+    places = ReferencePlaces(folder / f"{model}.onnx", folder, folder / "state")
+    arrays, source = load_reference(config, model, places, None)
+    return build_monitor(config, arrays, source, clock=clock)
+
+
 def save(path: Path, arrays: dict[str, np.ndarray]) -> None:
     np.savez(path, **arrays)  # type: ignore[arg-type]
 
@@ -56,7 +74,7 @@ def monitor_for(
     rng = np.random.default_rng(7)
     write_reference(tmp_path / "ref.npz", rng.normal(0, 1, (2000, FEATURES)).astype(np.float32))
     config = DriftConfig(reference="ref.npz", window_s=60, threshold=threshold, windows=windows)
-    return build_monitor(config, tmp_path / "m.onnx", tmp_path, clock=clock)
+    return monitor_of(config, tmp_path, clock=clock)
 
 
 def feed_window(
@@ -141,6 +159,8 @@ def test_readings_that_do_not_fit_the_reference_stop_the_measure_with_a_reason(
     clock = Clock()
     monitor = monitor_for(tmp_path, clock)
     monitor.observe({"x": np.zeros((1, 3))}, {}, stacked=True)
+    clock.now += 61  # checked when the window's readings are binned
+    monitor.observe({"x": np.zeros((1, 3))}, {}, stacked=True)
     state = monitor.state
     assert state.problem == (
         "the readings give 3 features, the reference 8: its arrays do not have the shapes of "
@@ -174,7 +194,7 @@ def test_outputs_with_expected_arrays_are_features_too(tmp_path: Path) -> None:
         rng.normal(0, 1, (500, 4)).astype(np.float32),
         y=rng.normal(0, 1, (500, 2)).astype(np.float32),
     )
-    monitor = build_monitor(DriftConfig(reference="ref.npz"), tmp_path / "m.onnx", tmp_path)
+    monitor = monitor_of(DriftConfig(reference="ref.npz"), tmp_path)
     assert monitor.feature_names == ["x[0]", "x[1]", "x[2]", "x[3]", "out:y[0]", "out:y[1]"]
 
 
@@ -197,7 +217,7 @@ def test_an_unusable_reference_is_refused_with_the_reason(
     path = tmp_path / "ref.npz"
     make(path)  # type: ignore[operator]
     with pytest.raises(GoldenSetError) as caught:
-        build_monitor(DriftConfig(reference="ref.npz"), tmp_path / "m.onnx", tmp_path)
+        monitor_of(DriftConfig(reference="ref.npz"), tmp_path)
     assert words.format(path=path) in str(caught.value)
 
 
@@ -208,7 +228,7 @@ def test_golden_means_the_golden_set_beside_the_model(tmp_path: Path) -> None:
         rng.normal(0, 1, (150, 4)).astype(np.float32),
         y=rng.normal(0, 1, (150, 1)).astype(np.float32),
     )
-    monitor = build_monitor(DriftConfig(reference="golden"), tmp_path / "vib.onnx", tmp_path)
+    monitor = monitor_of(DriftConfig(reference="golden"), tmp_path, "vib")
     assert monitor.feature_names[-1] == "out:y[0]"
 
 
@@ -265,3 +285,55 @@ def test_the_daemon_flags_a_stream_that_shifts_in_health_and_warnings(
     event = agent.wait_for_event("drift_flagged")
     assert event["pipeline"] == "p"
     rec.stop()
+
+
+class Serving:
+    """What PipelineDrift reads of a serving model: its version and its golden set."""
+
+    def __init__(self, version: str, golden: GoldenSet | None) -> None:
+        self.version = version
+        self.golden = golden
+
+
+def serving(version: str, golden: GoldenSet | None) -> LoadedModel:
+    """A stand-in for the serving model (pure logic: nothing runs it)."""
+    return cast("LoadedModel", Serving(version, golden))
+
+
+def test_golden_follows_the_serving_model_and_its_last_update(tmp_path: Path) -> None:
+    """reference: golden is the golden set the serving model passed; a new version brings
+    its own; with none in memory, the last update's kept set in state_dir, else none."""
+    rng = np.random.default_rng(4)
+    errors: list[str] = []
+    reporter = ErrorReporter(lambda topic, payload: errors.append(payload.decode()), "e")
+    config = PipelineConfig.model_validate(
+        {
+            "model": "m",
+            "input": {"topic": "in/+"},
+            "output": {"topic": "out"},
+            "drift": {"reference": "golden"},
+        }
+    )
+    places = ReferencePlaces(tmp_path / "m.onnx", tmp_path, tmp_path / "state")
+    drift = PipelineDrift("p", config, places, reporter)
+    assert drift.state is None  # nothing built before the first batch
+    first = GoldenSet({"x": rng.normal(0, 1, (200, 3))}, {"y": rng.normal(0, 1, (200, 1))})
+    batch = {"x": rng.normal(0, 1, (1, 3))}
+    drift.observe(batch, {"y": np.zeros((1, 1))}, True, serving("sha256:a", first))
+    assert drift.monitor is not None
+    assert drift.monitor.feature_names == ["x[0]", "x[1]", "x[2]", "out:y[0]"]
+    second = GoldenSet({"x": rng.normal(0, 1, (200, 2))}, {"y": rng.normal(0, 1, (200, 1))})
+    drift.observe(
+        {"x": np.zeros((1, 2))}, {"y": np.zeros((1, 1))}, True, serving("sha256:b", second)
+    )
+    assert drift.monitor.feature_names == ["x[0]", "x[1]", "out:y[0]"]
+    drift.observe(batch, {}, True, serving("sha256:c", None))
+    assert drift.state is not None
+    assert "m.golden.npz not found" in str(drift.state.problem)
+    assert "drift: drift reference" in errors[-1]
+    kept = reference_path_for(tmp_path / "state", "m")
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(first.to_bytes())
+    drift.observe(batch, {"y": np.zeros((1, 1))}, True, serving("sha256:d", None))
+    assert drift.state is not None
+    assert drift.state.problem is None

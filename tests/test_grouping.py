@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from agent.inference.intake import Reading
-from agent.inference.pipeline import ack_after_both, group_by_shape
+from agent.inference.intake import Reading, group_by_shape
+from agent.inference.pipeline import ack_after_both
 
 
 def reading(name: str, **shapes: tuple[int, ...]) -> Reading:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from agent.cli.main import main
+from agent.inference.golden import read_golden_file
 from tests.broker import MosquittoBroker, Recorder, paced_stream
 from tests.conftest import AgentProcess
 from tests.onnx_builders import build_linear
@@ -161,6 +162,9 @@ def test_an_identical_reexport_passes_its_shadow_with_figures_and_then_serves(
     assert running[0]["readings"] == 0  # as it begins
     assert any(r["readings"] > 0 for r in running[1:])  # then every 5 s
     rec.wait_for(lambda _: any(r["version"] == new for r in results(rec)), timeout_s=30)
+    # Its golden set, signed with it, is kept as the drift reference `golden` names.
+    kept = Path(device.config["state_dir"]) / "references" / "lin.npz"
+    np.testing.assert_array_equal(read_golden_file(kept).inputs["x"], device.golden.inputs["x"])
     rec.stop()
 
 

@@ -89,6 +89,7 @@ class Parts:
                 errors=self.errors,
                 models_dir=Path(self.config.models_dir),
                 observe=self.integrations.observe_result,
+                state_dir=Path(self.config.state_dir),
             )
         except EdgeAgentError as exc:
             log.error("pipeline_not_started", pipeline=name, error=str(exc))

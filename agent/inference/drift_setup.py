@@ -1,11 +1,20 @@
-"""A pipeline's drift monitor from its ``drift`` settings: the reference file read (bounded,
-no symlink followed) and turned into per-feature bins. Runs once, when the pipeline is
-built (the main thread)."""
+"""A pipeline's drift monitor from its ``drift`` settings: the reference found and read
+(bounded, no symlink followed) and turned into per-feature bins.
+
+``reference: FILE.npz`` is read once, when the pipeline is built (the main thread).
+``reference: golden`` follows the serving model: the golden set it passed when it loaded
+(a signed update's, or the ``NAME.golden.npz`` beside its file), else the one its last
+signed update carried (kept in ``state_dir/references``), else the one beside its file. It
+is read on the pipeline's serving thread at its first batch and again whenever the
+serving model changes: once per model, not per reading.
+"""
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +31,9 @@ from agent.inference.drift import (
     feature_names,
     features,
 )
-from agent.inference.golden import golden_path_for, read_npz_file
+from agent.inference.golden import golden_path_for, read_npz_file, reference_path_for
 from agent.inference.reporting import ErrorReporter
+from agent.inference.session import LoadedModel
 
 log = structlog.get_logger(__name__)
 
@@ -31,52 +41,69 @@ MAX_REFERENCE_BYTES = 16 * 1024 * 1024
 MIN_REFERENCE_READINGS = 100  # fewer give deciles too coarse to compare windows with
 INPUT_PREFIX = "input:"
 OUTPUT_PREFIX = "expected:"
+Clock = Callable[[], float]
 
 
-def reference_path(config: DriftConfig, model_file: Path, models_dir: Path) -> Path:
-    """Where the reference is: ``golden`` is the model's ``NAME.golden.npz``; a relative
-    path is under ``models_dir``."""
-    if config.reference == "golden":
-        return golden_path_for(model_file)
-    return models_dir / config.reference
+@dataclass(frozen=True)
+class ReferencePlaces:
+    """Where a pipeline's reference files may be."""
+
+    model_file: Path
+    models_dir: Path
+    state_dir: Path
+
+
+def load_reference(
+    config: DriftConfig, model: str, places: ReferencePlaces, serving: LoadedModel | None
+) -> tuple[Mapping[str, np.ndarray], str]:
+    """The reference's arrays (``input:<name>``, ``expected:<name>``) and what they are, for
+    errors; ``GoldenSetError`` when there is none or it cannot be read."""
+    if config.reference != "golden":
+        path = places.models_dir / config.reference
+        return read_npz_file(path, "drift reference", MAX_REFERENCE_BYTES), str(path)
+    if serving is not None and serving.golden is not None:
+        golden = serving.golden
+        arrays = {INPUT_PREFIX + k: v for k, v in golden.inputs.items()}
+        arrays |= {OUTPUT_PREFIX + k: v for k, v in golden.expected.items()}
+        return arrays, f"the golden set {serving.version[:19]}... passed"
+    kept = reference_path_for(places.state_dir, model)
+    path = kept if os.path.lexists(kept) else golden_path_for(places.model_file)
+    return read_npz_file(path, "drift reference", MAX_REFERENCE_BYTES), str(path)
 
 
 def build_monitor(
     config: DriftConfig,
-    model_file: Path,
-    models_dir: Path,
+    arrays: Mapping[str, np.ndarray],
+    source: str,
     logger: Any = None,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Clock = time.monotonic,
 ) -> DriftMonitor:
-    """The monitor for a pipeline; ``GoldenSetError`` says what is wrong with the reference."""
-    path = reference_path(config, model_file, models_dir)
-    arrays = read_npz_file(path, "drift reference", MAX_REFERENCE_BYTES)
+    """The monitor for a reference's arrays; ``GoldenSetError`` says what is wrong."""
     chosen = sorted(
         (key.startswith(OUTPUT_PREFIX), key.partition(":")[2], array)
         for key, array in arrays.items()
-        if key.startswith((INPUT_PREFIX, OUTPUT_PREFIX)) and ":" in key and key.partition(":")[2]
+        if key.startswith((INPUT_PREFIX, OUTPUT_PREFIX)) and key.partition(":")[2]
     )
     if not any(not is_output for is_output, _, _ in chosen):
-        raise GoldenSetError(f"{path}: no input:<name> arrays to compare the readings with")
+        raise GoldenSetError(f"{source}: no input:<name> arrays to compare the readings with")
     rows = {int(array.shape[0]) if array.ndim else 0 for _, _, array in chosen}
     if len(rows) != 1:
-        raise GoldenSetError(f"{path}: its arrays hold different numbers of readings")
+        raise GoldenSetError(f"{source}: its arrays hold different numbers of readings")
     count = rows.pop()
     if count < MIN_REFERENCE_READINGS:
         raise GoldenSetError(
-            f"{path}: {count} readings, fewer than the {MIN_REFERENCE_READINGS} a reference "
+            f"{source}: {count} readings, fewer than the {MIN_REFERENCE_READINGS} a reference "
             "needs (capture more with `edge-agent model capture`)"
         )
-    columns = [features(array, stacked=True) for _, _, array in chosen]
     names: list[str] = []
     for is_output, name, array in chosen:
         names += feature_names(f"out:{name}" if is_output else name, tuple(array.shape[1:]))
-    table = np.concatenate(columns, axis=1)
+    table = np.concatenate([features(array, stacked=True) for _, _, array in chosen], axis=1)
     width = table.shape[1]
     table = table[:, : len(names)]
     table = table[np.isfinite(table).all(axis=1)]
     if len(table) < MIN_REFERENCE_READINGS:
-        raise GoldenSetError(f"{path}: fewer than {MIN_REFERENCE_READINGS} finite readings")
+        raise GoldenSetError(f"{source}: fewer than {MIN_REFERENCE_READINGS} finite readings")
     return DriftMonitor(
         Reference(table, names),
         tuple((name, is_output) for is_output, name, _ in chosen),
@@ -88,30 +115,71 @@ def build_monitor(
 
 
 class PipelineDrift:
-    """A pipeline's drift: its monitor, or why it has none although ``drift`` is set."""
+    """A pipeline's drift: its monitor, or why it has none although ``drift`` is set.
 
-    def __init__(self, monitor: DriftMonitor | None, problem: str | None) -> None:
-        self.monitor = monitor
-        self._problem = DriftState(problem=problem) if problem is not None else None
+    Built on the main thread; ``observe`` runs on the pipeline's serving thread, which owns
+    the monitor from then on; ``state`` is read by the health report (any thread)."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PipelineConfig,
+        places: ReferencePlaces,
+        errors: ErrorReporter,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        assert config.drift is not None
+        self._name = name
+        self._settings = config.drift
+        self._model = config.model
+        self._places = places
+        self._errors = errors
+        self._clock = clock
+        self._log = log.bind(pipeline=name, model=config.model)
+        self._follows_model = config.drift.reference == "golden"
+        self._version: str | None = None  # the serving model the monitor was built for
+        self.monitor: DriftMonitor | None = None
+        self._problem: DriftState | None = None
+        if not self._follows_model:
+            self._build(None)
 
     @property
     def state(self) -> DriftState | None:
         """The latest figures (any thread)."""
         return self.monitor.state if self.monitor is not None else self._problem
 
+    def observe(
+        self,
+        feeds: Mapping[str, Any],
+        outputs: Mapping[str, Any],
+        stacked: bool,
+        model: LoadedModel,
+    ) -> None:
+        """One batch ``model`` ran (the serving thread)."""
+        if self._follows_model and model.version != self._version:
+            self._version = model.version
+            self._build(model)
+        if self.monitor is not None:
+            self.monitor.observe(feeds, outputs, stacked)
+
+    def _build(self, serving: LoadedModel | None) -> None:
+        try:
+            arrays, source = load_reference(self._settings, self._model, self._places, serving)
+            self.monitor = build_monitor(self._settings, arrays, source, self._log, self._clock)
+            self._problem = None
+        except GoldenSetError as exc:
+            self.monitor = None
+            self._problem = DriftState(problem=str(exc))
+            self._log.error("drift_reference_unusable", error=str(exc))
+            self._errors.report_step(f"drift: {exc}", pipeline=self._name)
+
 
 def pipeline_drift(
-    name: str, config: PipelineConfig, model_file: Path, models_dir: Path, errors: ErrorReporter
+    name: str, config: PipelineConfig, places: ReferencePlaces, errors: ErrorReporter
 ) -> PipelineDrift | None:
     """The drift of pipeline ``name``; None without ``drift`` settings. A reference that
     cannot be used is logged and reported on the errors topic, and the pipeline serves all
     the same."""
     if config.drift is None:
         return None
-    logger = log.bind(pipeline=name, model=config.model)
-    try:
-        return PipelineDrift(build_monitor(config.drift, model_file, models_dir, logger), None)
-    except GoldenSetError as exc:
-        logger.error("drift_reference_unusable", error=str(exc))
-        errors.report_step(f"drift: {exc}", pipeline=name)
-        return PipelineDrift(None, str(exc))
+    return PipelineDrift(name, config, places, errors)

@@ -119,6 +119,12 @@ def golden_path_for(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + GOLDEN_SUFFIX)
 
 
+def reference_path_for(state_dir: Path, model: str) -> Path:
+    """Where the golden set of the last signed update of ``model`` that carried one is kept
+    (the drift reference ``golden`` prefers it to the set beside the model file)."""
+    return state_dir / "references" / f"{model}.npz"
+
+
 def read_golden_file(path: Path) -> GoldenSet:
     """Read and parse a golden set file without following a symlink; ``GoldenSetError``."""
     return parse_golden(read_bounded(path, "golden set", MAX_GOLDEN_BYTES), str(path))

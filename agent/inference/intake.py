@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,3 +273,14 @@ def response_properties(message: paho.MQTTMessage) -> tuple[str | None, bytes | 
     if not topic or "+" in topic or "#" in topic:
         return None, None
     return str(topic), bytes(correlation) if correlation is not None else None
+
+
+def group_by_shape(batch: Sequence[Reading]) -> list[list[Reading]]:
+    """Split a batch into groups that can be stacked (dynamic axes may differ per reading).
+
+    Groups keep the order of their first reading, and readings keep their order in a group."""
+    groups: dict[tuple[tuple[int, ...], ...], list[Reading]] = {}
+    for reading in batch:
+        key = tuple(t.shape for t in reading.tensors.values())
+        groups.setdefault(key, []).append(reading)
+    return list(groups.values())

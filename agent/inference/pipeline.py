@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,8 @@ from agent.errors import PayloadError, PipelineFitError, first_line
 from agent.inference import postprocess
 from agent.inference.batching import DropOldestQueue
 from agent.inference.codecs import all_finite, encode_json
-from agent.inference.drift import DriftMonitor, DriftState
-from agent.inference.drift_setup import pipeline_drift
+from agent.inference.drift import DriftState
+from agent.inference.drift_setup import PipelineDrift, ReferencePlaces, pipeline_drift
 from agent.inference.inline import InlineGate
 from agent.inference.intake import (
     Ack,
@@ -31,6 +31,7 @@ from agent.inference.intake import (
     Intake,
     PipelineCounters,
     Reading,
+    group_by_shape,
     not_serving_reason,
 )
 from agent.inference.latency import LatencyHistogram
@@ -76,6 +77,7 @@ class Pipeline:
         acker: AckerFn,
         seq: SeqCounter,
         observe: ResultObserver | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -89,9 +91,10 @@ class Pipeline:
             config.queue.max, arrival=lambda reading: reading.received
         )
         self._log = log.bind(pipeline=name, model=config.model)
-        self._drift = pipeline_drift(
-            name, config, registry.model_path(config.model), models_dir, errors
+        places = ReferencePlaces(
+            registry.model_path(config.model), models_dir, state_dir or models_dir
         )
+        self._drift = pipeline_drift(name, config, places, errors)
         # The plan for the serving model, rebuilt when the model changes. Read and written by
         # paho's thread and the worker; both compute the same value, so a race is harmless.
         self._plan: tuple[LoadedModel, RunPlan] | None = None
@@ -121,7 +124,7 @@ class Pipeline:
             labels=labels,
             plan_for=self.plan_for,
             observe=observe,
-            drift=self._drift.monitor if self._drift is not None else None,
+            drift=self._drift,
         )
         self._thread = threading.Thread(
             target=self._worker.serve, name=f"pipeline-{name}", daemon=True
@@ -253,7 +256,7 @@ class Worker:
         labels: list[str] | None,
         plan_for: Callable[[LoadedModel], RunPlan],
         observe: ResultObserver | None = None,
-        drift: DriftMonitor | None = None,
+        drift: PipelineDrift | None = None,
     ) -> None:
         self._name = name
         self._drift = drift
@@ -406,7 +409,7 @@ class Worker:
             return None
         outputs = dict(zip(plan.fetch, values, strict=True))
         if self._drift is not None:
-            self._drift.observe(feeds, outputs, plan.stacked)
+            self._drift.observe(feeds, outputs, plan.stacked, model)
         if tap is not None:
             seconds = time.perf_counter() - started
             post = self._config.output.postprocess
@@ -479,17 +482,6 @@ def ack_after_both(ack: Ack) -> Ack:
             ack()
 
     return half
-
-
-def group_by_shape(batch: Sequence[Reading]) -> list[list[Reading]]:
-    """Split a batch into groups that can be stacked (dynamic axes may differ per reading).
-
-    Groups keep the order of their first reading, and readings keep their order in a group."""
-    groups: dict[tuple[tuple[int, ...], ...], list[Reading]] = {}
-    for reading in batch:
-        key = tuple(t.shape for t in reading.tensors.values())
-        groups.setdefault(key, []).append(reading)
-    return list(groups.values())
 
 
 def _non_finite(plan: RunPlan, outputs: dict[str, Any]) -> str | None:

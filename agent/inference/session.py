@@ -66,6 +66,7 @@ class LoadedModel:
     placement: Placement | None = None  # None: unknown (``placement_problem`` says why)
     placement_problem: str | None = None
     validation: ValidationReport | None = None  # its golden set's verdict, when it had one
+    golden: GoldenSet | None = None  # the set it passed (a drift reference may be its inputs)
 
     def input(self, name: str) -> TensorSpec | None:
         """The input called ``name``, if the model has one."""
@@ -220,7 +221,7 @@ class SessionFactory:
             p50_ms=report.latency_p50_ms,
         )
         require_pass(report)
-        return replace(model, validation=report)
+        return replace(model, validation=report, golden=golden)
 
     def _build(
         self,

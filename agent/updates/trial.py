@@ -22,8 +22,9 @@ from typing import Any
 import structlog
 
 from agent.config.schema import AgentConfig
+from agent.durable import write_atomically
 from agent.errors import UpdateFailedError
-from agent.inference.golden import golden_path_for
+from agent.inference.golden import golden_path_for, reference_path_for
 from agent.inference.registry import ModelRegistry
 from agent.updates.failpoints import failpoint
 from agent.updates.inbox import Finished, Inbox
@@ -138,6 +139,7 @@ class Installer:
             if outcome.problem is None:
                 self._store.commit(manifest.update_id)
                 failpoint("committed")
+                self._keep_reference(manifest, summary)
                 active.final = FinalStatus(UpdateState.SUCCEEDED, extra=outcome.extra)
             else:
                 done = restore_previous(target, previous)
@@ -150,6 +152,21 @@ class Installer:
                     extra=outcome.extra,
                 )
         return True
+
+    def _keep_reference(self, manifest: UpdateManifest, summary: dict[str, Any]) -> None:
+        """Keep the committed update's golden set, signed with the model, as the drift
+        reference ``golden`` names (``state_dir/references/MODEL.npz``). A failure to
+        write it costs the drift measure, never the update: logged."""
+        if manifest.validation is None:
+            return
+        path = reference_path_for(Path(self._config().state_dir), manifest.model)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, manifest.validation.to_bytes())
+        except OSError as exc:
+            log.warning("drift_reference_not_kept", **summary, error=str(exc))
+            return
+        log.info("drift_reference_kept", **summary, path=str(path))
 
     def _undo(self, active: ActiveUpdate) -> str:
         """After an unexpected error (disk full, I/O error): put the previous file back if
