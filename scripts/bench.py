@@ -212,6 +212,8 @@ class ResultCounter:
         # readings in order end to end, so the n-th result answers the n-th reading.
         self.id_from_order = id_from_order
         self.received: dict[int, float] = {}
+        # The daemon's own receive-to-publish latency of each result (``latency_ms``).
+        self.latencies_ms: list[float] = []
         self._cond = threading.Condition()
         self._subscribed = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2)
@@ -229,7 +231,11 @@ class ResultCounter:
             if self.id_from_order:
                 reading_id = len(self.received)
             else:
-                reading_id = json.loads(message.payload).get("id")
+                document = json.loads(message.payload)
+                reading_id = document.get("id")
+                latency = document.get("latency_ms")
+                if isinstance(latency, int | float):
+                    self.latencies_ms.append(float(latency))
             self.received.setdefault(int(reading_id), now)
             self._cond.notify_all()
 
@@ -246,6 +252,7 @@ class ResultCounter:
     def reset(self) -> None:
         with self._cond:
             self.received.clear()
+            self.latencies_ms.clear()
 
     def close(self) -> None:
         self.client.disconnect()

@@ -172,6 +172,8 @@ class Target:
     qos: int = 1
     windows: dict[float, list[float]] = field(default_factory=dict)
     missing: int = 0
+    # Per rate, the latency_ms of every result in the CPU windows (the daemon's results).
+    latencies: dict[float, list[float]] = field(default_factory=dict)
 
 
 def measure(
@@ -187,6 +189,7 @@ def measure(
                     broker, target.results, target.messages, rate, target.process.pid, target.qos
                 )
                 target.windows.setdefault(rate, []).append(per_thousand)
+                target.latencies.setdefault(rate, []).extend(target.results.latencies_ms)
                 target.missing += missing
     return {
         t.label: {rate: statistics.median(values) for rate, values in t.windows.items()}
@@ -380,6 +383,10 @@ def bench_case(  # noqa: PLR0917
             figures[f"missing_{pair}_{role}"] = target.missing
             for rate, value in medians[target.label].items():
                 figures[f"cpu_{pair}_{role}_{rate:g}"] = value
+                latencies = sorted(target.latencies.get(rate, []))
+                if latencies:
+                    figures[f"p50_{pair}_{role}_{rate:g}"] = statistics.median(latencies)
+                    figures[f"p99_{pair}_{role}_{rate:g}"] = latencies[int(len(latencies) * 0.99)]
                 if turns:
                     per_reading = turns_window(target, broker, rate)
                     if per_reading is not None:
@@ -432,7 +439,17 @@ def table(rows: list[tuple[str, dict[str, float]]], rates: list[float]) -> str:
         + ", ".join(f"{k[4:]} {v:.0f} MB" for k, v in f.items() if k.startswith("rss_"))
         for model, f in rows
     )
-    return "\n".join(lines) + f"\n\nRSS after: {rss}; unanswered: {missing:.0f}"
+    latency = "; ".join(
+        f"{model} {k[4:].replace('_daemon_', ' ')}/s {v:.2f}/{f['p99' + k[3:]]:.2f} ms"
+        for model, f in rows
+        for k, v in f.items()
+        if k.startswith("p50_") and "_daemon_" in k
+    )
+    return (
+        "\n".join(lines)
+        + f"\n\nRSS after: {rss}; unanswered: {missing:.0f}"
+        + f"\ndaemon latency p50/p99, receive to publish, from its results: {latency}"
+    )
 
 
 def start_broker(folder: Path) -> MosquittoBroker:
