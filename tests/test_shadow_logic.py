@@ -243,3 +243,29 @@ def test_publish_update_prints_the_shadow_figures_a_device_sends() -> None:
         "  shadow: 300 readings, disagreement 50.00%, max abs err 3.2, latency ratio 1.10",
     ]
     assert shadow_line({"skipped": "no model was serving"}) == "skipped: no model was serving"
+
+
+def test_a_stacked_batch_compared_at_once_agrees_with_reading_by_reading() -> None:
+    """The numpy path for batch-first tensors gives what the per-reading rules give: float
+    tolerances, NaN, integer labels, a missing output."""
+    rng = np.random.default_rng(9)
+    judge = Judge(("y", "label"), stacked=True, rtol=1e-3, atol=1e-5)
+    for case in range(50):
+        size = int(rng.integers(1, 9))
+        served: dict[str, np.ndarray] = {
+            "y": rng.normal(0, 1, (size, 3)).astype(np.float32),
+            "label": rng.integers(0, 3, size).astype(np.int64),
+        }
+        candidate = {k: v.copy() for k, v in served.items()}
+        nudged = rng.random(size) < 0.3
+        candidate["y"][nudged, 0] += rng.choice([1e-7, 1e-2], size=int(nudged.sum()))
+        if case % 7 == 0:
+            candidate["y"][0, 1] = np.nan
+        if case % 5 == 0:
+            candidate["label"][-1] = (candidate["label"][-1] + 1) % 3
+        per_reading = [judge._reading(served, candidate, i, size) for i in range(size)]
+        expected = BatchAgreement(
+            size, sum(not agree for agree, _ in per_reading), max(err for _, err in per_reading)
+        )
+        assert judge.compare(served, candidate, size) == expected, case
+    assert judge.compare(served, {"y": served["y"]}, size).disagreeing == size
