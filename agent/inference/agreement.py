@@ -79,16 +79,22 @@ class Judge:
                 return None
             if ours.shape != theirs.shape or ours.ndim == 0 or ours.shape[0] != size:
                 return None
-            if ours.dtype.kind not in "fc" or theirs.dtype.kind not in "fc" or ours.size == 0:
-                differs |= (ours != theirs).reshape(size, -1).any(axis=1)
-                continue
-            wide = ours.astype(np.float64, copy=False)
-            diff = np.abs(theirs.astype(np.float64, copy=False) - wide)
-            within = diff <= self.atol + self.rtol * np.abs(wide)  # NaN: not within
-            differs |= ~within.reshape(size, -1).all(axis=1)
-            finite = bool(np.isfinite(diff).all())
-            max_abs_err = max(max_abs_err, float(diff.max()) if finite else math.inf)
+            mismatch, err = self._tensors(ours, theirs, size)
+            differs |= mismatch
+            max_abs_err = max(max_abs_err, err)
         return BatchAgreement(size, int(differs.sum()), max_abs_err)
+
+    def _tensors(self, ours: np.ndarray, theirs: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+        """Two arrays of one shape, ``size`` items first: which items differ (numbers
+        exactly unless both are floating point, then within the tolerances; NaN never
+        is), and the largest absolute difference (infinite when one is not finite)."""
+        if ours.dtype.kind not in "fc" or theirs.dtype.kind not in "fc" or ours.size == 0:
+            return np.not_equal(ours, theirs).reshape(size, -1).any(axis=1), 0.0
+        wide = ours.astype(np.float64, copy=False)
+        diff = np.abs(theirs.astype(np.float64, copy=False) - wide)
+        within = np.less_equal(diff, self.atol + self.rtol * np.abs(wide))
+        err = float(diff.max()) if np.isfinite(diff).all() else math.inf
+        return np.logical_not(within.reshape(size, -1).all(axis=1)), err
 
     def _reading(
         self, served: Mapping[str, Any], candidate: Mapping[str, Any], index: int, size: int
@@ -123,14 +129,8 @@ class Judge:
             return False, 0.0
         if left.shape != right.shape:
             return False, 0.0
-        if left.dtype.kind not in "fc" or right.dtype.kind not in "fc" or left.size == 0:
-            return bool(np.array_equal(left, right)), 0.0
-        wide = left.astype(np.float64, copy=False)
-        diff = np.abs(right.astype(np.float64, copy=False) - wide)
-        if not np.isfinite(diff).all():
-            return False, math.inf
-        err = float(diff.max())
-        return bool((diff <= self.atol + self.rtol * np.abs(wide)).all()), err
+        mismatch, err = self._tensors(left[None], right[None], 1)
+        return not mismatch[0], err
 
     def _top1(self, ours: Any, theirs: Any) -> bool | None:
         """Whether the top-1 labels (or flags) agree; None when the postprocess names no
