@@ -55,8 +55,6 @@ class ShadowRefusedError(ModelLoadError):
     """An update's candidate did not prove itself beside the serving model on live readings
     (its shadow trial): it must not serve. ``figures`` are the trial's, for the operator."""
 
-    step = "shadow"
-
     def __init__(self, message: str, figures: dict[str, Any]) -> None:
         super().__init__(message)
         self.figures = figures

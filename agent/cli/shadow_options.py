@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from agent.cli.rollout_plan import parse_share
 from agent.updates.manifest import parse_duration
 from agent.updates.shadow_terms import MAX_DURATION_S, ShadowOverride
 
@@ -90,7 +91,6 @@ def shadow_override(args: argparse.Namespace) -> ShadowOverride | None:
 def _share(text: str) -> float | None:
     """``0.02`` or ``2%`` as 0.02; None when it is not a share in 0..1."""
     try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        return parse_share(text)
     except ValueError:
         return None
-    return value if 0 <= value <= 1 else None

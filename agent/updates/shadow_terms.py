@@ -52,13 +52,7 @@ class ShadowTerms:
 
 def terms_for(local: ShadowConfig, override: ShadowOverride | None) -> ShadowTerms:
     """The device's settings, with each key the manifest sets taking its place."""
-    terms = ShadowTerms(
-        duration_s=local.duration_s,
-        min_readings=local.min_readings,
-        max_disagreement=local.max_disagreement,
-        max_latency_ratio=local.max_latency_ratio,
-        sample=local.sample,
-    )
+    terms = ShadowTerms(**local.model_dump())  # the same five keys
     if override is None:
         return terms
     changes = {key: value for key, value in asdict(override).items() if value is not None}
