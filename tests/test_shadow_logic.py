@@ -112,45 +112,54 @@ def test_the_tap_keeps_what_fits_and_counts_the_rest() -> None:
     assert len(taken[0]) == 1
 
 
+def tally_of(
+    readings: int, disagreeing: int = 0, errors: int = 0, latency_ratio: float = 1.0
+) -> ShadowTally:
+    """A tally of pipeline p: ``readings`` compared in one batch, ``errors`` of them from a
+    failed candidate run, the candidate ``latency_ratio`` times as slow (0.1 ms a reading)."""
+    tally = ShadowTally()
+    compared = readings - errors
+    served_s = 0.0001 * compared
+    tally.add(
+        "p", BatchAgreement(compared, disagreeing - errors, 0.0), served_s, served_s * latency_ratio
+    )
+    if errors:
+        tally.failed("p", errors, "the candidate failed: shape")
+    return tally
+
+
 @pytest.mark.parametrize(
-    ("figures", "words"),
+    ("tally", "words"),
     [
-        ({"readings": 40}, "compared 40 live readings in 60 s, fewer than min_readings 100"),
+        (tally_of(40), "compared 40 live readings in 60 s, fewer than min_readings 100"),
         (
-            {"readings": 200, "disagreement": 0.05, "errors": 0},
+            tally_of(200, disagreeing=10),
             "disagreed with the serving model on 5.00% of 200 live readings (most on "
             "pipeline 'p'), more than max_disagreement 2.00%",
         ),
         (
-            {"readings": 200, "disagreement": 0.05, "errors": 10},
+            tally_of(200, disagreeing=10, errors=10),
             "200 live readings, 10 of them failed runs",
         ),
-        ({"readings": 200, "disagreement": 0.0, "latency_ratio": 2.5}, "2.50x"),
+        (tally_of(200, latency_ratio=2.5), "2.50x"),
     ],
 )
-def test_the_verdict_names_what_failed(figures: dict[str, Any], words: str) -> None:
-    document = {
-        "disagreement": 0.0,
-        "errors": 0,
-        "latency_ratio": 1.0,
-        "latency_ms": {"serving": {"p50": 0.1}, "candidate": {"p50": 0.25}},
-        **figures,
-    }
-    document["pipelines"] = {"p": {"disagreement": document["disagreement"]}}
-    problem = verdict(document, TERMS)
+def test_the_verdict_names_what_failed(tally: ShadowTally, words: str) -> None:
+    problem = verdict(tally, TERMS)
     assert problem is not None
     assert words in problem
 
 
 def test_a_shadow_within_every_threshold_passes() -> None:
-    figures = {
-        "readings": 100,
-        "disagreement": 0.02,
-        "errors": 0,
-        "latency_ratio": 1.5,
-        "pipelines": {},
-    }
-    assert verdict(figures, TERMS) is None
+    assert verdict(tally_of(100, disagreeing=2, latency_ratio=1.5), TERMS) is None
+
+
+def test_the_verdict_takes_the_exact_share_not_the_rounded_figure() -> None:
+    """2,001 of 100,000 disagreeing: the status shows 0.02 (four decimals), the verdict
+    sees 2.001 % and refuses."""
+    tally = tally_of(100_000, disagreeing=2_001)
+    assert tally.figures()["disagreement"] == 0.02
+    assert verdict(tally, TERMS) is not None
 
 
 def test_the_manifest_block_overrides_the_device_settings_key_by_key() -> None:

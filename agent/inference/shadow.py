@@ -26,6 +26,7 @@ from agent.inference.agreement import BatchAgreement, Judge
 from agent.inference.golden import DEFAULT_ATOL, DEFAULT_RTOL
 from agent.inference.runplan import RunPlan
 from agent.inference.session import LoadedModel
+from agent.inference.validation import json_number
 
 # Batches waiting for the candidate; beyond this the newest offer is skipped (counted).
 TAP_CAPACITY = 64
@@ -108,11 +109,16 @@ class _PipelineTally:
     disagreeing: int = 0
     max_abs_err: float = 0.0
 
+    @property
+    def disagreement(self) -> float:
+        """The share of readings whose results differ."""
+        return self.disagreeing / self.readings if self.readings else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "readings": self.readings,
             "disagreement": _share(self.disagreeing, self.readings),
-            "max_abs_err": _finite(self.max_abs_err),
+            "max_abs_err": json_number(self.max_abs_err),
         }
 
 
@@ -171,7 +177,7 @@ class ShadowTally:
         document: dict[str, Any] = {
             "readings": readings,
             "disagreement": _share(self.disagreeing, readings),
-            "max_abs_err": _finite(max_abs_err),
+            "max_abs_err": json_number(max_abs_err),
             "latency_ratio": round(ratio, 3) if ratio is not None else None,
             "latency_ms": {
                 "serving": _quantiles(self.serving_ms),
@@ -240,10 +246,6 @@ def _compare(candidate: LoadedModel, item: Offered, judge: Judge, tally: ShadowT
 
 def _share(part: int, whole: int) -> float:
     return round(part / whole, 4) if whole else 0.0
-
-
-def _finite(value: float) -> float | None:
-    return round(value, 6) if value != float("inf") else None
 
 
 def _quantiles(values: deque[float]) -> dict[str, float | None]:

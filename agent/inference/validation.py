@@ -76,8 +76,8 @@ class ValidationReport:
         comparison = self.comparison
         document: dict[str, Any] = {
             "samples": comparison.samples,
-            "max_abs_err": _finite(comparison.max_abs_err),
-            "max_rel_err": _finite(comparison.max_rel_err),
+            "max_abs_err": json_number(comparison.max_abs_err),
+            "max_rel_err": json_number(comparison.max_rel_err),
         }
         if comparison.top1_agreement is not None:
             document["top1_agreement"] = round(comparison.top1_agreement, 6)
@@ -241,7 +241,7 @@ def _failed(golden: GoldenSet, problems: list[str]) -> Comparison:
     )
 
 
-def _finite(value: float) -> float | None:
+def json_number(value: float) -> float | None:
     """JSON has no NaN or infinity: an error that could not be measured is null."""
     return float(f"{value:.6g}") if np.isfinite(value) else None
 

@@ -88,7 +88,7 @@ class ShadowStep:
         if self._stopped.is_set():
             self.problem = "the agent stopped during the shadow trial"
         else:
-            self.problem = verdict(self.figures, terms)
+            self.problem = verdict(tally, terms)
         log.info("update_shadow_ended", model=candidate.name, problem=self.problem, **self.figures)
         if self.problem is not None:
             raise ShadowRefusedError(self.problem, self.figures)
@@ -100,33 +100,31 @@ class ShadowStep:
         return figures
 
 
-def verdict(figures: dict[str, Any], terms: ShadowTerms) -> str | None:
-    """Why the candidate must not serve after a shadow with ``figures``, or None."""
-    readings = int(figures["readings"])
+def verdict(tally: ShadowTally, terms: ShadowTerms) -> str | None:
+    """Why the candidate must not serve after a shadow that counted ``tally``, or None.
+    Judged on the exact counts and times, not on the rounded figures a status shows."""
+    readings = tally.readings
     if readings < terms.min_readings:
         return (
             f"the shadow compared {readings} live readings in {terms.duration_s:g} s, fewer "
             f"than min_readings {terms.min_readings}: the candidate is not proven on this "
             "device's readings"
         )
-    disagreement = float(figures["disagreement"])
+    disagreement = tally.disagreeing / readings
     if disagreement > terms.max_disagreement:
-        worst = max(figures["pipelines"].items(), key=lambda item: float(item[1]["disagreement"]))[
-            0
-        ]
-        errors = f", {figures['errors']} of them failed runs" if figures["errors"] else ""
+        worst = max(tally.pipelines, key=lambda name: tally.pipelines[name].disagreement)
+        errors = f", {tally.errors} of them failed runs" if tally.errors else ""
         return (
             f"the candidate disagreed with the serving model on {disagreement:.2%} of "
             f"{readings} live readings{errors} (most on pipeline {worst!r}), more than "
             f"max_disagreement {terms.max_disagreement:.2%}"
         )
-    ratio = figures["latency_ratio"]
+    ratio = tally.latency_ratio
     if ratio is not None and ratio > terms.max_latency_ratio:
-        serving = figures["latency_ms"]["serving"]["p50"]
-        candidate = figures["latency_ms"]["candidate"]["p50"]
+        latency = tally.figures()["latency_ms"]
         return (
             f"the candidate's median run took {ratio:.2f}x the serving model's on the same "
-            f"readings ({candidate} ms against {serving} ms per reading), more than "
-            f"max_latency_ratio {terms.max_latency_ratio:g}"
+            f"readings ({latency['candidate']['p50']} ms against {latency['serving']['p50']} "
+            f"ms per reading), more than max_latency_ratio {terms.max_latency_ratio:g}"
         )
     return None
