@@ -8,7 +8,10 @@ threads) from ``/proc/PID/stat`` before and after. Two pairs, like against like:
 
 - ``qos1``: the daemon's defaults (at-least-once, QoS 1 in and out) against the loop at
   QoS 1 (paho acknowledges each reading on arrival);
-- ``qos0``: the daemon in at-most-once mode with QoS 0 in and out against the loop at QoS 0.
+- ``qos0``: the daemon in at-most-once mode with QoS 0 in and out against the loop at QoS 0;
+- ``shadow``: the daemon with its defaults in the shadow trial of an update of its own model
+  against the same daemon with no trial (its "loop" column): what a shadow costs the
+  serving path, CPU and latency, measured in alternating windows of one run.
 
 Windows alternate between the processes so that a noisy neighbour hurts all alike; medians
 of ``--runs`` windows. Beside the CPU, one more window per process and rate runs under
@@ -17,7 +20,7 @@ calls that wait for the network (select, poll, epoll_wait and their variants) of
 process's threads, per reading, counted by the kernel's syscall tracepoints.
 
     .venv/bin/python scripts/bench_cpu.py [--models iforest,mlp] [--rates 500,100] [--runs 3]
-        [--pairs qos1,qos0] [--no-turns] [--threads] [--profile DIR] [--set KEY=VALUE ...]
+        [--pairs qos1,qos0,shadow] [--no-turns] [--threads] [--profile DIR] [--set KEY=VALUE ...]
         [--shadow] [--drift]
 
 ``scripts/bench.py`` runs the same measurement as part of its table.
@@ -227,7 +230,11 @@ def profile(target: Target, broker: MosquittoBroker, rate: float, output: Path) 
     spy.wait(timeout=60)
 
 
-PAIRS = (("qos1", "defaults vs QoS 1 loop"), ("qos0", "at-most-once vs QoS 0 loop"))
+PAIRS = (
+    ("qos1", "defaults vs QoS 1 loop"),
+    ("qos0", "at-most-once vs QoS 0 loop"),
+    ("shadow", "in a shadow trial vs no trial"),
+)
 # The calls that wait for the network: one per turn of a network loop.
 WAIT_CALLS = ("select", "pselect6", "poll", "ppoll", "epoll_wait", "epoll_pwait")
 
@@ -299,13 +306,15 @@ def start_daemon(
     *,
     shadow: bool = False,
     drift: bool = False,
+    tag: str = "",
 ) -> Target:
     """The daemon with one JSON pipeline: its defaults (at-least-once, QoS 1) for ``qos``
     1, at-most-once with QoS 0 in and out for ``qos`` 0; plus the ``settings`` given (dotted
     keys, ``--set``: to measure candidates one by one); with ``shadow``, in the shadow
     trial of an update of its own model (``bench_shadow.py``); with ``drift``, measuring
-    the drift of its readings against a reference of the same distribution."""
-    device = f"cpu-{case.name}-qos{qos}"
+    the drift of its readings against a reference of the same distribution. ``tag``
+    tells apart two daemons of one case."""
+    device = f"cpu-{case.name}-qos{qos}{tag}"
     models_dir = folder / f"models-{device}"
     models_dir.mkdir(exist_ok=True)
     (models_dir / "m.onnx").write_bytes(case.path.read_bytes())
@@ -353,6 +362,30 @@ def start_daemon(
     return Target(label, process, results, messages, qos)
 
 
+def start_pair(  # noqa: PLR0917
+    pair: str,
+    case: ModelCase,
+    broker: MosquittoBroker,
+    folder: Path,
+    settings: dict[str, Any] | None,
+    shadow: bool,
+    drift: bool,
+) -> list[tuple[str, Target]]:
+    """The two processes of ``pair``, as (role, target): the ``loop`` one first."""
+    if pair == "shadow":  # the "loop" of this pair is the daemon with no trial
+        plain = start_daemon(case, broker, folder, settings, drift=drift, tag="-plain")
+        plain.label = "daemon, no trial"
+        trial = start_daemon(
+            case, broker, folder, settings, shadow=True, drift=drift, tag="-shadow"
+        )
+        trial.label = "daemon in a shadow trial"
+        return [("loop", plain), ("daemon", trial)]
+    qos = int(pair.removeprefix("qos"))
+    loop = start_loop(case, broker, folder, qos)
+    daemon = start_daemon(case, broker, folder, settings, qos, shadow=shadow, drift=drift)
+    return [("loop", loop), ("daemon", daemon)]
+
+
 def bench_case(  # noqa: PLR0917
     case: ModelCase,
     broker: MosquittoBroker,
@@ -361,7 +394,7 @@ def bench_case(  # noqa: PLR0917
     runs: int,
     profile_dir: Path | None = None,
     settings: dict[str, Any] | None = None,
-    pairs: tuple[int, ...] = (1, 0),
+    pairs: tuple[str, ...] = ("qos1", "qos0"),
     turns: bool = True,
     shadow: bool = False,
     drift: bool = False,
@@ -372,10 +405,9 @@ def bench_case(  # noqa: PLR0917
     a py-spy profile of each process at each rate after the measurements."""
     targets: list[tuple[str, str, Target]] = []
     try:
-        for qos in pairs:
-            targets.append((f"qos{qos}", "loop", start_loop(case, broker, folder, qos)))
-            daemon = start_daemon(case, broker, folder, settings, qos, shadow=shadow, drift=drift)
-            targets.append((f"qos{qos}", "daemon", daemon))
+        for pair in pairs:
+            started = start_pair(pair, case, broker, folder, settings, shadow, drift)
+            targets.extend((pair, role, target) for role, target in started)
         medians = measure([t for _, _, t in targets], broker, rates, runs)
         figures: dict[str, float] = {}
         for pair, role, target in targets:
@@ -396,10 +428,10 @@ def bench_case(  # noqa: PLR0917
                 for rate in rates:
                     name = f"{case.name}-{pair}-{role}-{rate:g}.txt"
                     profile(target, broker, rate, profile_dir / name)
-        for qos in pairs:
+        for pair in pairs:
             for rate in rates:
-                key = f"qos{qos}_{{}}_{rate:g}"
-                figures[f"ratio_qos{qos}_{rate:g}"] = (
+                key = f"{pair}_{{}}_{rate:g}"
+                figures[f"ratio_{pair}_{rate:g}"] = (
                     figures["cpu_" + key.format("daemon")] / figures["cpu_" + key.format("loop")]
                 )
         return figures
@@ -418,10 +450,7 @@ def table(rows: list[tuple[str, dict[str, float]]], rates: list[float]) -> str:
     ]
     missing = 0.0
     for model, f in rows:
-        for pair, described in (
-            ("qos1", "defaults vs QoS 1 loop"),
-            ("qos0", "at-most-once vs QoS 0 loop"),
-        ):
+        for pair, described in PAIRS:
             if f"ratio_{pair}_{rates[0]:g}" not in f:
                 continue
             for rate in rates:
@@ -440,16 +469,24 @@ def table(rows: list[tuple[str, dict[str, float]]], rates: list[float]) -> str:
         for model, f in rows
     )
     latency = "; ".join(
-        f"{model} {k[4:].replace('_daemon_', ' ')}/s {v:.2f}/{f['p99' + k[3:]]:.2f} ms"
+        f"{model} {_who(k)}/s {v:.2f}/{f['p99' + k[3:]]:.2f} ms"
         for model, f in rows
         for k, v in f.items()
-        if k.startswith("p50_") and "_daemon_" in k
+        if k.startswith("p50_") and ("_daemon_" in k or k.startswith("p50_shadow_"))
     )
     return (
         "\n".join(lines)
         + f"\n\nRSS after: {rss}; unanswered: {missing:.0f}"
         + f"\ndaemon latency p50/p99, receive to publish, from its results: {latency}"
     )
+
+
+def _who(key: str) -> str:
+    """The daemon and rate a ``p50_PAIR_ROLE_RATE`` key names, as the latency line says it."""
+    pair, role, rate = key.split("_")[1:]
+    if pair == "shadow":
+        return f"{'no trial' if role == 'loop' else 'in a shadow trial'} {rate}"
+    return f"{pair} {rate}"
 
 
 def start_broker(folder: Path) -> MosquittoBroker:
@@ -483,7 +520,10 @@ def main() -> int:
         help="a daemon setting, e.g. --set cpu_threads=1 --set mqtt.protocol=3.1.1",
     )
     parser.add_argument(
-        "--pairs", default="qos1,qos0", help="qos1 (defaults vs QoS 1 loop), qos0 (at-most-once)"
+        "--pairs",
+        default="qos1,qos0",
+        help="qos1 (defaults vs QoS 1 loop), qos0 (at-most-once), shadow (a daemon in a "
+        "shadow trial vs one with none)",
     )
     parser.add_argument(
         "--no-turns", action="store_true", help="skip the perf windows that count turns"
@@ -527,7 +567,7 @@ def main() -> int:
                             args.runs,
                             args.profile,
                             settings,
-                            pairs=tuple(int(p.removeprefix("qos")) for p in args.pairs.split(",")),
+                            pairs=tuple(args.pairs.split(",")),
                             turns=not args.no_turns,
                             shadow=args.shadow,
                             drift=args.drift,

@@ -300,6 +300,18 @@ def serving(version: str, golden: GoldenSet | None) -> LoadedModel:
     return cast("LoadedModel", Serving(version, golden))
 
 
+def observe_built(
+    drift: PipelineDrift, feeds: dict[str, Any], outputs: dict[str, Any], model: LoadedModel
+) -> None:
+    """``drift.observe`` a batch of ``model`` until its reference, built on a thread of its
+    own, has been taken over (a monitor or a problem)."""
+    deadline = time.monotonic() + 10
+    drift.observe(feeds, outputs, True, model)
+    while drift.state is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        drift.observe(feeds, outputs, True, model)
+
+
 def test_golden_follows_the_serving_model_and_its_last_update(tmp_path: Path) -> None:
     """reference: golden is the golden set the serving model passed; a new version brings
     its own; with none in memory, the last update's kept set in state_dir, else none."""
@@ -319,21 +331,26 @@ def test_golden_follows_the_serving_model_and_its_last_update(tmp_path: Path) ->
     assert drift.state is None  # nothing built before the first batch
     first = GoldenSet({"x": rng.normal(0, 1, (200, 3))}, {"y": rng.normal(0, 1, (200, 1))})
     batch = {"x": rng.normal(0, 1, (1, 3))}
-    drift.observe(batch, {"y": np.zeros((1, 1))}, True, serving("sha256:a", first))
+    observe_built(drift, batch, {"y": np.zeros((1, 1))}, serving("sha256:a", first))
     assert drift.monitor is not None
     assert drift.monitor.feature_names == ["x[0]", "x[1]", "x[2]", "out:y[0]"]
     second = GoldenSet({"x": rng.normal(0, 1, (200, 2))}, {"y": rng.normal(0, 1, (200, 1))})
     drift.observe(
         {"x": np.zeros((1, 2))}, {"y": np.zeros((1, 1))}, True, serving("sha256:b", second)
     )
+    assert drift.monitor is None  # the first model's reference does not describe the second
+    observe_built(
+        drift, {"x": np.zeros((1, 2))}, {"y": np.zeros((1, 1))}, serving("sha256:b", second)
+    )
+    assert drift.monitor is not None
     assert drift.monitor.feature_names == ["x[0]", "x[1]", "out:y[0]"]
-    drift.observe(batch, {}, True, serving("sha256:c", None))
+    observe_built(drift, batch, {}, serving("sha256:c", None))
     assert drift.state is not None
     assert "m.golden.npz not found" in str(drift.state.problem)
     assert "drift: drift reference" in errors[-1]
     kept = reference_path_for(tmp_path / "state", "m")
     kept.parent.mkdir(parents=True)
     kept.write_bytes(first.to_bytes())
-    drift.observe(batch, {"y": np.zeros((1, 1))}, True, serving("sha256:d", None))
+    observe_built(drift, batch, {"y": np.zeros((1, 1))}, serving("sha256:d", None))
     assert drift.state is not None
     assert drift.state.problem is None

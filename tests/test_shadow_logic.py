@@ -18,7 +18,8 @@ from agent.cli.update_sender import StatusFollower, shadow_line
 from agent.config.schema import Postprocess, ShadowConfig
 from agent.errors import UpdateRejectedError
 from agent.inference.agreement import BatchAgreement, Judge
-from agent.inference.shadow import Offered, ShadowTally, ShadowTap
+from agent.inference.runplan import RunPlan
+from agent.inference.shadow import Offered, ShadowTally, ShadowTap, coalesce
 from agent.updates.manifest import parse_payload
 from agent.updates.shadow_step import verdict
 from agent.updates.shadow_terms import ShadowOverride, ShadowTerms, parse_shadow, terms_for
@@ -88,6 +89,43 @@ def test_the_tally_adds_batches_failures_and_latency() -> None:
     assert figures["errors"] == 2
     assert figures["last_error"] == "the candidate failed: shape"
     assert figures["pipelines"]["q"] == {"readings": 4, "disagreement": 0.5, "max_abs_err": 0.0}
+
+
+def plan(limit: int = 4, state: dict[str, str] | None = None) -> RunPlan:
+    """A stacked plan feeding x and fetching y (what coalescing reads of a plan)."""
+    return RunPlan((), {}, frozenset(), state or {}, True, limit, ("y",), ("y",))
+
+
+def offered(shared: RunPlan, size: int, start: float, pipeline: str = "p") -> Offered:
+    """A batch of ``size`` readings, x counting up from ``start``, y twice x."""
+    x = np.arange(start, start + size, dtype=np.float32)[:, None]
+    return Offered(pipeline, shared, None, None, {"x": x}, {"y": x * 2}, size, 0.001)
+
+
+def test_batches_the_candidate_may_run_together_are_joined_in_order() -> None:
+    """Runs of one pipeline's batches join up to the plan's limit, feeds and outputs alike;
+    another pipeline, a stateful plan or other trailing shapes break a run."""
+    shared = plan(limit=4)
+    items = [offered(shared, 1, 0), offered(shared, 2, 1), offered(shared, 1, 3)]
+    items += [offered(shared, 1, 4), offered(shared, 1, 5, pipeline="q")]
+    joined = coalesce(items)
+    assert [item.size for item in joined] == [4, 1, 1]
+    first = joined[0]
+    assert first.feeds["x"].ravel().tolist() == [0, 1, 2, 3]
+    assert first.served["y"].ravel().tolist() == [0, 2, 4, 6]
+    assert first.seconds == pytest.approx(0.003)
+    judge = Judge(("y",), stacked=True)
+    assert judge.compare(first.served, {"y": first.feeds["x"] * 2}, 4).disagreeing == 0
+    stateful = plan(limit=4, state={"h_in": "h_out"})
+    assert len(coalesce([offered(stateful, 1, 0), offered(stateful, 1, 1)])) == 2
+    wide = offered(shared, 1, 0)
+    wider = Offered("p", shared, None, None, {"x": np.zeros((1, 2), np.float32)}, {"y": []}, 1, 0)
+    assert len(coalesce([wide, wider])) == 2
+    maps = [
+        Offered("p", shared, None, None, {"x": np.zeros((1, 1))}, {"y": [{"a": 1.0}]}, 1, 0)
+        for _ in range(2)
+    ]
+    assert coalesce(maps)[0].served["y"] == [{"a": 1.0}, {"a": 1.0}]
 
 
 def test_the_tap_keeps_what_fits_and_counts_the_rest() -> None:

@@ -5,14 +5,18 @@
 ``reference: golden`` follows the serving model: the golden set it passed when it loaded
 (a signed update's, or the ``NAME.golden.npz`` beside its file), else the one its last
 signed update carried (kept in ``state_dir/references``), else the one beside its file. It
-is read on the pipeline's serving thread at its first batch and again whenever the
-serving model changes: once per model, not per reading.
+is read again whenever the serving model changes, on a thread of its own started by the
+serving thread at the first batch of the new model: reading and binning a reference of
+16 MB takes a while, and the serving path must not wait for it. The readings in between
+go unmeasured (a few batches, against windows of minutes).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +122,9 @@ class PipelineDrift:
     """A pipeline's drift: its monitor, or why it has none although ``drift`` is set.
 
     Built on the main thread; ``observe`` runs on the pipeline's serving thread, which owns
-    the monitor from then on; ``state`` is read by the health report (any thread)."""
+    the monitor from then on; a reference that follows the model is built on a thread of
+    its own, which hands its monitor over through ``_built``; ``state`` is read by the health
+    report (any thread)."""
 
     def __init__(
         self,
@@ -140,8 +146,11 @@ class PipelineDrift:
         self._version: str | None = None  # the serving model the monitor was built for
         self.monitor: DriftMonitor | None = None
         self._problem: DriftState | None = None
+        # (version, monitor or None, problem or None): appended by builder threads, taken
+        # by the serving thread (a deque's append and popleft are thread-safe).
+        self._built: deque[tuple[str, DriftMonitor | None, DriftState | None]] = deque()
         if not self._follows_model:
-            self._build(None)
+            self.monitor, self._problem = self._build(None)
 
     @property
     def state(self) -> DriftState | None:
@@ -156,22 +165,43 @@ class PipelineDrift:
         model: LoadedModel,
     ) -> None:
         """One batch ``model`` ran (the serving thread)."""
-        if self._follows_model and model.version != self._version:
-            self._version = model.version
-            self._build(model)
+        if self._follows_model:
+            self._follow(model)
         if self.monitor is not None:
             self.monitor.observe(feeds, outputs, stacked)
 
-    def _build(self, serving: LoadedModel | None) -> None:
+    def _follow(self, model: LoadedModel) -> None:
+        """Start building the reference of a newly serving ``model``, and take over a
+        monitor once built (the serving thread)."""
+        if model.version != self._version:
+            self._version = model.version
+            # The last model's reference does not describe this one: nothing to show
+            # until the new one is built.
+            self.monitor, self._problem = None, None
+            threading.Thread(
+                target=self._build_for,
+                args=(model,),
+                name=f"drift-reference-{self._name}",
+                daemon=True,
+            ).start()
+        while self._built:
+            version, monitor, problem = self._built.popleft()
+            if version == self._version:  # else an earlier model's, late
+                self.monitor, self._problem = monitor, problem
+
+    def _build_for(self, model: LoadedModel) -> None:
+        """The builder thread: the monitor for ``model``'s reference, handed over."""
+        monitor, problem = self._build(model)
+        self._built.append((model.version, monitor, problem))
+
+    def _build(self, serving: LoadedModel | None) -> tuple[DriftMonitor | None, DriftState | None]:
         try:
             arrays, source = load_reference(self._settings, self._model, self._places, serving)
-            self.monitor = build_monitor(self._settings, arrays, source, self._log, self._clock)
-            self._problem = None
+            return build_monitor(self._settings, arrays, source, self._log, self._clock), None
         except GoldenSetError as exc:
-            self.monitor = None
-            self._problem = DriftState(problem=str(exc))
             self._log.error("drift_reference_unusable", error=str(exc))
             self._errors.report_step(f"drift: {exc}", pipeline=self._name)
+            return None, DriftState(problem=str(exc))
 
 
 def pipeline_drift(

@@ -46,9 +46,9 @@ class GoldenFrom(enum.Enum):
 FailureReporter = Callable[[str, str, str], None]  # model name, file, reason
 # (model name, version) -> why this file must not load, or None; runs on the loading thread.
 Admission = Callable[[str, str], "str | None"]
-# (candidate, serving model or None) -> None, or ModelLoadError: refused (an update's shadow
-# trial; runs on the loading thread, before the swap).
-Gate = Callable[[LoadedModel, "LoadedModel | None"], None]
+# (candidate, serving model or None, the candidate's bytes) -> None, or ModelLoadError:
+# refused (an update's shadow trial; runs on the loading thread, before the swap).
+Gate = Callable[[LoadedModel, "LoadedModel | None", bytes], None]
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,8 @@ class ModelRegistry:
         for none, or by default the ``NAME.golden.npz`` beside the model file if present.
         ``progress`` hears the long steps (``building_engine``, ``validating``). ``gate``
         has the last word before the swap (an update's shadow trial, on this thread, with
-        the candidate and the serving model): a ``ModelLoadError`` it raises refuses it.
+        the candidate, the serving model and the candidate's bytes): a ``ModelLoadError``
+        it raises refuses it.
         """
         with self._load_lock(name):
             options = _LoadOptions(force, max_seconds, golden, progress, gate)
@@ -233,9 +234,9 @@ class ModelRegistry:
                 golden=golden_set,
                 progress=progress,
             )
-            del data  # the session holds its own copy; do not keep two
             if gate is not None:
-                gate(model, current)
+                gate(model, current, data)
+            del data  # the session holds its own copy; do not keep two
         except GoldenSetError as exc:  # the check cannot run: the model must not serve
             refusal = GoldenMismatchError(str(exc), None)
             self._failed(name, path, version, refusal, started=attempt["started"])

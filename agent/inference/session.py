@@ -46,7 +46,7 @@ Progress = Callable[[str], None]
 log = structlog.get_logger(__name__)
 
 # ONNX Runtime's session constructor is not thread-safe (onnxruntime #27089): one at a time.
-_SESSION_CREATION = threading.Lock()
+SESSION_CREATION = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,7 @@ class SessionFactory:
         session: ort.InferenceSession | None = None
         try:
             try:
-                with _SESSION_CREATION:
+                with SESSION_CREATION:
                     session = ort.InferenceSession(
                         data, sess_options=options, providers=plan.for_session()
                     )

@@ -3,10 +3,10 @@ live batches, and the two are compared reading by reading.
 
 Threads: the pipelines' serving threads (a worker, or the network loop for a model that
 runs inline) ``offer`` what they ran: the feeds and outputs they already hold, no copy, as
-neither is written again. The trial's thread (the update install thread) takes them, runs
-the candidate and keeps the tally. The serving path pays a dict lookup per batch when no
-shadow runs, and a bounded append when one does: a candidate that falls behind loses
-batches (counted as ``skipped``), never delays a result.
+neither is written again. The shadow's own thread takes them, runs the candidate (which
+sessions, and how they are timed: ``shadow_models``) and keeps the tally. The serving path
+pays a dict lookup per batch when no shadow runs, and a bounded append when one does: a
+candidate that falls behind loses batches (counted as ``skipped``), never delays a result.
 """
 
 from __future__ import annotations
@@ -17,15 +17,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from agent.config.schema import Postprocess
 from agent.errors import first_line
 from agent.inference.agreement import BatchAgreement, Judge
 from agent.inference.golden import DEFAULT_ATOL, DEFAULT_RTOL
 from agent.inference.runplan import RunPlan
-from agent.inference.session import LoadedModel
+from agent.inference.shadow_models import (
+    SERVING_TIMED_EVERY,
+    SERVING_TIMED_FIRST,
+    ShadowModels,
+)
 from agent.inference.validation import json_number
 
 # Batches waiting for the candidate; beyond this the newest offer is skipped (counted).
@@ -33,6 +39,7 @@ TAP_CAPACITY = 64
 # Run times kept for the latency figures (per batch, the latest).
 TIMINGS_KEPT = 10_000
 STOP_POLL_S = 0.5
+GATHER_S = 0.05  # the least time between two takes from the tap
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,7 @@ class Offered:
     feeds: dict[str, Any]
     served: dict[str, Any]
     size: int
-    seconds: float  # the serving model's run time for this batch
+    seconds: float  # the serving model's run time for this batch (its serving thread's clock)
 
 
 class ShadowTap:
@@ -129,6 +136,7 @@ class ShadowTally:
     pipelines: dict[str, _PipelineTally] = field(default_factory=dict)
     errors: int = 0  # readings the candidate failed to run
     last_error: str | None = None
+    batches: int = 0  # batches the candidate ran
     serving_ms: deque[float] = field(default_factory=lambda: deque(maxlen=TIMINGS_KEPT))
     candidate_ms: deque[float] = field(default_factory=lambda: deque(maxlen=TIMINGS_KEPT))
 
@@ -142,12 +150,17 @@ class ShadowTally:
         """Readings whose results differ (a failed candidate run counts)."""
         return sum(p.disagreeing for p in self.pipelines.values())
 
-    def add(self, pipeline: str, agreement: BatchAgreement, served_s: float, ran_s: float) -> None:
-        """One compared batch, with both models' run times."""
+    def add(
+        self, pipeline: str, agreement: BatchAgreement, served_s: float | None, ran_s: float
+    ) -> None:
+        """One compared batch, with both models' run times (``served_s`` None: the
+        serving model was not timed on it, and neither counts for latency)."""
         tally = self.pipelines.setdefault(pipeline, _PipelineTally())
         tally.readings += agreement.readings
         tally.disagreeing += agreement.disagreeing
         tally.max_abs_err = max(tally.max_abs_err, agreement.max_abs_err)
+        if served_s is None:
+            return
         per_reading = 1000 / agreement.readings
         self.serving_ms.append(served_s * per_reading)
         self.candidate_ms.append(ran_s * per_reading)
@@ -192,7 +205,7 @@ class ShadowTally:
 
 
 def run_beside(
-    candidate: LoadedModel,
+    models: ShadowModels,
     tap: ShadowTap,
     *,
     until: float,
@@ -202,8 +215,9 @@ def run_beside(
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
 ) -> ShadowTally:
-    """Run ``candidate`` on what the tap receives until the monotonic time ``until`` or
-    ``stopped``; ``progress`` hears the tally every ``progress_every_s`` (this thread)."""
+    """Run the candidate of ``models`` on what the tap receives until the monotonic time
+    ``until`` or ``stopped``; ``progress`` hears the tally every ``progress_every_s``
+    (this thread)."""
     tally = ShadowTally()
     judges: dict[str, Judge] = {}
     next_progress = time.monotonic() + progress_every_s
@@ -212,7 +226,10 @@ def run_beside(
         if now >= until:
             break
         # Waits of half a second at most: ``stopped`` is an Event the tap does not hear.
-        for item in tap.take(min(until, next_progress, now + STOP_POLL_S) - now):
+        items = tap.take(min(until, next_progress, now + STOP_POLL_S) - now)
+        if models.serving is not None:  # both timed here: one run may serve many batches
+            items = coalesce(items)
+        for item in items:
             judge = judges.get(item.pipeline)
             if judge is None:
                 judge = Judge(
@@ -224,24 +241,103 @@ def run_beside(
                     atol=atol,
                 )
                 judges[item.pipeline] = judge
-            _compare(candidate, item, judge, tally)
+            _compare(models, item, judge, tally)
         if time.monotonic() >= next_progress:
             progress(tally)
             next_progress = time.monotonic() + progress_every_s
+        if items:
+            # Let batches gather: fewer, larger runs cost less per reading, and wake the
+            # process (and take the GIL from the serving threads) less often.
+            stopped.wait(GATHER_S)
     return tally
 
 
-def _compare(candidate: LoadedModel, item: Offered, judge: Judge, tally: ShadowTally) -> None:
-    fetch = list(item.plan.fetch)
-    started = time.perf_counter()
+def coalesce(items: list[Offered]) -> list[Offered]:
+    """``items`` with runs of batches of one pipeline and plan joined into one batch where
+    they can be (readings stacked along a batch axis, no stream state, up to the plan's
+    limit), so the candidate runs once for them; the order kept."""
+    groups: list[list[Offered]] = []
+    for item in items:
+        if groups and _joinable(groups[-1], item):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return [group[0] if len(group) == 1 else _join(group) for group in groups]
+
+
+def _joinable(group: list[Offered], item: Offered) -> bool:
+    first = group[0]
+    plan = first.plan
+    if item.pipeline != first.pipeline or item.plan is not plan:
+        return False
+    if not plan.stacked or plan.state or sum(g.size for g in group) + item.size > plan.limit:
+        return False
+    return _parts_join(first.feeds, item.feeds, first.size, item.size) and _parts_join(
+        first.served, item.served, first.size, item.size
+    )
+
+
+def _parts_join(first: dict[str, Any], second: dict[str, Any], size: int, more: int) -> bool:
+    """Whether every value of two batches' feeds (or outputs) has the readings first: arrays
+    alike but for their first axis, or lists (per-reading maps) of one item a reading."""
+    if first.keys() != second.keys():
+        return False
+    for name, ours in first.items():
+        theirs = second[name]
+        if isinstance(ours, np.ndarray) and isinstance(theirs, np.ndarray):
+            if ours.ndim == 0 or ours.shape[0] != size or theirs.shape[0:1] != (more,):
+                return False
+            if ours.shape[1:] != theirs.shape[1:] or ours.dtype != theirs.dtype:
+                return False
+        elif not (
+            isinstance(ours, list)
+            and isinstance(theirs, list)
+            and (len(ours), len(theirs)) == (size, more)
+        ):
+            return False
+    return True
+
+
+def _join(group: list[Offered]) -> Offered:
+    def joined(parts: list[Any]) -> Any:
+        if isinstance(parts[0], np.ndarray):
+            return np.concatenate(parts)
+        return [value for part in parts for value in part]
+
+    first = group[0]
+    return replace(
+        first,
+        feeds={name: joined([g.feeds[name] for g in group]) for name in first.feeds},
+        served={name: joined([g.served[name] for g in group]) for name in first.served},
+        size=sum(g.size for g in group),
+        seconds=sum(g.seconds for g in group),
+    )
+
+
+def _compare(models: ShadowModels, item: Offered, judge: Judge, tally: ShadowTally) -> None:
+    fetch = item.plan.fetch
     try:
-        values = candidate.session.run(fetch, item.feeds)
+        values, ran_s = models.run_candidate(fetch, item.feeds)
     except Exception as exc:  # onnxruntime's own error types: the candidate failed here
         tally.failed(item.pipeline, item.size, f"the candidate failed: {first_line(exc)}")
         return
-    ran_s = time.perf_counter() - started
+    tally.batches += 1
     outputs = dict(zip(fetch, values, strict=True))
-    tally.add(item.pipeline, judge.compare(item.served, outputs, item.size), item.seconds, ran_s)
+    agreement = judge.compare(item.served, outputs, item.size)
+    tally.add(item.pipeline, agreement, _serving_time(models, item, tally.batches), ran_s)
+
+
+def _serving_time(models: ShadowModels, item: Offered, batch: int) -> float | None:
+    """The serving model's time on ``item`` by the candidate's clock, when this batch is
+    one to time it on."""
+    if models.serving is None:
+        return item.seconds
+    if batch > SERVING_TIMED_FIRST and batch % SERVING_TIMED_EVERY:
+        return None
+    try:
+        return models.time_serving(item.plan.fetch, item.feeds)
+    except Exception:  # it ran these feeds when serving: no figure from this batch, no verdict
+        return None
 
 
 def _share(part: int, whole: int) -> float:

@@ -29,7 +29,13 @@ from agent.inference.registry import ModelRegistry
 from agent.updates.failpoints import failpoint
 from agent.updates.inbox import Finished, Inbox
 from agent.updates.inflight import ActiveUpdate, FinalStatus
-from agent.updates.install import file_sha256, install, restore_previous, verify_staged
+from agent.updates.install import (
+    file_sha256,
+    install,
+    previous_path,
+    restore_previous,
+    verify_staged,
+)
 from agent.updates.manifest import UpdateManifest
 from agent.updates.shadow_step import ShadowStep
 from agent.updates.shadow_terms import terms_for
@@ -128,7 +134,7 @@ class Installer:
             failpoint("installed")
             self._store.set_step(manifest.update_id, UpdateStep.TRIAL)
             self._reporter.report(summary, UpdateState.IN_PROGRESS, step=UpdateStep.TRIAL)
-            outcome = self._trial(manifest, summary)
+            outcome = self._trial(manifest, summary, target)
             if self._stopped.is_set():
                 # Stopped mid-trial (its warm-up was cancelled): the journal still says
                 # "trial", so the next start rolls back before any model loads and reports.
@@ -184,7 +190,9 @@ class Installer:
         self._registry.load(entry.model)
         return f"rolled back: {done}"
 
-    def _trial(self, manifest: UpdateManifest, summary: dict[str, Any]) -> TrialOutcome:
+    def _trial(
+        self, manifest: UpdateManifest, summary: dict[str, Any], target: Path
+    ) -> TrialOutcome:
         """Load the installed file through the registry (checks, warm-up, the manifest's
         golden set, swap) within ``updates.trial_timeout_s``."""
 
@@ -194,7 +202,7 @@ class Installer:
 
         version = "sha256:" + manifest.sha256
         config = self._config()
-        shadow = self._shadow_step(manifest, summary, config)
+        shadow = self._shadow_step(manifest, summary, config, previous_path(target))
         model = self._registry.load(
             manifest.model,
             # The shadow has a duration of its own: the bound is on loading and warming up.
@@ -224,21 +232,31 @@ class Installer:
         return TrialOutcome(extra=extra)
 
     def _shadow_step(
-        self, manifest: UpdateManifest, summary: dict[str, Any], config: AgentConfig
+        self,
+        manifest: UpdateManifest,
+        summary: dict[str, Any],
+        config: AgentConfig,
+        serving_file: Path,
     ) -> ShadowStep | None:
-        """The shadow trial of this update, if its terms ask for one."""
+        """The shadow trial of this update, if its terms ask for one (``serving_file``:
+        where the install kept the file it replaced)."""
         terms = terms_for(config.updates.shadow, manifest.shadow)
         if not terms.enabled:
             return None
 
-        def progress(figures: dict[str, Any]) -> None:  # on this thread, during the shadow
+        def progress(figures: dict[str, Any]) -> None:  # the shadow thread; this one waits
             self._reporter.report(
                 summary, UpdateState.IN_PROGRESS, step=UpdateStep.SHADOW, shadow=figures
             )
 
         tolerances = manifest.validation.tolerances if manifest.validation else None
         return ShadowStep(
-            self._registry, terms, tolerances, stopped=self._stopped, progress=progress
+            self._registry,
+            terms,
+            tolerances,
+            serving_file=serving_file,
+            stopped=self._stopped,
+            progress=progress,
         )
 
 
