@@ -8,6 +8,7 @@ passes its golden set and meets the live stream in its shadow."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import pytest
 
 from agent.cli.main import main
 from agent.inference.golden import read_golden_file
+from agent.inference.shadow_models import CPU_TIME_COPIES, SHADOW_NICE
 from tests.broker import MosquittoBroker, Recorder, paced_stream
 from tests.conftest import AgentProcess
 from tests.onnx_builders import build_linear
@@ -34,6 +36,8 @@ from tests.update_helpers import (
 )
 
 pytestmark = pytest.mark.broker
+
+SCHED_IDLE = getattr(os, "SCHED_IDLE", 5)
 
 AgentFactory = Callable[..., AgentProcess]
 SEED = 3
@@ -95,6 +99,19 @@ def live_readings(broker: MosquittoBroker, count: int, rate: float = 50.0) -> No
     paced_stream(broker, "in/s1", payloads, rate)
 
 
+def thread_priorities(pid: int) -> set[tuple[int, int]]:
+    """(nice, scheduling policy) of each thread of process ``pid``: fields 19 and 41 of
+    /proc/PID/task/TID/stat, counted after the command's closing parenthesis."""
+    found = set()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        found.add((int(fields[19 - 3]), int(fields[41 - 3])))
+    return found
+
+
 def results(rec: Recorder) -> list[dict[str, Any]]:
     return [json.loads(m.payload) for m in rec.on("out/s1")]
 
@@ -146,6 +163,11 @@ def test_an_identical_reexport_passes_its_shadow_with_figures_and_then_serves(
     rec = Recorder(broker, ["out/#", STATUS]).start()
     live_readings(broker, 600)
     new = device.update(build_reexport(tmp_path / "again.onnx", seed=SEED), "same-1", 2)
+    rec.wait_for(
+        lambda _: any(s.get("step") == "shadow" for s in statuses(rec, "same-1")), timeout_s=30
+    )
+    # The shadow runs on a thread at the lowest priority: it takes only what serving leaves.
+    assert (SHADOW_NICE, SCHED_IDLE) in thread_priorities(device.agent.process.pid)
     final = final_status(rec, "same-1", timeout_s=40)
     assert final["state"] == "SUCCEEDED", final
     shadow = final["shadow"]
@@ -153,6 +175,7 @@ def test_an_identical_reexport_passes_its_shadow_with_figures_and_then_serves(
     assert shadow["disagreement"] == 0.0
     assert shadow["max_abs_err"] == 0.0
     assert shadow["latency_ratio"] is not None
+    assert shadow["timing"] == CPU_TIME_COPIES  # both models timed alike, on the CPU
     assert "validation" in final
     running = [
         s["shadow"]
