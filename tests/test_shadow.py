@@ -135,6 +135,8 @@ def test_a_candidate_that_disagrees_on_live_readings_fails_its_shadow_and_never_
     assert shadow["readings"] >= 50
     assert shadow["disagreement"] == 1.0
     assert shadow["max_abs_err"] > 1
+    assert 0 < shadow["mean_abs_err"] <= shadow["max_abs_err"]
+    assert 0 < shadow["mean_rel_err"] <= shadow["max_rel_err"]
     assert shadow["pipelines"]["p"]["readings"] == shadow["readings"]
     in_progress = [s for s in statuses(rec, "div-1") if s.get("step") == "shadow"]
     assert in_progress[0]["state"] == "IN_PROGRESS"
@@ -174,6 +176,7 @@ def test_an_identical_reexport_passes_its_shadow_with_figures_and_then_serves(
     assert shadow["readings"] >= 50
     assert shadow["disagreement"] == 0.0
     assert shadow["max_abs_err"] == 0.0
+    assert (shadow["mean_abs_err"], shadow["max_rel_err"]) == (0.0, 0.0)
     assert shadow["latency_ratio"] is not None
     assert shadow["timing"] == CPU_TIME_COPIES  # both models timed alike, on the CPU
     assert "validation" in final

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from agent.cli.main import main
 from agent.cli.update_sender import StatusFollower, shadow_line
 from agent.config.schema import Postprocess, ShadowConfig
 from agent.errors import UpdateRejectedError
-from agent.inference.agreement import BatchAgreement, Judge
+from agent.inference.agreement import BatchAgreement, Differences, Judge
 from agent.inference.runplan import RunPlan
 from agent.inference.shadow import Offered, ShadowTally, ShadowTap, coalesce
 from agent.updates.manifest import parse_payload
@@ -37,6 +38,21 @@ def test_float_outputs_agree_within_the_tolerances_reading_by_reading() -> None:
     result = judge.compare(served, candidate, 3)
     assert (result.readings, result.disagreeing) == (3, 1)
     assert result.max_abs_err == pytest.approx(0.5)
+    figures = result.apart.figures()
+    assert figures["mean_abs_err"] == pytest.approx((1e-4 + 0.5 + 1e-3) / 6, rel=1e-3)
+    assert figures["max_rel_err"] == pytest.approx(0.5 / 3, rel=1e-3)
+    assert figures["mean_rel_err"] == pytest.approx((1e-4 + 0.5 / 3 + 1e-3 / 6) / 6, rel=1e-3)
+
+
+def test_relative_differences_near_zero_are_taken_against_atol() -> None:
+    """A serving value of 0 does not make the relative difference infinite: it is taken
+    against atol; a value that is not finite makes every figure infinite (null in JSON)."""
+    judge = Judge(("y",), stacked=True, rtol=1e-3, atol=1e-2)
+    served = {"y": np.array([[0.0]], np.float32)}
+    figures = judge.compare(served, {"y": np.array([[0.005]], np.float32)}, 1).apart.figures()
+    assert figures["max_rel_err"] == pytest.approx(0.5, rel=1e-3)
+    inf = judge.compare(served, {"y": np.array([[np.inf]], np.float32)}, 1).apart.figures()
+    assert inf["mean_abs_err"] == math.inf
 
 
 def test_labels_compare_exactly_and_maps_by_their_top_class() -> None:
@@ -77,18 +93,28 @@ def test_a_missing_output_or_another_shape_disagrees() -> None:
 
 def test_the_tally_adds_batches_failures_and_latency() -> None:
     tally = ShadowTally()
-    tally.add("p", BatchAgreement(4, 1, 0.25), served_s=0.004, ran_s=0.008)
-    tally.add("q", BatchAgreement(2, 0, 0.0), served_s=0.002, ran_s=0.004)
+    apart = Differences(count=8, abs_max=0.25, abs_sum=0.4, rel_max=0.5, rel_sum=0.8)
+    tally.add("p", BatchAgreement(4, 1, apart), served_s=0.004, ran_s=0.008)
+    tally.add("q", BatchAgreement(2, 0), served_s=0.002, ran_s=0.004)
     tally.failed("q", 2, "the candidate failed: shape")
     figures = tally.figures()
     assert figures["readings"] == 8
     assert figures["disagreement"] == pytest.approx(3 / 8)
     assert figures["max_abs_err"] == 0.25
+    assert figures["mean_abs_err"] == 0.05
+    assert (figures["max_rel_err"], figures["mean_rel_err"]) == (0.5, 0.1)
     assert figures["latency_ratio"] == pytest.approx(2.0)
     assert figures["latency_ms"]["serving"]["p50"] == pytest.approx(1.0)
     assert figures["errors"] == 2
     assert figures["last_error"] == "the candidate failed: shape"
-    assert figures["pipelines"]["q"] == {"readings": 4, "disagreement": 0.5, "max_abs_err": 0.0}
+    assert figures["pipelines"]["q"] == {
+        "readings": 4,
+        "disagreement": 0.5,
+        "max_abs_err": 0.0,
+        "mean_abs_err": 0.0,
+        "max_rel_err": 0.0,
+        "mean_rel_err": 0.0,
+    }
 
 
 def plan(limit: int = 4, state: dict[str, str] | None = None) -> RunPlan:
@@ -159,7 +185,7 @@ def tally_of(
     compared = readings - errors
     served_s = 0.0001 * compared
     tally.add(
-        "p", BatchAgreement(compared, disagreeing - errors, 0.0), served_s, served_s * latency_ratio
+        "p", BatchAgreement(compared, disagreeing - errors), served_s, served_s * latency_ratio
     )
     if errors:
         tally.failed("p", errors, "the candidate failed: shape")
@@ -276,7 +302,14 @@ def test_publish_update_prints_the_shadow_figures_a_device_sends() -> None:
         ("IN_PROGRESS", {"readings": 120, "disagreement": 0.0, "max_abs_err": 0.0}),
         (
             "FAILED",
-            {"readings": 300, "disagreement": 0.5, "max_abs_err": 3.2, "latency_ratio": 1.1},
+            {
+                "readings": 300,
+                "disagreement": 0.5,
+                "max_abs_err": 3.2,
+                "mean_abs_err": 0.41,
+                "max_rel_err": 0.8,
+                "latency_ratio": 1.1,
+            },
         ),
     ):
         message = paho.MQTTMessage(topic=b"edge/dev1/updates/status")
@@ -285,9 +318,11 @@ def test_publish_update_prints_the_shadow_figures_a_device_sends() -> None:
         follower.on_message(None, None, message)  # type: ignore[arg-type]
     assert out.getvalue().splitlines() == [
         "dev1: IN_PROGRESS (shadow)",
-        "  shadow: 120 readings, disagreement 0.00%, max abs err 0, latency ratio ?",
+        "  shadow: 120 readings, disagreement 0.00%, max abs err 0, mean abs err ?, "
+        "max rel err ?, latency ratio ?",
         "dev1: FAILED (shadow)",
-        "  shadow: 300 readings, disagreement 50.00%, max abs err 3.2, latency ratio 1.10",
+        "  shadow: 300 readings, disagreement 50.00%, max abs err 3.2, mean abs err 0.41, "
+        "max rel err 0.8, latency ratio 1.10",
     ]
     assert shadow_line({"skipped": "no model was serving"}) == "skipped: no model was serving"
 
@@ -311,8 +346,12 @@ def test_a_stacked_batch_compared_at_once_agrees_with_reading_by_reading() -> No
         if case % 5 == 0:
             candidate["label"][-1] = (candidate["label"][-1] + 1) % 3
         per_reading = [judge._reading(served, candidate, i, size) for i in range(size)]
-        expected = BatchAgreement(
-            size, sum(not agree for agree, _ in per_reading), max(err for _, err in per_reading)
-        )
-        assert judge.compare(served, candidate, size) == expected, case
+        apart = Differences()
+        for _, reading in per_reading:
+            apart.add(reading)
+        whole = judge.compare(served, candidate, size)
+        assert whole.readings == size, case
+        assert whole.disagreeing == sum(not agree for agree, _ in per_reading), case
+        for name, value in whole.apart.figures().items():
+            assert value == pytest.approx(apart.figures()[name], rel=1e-9), (case, name)
     assert judge.compare(served, {"y": served["y"]}, size).disagreeing == size

@@ -340,7 +340,8 @@ def validation_line(validation: dict[str, Any]) -> str:
 
 def shadow_line(shadow: dict[str, Any]) -> str:
     """A device's shadow trial figures on one line: readings compared, disagreement, the
-    largest difference and the latency ratio. Written by the device: any field may be odd."""
+    largest and mean absolute difference, the largest relative one and the latency ratio.
+    Written by the device: any field may be odd."""
     if shadow.get("skipped"):
         return f"skipped: {str(shadow['skipped'])[:200]}"
     return ", ".join(
@@ -348,6 +349,8 @@ def shadow_line(shadow: dict[str, Any]) -> str:
             f"{_figure(shadow.get('readings'), 'd')} readings",
             f"disagreement {_figure(shadow.get('disagreement'), '.2%')}",
             f"max abs err {_figure(shadow.get('max_abs_err'), '.2g')}",
+            f"mean abs err {_figure(shadow.get('mean_abs_err'), '.2g')}",
+            f"max rel err {_figure(shadow.get('max_rel_err'), '.2g')}",
             f"latency ratio {_figure(shadow.get('latency_ratio'), '.2f')}",
         ]
     )

@@ -9,13 +9,18 @@ follows what the pipeline publishes:
   point ones within ``atol + rtol * |serving value|`` (the update's golden set tolerances
   when it carries one, else those a golden set has by default), and per-reading maps (a
   ZipMap) by their top key.
+
+Beside the verdict, how far apart the floating point values are (``Differences``), the
+figures a regressor's operator reads: the largest and mean absolute difference, and the
+largest and mean relative one, against ``|serving value|`` (at least ``atol``, so that
+values near zero do not make it explode).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,14 +32,73 @@ from agent.inference.golden import DEFAULT_ATOL, DEFAULT_RTOL
 from agent.inference.runplan import split_output
 
 
+@dataclass
+class Differences:
+    """How far apart two models' floating point values are, over ``count`` values."""
+
+    count: int = 0
+    abs_max: float = 0.0
+    abs_sum: float = 0.0
+    rel_max: float = 0.0
+    rel_sum: float = 0.0
+
+    def add(self, other: Differences) -> None:
+        """Count ``other``'s values too."""
+        self.count += other.count
+        self.abs_max = max(self.abs_max, other.abs_max)
+        self.abs_sum += other.abs_sum
+        self.rel_max = max(self.rel_max, other.rel_max)
+        self.rel_sum += other.rel_sum
+
+    def figures(self) -> dict[str, float]:
+        """max/mean absolute and relative difference (0 with no float values compared;
+        infinite when a value was not finite)."""
+        mean = 1 / self.count if self.count else 0.0
+        return {
+            "max_abs_err": self.abs_max,
+            "mean_abs_err": self.abs_sum * mean,
+            "max_rel_err": self.rel_max,
+            "mean_rel_err": self.rel_sum * mean,
+        }
+
+
+def differences(ours: np.ndarray, theirs: np.ndarray, atol: float) -> Differences:
+    """The differences of two float arrays of one shape (``ours`` the serving model's)."""
+    wide = ours.astype(np.float64, copy=False)
+    return _summary(np.abs(theirs.astype(np.float64, copy=False) - wide), np.abs(wide), atol)
+
+
+def _summary(diff: np.ndarray, magnitude: np.ndarray, atol: float) -> Differences:
+    """``Differences`` of absolute differences ``diff`` against the serving values'
+    ``magnitude``."""
+    if not np.isfinite(diff).all():
+        return Differences(int(diff.size), math.inf, math.inf, math.inf, math.inf)
+    relative = diff / np.maximum(magnitude, max(atol, _TINY))
+    return Differences(
+        int(diff.size),
+        float(diff.max()),
+        float(diff.sum()),
+        float(relative.max()),
+        float(relative.sum()),
+    )
+
+
+_TINY = float(np.finfo(np.float64).tiny)
+
+
 @dataclass(frozen=True)
 class BatchAgreement:
-    """One batch compared: readings, how many disagree, and the largest absolute difference
-    between two float outputs."""
+    """One batch compared: readings, how many disagree, and how far apart the float
+    outputs are."""
 
     readings: int
     disagreeing: int
-    max_abs_err: float
+    apart: Differences = field(default_factory=Differences)
+
+    @property
+    def max_abs_err(self) -> float:
+        """The largest absolute difference between two float values."""
+        return self.apart.abs_max
 
 
 @dataclass(frozen=True)
@@ -59,12 +123,12 @@ class Judge:
             if whole is not None:
                 return whole
         disagreeing = 0
-        max_abs_err = 0.0
+        apart = Differences()
         for index in range(size):
-            agree, err = self._reading(served, candidate, index, size)
+            agree, reading = self._reading(served, candidate, index, size)
             disagreeing += not agree
-            max_abs_err = max(max_abs_err, err)
-        return BatchAgreement(size, disagreeing, max_abs_err)
+            apart.add(reading)
+        return BatchAgreement(size, disagreeing, apart)
 
     def _stacked_tensors(
         self, served: Mapping[str, Any], candidate: Mapping[str, Any], size: int
@@ -72,43 +136,48 @@ class Judge:
         """The batch compared at once when every published output is a tensor of the same
         shape with the batch first in both; None when not (then reading by reading)."""
         differs = np.zeros(size, dtype=bool)
-        max_abs_err = 0.0
+        apart = Differences()
         for name in self.published:
             ours, theirs = served.get(name), candidate.get(name)
             if not (isinstance(ours, np.ndarray) and isinstance(theirs, np.ndarray)):
                 return None
             if ours.shape != theirs.shape or ours.ndim == 0 or ours.shape[0] != size:
                 return None
-            mismatch, err = self._tensors(ours, theirs, size)
+            mismatch, output = self._tensors(ours, theirs, size)
             differs |= mismatch
-            max_abs_err = max(max_abs_err, err)
-        return BatchAgreement(size, int(differs.sum()), max_abs_err)
+            apart.add(output)
+        return BatchAgreement(size, int(differs.sum()), apart)
 
-    def _tensors(self, ours: np.ndarray, theirs: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    def _tensors(
+        self, ours: np.ndarray, theirs: np.ndarray, size: int
+    ) -> tuple[np.ndarray, Differences]:
         """Two arrays of one shape, ``size`` items first: which items differ (numbers
         exactly unless both are floating point, then within the tolerances; NaN never
-        is), and the largest absolute difference (infinite when one is not finite)."""
+        is), and how far apart their float values are."""
         if ours.dtype.kind not in "fc" or theirs.dtype.kind not in "fc" or ours.size == 0:
-            return np.not_equal(ours, theirs).reshape(size, -1).any(axis=1), 0.0
+            return np.not_equal(ours, theirs).reshape(size, -1).any(axis=1), Differences()
         wide = ours.astype(np.float64, copy=False)
         diff = np.abs(theirs.astype(np.float64, copy=False) - wide)
-        within = np.less_equal(diff, self.atol + self.rtol * np.abs(wide))
-        err = float(diff.max()) if np.isfinite(diff).all() else math.inf
-        return np.logical_not(within.reshape(size, -1).all(axis=1)), err
+        magnitude = np.abs(wide)
+        within = np.less_equal(diff, self.atol + self.rtol * magnitude)
+        return (
+            np.logical_not(within.reshape(size, -1).all(axis=1)),
+            _summary(diff, magnitude, self.atol),
+        )
 
     def _reading(
         self, served: Mapping[str, Any], candidate: Mapping[str, Any], index: int, size: int
-    ) -> tuple[bool, float]:
+    ) -> tuple[bool, Differences]:
         agree = True
-        max_err = 0.0
+        apart = Differences()
         for name in self.published:
             if name not in candidate:
-                return False, max_err
+                return False, apart
             ours = split_output(served[name], index, size, self.stacked)
             theirs = split_output(candidate[name], index, size, self.stacked)
-            same, err = self._values(ours, theirs)
+            same, output = self._values(ours, theirs)
             agree = agree and same
-            max_err = max(max_err, err)
+            apart.add(output)
         if self.postprocess is not None:
             # The classifier's verdict, not its raw scores, is what must agree.
             source = self.postprocess.output or self.published[0]
@@ -117,20 +186,20 @@ class Judge:
                 split_output(candidate[source], index, size, self.stacked),
             )
             agree = agree if top1 is None else top1
-        return agree, max_err
+        return agree, apart
 
-    def _values(self, ours: Any, theirs: Any) -> tuple[bool, float]:
+    def _values(self, ours: Any, theirs: Any) -> tuple[bool, Differences]:
         if isinstance(ours, dict) and isinstance(theirs, dict):
-            return _maps(ours, theirs)
+            return _maps(ours, theirs, self.atol)
         try:
             left = np.asarray(ours)
             right = np.asarray(theirs)
         except (TypeError, ValueError):
-            return False, 0.0
+            return False, Differences()
         if left.shape != right.shape:
-            return False, 0.0
-        mismatch, err = self._tensors(left[None], right[None], 1)
-        return not mismatch[0], err
+            return False, Differences()
+        mismatch, apart = self._tensors(left[None], right[None], 1)
+        return not mismatch[0], apart
 
     def _top1(self, ours: Any, theirs: Any) -> bool | None:
         """Whether the top-1 labels (or flags) agree; None when the postprocess names no
@@ -148,13 +217,15 @@ class Judge:
         return None
 
 
-def _maps(ours: dict[Any, Any], theirs: dict[Any, Any]) -> tuple[bool, float]:
+def _maps(ours: dict[Any, Any], theirs: dict[Any, Any], atol: float) -> tuple[bool, Differences]:
     """One reading's class -> score map (ZipMap): the top class must agree."""
     if not ours or set(ours) != set(theirs):
-        return False, 0.0
+        return False, Differences()
+    keys = list(ours)
     try:
-        err = max(abs(float(ours[key]) - float(theirs[key])) for key in ours)
+        left = np.array([float(ours[key]) for key in keys])
+        right = np.array([float(theirs[key]) for key in keys])
     except (TypeError, ValueError):
-        return False, 0.0
+        return False, Differences()
     top = max(ours, key=lambda key: ours[key])
-    return top == max(theirs, key=lambda key: theirs[key]), err
+    return top == max(theirs, key=lambda key: theirs[key]), differences(left, right, atol)

@@ -24,7 +24,7 @@ import numpy as np
 
 from agent.config.schema import Postprocess
 from agent.errors import first_line
-from agent.inference.agreement import BatchAgreement, Judge
+from agent.inference.agreement import BatchAgreement, Differences, Judge
 from agent.inference.golden import DEFAULT_ATOL, DEFAULT_RTOL
 from agent.inference.runplan import RunPlan
 from agent.inference.shadow_models import (
@@ -114,7 +114,7 @@ class ShadowTaps:
 class _PipelineTally:
     readings: int = 0
     disagreeing: int = 0
-    max_abs_err: float = 0.0
+    apart: Differences = field(default_factory=Differences)
 
     @property
     def disagreement(self) -> float:
@@ -125,7 +125,7 @@ class _PipelineTally:
         return {
             "readings": self.readings,
             "disagreement": _share(self.disagreeing, self.readings),
-            "max_abs_err": json_number(self.max_abs_err),
+            **_apart(self.apart),
         }
 
 
@@ -158,7 +158,7 @@ class ShadowTally:
         tally = self.pipelines.setdefault(pipeline, _PipelineTally())
         tally.readings += agreement.readings
         tally.disagreeing += agreement.disagreeing
-        tally.max_abs_err = max(tally.max_abs_err, agreement.max_abs_err)
+        tally.apart.add(agreement.apart)
         if served_s is None:
             return
         per_reading = 1000 / agreement.readings
@@ -186,11 +186,13 @@ class ShadowTally:
         """The figures a status carries."""
         readings = self.readings
         ratio = self.latency_ratio
-        max_abs_err = max((p.max_abs_err for p in self.pipelines.values()), default=0.0)
+        apart = Differences()
+        for pipeline in self.pipelines.values():
+            apart.add(pipeline.apart)
         document: dict[str, Any] = {
             "readings": readings,
             "disagreement": _share(self.disagreeing, readings),
-            "max_abs_err": json_number(max_abs_err),
+            **_apart(apart),
             "latency_ratio": round(ratio, 3) if ratio is not None else None,
             "latency_ms": {
                 "serving": _quantiles(self.serving_ms),
@@ -338,6 +340,10 @@ def _serving_time(models: ShadowModels, item: Offered, batch: int) -> float | No
         return models.time_serving(item.plan.fetch, item.feeds)
     except Exception:  # it ran these feeds when serving: no figure from this batch, no verdict
         return None
+
+
+def _apart(apart: Differences) -> dict[str, float | None]:
+    return {name: json_number(value) for name, value in apart.figures().items()}
 
 
 def _share(part: int, whole: int) -> float:
