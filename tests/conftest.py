@@ -157,7 +157,11 @@ class AgentProcess:
     """``python -m agent run`` in a subprocess, with its log captured to a file."""
 
     def __init__(
-        self, config_file: Path, log_file: Path, env: dict[str, str] | None = None
+        self,
+        config_file: Path,
+        log_file: Path,
+        env: dict[str, str] | None = None,
+        log_level: str = "debug",
     ) -> None:
         self.config_file = config_file
         self.log_file = log_file
@@ -172,7 +176,7 @@ class AgentProcess:
                 "--config",
                 str(config_file),
                 "--log-level",
-                "debug",
+                log_level,
             ],
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
@@ -222,15 +226,18 @@ class AgentProcess:
 
 @pytest.fixture
 def agent_factory(tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """Start the agent with a config given as a dict (written to a YAML file), and optional
-    extra environment variables."""
+    """Start the agent with a config given as a dict (written to a YAML file), optional
+    extra environment variables, and a log level (debug unless a test at a high reading
+    rate asks for less: paho logs every packet at debug)."""
     processes: list[AgentProcess] = []
 
-    def start(config: dict[str, Any], env: dict[str, str] | None = None) -> AgentProcess:
+    def start(
+        config: dict[str, Any], env: dict[str, str] | None = None, log_level: str = "debug"
+    ) -> AgentProcess:
         index = len(processes)
         config_file = tmp_path / f"agent-{index}.yaml"
         config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-        process = AgentProcess(config_file, tmp_path / f"agent-{index}.log", env)
+        process = AgentProcess(config_file, tmp_path / f"agent-{index}.log", env, log_level)
         processes.append(process)
         return process
 
