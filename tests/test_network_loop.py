@@ -80,6 +80,9 @@ def test_a_model_that_turns_slow_moves_to_its_worker_while_the_keepalive_holds(
     for index in range(20):
         client.publish("slow/a", reading(index, 1), qos=1)
     rec.wait_for(lambda ms: len(ms) == 20, timeout_s=30)
+    # On a loaded machine the cheap runs may already have taken over 5 ms in the loop and
+    # moved the pipeline to its worker: then the slow run never holds the loop to hand over.
+    moved_early = "pipeline_moved_to_worker" in [e.get("event") for e in agent.log_events()]
     started = time.monotonic()
     client.publish("slow/a", reading("slow", trips), qos=1)
     time.sleep(1.0)  # the slow run holds the loop's first thread by now
@@ -99,7 +102,7 @@ def test_a_model_that_turns_slow_moves_to_its_worker_while_the_keepalive_holds(
     assert slow_done - started > 7.5  # it held its thread past the keepalive's 1.5 x 5 s...
     assert [m.payload for m in status.messages] == [b"online"]  # ...and no will fired
     events = [e.get("event") for e in agent.log_events()]
-    assert "mqtt_loop_handed_over" in events
+    assert moved_early or "mqtt_loop_handed_over" in events
     assert "pipeline_moved_to_worker" in events
     assert "mqtt_connection_lost" not in events
     assert agent.process.poll() is None
