@@ -115,7 +115,7 @@ def test_the_shadow_thread_runs_at_the_lowest_priority_and_compares_joined_runs(
     candidate_file = build_linear(tmp_path / "m.onnx", seed=3)
     candidate = loaded(candidate_file)
     tap = ShadowTap()
-    shared = replace(plan(limit=16), fetch=("y",), published=("y",))
+    shared = plan(limit=16)
     rng = np.random.default_rng(0)
     for _ in range(40):
         x = rng.uniform(0, 1, (1, 4)).astype(np.float32)

@@ -333,14 +333,18 @@ def _checked(
 
 def session_options(plan: ProviderPlan) -> ort.SessionOptions:
     """Session options for ``plan``: CPU threads, spinning, logging."""
+    return threads_options(plan.intra_op_num_threads, spinning=plan.allow_spinning)
+
+
+def threads_options(threads: int, *, spinning: bool) -> ort.SessionOptions:
+    """Session options with ``threads`` intra-op threads (one: the run stays on the calling
+    thread) that spin between runs or not, and onnxruntime's errors only in its log."""
     options = ort.SessionOptions()
     options.log_severity_level = 3  # ORT's own warnings duplicate ours; keep its errors only
-    options.intra_op_num_threads = plan.intra_op_num_threads
+    options.intra_op_num_threads = threads
     # Spinning threads burn a core waiting for work: wasteful on small boards that mostly
     # idle between readings, and it heats the SoC.
-    options.add_session_config_entry(
-        "session.intra_op.allow_spinning", "1" if plan.allow_spinning else "0"
-    )
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from agent.errors import EdgeAgentError, ModelLoadError, first_line
 from agent.hardware.providers import CPU
 from agent.inference.golden import read_bounded
 from agent.inference.placement import cpu_only
-from agent.inference.session import SESSION_CREATION, LoadedModel
+from agent.inference.session import SESSION_CREATION, LoadedModel, threads_options
 
 log = structlog.get_logger(__name__)
 
@@ -55,9 +55,17 @@ class ShadowModels:
 
     candidate: ort.InferenceSession
     serving: ort.InferenceSession | None  # the copy timed beside it; None: its own runs
-    clock: Callable[[], float]
-    timing: str
     note: str | None = None  # why the copies were not used, when they could have been
+
+    @property
+    def timing(self) -> str:
+        """Which clock times both models (in the figures, so the ratio is read right)."""
+        return CPU_TIME_COPIES if self.serving is not None else OWN_RUNS
+
+    def clock(self) -> float:
+        """Seconds by that clock: single-threaded copies run on this thread alone, so its
+        CPU time is their work; the models' own sessions are timed by the wall clock."""
+        return time.thread_time() if self.serving is not None else time.perf_counter()
 
     def run_candidate(self, fetch: Sequence[str], feeds: dict[str, Any]) -> tuple[list[Any], float]:
         """The candidate's outputs for ``feeds`` and its run time by this shadow's clock."""
@@ -99,19 +107,15 @@ def shadow_models(
     """The sessions for a shadow of ``candidate`` beside ``serving`` (whose bytes should be
     in ``serving_file``), built on the calling thread (the shadow's); ``ModelLoadError``
     when a copy cannot be built."""
-    own = ShadowModels(candidate.session, None, time.perf_counter, OWN_RUNS)
     if not (cpu_only(candidate.requested) and cpu_only(serving.requested)):
-        return own
+        return ShadowModels(candidate.session, None)
     serving_bytes, problem = _serving_bytes(serving, serving_file)
     if serving_bytes is None:
         log.warning("shadow_serving_copy_unavailable", model=serving.name, reason=problem)
-        own.note = problem
-        return own
+        return ShadowModels(candidate.session, None, note=problem)
     return ShadowModels(
         _single_threaded(candidate_bytes, "the candidate"),
         _single_threaded(serving_bytes, "the serving model"),
-        time.thread_time,
-        CPU_TIME_COPIES,
     )
 
 
@@ -128,12 +132,8 @@ def _serving_bytes(serving: LoadedModel, path: Path) -> tuple[bytes | None, str 
 
 
 def _single_threaded(data: bytes, what: str) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # One thread: the run stays on the calling (low-priority) thread, no pool to spin.
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = threads_options(1, spinning=False)
     try:
         with SESSION_CREATION:
             return ort.InferenceSession(data, sess_options=options, providers=[CPU])
